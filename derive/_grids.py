@@ -1,0 +1,155 @@
+"""Time grids in sampling order t_0 = T > t_1 > ... > t_N = t_min (MATH.md section 7).
+
+Every grid time is rounded to float64 once, here, and all coefficients are then computed at
+exactly those float64 values, so the runtime's t and the tables agree bit for bit.
+
+Kinds:
+  uniform, quadratic, power:<kappa>  t_i = (T^(1/kappa) + i/N (t_min^(1/kappa) - T^(1/kappa)))^kappa
+  logsnr                             uniform in log rho_t (rho = noise-to-signal ratio, below)
+  edm[:<rho>]                        rho_t^(1/r) uniform, r = 7 by default (Karras et al. 2022)
+  <path> or file:<path>              explicit times, whitespace separated, strictly decreasing
+
+rho_t for logsnr/edm: std_t / |mean_t| for scalar families; for k > 1 the geometric-mean
+ratio det(Sigma_t)^(1/2k) / |det Psi(t,0)|^(1/k). With a per-coordinate basis it is taken at
+coordinate p = 0 (the DC frequency of dct2d). rho must be increasing in t on [t_min, T].
+"""
+
+import math
+from pathlib import Path
+
+import gmpy2
+import numpy as np
+
+from . import _hp
+from ._errors import SpecError
+
+
+def parse_kind(text, where="--grid"):
+    """Normalise a grid name: returns (kind, parameter)."""
+    if not isinstance(text, str) or not text:
+        raise SpecError(where, "grid", "empty grid name")
+    if text in ("uniform", "quadratic"):
+        return ("power", 1.0 if text == "uniform" else 2.0)
+    if text.startswith("power:"):
+        try:
+            kappa = float(text.split(":", 1)[1])
+        except ValueError:
+            kappa = float("nan")
+        if not math.isfinite(kappa) or not 0.1 <= kappa <= 20:
+            raise SpecError(where, "grid", f"power:<kappa> needs 0.1 <= kappa <= 20, got {text!r}")
+        return ("power", kappa)
+    if text == "logsnr":
+        return ("logsnr", None)
+    if text == "edm" or text.startswith("edm:"):
+        try:
+            rho = float(text.split(":", 1)[1]) if ":" in text else 7.0
+        except ValueError:
+            rho = float("nan")
+        if not math.isfinite(rho) or not 0.5 <= rho <= 50:
+            raise SpecError(where, "grid", f"edm:<rho> needs 0.5 <= rho <= 50, got {text!r}")
+        return ("edm", rho)
+    path = text[5:] if text.startswith("file:") else text
+    if Path(path).is_file():
+        return ("file", path)
+    raise SpecError(where, "grid", f"unknown grid {text!r}: use uniform, quadratic, power:<kappa>, "
+                                   "logsnr, edm[:<rho>] or a file of times")
+
+
+def read_times(path):
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(path, "grid", f"cannot read times: {exc}") from None
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError as exc:
+        raise SpecError(path, "grid", f"not a list of numbers: {exc}") from None
+    return values
+
+
+def _check(times, where, t_min, T):
+    if len(times) < 2:
+        raise SpecError(where, "grid", "needs at least two times")
+    for a, b in zip(times, times[1:]):
+        if not math.isfinite(a) or not math.isfinite(b):
+            raise SpecError(where, "grid", "times must be finite")
+        if b == a:
+            raise SpecError(where, "grid", f"repeated time {a!r} (zero-length step)")
+        if b > a:
+            raise SpecError(where, "grid", f"times must decrease strictly (sampling order), found {a!r} then {b!r}")
+    if times[0] > float(T) or times[-1] < 0:
+        raise SpecError(where, "grid", f"times must lie in [0, T = {float(T)!r}]")
+    return times
+
+
+def make_grid(kind, n_steps, deriv, where="--grid"):
+    """Float64 times [N+1], decreasing; N = n_steps (ignored for a file grid)."""
+    kind_name, param = kind
+    spec = deriv.spec
+    T, t_min = float(_hp.mpf(spec.T)), float(_hp.mpf(spec.t_min))
+    if kind_name == "file":
+        return _check(read_times(param), param, t_min, T)
+    if n_steps < 1:
+        raise SpecError(where, "nfe", "needs at least one sampling step")
+    if kind_name == "power":
+        kappa = gmpy2.mpfr(param)
+        a = _hp.mpf(spec.T) ** (1 / kappa)
+        b = _hp.mpf(spec.t_min) ** (1 / kappa)
+        times = [float((a + (b - a) * i / n_steps) ** kappa) for i in range(n_steps + 1)]
+    else:
+        lo, hi = _rho(deriv, np.array([_hp.mpf(t_min), _hp.mpf(T)], dtype=object))
+        if not lo < hi:
+            raise SpecError(where, "grid", f"{kind_name} grid needs a noise-to-signal ratio increasing in t")
+        if kind_name == "logsnr":
+            a, b = gmpy2.log(hi), gmpy2.log(lo)
+            targets = [gmpy2.exp(a + (b - a) * i / n_steps) for i in range(n_steps + 1)]
+        else:
+            inv = 1 / gmpy2.mpfr(param)
+            a, b = hi ** inv, lo ** inv
+            targets = [(a + (b - a) * i / n_steps) ** gmpy2.mpfr(param) for i in range(n_steps + 1)]
+        times = _invert(deriv, targets[1:-1], t_min, T)
+        times = [T] + times + [t_min]
+    times[0], times[-1] = T, t_min
+    times = _check(times, where, t_min, T)
+    if kind_name in ("logsnr", "edm"):
+        rho = _rho(deriv, _hp.array(times))
+        if any(a <= b for a, b in zip(rho, rho[1:])):
+            raise SpecError(where, "grid", f"{kind_name} grid: the noise-to-signal ratio is not monotone in t")
+    return times
+
+
+def _rho(deriv, tt):
+    """Noise-to-signal ratio at coordinate 0 (see module docstring)."""
+    k = deriv.k
+    S = deriv.sigma(tt)[:, 0]
+    D = deriv.data_to_state(tt)[:, 0]
+    out = []
+    for m in range(len(tt)):
+        detS = _det(S[m])
+        detD = abs(_det(D[m]))
+        if detS <= 0 or detD == 0:
+            raise SpecError(deriv.spec.path, "grid", "noise-to-signal ratio undefined (singular Sigma or Psi)")
+        out.append(detS ** (1 / gmpy2.mpfr(2 * k)) / detD ** (1 / gmpy2.mpfr(k)))
+    return out
+
+
+def _det(A):
+    import mpmath
+    with mpmath.workprec(_hp.PREC_BITS):
+        M = mpmath.matrix([[mpmath.mpf(str(v)) for v in row] for row in A.tolist()])
+        return gmpy2.mpfr(str(mpmath.det(M)))
+
+
+def _invert(deriv, targets, t_min, T):
+    """Float64 times where rho(t) = target, by vectorised bisection (rho increasing)."""
+    lo = [t_min] * len(targets)
+    hi = [T] * len(targets)
+    for _ in range(64):
+        mid = [(a + b) / 2 for a, b in zip(lo, hi)]
+        vals = _rho(deriv, _hp.array(mid))
+        for i, (v, g) in enumerate(zip(vals, targets)):
+            if v < g:
+                lo[i] = mid[i]
+            else:
+                hi[i] = mid[i]
+    return [float(np.nextafter(a, b)) if a == b else (a + b) / 2 for a, b in zip(lo, hi)]

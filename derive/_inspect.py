@@ -1,0 +1,96 @@
+"""python -m derive inspect FILE: a table in a form a person can read (and --plot)."""
+
+import json
+
+import numpy as np
+
+from gddim_runtime._format import TableError, read_table
+
+from ._errors import SpecError
+
+
+def _mat(a):
+    return "[" + "; ".join(" ".join(f"{v: .9e}" for v in row) for row in a) + "]"
+
+
+def describe(tensors, meta, coord=0):
+    """Markdown text: provenance, grid, per-step Psi and weights at coordinate ``coord``."""
+    t = tensors["t"]
+    P = tensors["psi"].shape[1]
+    p = min(max(coord, 0), P - 1)
+    v = meta.get("verification", {})
+    lines = [
+        f"<!-- {meta.get('generated', '')} -->",
+        f"# Table {meta['spec']['name']}: NFE {meta['nfe']}, order {meta['order']}, grid {meta['grid']['name']}"
+        + (f", lam {meta['lam']}" if meta.get("lam") else "") + (", corrector" if meta.get("corrector") else ""),
+        "",
+        f"- command: `{meta['command']}`",
+        f"- spec sha256: {meta['spec']['sha256']}",
+        f"- state: {meta['spec']['state']} (k = {meta['k']}), coordinates P = {P}, basis {meta['spec']['basis']['kind']}",
+        f"- derivation: Psi {meta['kinds']['psi']}, Sigma {meta['kinds']['sigma']}, R {meta['kinds']['R']}",
+        f"- NFE accounting: {meta['nfe_accounting']}",
+        f"- tools: " + ", ".join(f"{k} {val}" for k, val in sorted(meta["tools"].items())),
+        f"- verification: " + json.dumps(v, sort_keys=True),
+        f"- tensors: " + ", ".join(f"{n} {list(a.shape)}" for n, a in sorted(tensors.items())),
+        "",
+        f"Per step (coordinate p = {p}); weights by lag j = 0 (newest, at t_i), 1, ...:",
+        "",
+        "| i | t_i -> t_i+1 | Psi | eps weights (lag 0, 1, ...) |",
+        "|---|---|---|---|",
+    ]
+    W = tensors["eps_weights"]
+    for i in range(len(t) - 1):
+        ws = " ".join(_mat(W[i, j, p]) for j in range(W.shape[1]) if np.any(W[i, j, p]))
+        lines.append(f"| {i} | {t[i]:.9g} -> {t[i + 1]:.9g} | {_mat(tensors['psi'][i, p])} | {ws} |")
+    lines += ["", f"R(t_0) = {_mat(tensors['R'][0, p])}, R(t_N) = {_mat(tensors['R'][-1, p])}",
+              f"Sigma(t_N) = {_mat(tensors['sigma'][-1, p])}",
+              f"x0 weights (state, eps) = {_mat(tensors['x0_weights'][0, p])}, {_mat(tensors['x0_weights'][1, p])}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(tensors, meta, path, coord=0):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    t = tensors["t"]
+    p = min(max(coord, 0), tensors["psi"].shape[1] - 1)
+    k = meta["k"]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    panels = [("Psi(t_i+1, t_i)", tensors["psi"][:, p], t[1:]), ("Sigma_t", tensors["sigma"][:, p], t),
+              ("R_t (gDDIM factor)", tensors["R"][:, p], t), ("L_t (Cholesky)", tensors["L"][:, p], t)]
+    for ax, (title, arr, tt) in zip(axes.flat, panels):
+        for a in range(k):
+            for b in range(k):
+                ax.plot(tt, arr[:, a, b], marker=".", label=f"[{a},{b}]")
+        ax.set_title(title)
+        ax.set_xlabel("t")
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    W = tensors["eps_weights"][:, :, p]
+    ax = axes.flat[4]
+    for j in range(W.shape[1]):
+        ax.plot(t[1:], np.abs(W[:, j]).reshape(len(W), -1).max(axis=1), marker=".", label=f"lag {j}")
+    ax.set_title("max |eps weight| per step")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax = axes.flat[5]
+    ax.plot(np.arange(len(t) - 1), -np.diff(t), marker=".")
+    ax.set_title("step size t_i - t_i+1")
+    ax.set_yscale("log")
+    fig.suptitle(f"{meta['spec']['name']}: NFE {meta['nfe']}, order {meta['order']}, coordinate {p}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def inspect_main(args):
+    try:
+        tensors, meta = read_table(args.file)
+    except TableError as exc:
+        raise SpecError(args.file, "table", str(exc).split(": ", 1)[-1]) from None
+    print(describe(tensors, meta, args.coord), end="")
+    if args.plot:
+        plot(tensors, meta, args.plot, args.coord)
+        print(f"plot written to {args.plot}")
+    return 0

@@ -1,0 +1,228 @@
+"""High-precision ODE solutions with dense output: adaptive Chebyshev-Picard panels.
+
+On a panel [a, a+h] the solution of y' = f(t, y) is represented by its values at the n+1
+Chebyshev points; Picard iteration y <- y(a) + int_a^t f(r, y(r)) dr with the spectral
+integration matrix converges when h * |df/dy| is small. A panel is accepted when the
+iteration has converged to TOL and the last Chebyshev coefficients of the solution are below
+TOL (so the interpolant, used for dense output, is accurate to about TOL as well); otherwise
+it is shrunk. This is the "modified Chebyshev-Picard iteration" of orbital mechanics, chosen
+because one routine gives adaptive quadrature (f independent of y), linear matrix ODEs
+(Psi, Sigma, R) and dense output at the quadrature nodes of the weights.
+"""
+
+import functools
+
+import gmpy2
+import numpy as np
+
+from . import _hp
+
+N_CHEB = 32
+MAX_PANELS = 20000
+
+
+@functools.lru_cache(maxsize=None)
+def _chebyshev(n):
+    """Ascending Chebyshev points on [-1, 1], integration matrix S (from -1), coefficient matrix C."""
+    import mpmath
+    with mpmath.workprec(_hp.PREC_BITS + 40):
+        theta = [mpmath.pi - mpmath.pi * j / n for j in range(n + 1)]
+        x = [mpmath.cos(th) for th in theta]                       # ascending, x_0 = -1
+        Tm = [[mpmath.cos(m * th) for th in theta] for m in range(n + 3)]   # T_m(x_j)
+        # values -> Chebyshev coefficients (DCT-I on the points)
+        C = mpmath.matrix(n + 1, n + 1)
+        for m in range(n + 1):
+            for j in range(n + 1):
+                c = Tm[m][j] / (2 if j in (0, n) else 1)
+                C[m, j] = 2 * c / n / (2 if m in (0, n) else 1)
+        # antiderivative coefficients, evaluated at the points minus the value at -1
+        S = mpmath.matrix(n + 1, n + 1)
+        for l in range(n + 1):
+            c = [C[m, l] for m in range(n + 1)]
+            b = [mpmath.mpf(0)] * (n + 3)
+            b[1] += c[0]
+            for m in range(1, n + 1):
+                b[m + 1] += c[m] / (2 * (m + 1))
+                if m > 1:                     # int T_m = T_{m+1}/(2(m+1)) - T_{m-1}/(2(m-1))
+                    b[m - 1] -= c[m] / (2 * (m - 1))
+            F0 = sum(b[m] * (-1) ** m for m in range(n + 3))
+            for j in range(n + 1):
+                S[j, l] = sum(b[m] * Tm[m][j] for m in range(n + 3)) - F0
+        conv = lambda v: gmpy2.mpfr(mpmath.nstr(v, 90))
+        xs = np.array([conv(v) for v in x], dtype=object)
+        Sm = np.array([[conv(S[i, j]) for j in range(n + 1)] for i in range(n + 1)], dtype=object)
+        Cm = np.array([[conv(C[i, j]) for j in range(n + 1)] for i in range(n + 1)], dtype=object)
+    w = np.array([gmpy2.mpfr((-1) ** j) / (2 if j in (0, n) else 1) for j in range(n + 1)], dtype=object)
+    return xs, Sm, Cm, w
+
+
+def _apply_rows(M, Y):
+    """M [n+1, n+1] applied along the first axis of Y [n+1, ...]."""
+    return np.tensordot(M, Y, axes=(1, 0))
+
+
+class Dense:
+    """Piecewise Chebyshev interpolant of an ODE solution; call with an object array of times."""
+
+    def __init__(self, edges, panels, n):
+        self.edges, self.panels, self.n = edges, panels, n
+        self._edge_f = np.array([float(e) for e in edges])
+
+    @property
+    def shape(self):
+        return self.panels[0].shape[1:]
+
+    def __call__(self, tq):
+        tq = np.asarray(tq, dtype=object).reshape(-1)
+        xs, _, _, w = _chebyshev(self.n)
+        out = np.empty((len(tq),) + self.shape, dtype=object)
+        idx = np.clip(np.searchsorted(self._edge_f, [float(v) for v in tq], side="right") - 1,
+                      0, len(self.panels) - 1)
+        for p in np.unique(idx):
+            sel = np.nonzero(idx == p)[0]
+            a, b = self.edges[p], self.edges[p + 1]
+            Y = self.panels[p]
+            for q in sel:
+                x = 2 * (tq[q] - a) / (b - a) - 1
+                d = x - xs
+                hit = [j for j, v in enumerate(d) if v == 0]
+                if hit:
+                    out[q] = Y[hit[0]]
+                    continue
+                c = w / d
+                out[q] = np.tensordot(c, Y, axes=(0, 0)) / np.sum(c)
+        return out
+
+
+def _solve_batched(Mat, Rhs):
+    """Solve Mat X = Rhs for batches Mat [P, N, N], Rhs [P, N, m] by Gaussian elimination."""
+    Mat, Rhs = Mat.copy(), Rhs.copy()
+    P, N, _ = Mat.shape
+    rows = np.arange(P)
+    for c in range(N):
+        piv = c + np.argmax(np.abs(Mat[:, c:, c]), axis=1).astype(int)
+        for X in (Mat, Rhs):
+            top = X[rows, piv].copy()
+            X[rows, piv] = X[:, c]
+            X[:, c] = top
+        p = Mat[:, c, c]
+        if any(v == 0 for v in p):
+            raise _hp.EvaluationError("singular collocation system")
+        factor = Mat[:, c + 1:, c] / p[:, None]
+        Mat[:, c + 1:, c:] -= factor[:, :, None] * Mat[:, None, c, c:]
+        Rhs[:, c + 1:] -= factor[:, :, None] * Rhs[:, None, c]
+    X = _hp.zeros(Rhs.shape)
+    for c in range(N - 1, -1, -1):
+        acc = Rhs[:, c] - np.einsum("pj,pjm->pm", Mat[:, c, c + 1:], X[:, c + 1:]) if c + 1 < N else Rhs[:, c]
+        X[:, c] = acc / Mat[:, c, c][:, None]
+    return X
+
+
+def _drive(step, y0, a, b, h0, n, tol):
+    """Adaptive panel loop; ``step(tn, h, y)`` returns the values at the panel's nodes."""
+    xs, _, C, _ = _chebyshev(n)
+    a = a if isinstance(a, gmpy2.mpfr) else _hp.mpf(a)
+    b = b if isinstance(b, gmpy2.mpfr) else _hp.mpf(b)
+    span = b - a
+    h = span if h0 is None else min(_hp.mpf(h0), span)
+    edges, panels = [a], []
+    y = np.asarray(y0, dtype=object)
+    cur = a
+    tiny = gmpy2.mpfr("1e-300")
+    while cur < b:
+        if len(panels) > MAX_PANELS or h < span * gmpy2.mpfr("1e-40"):
+            raise _hp.EvaluationError(f"solution not resolvable near t = {float(cur):.6g}")
+        h = min(h, b - cur)
+        tn = cur + (xs + 1) * (h / 2)
+        Y = step(tn, h, y)
+        scale = max(_hp.abs_max(Y), tiny)
+        tail = _hp.abs_max(_apply_rows(C[-3:], Y))
+        if not gmpy2.is_finite(tail) or tail > tol * scale:
+            h = h / 3
+            continue
+        panels.append(Y)
+        cur = tn[-1] if h < b - cur else b
+        edges.append(cur)
+        y = Y[-1]
+        if tail < tol * scale * gmpy2.mpfr("1e-8"):
+            h = h * 2
+    return Dense(edges, panels, n)
+
+
+def solve_linear(make_A, y0, a, b, h0=None, n=N_CHEB, tol=_hp.TOL):
+    """Dense solution of the linear ODE Y' = A(t) Y, Y(a) = y0 [P, k, m], for b > a.
+
+    ``make_A(tn)`` returns A at the panel nodes, [n+1, P, k, k]. Each panel solves the
+    Chebyshev collocation system Y_i - h/2 sum_j S_ij A_j Y_j = y0 directly (implicit, so
+    stiffness does not limit the panel size; only the resolution of the solution does).
+    """
+    _, S, _, _ = _chebyshev(n)
+    y0 = np.asarray(y0, dtype=object)
+    P, k, m = y0.shape
+    N = (n + 1) * k
+
+    def step(tn, h, y):
+        A = make_A(tn)                                          # [n+1, P, k, k]
+        Mat = _hp.zeros((P, n + 1, k, n + 1, k))
+        coef = S * (h / 2)                                      # [n+1, n+1]
+        # Mat[p, i, a, j, b] = delta_ij delta_ab - coef_ij A_j[p, a, b]
+        Mat -= coef[None, :, None, :, None] * np.transpose(A, (1, 2, 0, 3))[:, None, :, :, :]
+        for i in range(n + 1):
+            for a_ in range(k):
+                Mat[:, i, a_, i, a_] += 1
+        Rhs = np.broadcast_to(y[:, None, :, :], (P, n + 1, k, m)).reshape(P, N, m).copy()
+        X = _solve_batched(Mat.reshape(P, N, N), Rhs)
+        return np.transpose(X.reshape(P, n + 1, k, m), (1, 0, 2, 3))
+    return _drive(step, y0, a, b, h0, n, tol)
+
+
+def cumulative(fn, a, b, h0=None, n=N_CHEB, tol=_hp.TOL):
+    """Dense antiderivative Y(t) = int_a^t fn(r) dr (b > a); fn: times [M] -> [M, ...]."""
+    _, S, _, _ = _chebyshev(n)
+    y0 = _zeros_like(fn, a)
+
+    def step(tn, h, y):
+        return y + _apply_rows(S, fn(tn)) * (h / 2)
+    return _drive(step, y0, a, b, h0, n, tol)
+
+
+def quad(fn, a, b, n_items, tol=_hp.TOL, n=N_CHEB, max_depth=60):
+    """Adaptive Clenshaw-Curtis quadrature of int_a^b fn, refined per item.
+
+    ``fn(xn, items)`` evaluates the integrand at nodes xn [M] for the item indices ``items``
+    (e.g. the per-coordinate frequencies) and returns [M, len(items), ...]. A panel is accepted
+    for an item when the last Chebyshev coefficients of the integrand are below tol times the
+    item's scale (max |fn| over [a, b] at the first nodes); only the items that fail are
+    bisected, so smooth coordinates cost one panel while sharp ones refine where they need.
+    """
+    xs, S, C, _ = _chebyshev(n)
+    wcc = S[-1]                                   # Clenshaw-Curtis weights on [-1, 1]
+    a = a if isinstance(a, gmpy2.mpfr) else _hp.mpf(a)
+    b = b if isinstance(b, gmpy2.mpfr) else _hp.mpf(b)
+    result, scale = None, None
+    stack = [(a, b, np.arange(n_items), 0)]
+    while stack:
+        lo, hi, items, depth = stack.pop()
+        h = hi - lo
+        f = fn(lo + (xs + 1) * (h / 2), items)                     # [n+1, I, ...]
+        if result is None:
+            result = _hp.zeros((n_items,) + f.shape[2:])
+            scale = np.max(np.abs(f), axis=(0,) + tuple(range(2, f.ndim)))
+            scale = np.where(scale > 0, scale, gmpy2.mpfr(1))
+        tail = np.max(np.abs(_apply_rows(C[-3:], f)), axis=(0,) + tuple(range(2, f.ndim)))
+        ok = np.array([bool(tl <= tol * sc) for tl, sc in zip(tail, scale[items])])
+        if depth >= max_depth:
+            if not ok.all():
+                raise _hp.EvaluationError(f"quadrature did not converge near t = {float(lo):.6g}")
+        val = np.tensordot(wcc, f, axes=(0, 0)) * (h / 2)          # [I, ...]
+        result[items[ok]] += val[ok]
+        if not ok.all():
+            mid = lo + h / 2
+            rest = items[~ok]
+            stack += [(lo, mid, rest, depth + 1), (mid, hi, rest, depth + 1)]
+    return result
+
+
+def _zeros_like(fn, a):
+    probe = fn(np.array([a], dtype=object))
+    return _hp.zeros(probe.shape[1:])

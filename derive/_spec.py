@@ -1,0 +1,430 @@
+"""The spec language: YAML file -> validated ``Spec`` with exact sympy content.
+
+This is the only module that reads YAML or expressions. Numbers are exact: YAML decimals are
+kept as their source text and turned into rationals (0.04 -> 1/25), never into floats.
+"""
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import sympy as sp
+import yaml
+
+from ._errors import SpecError
+from ._expr import ExprError, check_name, exact_number, parse
+
+t = sp.Symbol("t", real=True, nonnegative=True)
+
+TOP_KEYS = {
+    "name", "description", "state", "parameters", "definitions", "drift", "diffusion",
+    "initial_covariance", "marginal", "basis", "R0", "time", "tables",
+}
+REQUIRED = {"name", "time"}
+TABLE_KEYS = {"nfe", "order", "grid", "denoise", "corrector", "lam"}
+MAX_STATE = 6
+MAX_COORDS = 1 << 16
+NAME_RE = re.compile(r"^[a-z0-9_]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Basis:
+    kind: str = "identity"          # 'identity' or 'dct2d'
+    symbol: sp.Symbol = None        # per-coordinate parameter (dct2d: the frequency)
+    size: tuple = ()                # (H, W) for dct2d
+
+    @property
+    def n_coords(self):
+        return self.size[0] * self.size[1] if self.kind == "dct2d" else 1
+
+    def values(self):
+        """Exact per-coordinate values of the symbol, row-major in (i, j): p = i * W + j."""
+        if self.kind != "dct2d":
+            return [None]
+        H, W = self.size
+        return [(sp.pi * i / H) ** 2 + (sp.pi * j / W) ** 2 for i in range(H) for j in range(W)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TableDefaults:
+    nfe: tuple = (10, 20, 50)
+    order: int = 3
+    grid: str = "quadratic"
+    denoise: bool = True
+    corrector: bool = False
+    lam: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A linear SDE du = F(t) u dt + G(t) dw per data coordinate (MATH.md section 1)."""
+    path: str
+    name: str
+    description: str
+    state: tuple
+    form: str                       # 'sde' or 'marginal'
+    F: sp.Matrix                    # k x k, in t (and basis symbol)
+    G: sp.Matrix                    # k x m
+    Sigma0: sp.Matrix               # k x k
+    mean: sp.Expr                   # marginal form only: data-to-state coefficient m_t
+    std: sp.Expr                    # marginal form only
+    basis: Basis
+    R0: object                      # 'sqrtm', 'cholesky' or an exact sp.Matrix
+    t_min: sp.Rational
+    T: sp.Rational
+    tables: TableDefaults
+    normalized: dict                # canonical content (written next to the coefficients)
+    sha256: str
+
+    @property
+    def k(self):
+        return self.F.shape[0]
+
+    @property
+    def symbols(self):
+        return (t,) if self.basis.symbol is None else (t, self.basis.symbol)
+
+
+class _Decimal(str):
+    """A YAML float kept as its source text so that it can be read exactly."""
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_float(loader, node):
+    return _Decimal(loader.construct_scalar(node))
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_spec(path):
+    """Read and validate a spec file; raise SpecError (file: key: problem) on any defect."""
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(where, "file", f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > 1 << 20:
+        raise SpecError(where, "file", "larger than 1 MiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(where, "file", "not UTF-8 text") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(where, "yaml", f"{problem}{at}") from None
+    except RecursionError:
+        raise SpecError(where, "yaml", "nested too deeply") from None
+    if data is None:
+        raise SpecError(where, "file", "empty spec")
+    if not isinstance(data, dict):
+        raise SpecError(where, "file", f"top level must be a mapping, found {type(data).__name__}")
+    return build_spec(data, where)
+
+
+def _near(key, options):
+    close = difflib.get_close_matches(str(key), sorted(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(data, allowed, where, prefix, required=()):
+    for key in data:
+        if not isinstance(key, str) or key not in allowed:
+            raise SpecError(where, f"{prefix}{key}", f"unknown key{_near(key, allowed)}")
+    for key in required:
+        if key not in data:
+            raise SpecError(where, f"{prefix}{key}", "missing")
+
+
+def _number(value, where, key, names=None):
+    """Exact real number from an int, YAML decimal or expression string."""
+    if isinstance(value, bool) or value is None:
+        raise SpecError(where, key, f"expected a number, got {value!r}")
+    try:
+        if isinstance(value, _Decimal):
+            x = exact_number(str(value))
+        elif isinstance(value, (int, str)):
+            x = parse(value, names or {})
+        else:
+            raise ExprError(f"expected a number, got {type(value).__name__}")
+    except ExprError as exc:
+        raise SpecError(where, key, str(exc)) from None
+    if not x.is_number or x.free_symbols:
+        raise SpecError(where, key, f"{value!r} is not a constant")
+    if not x.is_real or x.has(sp.zoo, sp.oo, -sp.oo, sp.nan):
+        raise SpecError(where, key, f"{value!r} is not a finite real number")
+    return x
+
+
+def _expression(value, where, key, names):
+    if isinstance(value, _Decimal):
+        value = str(value)
+    try:
+        expr = parse(value, names)
+    except ExprError as exc:
+        raise SpecError(where, key, str(exc)) from None
+    if expr.has(sp.zoo, sp.oo, -sp.oo, sp.nan, sp.I):
+        raise SpecError(where, key, f"{value!r} is not finite and real")
+    return expr
+
+
+def _matrix(value, where, key, names, rows=None, cols=None):
+    if not isinstance(value, list) or not value or not all(isinstance(r, list) and r for r in value):
+        raise SpecError(where, key, "expected a non-empty list of rows, e.g. [[a, b], [c, d]]")
+    width = len(value[0])
+    if any(len(r) != width for r in value):
+        raise SpecError(where, key, "rows have different lengths")
+    if rows is not None and len(value) != rows:
+        raise SpecError(where, key, f"has {len(value)} rows, expected {rows} (one per state component)")
+    if cols is not None and width != cols:
+        raise SpecError(where, key, f"has {width} columns, expected {cols}")
+    entries = [[_expression(v, where, f"{key}[{i}][{j}]", names) for j, v in enumerate(r)]
+               for i, r in enumerate(value)]
+    return sp.Matrix(entries)
+
+
+def _canonical(value):
+    """Plain-data copy of the YAML content with numbers as exact text (for hashing / writing)."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, _Decimal):
+        x = exact_number(str(value))
+        return str(x)
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    return str(value)
+
+
+def build_spec(data, where="<spec>"):
+    """Validate the parsed YAML mapping ``data`` and build a Spec."""
+    _check_keys(data, TOP_KEYS, where, "", REQUIRED)
+    try:
+        normalized = _canonical(data)
+    except ExprError as exc:
+        raise SpecError(where, "number", str(exc)) from None
+
+    name = data["name"]
+    if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > 64:
+        raise SpecError(where, "name", f"{name!r} must match [a-z0-9_]+ (at most 64 characters)")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise SpecError(where, "description", "must be a string")
+
+    # Names: state components, parameters, definitions, basis symbol; all distinct and safe.
+    used = {}
+
+    def claim(n, key):
+        try:
+            check_name(n)
+        except ExprError as exc:
+            raise SpecError(where, key, str(exc)) from None
+        if n in used:
+            raise SpecError(where, key, f"name {n!r} already used by {used[n]}")
+        used[n] = key
+
+    state = data.get("state", ["x"])
+    if not isinstance(state, list) or not state or len(state) > MAX_STATE:
+        raise SpecError(where, "state", f"expected a list of 1 to {MAX_STATE} component names")
+    for i, s in enumerate(state):
+        claim(s, f"state[{i}]")
+
+    basis = _basis(data.get("basis"), where, claim)
+    names = {}
+    if basis.symbol is not None:
+        names[basis.symbol.name] = basis.symbol
+
+    params = data.get("parameters", {}) or {}
+    if not isinstance(params, dict):
+        raise SpecError(where, "parameters", "must be a mapping name: value")
+    for pname, pvalue in params.items():
+        claim(pname, f"parameters.{pname}")
+        names[pname] = _number(pvalue, where, f"parameters.{pname}", dict(names))
+
+    names["t"] = t
+    defs = data.get("definitions", {}) or {}
+    if not isinstance(defs, dict):
+        raise SpecError(where, "definitions", "must be a mapping name: expression")
+    for dname, dvalue in defs.items():
+        claim(dname, f"definitions.{dname}")
+        names[dname] = _expression(dvalue, where, f"definitions.{dname}", names)
+
+    time = data["time"]
+    if not isinstance(time, dict):
+        raise SpecError(where, "time", "must be a mapping {t_min: ..., T: ...}")
+    _check_keys(time, {"t_min", "T"}, where, "time.", ("t_min", "T"))
+    t_min = _number(time["t_min"], where, "time.t_min")
+    T = _number(time["T"], where, "time.T")
+    if t_min < 0:
+        raise SpecError(where, "time.t_min", f"must be >= 0, got {t_min}")
+    if T <= t_min:
+        raise SpecError(where, "time.T", f"T = {T} must be greater than t_min = {t_min}")
+
+    if "marginal" in data:
+        form = "marginal"
+        for key in ("drift", "diffusion", "initial_covariance"):
+            if key in data:
+                raise SpecError(where, key, "not allowed together with 'marginal' (F, G, Sigma_0 follow from it)")
+        if len(state) != 1:
+            raise SpecError(where, "marginal", "the marginal form is scalar: state must have one component")
+        marg = data["marginal"]
+        if not isinstance(marg, dict):
+            raise SpecError(where, "marginal", "must be a mapping {mean: ..., std: ...}")
+        _check_keys(marg, {"mean", "std"}, where, "marginal.", ("mean", "std"))
+        mean = _expression(marg["mean"], where, "marginal.mean", names)
+        std = _expression(marg["std"], where, "marginal.std", names)
+        f = sp.diff(mean, t) / mean
+        g2 = sp.diff(std ** 2, t) - 2 * f * std ** 2
+        F, G = sp.Matrix([[f]]), sp.Matrix([[sp.sqrt(g2)]])
+        Sigma0 = sp.Matrix([[std.subs(t, 0) ** 2]])
+    else:
+        form, mean, std = "sde", None, None
+        for key in ("drift", "diffusion"):
+            if key not in data:
+                raise SpecError(where, key, "missing (or give 'marginal: {mean, std}' for a scalar family)")
+        k = len(state)
+        F = _matrix(data["drift"], where, "drift", names)
+        if F.shape[0] != F.shape[1]:
+            raise SpecError(where, "drift", f"must be square, got {F.shape[0]} x {F.shape[1]}")
+        if F.shape[0] != k:
+            raise SpecError(where, "drift", f"is {F.shape[0]} x {F.shape[1]} but state has {k} components")
+        G = _matrix(data["diffusion"], where, "diffusion", names, rows=k)
+        if "initial_covariance" in data:
+            Sigma0 = _matrix(data["initial_covariance"], where, "initial_covariance", names, rows=k, cols=k)
+        elif k == 1:
+            Sigma0 = sp.zeros(1, 1)
+        else:
+            raise SpecError(where, "initial_covariance", "missing (required when the state has more than one component)")
+        if Sigma0.has(t):
+            raise SpecError(where, "initial_covariance", "must not depend on t")
+
+    _check_sigma0(Sigma0, basis, where, t_min)
+    R0 = _R0(data.get("R0", "sqrtm"), Sigma0, where, names)
+    tables = _tables(data.get("tables", {}), where)
+
+    digest = hashlib.sha256(json.dumps(normalized, sort_keys=True).encode()).hexdigest()
+    return Spec(path=where, name=name, description=description.strip(), state=tuple(state), form=form,
+                F=F, G=G, Sigma0=Sigma0, mean=mean, std=std, basis=basis, R0=R0, t_min=t_min, T=T,
+                tables=tables, normalized=normalized, sha256=digest)
+
+
+def _basis(value, where, claim):
+    if value is None:
+        return Basis()
+    if not isinstance(value, dict):
+        raise SpecError(where, "basis", "must be a mapping {kind: identity | dct2d, ...}")
+    _check_keys(value, {"kind", "frequency", "size"}, where, "basis.", ("kind",))
+    kind = value["kind"]
+    if kind == "identity":
+        if len(value) > 1:
+            raise SpecError(where, "basis", "kind identity takes no other keys")
+        return Basis()
+    if kind != "dct2d":
+        raise SpecError(where, "basis.kind", f"unknown kind {kind!r}{_near(kind, {'identity', 'dct2d'})}")
+    for key in ("frequency", "size"):
+        if key not in value:
+            raise SpecError(where, f"basis.{key}", "missing (required for kind dct2d)")
+    claim(value["frequency"], "basis.frequency")
+    size = value["size"]
+    if (not isinstance(size, list) or len(size) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in size)):
+        raise SpecError(where, "basis.size", "expected [H, W] with positive integers")
+    if size[0] * size[1] > MAX_COORDS:
+        raise SpecError(where, "basis.size", f"H * W must be at most {MAX_COORDS}")
+    return Basis("dct2d", sp.Symbol(value["frequency"], real=True, nonnegative=True), tuple(size))
+
+
+def _positive_definite(S):
+    """Sylvester's criterion on a numeric symmetric matrix (exact where the entries are)."""
+    return all(sp.N(S[:i, :i].det(), 50) > 0 for i in range(1, S.shape[0] + 1))
+
+
+def _check_sigma0(Sigma0, basis, where, t_min):
+    k = Sigma0.shape[0]
+    if not (Sigma0 - Sigma0.T).applyfunc(sp.simplify).is_zero_matrix:
+        raise SpecError(where, "initial_covariance", "must be symmetric")
+    samples = [Sigma0] if basis.symbol is None else [
+        Sigma0.subs(basis.symbol, v) for v in sorted(set(basis.values()), key=lambda e: float(e))]
+    if len(samples) > 64:    # a large basis: check both ends of the spectrum and a stride inside
+        samples = samples[:16] + samples[16:-16:max(1, len(samples) // 32)] + samples[-16:]
+    singular = False
+    for S in samples:
+        if k > 1:
+            if not _positive_definite(S):
+                raise SpecError(where, "initial_covariance", "must be positive definite when the state has more than one component")
+        else:
+            v = sp.N(S[0, 0], 40)
+            if v < 0:
+                raise SpecError(where, "initial_covariance", f"variance {v} is negative")
+            singular |= bool(v == 0)
+    if singular and t_min == 0:
+        raise SpecError(where, "time.t_min", "must be > 0 when Sigma_0 is singular (R_t^-1 is needed at t_min)")
+
+
+def _R0(value, Sigma0, where, names):
+    if value in ("sqrtm", "cholesky"):
+        return value
+    R0 = _matrix(value, where, "R0", names, rows=Sigma0.shape[0], cols=Sigma0.shape[0])
+    if R0.has(t):
+        raise SpecError(where, "R0", "must not depend on t")
+    if not (R0 * R0.T - Sigma0).applyfunc(sp.simplify).is_zero_matrix:
+        raise SpecError(where, "R0", "R0 R0^T must equal initial_covariance exactly")
+    return R0
+
+
+def _tables(value, where):
+    if value is None:
+        return TableDefaults()
+    if not isinstance(value, dict):
+        raise SpecError(where, "tables", "must be a mapping")
+    _check_keys(value, TABLE_KEYS, where, "tables.")
+    out = {}
+    if "nfe" in value:
+        nfe = value["nfe"]
+        nfe = [nfe] if isinstance(nfe, int) else nfe
+        if (not isinstance(nfe, list) or not nfe
+                or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 10000 for n in nfe)):
+            raise SpecError(where, "tables.nfe", "expected a list of integers in [1, 10000]")
+        out["nfe"] = tuple(nfe)
+    if "order" in value:
+        if not isinstance(value["order"], int) or isinstance(value["order"], bool) or not 1 <= value["order"] <= 4:
+            raise SpecError(where, "tables.order", "expected an integer in 1..4")
+        out["order"] = value["order"]
+    if "grid" in value:
+        if not isinstance(value["grid"], str):
+            raise SpecError(where, "tables.grid", "expected a grid name such as quadratic")
+        out["grid"] = value["grid"]
+    for key in ("denoise", "corrector"):
+        if key in value:
+            if not isinstance(value[key], bool):
+                raise SpecError(where, f"tables.{key}", "expected true or false")
+            out[key] = value[key]
+    if "lam" in value:
+        lam = value["lam"] if isinstance(value["lam"], list) else [value["lam"]]
+        out["lam"] = tuple(str(_number(v, where, "tables.lam")) for v in lam)
+        if any(sp.Rational(v) <= 0 for v in out["lam"]):
+            raise SpecError(where, "tables.lam", "stochastic tables need lam > 0")
+    return TableDefaults(**out)

@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SDES = ROOT / "derive" / "sdes"
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def derivations():
+    """Derivation objects of the built-in specs, built once per session."""
+    from derive._derivation import Derivation
+    from derive._spec import load_spec
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = Derivation(load_spec(SDES / f"{name}.yaml"))
+        return cache[name]
+    return get
+
+
+def run_derive(*args, cwd=None):
+    """Run python -m derive in a subprocess; returns CompletedProcess."""
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "derive", *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, env=env, timeout=600)

@@ -1,0 +1,203 @@
+"""Derived Psi, Sigma, R against exact solutions, MATH.md anchors and an independent mpmath ODE solve."""
+
+import gmpy2
+import mpmath
+import numpy as np
+import pytest
+import sympy as sp
+
+from conftest import run_derive
+from derive import _hp
+from derive._derivation import CLOSED, NUMERICAL, SEMI, Derivation
+from derive._spec import build_spec, load_spec
+from validation._reference import MpReference
+
+TIMES = [1e-3, 0.01, 0.1, 0.3, 0.5, 0.77, 1.0]
+
+
+def f64(x):
+    return _hp.to_float64(x)
+
+
+def mp(x):
+    """Exact: a float converts bit for bit, an MPFR through its full decimal expansion."""
+    return mpmath.mpf(x) if isinstance(x, float) else mpmath.mpf(str(x))
+
+
+def test_vp_against_exact(derivations):
+    d = derivations("vp_linear")
+    assert (d.psi_kind, d.sigma_kind, d.R_kind) == (CLOSED, CLOSED, CLOSED)
+    tt = _hp.array(TIMES[1:])
+    ss = _hp.array(TIMES[:-1])
+    with mpmath.workprec(_hp.PREC_BITS):
+        alpha = lambda x: mpmath.exp(-(mpmath.mpf("0.1") * x + mpmath.mpf("19.9") * x ** 2 / 2))
+        psi, R = d.psi(tt, ss), d.R(tt)
+        for m, (t, s) in enumerate(zip(TIMES[1:], TIMES[:-1])):
+            exact_psi = mpmath.sqrt(alpha(mp(t)) / alpha(mp(s)))
+            exact_R = mpmath.sqrt(1 - alpha(mp(t)))
+            assert abs(mp(psi[m, 0, 0, 0]) / exact_psi - 1) < 1e-45
+            assert abs(mp(R[m, 0, 0, 0]) / exact_R - 1) < 1e-45
+
+
+def test_cld_psi_closed_form(derivations):
+    """MATH.md section 6: Psi(t,s) = exp(-aB/2) [[1 + aB/2, a^2 B/4], [-B, 1 - aB/2]], a = 2/sqrt(M), B = beta (t-s)."""
+    d = derivations("cld")
+    pairs = [(0.45, 0.5), (1.0, 0.0), (0.001, 0.9), (0.3, 0.31)]
+    psi = d.psi(_hp.array([p[0] for p in pairs]), _hp.array([p[1] for p in pairs]))
+    with mpmath.workprec(_hp.PREC_BITS):
+        a = 2 / mpmath.sqrt(mpmath.mpf(1) / 4)
+        for m, (t, s) in enumerate(pairs):
+            B = 4 * (mp(t) - mp(s))
+            exact = mpmath.exp(-a * B / 2) * mpmath.matrix([[1 + a * B / 2, a ** 2 * B / 4], [-B, 1 - a * B / 2]])
+            for i in range(2):
+                for j in range(2):
+                    assert abs(mp(psi[m, 0, i, j]) - exact[i, j]) < 1e-50
+
+
+# MATH.md section 8, as printed there: each value is checked to half a unit of its last digit.
+ANCHORS_SIGMA = {1e-3: "4.194081e-6 2.191965e-4 2.191965e-4 1.755860e-2",
+                 0.1: "0.221811 0.129860 0.129860 0.215758",
+                 0.5: "0.986461 0.005287 0.005287 0.247934"}
+ANCHORS_R = {1e-3: "8.48750e-4 1.86379e-3 -2.67363e-2 0.129784",
+             0.1: "0.112752 -0.457273 0.428948 -0.178220",
+             0.5: "-0.584152 0.803260 -0.405810 -0.288534",
+             1.0: "0.996620 -0.0820570 0.0410356 0.498310"}
+
+
+def _half_ulp_printed(text):
+    """Half a unit in the last printed digit of a decimal such as '2.191965e-4' or '0.005287'."""
+    mant, _, exp = text.lower().partition("e")
+    decimals = len(mant.split(".")[1]) if "." in mant else 0
+    return 0.5 * 10.0 ** (-decimals + (int(exp) if exp else 0))
+
+
+def test_cld_anchors(derivations):
+    d = derivations("cld")
+    for table, fn in ((ANCHORS_SIGMA, d.sigma), (ANCHORS_R, d.R)):
+        tt = list(table)
+        vals = f64(fn(_hp.array(tt)))[:, 0]
+        for m, t in enumerate(tt):
+            for n, text in enumerate(table[t].split()):
+                got = vals[m, n // 2, n % 2]
+                assert abs(got - float(text)) <= _half_ulp_printed(text) * (1 + 1e-9), (t, n, got, text)
+    psi = f64(d.psi(_hp.array([1.0]), _hp.array([0.0])))[0, 0]
+    for n, text in enumerate("3.01916e-3 5.36740e-3 -1.34185e-3 -2.34824e-3".split()):
+        assert abs(psi[n // 2, n % 2] - float(text)) <= _half_ulp_printed(text) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("name", ["cld", "psld"])
+def test_against_independent_mpmath_ode(derivations, name):
+    """Sigma and R against mpmath.odefun (Lyapunov + the R^-T form of the R-ODE) at 40+ digits."""
+    d = derivations(name)
+    ts = [0.001, 0.2, 0.9]
+    S, R = d.sigma(_hp.array(ts)), d.R(_hp.array(ts))
+    with mpmath.workdps(50):
+        ref = MpReference(d.spec)
+        for m, t in enumerate(ts):
+            for A, B in ((S[m, 0], ref.sigma(mp(t))), (R[m, 0], ref.R(mp(t)))):
+                scale = max(abs(B[i, j]) for i in range(2) for j in range(2))
+                err = max(abs(mp(A[i, j]) - B[i, j]) for i in range(2) for j in range(2))
+                assert err / scale < 1e-38, (name, t, float(err / scale))
+
+
+@pytest.mark.parametrize("name", ["cld", "psld", "hold3", "sub_vp", "bdm", "ve", "vp_cosine"])
+def test_identities_many_t(derivations, name):
+    """R R^T = Sigma, the R-ODE residual and the Psi semigroup law at many t."""
+    d = derivations(name)
+    ts = np.linspace(float(d.spec.t_min), float(d.spec.T), 13)
+    tt = _hp.array(ts)
+    R, S = d.R(tt), d.sigma(tt)
+    rel = _hp.abs_max(R @ _hp.T(R) - S) / _hp.abs_max(S)
+    assert rel < 1e-35
+    # R-ODE residual by a central difference at high precision (h = 1e-15: O(h^2) = 1e-30)
+    h = gmpy2.mpfr("1e-15")
+    mid = tt[1:-1]
+    dR = (d.R(mid + h) - d.R(mid - h)) / (2 * h)
+    G = d.G(mid)
+    rhs = (d.F(mid) + (G @ _hp.T(G)) @ _hp.inv(d.sigma(mid)) / 2) @ d.R(mid)
+    assert _hp.abs_max(dR - rhs) / _hp.abs_max(rhs) < 1e-25
+    # semigroup Psi(t3,t2) Psi(t2,t1) = Psi(t3,t1)
+    a, b, c = tt[:-2], tt[1:-1], tt[2:]
+    lhs = d.psi(c, b) @ d.psi(b, a)
+    assert _hp.abs_max(lhs - d.psi(c, a)) / _hp.abs_max(d.psi(c, a)) < 1e-40
+
+
+def test_sub_vp_sigma_is_lyapunov(derivations):
+    """sub-VP: Sigma_t = (1 - alpha_t)^2, not 1 - alpha_t."""
+    d = derivations("sub_vp")
+    ts = [0.01, 0.3, 0.9]
+    S = d.sigma(_hp.array(ts))
+    with mpmath.workprec(_hp.PREC_BITS):
+        for m, t in enumerate(ts):
+            alpha = mpmath.exp(-(mpmath.mpf("0.1") * mp(t) + mpmath.mpf("9.95") * mp(t) ** 2))
+            assert abs(mp(S[m, 0, 0, 0]) / (1 - alpha) ** 2 - 1) < 1e-40
+
+
+AIRY = {"name": "airy", "state": ["x", "v"], "drift": [[0, 1], ["-(1 + t)", 0]], "diffusion": [[0], [1]],
+        "initial_covariance": [["1/10", 0], [0, "1/10"]], "time": {"t_min": "1e-3", "T": 1}}
+
+
+def test_numerical_fallback_airy():
+    """F = [[0, 1], [-(1 + t), 0]] has Airy-function solutions: labelled numerical, still 40 digits."""
+    d = Derivation(build_spec(AIRY))
+    assert d.psi_kind == NUMERICAL and d.sigma_kind == NUMERICAL and d.R_kind == NUMERICAL
+    ts = [0.3, 1.0]
+    psi = d.psi(_hp.array(ts), _hp.array([0.0, 0.2]))
+    S, R = d.sigma(_hp.array(ts)), d.R(_hp.array(ts))
+    with mpmath.workdps(50):
+        ref = MpReference(d.spec)
+        for m, (t, s) in enumerate(zip(ts, [0.0, 0.2])):
+            for A, B in ((psi[m, 0], ref.psi(mp(t), mp(s))), (S[m, 0], ref.sigma(mp(t))), (R[m, 0], ref.R(mp(t)))):
+                err = max(abs(mp(A[i, j]) - B[i, j]) for i in range(2) for j in range(2))
+                assert err < 1e-38
+
+
+THREE_STATE = """\
+name: langevin3
+description: a 3-state Langevin system written by the test
+state: [x, v, a]
+parameters: {beta: 2, xi: 3, g: 0.5}
+drift:
+  - [0, beta, 0]
+  - [-beta, 0, beta * g]
+  - [0, -beta * g, -beta * xi]
+diffusion:
+  - [0]
+  - [0]
+  - [sqrt(2 * xi * beta)]
+initial_covariance: [[1e-4, 0, 0], [0, 0.01, 0], [0, 0, 0.01]]
+time: {t_min: 1e-3, T: 1}
+tables: {nfe: [8], order: 2, grid: uniform}
+"""
+
+
+def test_new_three_state_spec_end_to_end(tmp_path):
+    path = tmp_path / "langevin3.yaml"
+    path.write_text(THREE_STATE)
+    proc = run_derive(path, "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "out" / "langevin3"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["closed_forms.md", "closed_forms.py", "langevin3_nfe8_uniform_q2.md",
+                     "langevin3_nfe8_uniform_q2.safetensors", "spec.yaml"]
+    from gddim_runtime import read_table
+    tensors, meta = read_table(folder / "langevin3_nfe8_uniform_q2.safetensors")
+    assert tensors["R"].shape == (8, 1, 3, 3) and meta["verification"]["passed"]
+
+
+def test_generated_module_reproduces(tmp_path, derivations):
+    """The generated closed_forms.py (plain mpmath) agrees with the derivation."""
+    proc = run_derive("cld", "--out", tmp_path, "--no-tables")
+    assert proc.returncode == 0, proc.stderr
+    ns = {}
+    code = (tmp_path / "cld" / "closed_forms.py").read_text()
+    assert "GENERATED" in code and "do not edit" in code
+    exec(compile(code, "closed_forms.py", "exec"), ns)   # our own generated file, not user input
+    d = derivations("cld")
+    with mpmath.workdps(40):
+        S = ns["Sigma"](mpmath.mpf("0.1"))
+        P = ns["Psi"](mpmath.mpf("0.45"), mpmath.mpf("0.5"))
+        R = ns["R"](mpmath.mpf("0.1"))
+    np.testing.assert_allclose(np.array(S.tolist(), dtype=float), f64(d.sigma(_hp.array([0.1])))[0, 0], rtol=1e-14)
+    np.testing.assert_allclose(np.array(P.tolist(), dtype=float), f64(d.psi(_hp.array([0.45]), _hp.array([0.5])))[0, 0], rtol=1e-14)
+    np.testing.assert_allclose(np.array(R.tolist(), dtype=float), f64(d.R(_hp.array([0.1])))[0, 0], rtol=1e-12)

@@ -1,0 +1,165 @@
+"""Spec parsing and bad input: one-line errors naming file and key, exit 2, nothing written."""
+
+import textwrap
+
+import pytest
+import sympy as sp
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import SDES, run_derive
+from derive._errors import SpecError
+from derive._spec import build_spec, load_spec
+
+GOOD = textwrap.dedent("""\
+    name: good
+    state: [x, v]
+    parameters: {beta: 4, M: 1/4, gamma: 0.04, eps: 1e-6}
+    drift: [[0, beta / M], [-beta, -beta / M]]
+    diffusion: [[0], [sqrt(2 * beta)]]
+    initial_covariance: [[eps, 0], [0, gamma * M + eps]]
+    time: {t_min: 1e-3, T: 1}
+""")
+
+
+def write(tmp_path, text, name="spec.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_numbers_are_exact(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.Sigma0[1, 1] == sp.Rational(1, 100) + sp.Rational(1, 10 ** 6)
+    assert spec.F[0, 1] == 16 and spec.t_min == sp.Rational(1, 1000)
+
+
+def test_hash_ignores_formatting(tmp_path):
+    a = load_spec(write(tmp_path, GOOD, "a.yaml"))
+    b = load_spec(write(tmp_path, GOOD.replace("beta: 4", "beta:    4") + "\n# comment\n", "b.yaml"))
+    assert a.sha256 == b.sha256
+
+
+BAD = [
+    ("", "file", "empty"),
+    ("- 1\n- 2\n", "file", "mapping"),
+    ("name: [\n", "yaml", ""),
+    (GOOD.replace("drift:", "drfit:"), "drfit", "did you mean 'drift'"),
+    (GOOD.replace("name: good\n", ""), "name", "missing"),
+    (GOOD.replace("name: good", "name: Bad-Name"), "name", "[a-z0-9_]+"),
+    (GOOD.replace("[[0, beta / M], [-beta, -beta / M]]", "[[0, 1, 2], [1, 2, 3]]"), "drift", "square"),
+    (GOOD.replace("[[0], [sqrt(2 * beta)]]", "[[0], [1], [2]]"), "diffusion", "rows"),
+    (GOOD.replace("[[eps, 0], [0, gamma * M + eps]]", "[[eps, 1], [0, 1]]"), "initial_covariance", "symmetric"),
+    (GOOD.replace("[[eps, 0], [0, gamma * M + eps]]", "[[1, 2], [2, 1]]"), "initial_covariance", "positive definite"),
+    (GOOD.replace("beta / M]", "bta / M]"), "drift[0][1]", "unknown name 'bta'"),
+    (GOOD.replace("sqrt(2 * beta)", "__import__('os').system('echo hi')"), "diffusion[1][0]", "not allowed"),
+    (GOOD.replace("sqrt(2 * beta)", "beta.__class__"), "diffusion[1][0]", "forbidden syntax"),
+    (GOOD.replace("sqrt(2 * beta)", "beta / (M - 1/4)"), "diffusion[1][0]", "division by zero"),
+    (GOOD.replace("T: 1}", "T: 1e-3}"), "time.T", "greater than t_min"),
+    (GOOD.replace("{beta: 4,", "{beta: 4, beta: 5,"), "yaml", "duplicate key"),
+    (GOOD.replace("beta: 4", "t: 4"), "parameters.t", "reserved"),
+    (GOOD.replace("beta: 4", "beta: abc"), "parameters.beta", "unknown name"),
+    (GOOD.replace("beta: 4", "beta: true"), "parameters.beta", "expected a number"),
+    (GOOD + "basis: {kind: dct3d}\n", "basis.kind", "unknown kind"),
+    (GOOD + "R0: [[1, 0], [0, 1]]\n", "R0", "must equal"),
+    (GOOD + "tables: {order: 7}\n", "tables.order", "1..4"),
+]
+
+
+@pytest.mark.parametrize("text, key, fragment", BAD)
+def test_bad_spec_message(tmp_path, text, key, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    msg = str(info.value)
+    assert msg.startswith(str(path)) and "\n" not in msg
+    assert info.value.key == key and fragment in msg
+
+
+@pytest.mark.parametrize("text, key, fragment", BAD[:4] + BAD[9:12])
+def test_cli_bad_spec_exit_2_nothing_written(tmp_path, text, key, fragment):
+    path = write(tmp_path, text)
+    out = tmp_path / "out"
+    proc = run_derive(path, "--out", out)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--order", "5"], "order"), (["--nfe", "2", "--order", "3"], "smaller than the order"),
+    (["--lam", "-0.5"], "lam"), (["--grid", "zigzag"], "unknown grid"), (["--nfe", "1"], "no sampling step"),
+])
+def test_cli_bad_options(tmp_path, args, fragment):
+    out = tmp_path / "out"
+    proc = run_derive("vp_linear", "--out", out, *args)
+    assert proc.returncode == 2 and fragment in proc.stderr and not out.exists()
+
+
+def test_grid_with_repeats_rejected(tmp_path):
+    times = tmp_path / "times.txt"
+    times.write_text("1 0.5 0.5 0.001\n")
+    proc = run_derive("vp_linear", "--out", tmp_path / "out", "--grid", times, "--no-denoise")
+    assert proc.returncode == 2 and "repeated time" in proc.stderr
+
+
+def test_unknown_builtin(tmp_path):
+    proc = run_derive("nonexistent_sde", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "built-ins" in proc.stderr
+
+
+def test_builtins_parse():
+    names = sorted(p.stem for p in SDES.glob("*.yaml"))
+    assert {"vp_linear", "vp_cosine", "ve", "sub_vp", "cld", "bdm", "psld", "hold3"} <= set(names)
+    for name in names:
+        spec = load_spec(SDES / f"{name}.yaml")
+        assert spec.name == name
+
+
+# ---- property tests: random junk and random well-formed specs never give a traceback ---------
+
+_scalar = st.one_of(st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=12), st.none(), st.booleans())
+_junk = st.recursive(_scalar, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                  st.dictionaries(st.text(max_size=8), c, max_size=4)),
+                     max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_junk)
+def test_random_junk_structures(data):
+    try:
+        build_spec(data if isinstance(data, dict) else {"junk": data})
+    except SpecError:
+        pass
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=200))
+def test_random_bytes_files(tmp_path_factory, blob):
+    p = tmp_path_factory.mktemp("junk") / "x.yaml"
+    p.write_bytes(blob)
+    try:
+        load_spec(p)
+    except SpecError:
+        pass
+
+
+_expr = st.sampled_from(["0", "1", "t", "-t", "beta", "beta * t", "exp(-t)", "sqrt(1 + t)", "1 / t",
+                         "log(t)", "sin(t)**2", "1/2", "0.5 * beta", "nope", "t**(1/3)", "beta / (beta - 2)"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(k=st.integers(1, 3), m=st.integers(1, 2), data=st.data())
+def test_random_wellformed_specs(k, m, data):
+    mat = lambda r, c: [[data.draw(_expr) for _ in range(c)] for _ in range(r)]
+    spec = {"name": "rand", "state": [f"u{i}" for i in range(k)], "parameters": {"beta": data.draw(st.sampled_from([1, 2, "1/3"]))},
+            "drift": mat(k, k), "diffusion": mat(k, m),
+            "initial_covariance": [[1 if i == j else 0 for j in range(k)] for i in range(k)],
+            "time": {"t_min": data.draw(st.sampled_from([0, "1e-3", 1])), "T": 1}}
+    try:
+        out = build_spec(spec)
+    except SpecError:
+        return
+    assert out.k == k

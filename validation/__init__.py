@@ -1,0 +1,10 @@
+"""validation: independent verification of what derive emits, and exact-score benchmarks.
+
+Recomputes every table quantity by its own route (mpmath odefun / Gauss-Legendre at 50
+digits, scipy solve_ivp in float64) from the spec's F, G, Sigma_0 and R_0; it reuses only
+derive's spec parser.
+"""
+
+from ._check import Report, check_table
+
+__all__ = ["Report", "check_table"]

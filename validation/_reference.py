@@ -1,0 +1,226 @@
+"""Independent references for every table quantity, from F(t), G(t), Sigma_0 and R_0 alone.
+
+- ``MpReference``: mpmath at >= 40 digits. Phi, Sigma (Lyapunov) and R by mpmath.odefun
+  (Taylor series), R from dR/dt = F R + 1/2 G G^T R^-T (the other form of the R-ODE than derive
+  uses); weights by Gauss-Legendre quadrature of the integrand of MATH.md section 4 itself
+  (derive integrates by parts); PsiHat and P_st by their own backward ODE (MATH.md section 5).
+- ``ScipyReference``: float64 solve_ivp (Radau on the stiff start, DOP853 rtol 1e-13 after)
+  and scipy.integrate.quad_vec: the second, cheaper opinion a user would compute by hand.
+"""
+
+import mpmath
+import numpy as np
+import sympy as sp
+
+from ._evaluate import mp_matrix, np_matrix
+
+DPS = 50
+
+
+def _mat(k, y):
+    return mpmath.matrix([[y[i * k + j] for j in range(k)] for i in range(k)])
+
+
+def _vec(M):
+    return [M[i, j] for i in range(M.rows) for j in range(M.cols)]
+
+
+def lagrange_weights_at(r, nodes):
+    """Values l_j(r) of the Lagrange basis through ``nodes``."""
+    out = []
+    for j, xj in enumerate(nodes):
+        v = 1
+        for m, xm in enumerate(nodes):
+            if m != j:
+                v = v * (r - xm) / (xj - xm)
+        out.append(v)
+    return out
+
+
+def R0_of(spec, Sigma0):
+    if isinstance(spec.R0, sp.MatrixBase):
+        return mp_matrix(spec.R0, **_basis_env(spec, None))
+    if spec.R0 == "cholesky":
+        return mpmath.cholesky(Sigma0)
+    E, Q = mpmath.eigsy(Sigma0)
+    return Q * mpmath.diag([mpmath.sqrt(max(e, 0)) for e in E]) * Q.T
+
+
+def _basis_env(spec, lam):
+    return {} if spec.basis.symbol is None else {spec.basis.symbol.name: lam}
+
+
+class MpReference:
+    """High-precision reference for one coordinate (``lam`` = its basis value, or None)."""
+
+    def __init__(self, spec, lam=None, dps=DPS):
+        self.spec, self.k, self.dps = spec, spec.k, dps
+        with mpmath.workdps(dps):
+            self.lam = None if lam is None else mpmath.mpf(sp.N(lam, dps + 10))
+            self.env = _basis_env(spec, self.lam)
+            k = self.k
+            self._phi = mpmath.odefun(lambda t, y: _vec(self.F(t) * _mat(k, y)), 0, _vec(mpmath.eye(k)))
+            self.Sigma0 = mp_matrix(spec.Sigma0, t=mpmath.mpf(0), **self.env)
+
+            def lyap(t, y):
+                S, F, G = _mat(k, y), self.F(t), self.G(t)
+                return _vec(F * S + S * F.T + G * G.T)
+            self._sigma = mpmath.odefun(lyap, 0, _vec(self.Sigma0))
+            if k > 1:
+                def rode(t, y):
+                    R, F, G = _mat(k, y), self.F(t), self.G(t)
+                    return _vec(F * R + G * G.T * mpmath.inverse(R).T / 2)
+                self._R = mpmath.odefun(rode, 0, _vec(R0_of(spec, self.Sigma0)))
+
+    def F(self, t):
+        return mp_matrix(self.spec.F, t=t, **self.env)
+
+    def G(self, t):
+        return mp_matrix(self.spec.G, t=t, **self.env)
+
+    def phi(self, t):
+        return _mat(self.k, self._phi(t))
+
+    def psi(self, t, s):
+        return self.phi(t) * mpmath.inverse(self.phi(s))
+
+    def sigma(self, t):
+        return _mat(self.k, self._sigma(t))
+
+    def R(self, t):
+        if self.k == 1:
+            return mpmath.matrix([[mpmath.sqrt(self.sigma(t)[0, 0])]])
+        return _mat(self.k, self._R(t))
+
+    def data_to_state(self, t):
+        if self.spec.form == "marginal":
+            return mp_matrix(sp.Matrix([[self.spec.mean]]), t=t, **self.env)
+        return self.phi(t)
+
+    def weights(self, s, t, node_times):
+        """C_j = int_s^t 1/2 Psi(t,r) G G^T R_r^-T l_j(r) dr for the Lagrange nodes ``node_times``."""
+        k = self.k
+        Phi_t = self.phi(t)
+
+        def integrand(r):
+            G = self.G(r)
+            W = Phi_t * mpmath.inverse(self.phi(r)) * G * G.T * mpmath.inverse(self.R(r)).T / 2
+            return [W * l for l in lagrange_weights_at(r, node_times)]
+        return _gl_vector(integrand, s, t, len(node_times), k)
+
+    def stochastic(self, s, t, lam):
+        """(PsiHat - Psi) R_s and P_st by the backward ODE in tau = s - r (MATH.md section 5)."""
+        k = self.k
+        lam2 = mpmath.mpf(sp.N(lam, self.dps + 10)) ** 2
+        c = (1 + lam2) / 2
+
+        def rhs(tau, y):
+            r = s - tau
+            F, G = self.F(r), self.G(r)
+            GG = G * G.T
+            Fh = F + c * GG * mpmath.inverse(self.sigma(r))
+            Ph, P = _mat(k, y[:k * k]), _mat(k, y[k * k:])
+            return _vec(-Fh * Ph) + _vec(-Fh * P - P * Fh.T + lam2 * GG)
+        sol = mpmath.odefun(rhs, 0, _vec(mpmath.eye(k)) + [mpmath.mpf(0)] * (k * k))
+        y = sol(s - t)
+        PsiHat, P = _mat(k, y[:k * k]), _mat(k, y[k * k:])
+        return (PsiHat - self.psi(t, s)) * self.R(s), P
+
+
+def _gl_vector(integrand, a, b, n_out, k, degree=5):
+    """Vector Gauss-Legendre quadrature with an error check (degree vs degree+1), bisecting."""
+    from mpmath.calculus.quadrature import GaussLegendre
+    gl = GaussLegendre(mpmath.mp)
+
+    def rule(lo, hi, d):
+        nodes = gl.get_nodes(-1, 1, d, mpmath.mp.prec)
+        half, mid = (hi - lo) / 2, (hi + lo) / 2
+        acc = [mpmath.zeros(k, k) for _ in range(n_out)]
+        for x, w in nodes:
+            vals = integrand(mid + half * x)
+            for j in range(n_out):
+                acc[j] += vals[j] * (w * half)
+        return acc
+
+    def recurse(lo, hi, depth):
+        coarse, fine = rule(lo, hi, degree), rule(lo, hi, degree + 1)
+        err = max(mpmath.mnorm(c - f, 1) for c, f in zip(coarse, fine))
+        scale = max(max(mpmath.mnorm(f, 1) for f in fine), mpmath.mpf(10) ** (-300))
+        if err <= scale * mpmath.mpf(10) ** (-(mpmath.mp.dps - 8)) or depth > 12:
+            return fine
+        m = (lo + hi) / 2
+        left, right = recurse(lo, m, depth + 1), recurse(m, hi, depth + 1)
+        return [x + y for x, y in zip(left, right)]
+    return recurse(a, b, 0)
+
+
+class ScipyReference:
+    """Float64 references with scipy (one coordinate)."""
+
+    def __init__(self, spec, times, lam=None):
+        from scipy.integrate import solve_ivp
+        self.spec, self.k = spec, spec.k
+        self.env = {} if spec.basis.symbol is None else {spec.basis.symbol.name: float(sp.N(lam))}
+        k = self.k
+        S0 = np_matrix(spec.Sigma0, t=0.0, **self.env)
+        with mpmath.workdps(30):
+            R0 = np.array(R0_of(spec, mpmath.matrix(S0.tolist())).tolist(), dtype=float)
+
+        def rhs(t, y):
+            F, G = self.F(t), self.G(t)
+            S = y[:k * k].reshape(k, k)
+            out = [(F @ S + S @ F.T + G @ G.T).ravel()]
+            if k > 1:
+                R = y[k * k:].reshape(k, k)
+                out.append((F @ R + G @ G.T @ np.linalg.inv(R).T / 2).ravel())
+            return np.concatenate(out)
+        y0 = np.concatenate([S0.ravel()] + ([R0.ravel()] if k > 1 else []))
+        ts = np.sort(np.asarray(times, dtype=float))
+        t_stiff = ts[0]
+        first = solve_ivp(rhs, (0.0, t_stiff), y0, method="Radau", rtol=1e-12, atol=1e-16, dense_output=True)
+        second = solve_ivp(rhs, (t_stiff, ts[-1]), first.y[:, -1], method="DOP853", rtol=1e-13, atol=1e-16,
+                           dense_output=True)
+        self._parts = [(0.0, t_stiff, first.sol), (t_stiff, ts[-1], second.sol)]
+
+    def F(self, t):
+        return np_matrix(self.spec.F, t=float(t), **self.env)
+
+    def G(self, t):
+        return np_matrix(self.spec.G, t=float(t), **self.env)
+
+    def _y(self, t):
+        for lo, hi, sol in self._parts[::-1]:
+            if t >= lo:
+                return sol(t)
+        return self._parts[0][2](t)
+
+    def sigma(self, t):
+        k = self.k
+        return self._y(t)[:k * k].reshape(k, k)
+
+    def R(self, t):
+        k = self.k
+        if k == 1:
+            return np.sqrt(np.maximum(self.sigma(t), 0))
+        return self._y(t)[k * k:].reshape(k, k)
+
+    def psi(self, t, s):
+        from scipy.integrate import solve_ivp
+        k = self.k
+        sol = solve_ivp(lambda r, y: (self.F(r) @ y.reshape(k, k)).ravel(), (float(s), float(t)),
+                        np.eye(k).ravel(), method="DOP853", rtol=1e-13, atol=1e-16)
+        return sol.y[:, -1].reshape(k, k)
+
+    def weights(self, s, t, node_times):
+        from scipy.integrate import quad_vec, solve_ivp
+        k = self.k
+        # Psi(t, r) for r in [t, s] from one backward solve of d/dr Psi(t,r) = -Psi(t,r) F(r)
+        back = solve_ivp(lambda r, y: -(y.reshape(k, k) @ self.F(r)).ravel(), (float(t), float(s)),
+                         np.eye(k).ravel(), method="DOP853", rtol=1e-13, atol=1e-16, dense_output=True)
+
+        def integrand(r):
+            G = self.G(r)
+            W = back.sol(r).reshape(k, k) @ G @ G.T @ np.linalg.inv(self.R(r)).T / 2
+            return np.stack([W * l for l in lagrange_weights_at(r, node_times)])
+        val, _ = quad_vec(integrand, float(s), float(t), epsabs=0, epsrel=1e-12)
+        return val
