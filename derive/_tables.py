@@ -128,9 +128,12 @@ def build(deriv, times, order, lam=None, corrector=False):
             w, P = stochastic_step(deriv, tt[i], tt[i + 1], lam)
             sde_w[i], chol[i] = w, _hp.cholesky(P, semidefinite=True)
         out["eps_weights_sde"], out["noise_chol"] = sde_w, chol
-    D = deriv.data_to_state(tt[-1:])[0]
-    Dinv = _hp.inv(D)
+    out["data_to_state"] = deriv.data_to_state(tt)
+    Dinv = _hp.inv(out["data_to_state"][-1])
     out["x0_weights"] = np.stack([Dinv, -(Dinv @ out["R"][-1])])
+    out["F"] = deriv.F(tt)
+    G = deriv.G(tt)
+    out["GGT"] = G @ _hp.T(G)
     return out
 
 
@@ -157,7 +160,8 @@ def to_float64(hp, deriv):
             out[name] = _hp.to_float64(value, name)
             continue
         axis = {"psi": 1, "R": 1, "sigma": 1, "L": 1, "eps_weights": 2, "corrector_weights": 2,
-                "eps_weights_sde": 1, "noise_chol": 1, "x0_weights": 1}[name]
+                "eps_weights_sde": 1, "noise_chol": 1, "x0_weights": 1, "data_to_state": 1,
+                "F": 1, "GGT": 1}[name]
         arr = _hp.to_float64(value, name)
         out[name] = np.ascontiguousarray(np.take(arr, idx, axis=axis))
     return out

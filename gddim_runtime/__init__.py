@@ -1,9 +1,27 @@
 """gddim_runtime: a lean torch sampler that consumes gddim-toolkit coefficient tables.
 
-Imports torch, numpy and safetensors only. Heavy submodules load on first use, so that
-``derive`` can share the format constant without importing torch.
+    import gddim_runtime as gr
+    table = gr.load("coeffs/cld/cld_nfe50_quadratic_q3.safetensors", device="cuda")
+    u = gr.sample(model, table, batch=64, data_shape=(3, 32, 32), parametrization="eps_R",
+                  sampler="gddim", generator=torch.Generator("cuda").manual_seed(0))
+
+Imports torch, numpy and safetensors only (never sympy, mpmath or scipy). The torch parts
+load on first use, so that ``derive`` can share the format constant without importing torch.
 """
 
 from ._format import FORMAT_VERSION, TableError, read_table
 
-__all__ = ["FORMAT_VERSION", "TableError", "read_table"]
+_LAZY = {
+    "load": "._table", "Table": "._table", "split": "._table", "merge": "._table", "block_apply": "._table",
+    "sample": "._samplers", "SAMPLERS": "._samplers", "PARAMETRIZATIONS": "._samplers",
+    "SamplingError": "._samplers", "dct2": "._dct", "idct2": "._dct",
+}
+
+__all__ = ["FORMAT_VERSION", "TableError", "read_table", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'gddim_runtime' has no attribute {name!r}")

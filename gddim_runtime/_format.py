@@ -12,7 +12,9 @@ because safetensors writes its metadata map in hash order; one key keeps files b
 Tensor layout (grid in sampling order, step i from t_i to t_{i+1}; P coordinates, k state):
     t [N+1]; psi [N,P,k,k]; R, sigma, L [N+1,P,k,k]; eps_weights [N,q,P,k,k];
     corrector_weights [N,q+1,P,k,k] (optional); eps_weights_sde, noise_chol [N,P,k,k]
-    (optional, lam > 0); x0_weights [2,P,k,k] (state weight, eps weight).
+    (optional, lam > 0); x0_weights [2,P,k,k] (state weight, eps weight);
+    data_to_state [N+1,P,k,k] (D_t: E[u_t | data] = D_t data); F, GGT [N+1,P,k,k] (F(t_i), G G^T(t_i),
+    for baselines that step on the grid).
 Only numpy and safetensors are needed here.
 """
 
@@ -24,7 +26,7 @@ import numpy as np
 FORMAT = "gddim-table"
 HEADER_KEY = "gddim"
 FORMAT_VERSION = 1
-REQUIRED = ("t", "psi", "R", "sigma", "L", "eps_weights", "x0_weights")
+REQUIRED = ("t", "psi", "R", "sigma", "L", "eps_weights", "x0_weights", "data_to_state", "F", "GGT")
 OPTIONAL = ("corrector_weights", "eps_weights_sde", "noise_chol")
 
 

@@ -69,7 +69,8 @@ def test_atomic_write_keeps_old_file(tmp_path, monkeypatch):
 def _small_table(tmp_path):
     tensors = {"t": np.array([1.0, 0.5]), "psi": np.ones((1, 1, 1, 1)), "R": np.ones((2, 1, 1, 1)),
                "sigma": np.ones((2, 1, 1, 1)), "L": np.ones((2, 1, 1, 1)), "eps_weights": np.ones((1, 1, 1, 1, 1)),
-               "x0_weights": np.ones((2, 1, 1, 1))}
+               "x0_weights": np.ones((2, 1, 1, 1)), "data_to_state": np.ones((2, 1, 1, 1)),
+               "F": np.ones((2, 1, 1, 1)), "GGT": np.ones((2, 1, 1, 1))}
     path = tmp_path / "x.safetensors"
     path.write_bytes(table_bytes(tensors, {"note": "test"}))
     return path

@@ -166,15 +166,16 @@ class ScipyReference:
         with mpmath.workdps(30):
             R0 = np.array(R0_of(spec, mpmath.matrix(S0.tolist())).tolist(), dtype=float)
 
-        def rhs(t, y):
+        def rhs(t, y):                         # y = [Sigma, Phi, R (k > 1)]
             F, G = self.F(t), self.G(t)
             S = y[:k * k].reshape(k, k)
-            out = [(F @ S + S @ F.T + G @ G.T).ravel()]
+            Phi = y[k * k:2 * k * k].reshape(k, k)
+            out = [(F @ S + S @ F.T + G @ G.T).ravel(), (F @ Phi).ravel()]
             if k > 1:
-                R = y[k * k:].reshape(k, k)
+                R = y[2 * k * k:].reshape(k, k)
                 out.append((F @ R + G @ G.T @ np.linalg.inv(R).T / 2).ravel())
             return np.concatenate(out)
-        y0 = np.concatenate([S0.ravel()] + ([R0.ravel()] if k > 1 else []))
+        y0 = np.concatenate([S0.ravel(), np.eye(k).ravel()] + ([R0.ravel()] if k > 1 else []))
         ts = np.sort(np.asarray(times, dtype=float))
         t_stiff = ts[0]
         first = solve_ivp(rhs, (0.0, t_stiff), y0, method="Radau", rtol=1e-12, atol=1e-16, dense_output=True)
@@ -202,7 +203,16 @@ class ScipyReference:
         k = self.k
         if k == 1:
             return np.sqrt(np.maximum(self.sigma(t), 0))
-        return self._y(t)[k * k:].reshape(k, k)
+        return self._y(t)[2 * k * k:].reshape(k, k)
+
+    def phi(self, t):
+        k = self.k
+        return self._y(t)[k * k:2 * k * k].reshape(k, k)
+
+    def data_to_state(self, t):
+        if self.spec.form == "marginal":
+            return np_matrix(sp.Matrix([[self.spec.mean]]), t=float(t), **self.env)
+        return self.phi(t)
 
     def psi(self, t, s):
         from scipy.integrate import solve_ivp

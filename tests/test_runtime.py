@@ -1,0 +1,222 @@
+"""gddim_runtime on CPU against exact-score data: exactness, convergence order, noise, DCT, errors."""
+
+import numpy as np
+import pytest
+import torch
+
+import gddim_runtime as gr
+from derive import _grids, _tables
+from validation.exact import MixtureScore, TableModel
+
+CUDA = torch.cuda.is_available()
+
+
+def make_table(deriv, steps, order, grid="quadratic", lam=None, corrector=False):
+    """An in-memory runtime Table straight from derive (no file, no verification)."""
+    from derive import _hp
+    times = _grids.make_grid(_grids.parse_kind(grid), steps, deriv)
+    hp = _tables.build(deriv, times, order, None if lam is None else _hp.mpf(lam), corrector)
+    arrays = _tables.to_float64(hp, deriv)
+    spec = deriv.spec
+    meta = {"spec": {"basis": {"kind": spec.basis.kind, "size": list(spec.basis.size)}},
+            "denoise": False, "lam": None if lam is None else str(lam)}
+    return gr.Table({n: torch.from_numpy(a) for n, a in arrays.items()}, meta, f"<{spec.name}>")
+
+
+def apply_np(M, u):
+    return torch.einsum("ab,nb...->na...", M, u)
+
+
+@pytest.mark.parametrize("name, data_shape", [("cld", (3,)), ("vp_linear", (4,)), ("psld", (2,)), ("hold3", (2,))])
+@pytest.mark.parametrize("parametrization", ["eps_R", "eps_L", "score", "x0"])
+def test_order1_lands_on_exact_answer(derivations, name, data_shape, parametrization):
+    """Dirac data: one deterministic gDDIM step T -> t_min is exact with K = R (MATH.md section 3)."""
+    d = derivations(name)
+    tab = make_table(d, 1, 1)
+    mu = torch.linspace(-1, 1.5, int(np.prod(data_shape)), dtype=torch.float64).reshape(1, *data_shape)
+    model = TableModel(MixtureScore(mu, [0.0]), tab, parametrization)
+    gen = torch.Generator().manual_seed(1)
+    u, info = gr.sample(model, tab, batch=5, data_shape=data_shape, parametrization=parametrization,
+                        generator=gen, dtype=torch.float64, denoise=False, return_info=True)
+    assert info["nfe"] == 1
+    T = tab.tensors
+    z = torch.randn((5, d.k) + data_shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    uT = apply_np(T["R"][0, 0], z)
+    d0 = T["data_to_state"][:, 0, :, 0]
+    m = lambda i: d0[i].reshape(1, -1, *([1] * len(data_shape))) * mu
+    exact = m(-1) + apply_np(T["R"][-1, 0] @ torch.linalg.inv(T["R"][0, 0]), uT - m(0))
+    # the update Psi u + C eps cancels terms of size |Psi||u| >> |u(t_min)|: allow 8 ulps of those
+    scale = apply_np(T["psi"][0, 0].abs(), uT.abs()).max() + exact.abs().max()
+    assert (u - exact).abs().max() <= 8 * torch.finfo(torch.float64).eps * scale
+
+
+def test_order1_with_L_is_not_exact(derivations):
+    """The same one step with K = L (eps_L held fixed instead of eps_R) misses the answer (paper's point)."""
+    d = derivations("cld")
+    tab = make_table(d, 1, 1)
+    T = tab.tensors
+    mu = torch.tensor([[0.5, -1.0]], dtype=torch.float64)
+    model = TableModel(MixtureScore(mu, [0.0]), tab, "eps_L")
+    z = torch.randn((4, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    uT = apply_np(T["R"][0, 0], z)
+    eps_L = model(uT, T["t"][:1].expand(4))
+    # exponential integrator with K = L: u = Psi u + (int 1/2 Psi G G^T L^-T dr) eps_L; the integral equals
+    # L_t - Psi L_s only if L solved the R-ODE, which it does not; use the R-based exact answer as reference
+    d0 = T["data_to_state"][:, 0, :, 0]
+    m = lambda i: d0[i].reshape(1, -1, 1) * mu
+    exact = m(-1) + apply_np(T["R"][-1, 0] @ torch.linalg.inv(T["R"][0, 0]), uT - m(0))
+    with_L = apply_np(T["psi"][0, 0], uT) + apply_np(T["L"][-1, 0] - T["psi"][0, 0] @ T["L"][0, 0], eps_L)
+    assert (with_L - exact).abs().max() > 1e-3 * exact.abs().max()
+
+
+def _pf_reference(d, mix, uT, t0, t1):
+    """Probability-flow solution by scipy DOP853 (rtol 1e-12) with the exact score, float64."""
+    from scipy.integrate import solve_ivp
+    from validation._reference import ScipyReference
+    ref = ScipyReference(d.spec, [t1, t0])
+    shape = uT.shape
+
+    def rhs(t, y):
+        u = torch.from_numpy(y.reshape(shape))
+        D = torch.from_numpy(ref.data_to_state(t))[None]
+        S = torch.from_numpy(ref.sigma(t))[None]
+        s = mix.score(u, D, S)
+        F = torch.from_numpy(ref.F(t))
+        G = torch.from_numpy(ref.G(t))
+        return (apply_np(F, u) - 0.5 * apply_np(G @ G.T, s)).numpy().ravel()
+    sol = solve_ivp(rhs, (t0, t1), uT.numpy().ravel(), method="DOP853", rtol=1e-12, atol=1e-12)
+    return torch.from_numpy(sol.y[:, -1].reshape(shape))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_multistep_converges_at_its_order(derivations, order):
+    d = derivations("cld")
+    mix = MixtureScore(torch.tensor([[1.0, -0.5], [-1.0, 0.8], [0.2, 1.5]], dtype=torch.float64), [0.5, 0.4, 0.45])
+    steps = [40, 80, 160]      # the asymptotic range: CLD's v channel is stiff near t_min
+    errors = []
+    ref = None
+    for n in steps:
+        tab = make_table(d, n, order, grid="quadratic")
+        z = torch.randn((6, 2, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        uT = apply_np(tab.tensors["R"][0, 0], z)
+        if ref is None:
+            ref = _pf_reference(d, mix, uT, float(tab.t[0]), float(tab.t[-1]))
+        u = gr.sample(TableModel(mix, tab), tab, x_T=uT, dtype=torch.float64, denoise=False)
+        errors.append(float((u - ref).abs().max()))
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert slope > order - 0.35, (order, errors, slope)
+
+
+def test_corrector_and_nfe(derivations):
+    d = derivations("cld")
+    mix = MixtureScore(torch.tensor([[1.0, -0.5], [-1.0, 0.8]], dtype=torch.float64), [0.3, 0.2])
+    tab = make_table(d, 10, 2, corrector=True)
+    x_T = apply_np(tab.tensors["R"][0, 0], torch.randn((4, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    out = {}
+    for sampler in ("gddim", "gddim_pc", "heun", "euler_maruyama"):
+        u, info = gr.sample(TableModel(mix, tab), tab, x_T=x_T, sampler=sampler, dtype=torch.float64,
+                            denoise=True, return_info=True, lam=0.0 if sampler == "euler_maruyama" else None)
+        out[sampler] = info["nfe"]
+        assert torch.isfinite(u).all()
+    assert out == {"gddim": 11, "gddim_pc": 11, "heun": 20, "euler_maruyama": 11}
+
+
+def test_stochastic_step_statistics(derivations):
+    """One gddim_sde step from a fixed state: empirical mean and covariance match the table's."""
+    d = derivations("cld")
+    tab = make_table(d, 1, 1, lam=1)
+    T = tab.tensors
+    mix = MixtureScore(torch.tensor([[0.3]], dtype=torch.float64), [0.5])
+    n = 40000
+    x_T = apply_np(T["R"][0, 0], torch.ones((1, 2, 1), dtype=torch.float64)).expand(n, 2, 1).contiguous()
+    u = gr.sample(TableModel(mix, tab), tab, x_T=x_T, sampler="gddim_sde", dtype=torch.float64, denoise=False,
+                  generator=torch.Generator().manual_seed(0))
+    eps = TableModel(mix, tab)(x_T[:1], T["t"][:1])
+    mean = apply_np(T["psi"][0, 0], x_T[:1]) + apply_np(T["eps_weights_sde"][0, 0], eps)
+    cov = T["noise_chol"][0, 0] @ T["noise_chol"][0, 0].T
+    emp_mean = u.mean(0)
+    emp_cov = torch.cov(u[:, :, 0].T)
+    se_mean = (torch.diagonal(cov) / n).sqrt()
+    assert ((emp_mean[:, 0] - mean[0, :, 0]).abs() < 5 * se_mean).all()
+    se_cov = (cov.diagonal()[:, None] * cov.diagonal()[None, :] * 2 / n).sqrt()
+    assert ((emp_cov - cov).abs() < 5 * se_cov).all()
+
+
+def test_dct_matches_scipy_and_roundtrips():
+    from scipy.fft import dctn
+    x = torch.randn(2, 3, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = gr.dct2(x)
+    np.testing.assert_allclose(y.numpy(), dctn(x.numpy(), type=2, norm="ortho", axes=(-2, -1)), rtol=0, atol=1e-14)
+    assert (gr.idct2(y) - x).abs().max() < 1e-14
+    x32 = x.float()
+    assert (gr.idct2(gr.dct2(x32)) - x32).abs().max() < 1e-6
+
+
+def test_bdm_dirac_exact_in_frequency_space(derivations):
+    d = derivations("bdm")
+    tab = gr.load(_coeffs("bdm", "bdm_nfe10_quadratic_q3.safetensors"))
+    mu = torch.randn(1, 1, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model = TableModel(MixtureScore(mu, [0.0], basis=tab.basis), tab)
+    u = gr.sample(model, tab, batch=2, data_shape=(1, 32, 32), dtype=torch.float64,
+                  generator=torch.Generator().manual_seed(0), denoise=True)
+    # Dirac data: every exponential step is exact, so the final denoise returns the data itself
+    assert (u[:, 0] - mu[0]).abs().max() < 1e-9
+
+
+def _coeffs(*parts):
+    from conftest import ROOT
+    return ROOT.joinpath("coeffs", *parts)
+
+
+def test_bad_inputs(derivations):
+    tab = gr.load(_coeffs("bdm", "bdm_nfe10_quadratic_q3.safetensors"))
+    ok = lambda u, t: torch.zeros_like(u)
+    with pytest.raises(gr.SamplingError, match="dct2d basis"):
+        gr.sample(ok, tab, batch=1, data_shape=(3, 16, 16))
+    with pytest.raises(gr.SamplingError, match="unknown parametrization"):
+        gr.sample(ok, tab, batch=1, data_shape=(3, 32, 32), parametrization="velocity")
+    with pytest.raises(gr.SamplingError, match="unknown sampler"):
+        gr.sample(ok, tab, batch=1, data_shape=(3, 32, 32), sampler="dpm")
+    with pytest.raises(gr.SamplingError, match=r"model returned \(1, 1, 3, 32\) at step 0"):
+        gr.sample(lambda u, t: u[..., 0], tab, batch=1, data_shape=(3, 32, 32))
+
+    def nan_late(u, t):
+        return torch.full_like(u, float("nan")) if float(t[0]) < 0.5 else torch.zeros_like(u)
+    with pytest.raises(gr.SamplingError, match=r"not finite \(NaN/inf\) at step \d+ \(t = 0\.4"):
+        gr.sample(nan_late, tab, batch=1, data_shape=(3, 32, 32))
+    with pytest.raises(gr.SamplingError, match="no corrector weights"):
+        gr.sample(ok, tab, batch=1, data_shape=(3, 32, 32), sampler="gddim_pc")
+
+
+def test_deterministic_given_generator():
+    tab = gr.load(_coeffs("cld", "cld_nfe10_quadratic_q3.safetensors"))
+    model = lambda u, t: 0.1 * u
+    runs = [gr.sample(model, tab, batch=3, data_shape=(2, 4), generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1]) and runs[0].dtype == torch.float32
+
+
+def test_runtime_imports_no_sympy():
+    import subprocess
+    import sys
+    code = ("import sys, gddim_runtime as gr; gr.load; gr.sample; "
+            "bad = [m for m in ('sympy', 'mpmath', 'scipy') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_no_sync_in_loop():
+    tab = gr.load(_coeffs("cld", "cld_nfe50_quadratic_q3.safetensors"), device="cuda")
+    model = lambda u, t: 0.1 * u
+    gen = torch.Generator("cuda").manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        from gddim_runtime import _samplers
+        prep = _samplers._Prepared(tab, torch.float32, "eps_R")
+        ev = _samplers._Evaluator(model, prep, (3, 32, 32), 8, None)
+        u = torch.randn((8, 2, 3, 32, 32), device="cuda", generator=gen)
+        _samplers.gddim(ev, prep, u, denoise=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -1,0 +1,105 @@
+"""Data whose score is known exactly under any linear SDE: isotropic Gaussian mixtures.
+
+Data x in R^{data_shape} ~ sum_c w_c N(mu_c, c_c^2 I). The state u_t (per coordinate a
+k-vector; with a dct2d basis, per frequency of the orthonormal DCT, which keeps isotropic
+covariances isotropic) is then a mixture of N(D_t e_0 mu_c, c_c^2 D_t e_0 e_0^T D_t^T + Sigma_t)
+with D_t = Psi(t, 0) (or mean_t), e_0 the first state component: every component covariance is
+block-diagonal with k x k blocks, so the exact score costs O(C P k^3).
+
+``MixtureScore`` evaluates it in torch from per-coordinate D_t, Sigma_t (taken from a table at
+grid index i, or supplied by the caller at any t) and returns eps_R = -R_t^T s.
+"""
+
+import math
+
+import torch
+
+
+class MixtureScore:
+    def __init__(self, means, stds, weights=None, basis=("identity", ())):
+        """means [C, *data_shape], stds [C] (component std in data space), weights [C]."""
+        self.means = means.to(torch.float64)
+        C = means.shape[0]
+        self.stds = torch.as_tensor(stds, dtype=torch.float64).reshape(C)
+        w = torch.ones(C, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.log_w = torch.log(w / w.sum())
+        self.basis = basis
+        if basis[0] == "dct2d":
+            from gddim_runtime import dct2
+            self.means_c = dct2(self.means)
+        else:
+            self.means_c = self.means
+
+    def _blocks(self, M, P):
+        """[P, k, k] -> broadcastable against the coefficient layout [..., k, *data]."""
+        return M if M.shape[0] == P else M.expand(P, *M.shape[1:])
+
+    def score(self, u, D, Sigma):
+        """Exact score in coefficient space. u [B, k, *data] (coefficients), D, Sigma [P, k, k] (P = 1 or H*W)."""
+        B, k = u.shape[:2]
+        data_shape = u.shape[2:]
+        n = math.prod(data_shape)
+        u64 = u.to(torch.float64)
+        D64, S64 = D.to(torch.float64), Sigma.to(torch.float64)
+        P = D64.shape[0]
+        uf = u64.reshape(B, k, n)                                          # coordinates on the last axis
+        if P == 1:
+            coord = torch.zeros(n, dtype=torch.long, device=u.device)
+        else:
+            H, W = self.basis[1]
+            coord = torch.arange(H * W, device=u.device).repeat(n // (H * W))
+        d0 = D64[:, :, 0][coord]                                           # [n, k]: D_t e_0 per coordinate
+        Sg = S64[coord]                                                    # [n, k, k]
+        logp, scores = [], []
+        for c in range(self.means.shape[0]):
+            mu = self.means_c[c].to(u.device).reshape(n)
+            cov = Sg + self.stds[c] ** 2 * d0.unsqueeze(-1) * d0.unsqueeze(-2)   # [n, k, k]
+            L = torch.linalg.cholesky(cov)
+            r = uf.permute(0, 2, 1) - d0 * mu.unsqueeze(-1)                # [B, n, k]
+            sol = torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)     # cov^-1 r
+            logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum()
+            logp.append(self.log_w[c] - 0.5 * (r * sol).sum(dim=(1, 2)) - 0.5 * logdet)
+            scores.append(-sol)
+        gamma = torch.softmax(torch.stack(logp), dim=0)                    # [C, B]
+        s = sum(g[:, None, None] * sc for g, sc in zip(gamma, scores))     # [B, n, k]
+        return s.permute(0, 2, 1).reshape(u.shape)
+
+    def eps_R(self, u, D, Sigma, R):
+        s = self.score(u, D, Sigma)
+        Rt = R.to(torch.float64).transpose(-1, -2)
+        from gddim_runtime import block_apply
+        return -block_apply(Rt, s, self.basis)
+
+
+class TableModel:
+    """A model(u, t) with the exact eps_R at the table's grid times (the runtime's model signature).
+
+    Works in data space like a network would: it transforms to coefficients, evaluates the exact
+    score with the table's D_t, Sigma_t and R_t at the matching grid index, and transforms back.
+    """
+
+    def __init__(self, mixture, table, parametrization="eps_R"):
+        self.mix, self.table, self.parametrization = mixture, table, parametrization
+        self.calls = 0
+
+    def __call__(self, x, t):
+        from gddim_runtime import dct2, idct2, block_apply
+        T = self.table.tensors
+        i = int(torch.argmin((T["t"] - t[0].to(torch.float64)).abs()))
+        u = dct2(x.to(torch.float64)) if self.mix.basis[0] == "dct2d" else x.to(torch.float64)
+        D, S, R, L = T["data_to_state"][i], T["sigma"][i], T["R"][i], T["L"][i]
+        s = self.mix.score(u, D, S)
+        if self.parametrization == "score":
+            out = s
+        elif self.parametrization == "eps_R":
+            out = -block_apply(R.transpose(-1, -2), s, self.mix.basis)
+        elif self.parametrization == "eps_L":
+            out = -block_apply(L.transpose(-1, -2), s, self.mix.basis)
+        elif self.parametrization == "x0":                               # E[u_0|u_t] = D^-1 (u + Sigma s)
+            Dinv = torch.linalg.inv(D)
+            out = block_apply(Dinv, u + block_apply(S, s, self.mix.basis), self.mix.basis)
+        else:
+            raise ValueError(self.parametrization)
+        self.calls += 1
+        out = idct2(out) if self.mix.basis[0] == "dct2d" else out
+        return out.to(x.dtype)
