@@ -18,7 +18,7 @@ import mpmath
 import numpy as np
 import sympy as sp
 
-from ._reference import MpReference, ScipyReference
+from ._reference import DPS, MpReference, ScipyReference
 
 TOL_FULL = 1e-13       # issue target: tables within 1e-13 of the 40-digit reference
 TOL_FAST = 1e-7        # float64 solve_ivp at rtol 1e-13 through CLD's stiff start is good to ~1e-9
@@ -186,8 +186,8 @@ def _full(report, spec, tensors, meta, p, lam):
     t = tensors["t"]
     N = len(t) - 1
     q = meta["order"]
-    how = "mpmath odefun/GL, 50 digits"
-    with mpmath.workdps(50):
+    how = f"mpmath odefun/GL, {DPS} digits"
+    with mpmath.workdps(DPS):
         ref = MpReference(spec, lam)
         tm = [mpmath.mpf(float(v)) for v in t]
         Rs = [ref.R(x) for x in tm]
@@ -248,7 +248,7 @@ def _closed_forms(report, spec, meta, tm, p, ref, Ss):
         vals = deriv.psi(tt[1:], tt[:-1])
         checks.append(("psi (closed form, hp)", [(i, _rel_hp(vals[i, u], ref.psi(tm[i + 1], tm[i]))) for i in range(len(tm) - 1)]))
     for name, errs in checks:
-        report.add(name, [(i, e, 0.0) for i, e in errs], "mpmath 50 digits vs derive MPFR", TOL_CLOSED)
+        report.add(name, [(i, e, 0.0) for i, e in errs], f"mpmath {DPS} digits vs derive MPFR", TOL_CLOSED)
 
 
 def _rel_hp(a, ref):

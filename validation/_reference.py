@@ -14,7 +14,7 @@ import sympy as sp
 
 from ._evaluate import mp_matrix, np_matrix
 
-DPS = 50
+DPS = 45          # >= 40 significant digits in every reference value
 
 
 def _mat(k, y):
@@ -114,20 +114,23 @@ class MpReference:
         lam2 = mpmath.mpf(sp.N(lam, self.dps + 10)) ** 2
         c = (1 + lam2) / 2
 
-        def rhs(tau, y):
+        n = k * k
+
+        def rhs(tau, y):                   # y = [PsiHat(s - tau, s), P, Sigma(s - tau)], all backwards
             r = s - tau
             F, G = self.F(r), self.G(r)
             GG = G * G.T
-            Fh = F + c * GG * mpmath.inverse(self.sigma(r))
-            Ph, P = _mat(k, y[:k * k]), _mat(k, y[k * k:])
-            return _vec(-Fh * Ph) + _vec(-Fh * P - P * Fh.T + lam2 * GG)
-        sol = mpmath.odefun(rhs, 0, _vec(mpmath.eye(k)) + [mpmath.mpf(0)] * (k * k))
+            S = _mat(k, y[2 * n:])
+            Fh = F + c * GG * mpmath.inverse(S)
+            Ph, P = _mat(k, y[:n]), _mat(k, y[n:2 * n])
+            return _vec(-Fh * Ph) + _vec(-Fh * P - P * Fh.T + lam2 * GG) + _vec(-(F * S + S * F.T + GG))
+        sol = mpmath.odefun(rhs, 0, _vec(mpmath.eye(k)) + [mpmath.mpf(0)] * n + _vec(self.sigma(s)))
         y = sol(s - t)
-        PsiHat, P = _mat(k, y[:k * k]), _mat(k, y[k * k:])
+        PsiHat, P = _mat(k, y[:n]), _mat(k, y[n:2 * n])
         return (PsiHat - self.psi(t, s)) * self.R(s), P
 
 
-def _gl_vector(integrand, a, b, n_out, k, degree=5):
+def _gl_vector(integrand, a, b, n_out, k, degree=4):
     """Vector Gauss-Legendre quadrature with an error check (degree vs degree+1), bisecting."""
     from mpmath.calculus.quadrature import GaussLegendre
     gl = GaussLegendre(mpmath.mp)

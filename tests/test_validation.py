@@ -1,0 +1,82 @@
+"""The checker: passes sound tables, fails on each planted defect (mutation tests)."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SDES
+from derive._pipeline import build_table, table_configs, tool_versions
+from validation import check_table
+
+
+@pytest.fixture(scope="module")
+def cld_table(derivations):
+    d = derivations("cld")
+    ns = argparse.Namespace(nfe=[4], order=2, grid="quadratic", lam=["1"], corrector=True, denoise=False)
+    cfg = table_configs(d.spec, ns)[0]
+    tensors, meta = build_table(d, cfg, "cld", tool_versions(), verify="none")
+    return d.spec, tensors, meta
+
+
+def _mutants(tensors):
+    """(name, mutated tensors) for each planted defect."""
+    out = []
+    t = {k: v.copy() for k, v in tensors.items()}
+    t["eps_weights"][2, 1, 0, 1, 0] *= 1 + 1e-9
+    out.append(("one weight off by 1e-9", t))
+    t = {k: v.copy() for k, v in tensors.items()}
+    t["psi"][1, 0, 0, 1] *= 1 + 1e-9
+    out.append(("one psi entry off by 1e-9", t))
+    t = {k: v.copy() for k, v in tensors.items()}
+    t["noise_chol"] = np.ascontiguousarray(np.swapaxes(t["noise_chol"], -1, -2))
+    out.append(("transposed P_st factor", t))
+    t = {k: v.copy() for k, v in tensors.items()}
+    t["eps_weights"] = np.ascontiguousarray(t["eps_weights"][:, ::-1])
+    out.append(("lag order swapped", t))
+    t = {k: v.copy() for k, v in tensors.items()}
+    t["R"] = t["L"].copy()
+    out.append(("L instead of R", t))
+    return out
+
+
+@pytest.mark.slow
+def test_full_check_passes_sound_table(cld_table):
+    spec, tensors, meta = cld_table
+    report = check_table(spec, tensors, meta, level="full")
+    assert report.passed, report.text()
+    assert max(r.rel for r in report.rows) < 1e-13
+
+
+def test_fast_check_catches_mutants(cld_table):
+    """The fast check (identities + scipy) must catch the defects identities can see."""
+    spec, tensors, meta = cld_table
+    assert check_table(spec, tensors, meta, level="fast").passed
+    for name, mutant in _mutants(tensors):
+        if name == "lag order swapped" or name == "L instead of R":
+            continue                      # sums and R R^T stay intact: only a reference sees these
+        assert not check_table(spec, mutant, meta, level="fast").passed, name
+
+
+@pytest.mark.slow
+def test_full_check_catches_every_mutant(cld_table):
+    spec, tensors, meta = cld_table
+    for name, mutant in _mutants(tensors):
+        report = check_table(spec, mutant, meta, level="full")
+        assert not report.passed, name
+
+
+def test_fast_check_catches_lag_swap_and_L(cld_table):
+    spec, tensors, meta = cld_table
+    for name, mutant in _mutants(tensors)[3:]:
+        assert not check_table(spec, mutant, meta, level="fast").passed, name
+
+
+def test_cli_on_committed_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "validation", str(ROOT / "coeffs" / "vp_linear"), "--level", "fast"],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("PASSED") == 3 and "max rel err" in proc.stdout
