@@ -56,6 +56,9 @@ def _parser():
     p.add_argument("--no-denoise", dest="denoise", action="store_false", default=None,
                    help="no final denoising evaluation: steps = NFE (default: steps = NFE - 1)")
     p.add_argument("--no-tables", action="store_true", help="closed forms only, no sampler tables")
+    p.add_argument("--dense", action="store_true",
+                   help="also write <name>_dense.safetensors (interpolants of F, G G^T, R, L, D for the "
+                        "adaptive RK45 baseline; default: only when there is no per-coordinate basis)")
     p.add_argument("--verify", choices=["fast", "full"], default="fast",
                    help="check before writing: fast identities + float64 scipy cross-check, or the "
                         "full 40-digit validation (default: %(default)s)")

@@ -48,12 +48,10 @@ def step_moments(deriv, s, t, p_max):
     if p_max == 0:
         return M0[None]
 
-    def integrand(xn, coords):
+    def W(xn, coords):
         rn = s + h * xn
-        W = deriv.psi(np.array([t], dtype=object), rn, coords) @ deriv.R(rn, coords)  # [M, I, k, k]
-        powers = np.stack([xn ** p for p in range(p_max)], axis=1)                   # [M, p_max]
-        return powers[:, None, :, None, None] * W[:, :, None]                        # [M, I, p_max, k, k]
-    J = _ode.quad(integrand, gmpy2.mpfr(0), gmpy2.mpfr(1), deriv.Pu, tol=QUAD_TOL)                 # [Pu, p_max, k, k]
+        return deriv.psi(np.array([t], dtype=object), rn, coords) @ deriv.R(rn, coords)   # [M, I, k, k]
+    J = _ode.quad(W, gmpy2.mpfr(0), gmpy2.mpfr(1), deriv.Pu, tol=QUAD_TOL, powers=p_max)  # [Pu, p_max, k, k]
     J = np.swapaxes(J, 0, 1)
     return np.concatenate([M0[None], np.stack([R_t - p * J[p - 1] for p in range(1, p_max + 1)])])
 
@@ -164,4 +162,20 @@ def to_float64(hp, deriv):
                 "F": 1, "GGT": 1}[name]
         arr = _hp.to_float64(value, name)
         out[name] = np.ascontiguousarray(np.take(arr, idx, axis=axis))
+    return out
+
+
+def dense(deriv, tol=1e-14, n=16):
+    """Piecewise Chebyshev interpolants of F, G G^T, R, L, D on [t_min, T] (for off-grid baselines)."""
+    def fn(tn):
+        G = deriv.G(tn)
+        S = deriv.sigma(tn)
+        return np.stack([deriv.F(tn), G @ _hp.T(G), deriv.R(tn), _hp.cholesky(S, semidefinite=True),
+                         deriv.data_to_state(tn)], axis=1)                  # [n+1, 5, Pu, k, k]
+    edges, values = _ode.interpolate(fn, _hp.mpf(deriv.spec.t_min), _hp.mpf(deriv.spec.T), n=n, tol=tol)
+    xs = _ode._chebyshev(n)[0]
+    idx = deriv.coord_index
+    out = {"edges": np.array(edges, dtype=np.float64), "nodes": _hp.to_float64(xs, "nodes")}
+    for q, name in enumerate(("F", "GGT", "R", "L", "D")):
+        out[name] = np.ascontiguousarray(np.take(_hp.to_float64(values[:, :, q], name), idx, axis=2))
     return out

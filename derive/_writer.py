@@ -19,7 +19,10 @@ def atomic_write(path, data):
     if isinstance(data, str):
         data = data.encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)                 # mkstemp makes 0600; give a normal file's mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -33,11 +36,11 @@ def atomic_write(path, data):
         raise
 
 
-def table_bytes(tensors, meta):
+def table_bytes(tensors, meta, kind=FORMAT):
     """Serialise float64 tensors + metadata (deterministic: sorted keys, fixed separators)."""
     from safetensors.numpy import save
     tensors = {name: np.ascontiguousarray(a, dtype=np.float64).copy() for name, a in tensors.items()}
     meta_json = json.dumps(meta, sort_keys=True, separators=(",", ":"))
-    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": meta_json,
+    header = {"format": kind, "format_version": str(FORMAT_VERSION), "meta": meta_json,
               "content_sha256": content_hash(tensors, meta_json)}
     return save(dict(sorted(tensors.items())), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})

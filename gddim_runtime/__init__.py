@@ -15,6 +15,7 @@ _LAZY = {
     "load": "._table", "Table": "._table", "split": "._table", "merge": "._table", "block_apply": "._table",
     "sample": "._samplers", "SAMPLERS": "._samplers", "PARAMETRIZATIONS": "._samplers",
     "SamplingError": "._samplers", "dct2": "._dct", "idct2": "._dct",
+    "load_dense": "._dense", "DenseCoefficients": "._dense",
 }
 
 __all__ = ["FORMAT_VERSION", "TableError", "read_table", *_LAZY]

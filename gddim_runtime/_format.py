@@ -24,10 +24,15 @@ import json
 import numpy as np
 
 FORMAT = "gddim-table"
+DENSE_FORMAT = "gddim-dense"
 HEADER_KEY = "gddim"
 FORMAT_VERSION = 1
 REQUIRED = ("t", "psi", "R", "sigma", "L", "eps_weights", "x0_weights", "data_to_state", "F", "GGT")
 OPTIONAL = ("corrector_weights", "eps_weights_sde", "noise_chol")
+# Dense file (baselines that need coefficients off the grid, e.g. adaptive RK45): piecewise
+# Chebyshev interpolants on [t_min, T]; edges [M+1], nodes [n+1] on [-1, 1] and, for each
+# quantity, values [M, n+1, P, k, k] at the mapped nodes.
+DENSE_REQUIRED = ("edges", "nodes", "F", "GGT", "R", "L", "D")
 
 
 class TableError(ValueError):
@@ -44,8 +49,11 @@ def content_hash(tensors, meta_json):
     return h.hexdigest()
 
 
-def read_table(path):
-    """Load and check a table file; returns (tensors: dict of float64 numpy arrays, meta: dict)."""
+def read_table(path, kind=FORMAT):
+    """Load and check a table file; returns (tensors: dict of float64 numpy arrays, meta: dict).
+
+    ``kind`` is FORMAT (sampler tables) or DENSE_FORMAT (dense interpolants).
+    """
     from safetensors import SafetensorError, safe_open
     path = str(path)
     try:
@@ -60,8 +68,9 @@ def read_table(path):
         header = json.loads(raw) if raw is not None else {}
     except ValueError:
         header = {}
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise TableError(f"{path}: not a gddim table (format {header.get('format')!r})")
+    if not isinstance(header, dict) or header.get("format") != kind:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise TableError(f"{path}: not a {kind} file (format {found!r})")
     try:
         version = int(header.get("format_version", ""))
     except ValueError:
@@ -78,7 +87,7 @@ def read_table(path):
         raise TableError(f"{path}: content hash mismatch (file edited or corrupted); regenerate it "
                          "with python -m derive")
     meta = json.loads(meta_json)
-    missing = [n for n in REQUIRED if n not in tensors]
+    missing = [n for n in (REQUIRED if kind == FORMAT else DENSE_REQUIRED) if n not in tensors]
     if missing:
         raise TableError(f"{path}: missing tensors {missing}")
     for name, a in tensors.items():

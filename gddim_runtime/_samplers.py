@@ -28,6 +28,7 @@ class _Prepared:
     def __init__(self, table, dtype, parametrization):
         T64 = table.tensors
         self.table, self.dtype, self.basis = table, dtype, table.basis
+        self.parametrization = parametrization
         self.N, self.q = table.steps, table.order
         cast = lambda x: x.to(dtype)
         self.c = {name: cast(v) for name, v in T64.items() if name != "t"}
@@ -90,6 +91,30 @@ class _Evaluator:
             eps = eps + block_apply(prep.A[i], u, prep.basis)
         return eps
 
+    def at_time(self, u, t, c):
+        """Model output converted to eps_R at an arbitrary time t, with dense coefficients c."""
+        prep = self.prep
+        x = self.to_data(u)
+        tt = t.to(self.model_dtype or prep.dtype).expand(self.batch)
+        out = self.model(x if self.model_dtype is None else x.to(self.model_dtype), tt)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != self.expected:
+            raise SamplingError(f"model returned {tuple(getattr(out, 'shape', ()))} at t = {float(t):.6g}, "
+                                f"expected {self.expected}")
+        out = self.to_coef(out.to(prep.dtype))
+        self.nfe += 1
+        R, L, D = c["R"], c["L"], c["D"]
+        eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
+        par = prep.parametrization
+        if par == "eps_R":
+            return out
+        if par == "eps_L":
+            B = R.transpose(-1, -2) @ torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
+            return block_apply(B.to(prep.dtype), out, prep.basis)
+        if par == "score":
+            return block_apply((-R.transpose(-1, -2)).to(prep.dtype), out, prep.basis)
+        Rinv = torch.linalg.solve(R, eye)
+        return block_apply(Rinv.to(prep.dtype), u, prep.basis) - block_apply((Rinv @ D).to(prep.dtype), out, prep.basis)
+
     def raise_if_bad(self):
         step = int(self.bad_step)                       # one sync, after the loop
         if step >= 0:
@@ -103,7 +128,7 @@ def _denoise(ev, prep, u, eps=None):
     return prep.apply("x0_weights", 0, u) + prep.apply("x0_weights", 1, eps)
 
 
-def gddim(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None, corrector=False):
+def gddim(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None, corrector=False, **_):
     """Deterministic gDDIM: exponential multistep (Adams-Bashforth in t) on the probability flow."""
     history, eps_next = [], None
     for i in range(prep.N):
@@ -130,7 +155,7 @@ def gddim_pc(ev, prep, u, **kw):
     return gddim(ev, prep, u, corrector=True, **kw)
 
 
-def gddim_sde(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None):
+def gddim_sde(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None, **_):
     """Stochastic gDDIM (order 1, lam from the table): u' = Psi u + (PsiHat - Psi) R eps + chol(P) z."""
     for i in range(prep.N):
         eps = ev(u, i)
@@ -147,7 +172,7 @@ def _sqrt_psd(M):
     return (V * w.clamp_min(0).sqrt().unsqueeze(-2)) @ V.transpose(-1, -2)
 
 
-def euler_maruyama(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=1.0):
+def euler_maruyama(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=1.0, **_):
     """Euler-Maruyama on du = [F u - (1+lam^2)/2 G G^T s] dt + lam G dw, backwards on the grid."""
     lam = 1.0 if lam is None else float(lam)
     root = _sqrt_psd(prep.table.tensors["GGT"]).to(prep.dtype)
@@ -164,7 +189,7 @@ def euler_maruyama(ev, prep, u, *, callback=None, denoise=True, generator=None, 
     return _denoise(ev, prep, u) if denoise else u
 
 
-def heun(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None):
+def heun(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None, **_):
     """Heun's 2nd-order method in t on the probability flow du/dt = F u - 1/2 G G^T s (Euler last step)."""
     def f(x, i):
         s = block_apply(prep.score_of_eps[i], ev(x, i), prep.basis)
@@ -179,7 +204,7 @@ def heun(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None):
     return _denoise(ev, prep, u) if denoise else u
 
 
-def ancestral(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None):
+def ancestral(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None, **_):
     """Ancestral sampling (DDPM / BDM): draw u_{t_{i+1}} from q(u_t | u_s, x0 = E[x0 | u_s]); k = 1 only."""
     if prep.table.k != 1:
         raise SamplingError("ancestral sampling is defined for scalar / diagonal families (k = 1)")
@@ -202,19 +227,41 @@ def ancestral(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=N
     return _denoise(ev, prep, u) if denoise else u
 
 
+def probability_flow_rk45(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None, dense=None,
+                          rtol=1e-5, atol=1e-5, **_):
+    """Adaptive Dormand-Prince 5(4) (torchdiffeq dopri5) on the probability flow, T -> t_min, NFE counted.
+
+    Needs coefficients off the grid: ``dense`` = gddim_runtime.load_dense(<name>_dense.safetensors).
+    """
+    if dense is None:
+        raise SamplingError("probability_flow_rk45 needs dense=gddim_runtime.load_dense(<name>_dense.safetensors)")
+    from torchdiffeq import odeint
+
+    def flow(t, x):
+        c = dense.at(t)
+        s = block_apply((-torch.linalg.inv(c["R"]).transpose(-1, -2)).to(prep.dtype), ev.at_time(x, t, c), prep.basis)
+        return block_apply(c["F"].to(prep.dtype), x, prep.basis) - 0.5 * block_apply(c["GGT"].to(prep.dtype), s, prep.basis)
+    times = torch.stack([prep.t[0], prep.t[-1]]).to(prep.dtype)
+    u = odeint(flow, u, times, method="dopri5", rtol=rtol, atol=atol)[-1]
+    if callback is not None:
+        callback({"i": prep.N - 1, "t": prep.t[-1], "u": u})
+    return _denoise(ev, prep, u) if denoise else u
+
+
 SAMPLERS = {"gddim": gddim, "gddim_pc": gddim_pc, "gddim_sde": gddim_sde, "euler_maruyama": euler_maruyama,
-            "heun": heun, "ancestral": ancestral}
+            "heun": heun, "ancestral": ancestral, "probability_flow_rk45": probability_flow_rk45}
 
 
 def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", sampler="gddim",
            generator=None, x_T=None, dtype=torch.float32, denoise=None, callback=None, progress=None,
-           lam=None, model_dtype=None, return_info=False):
+           lam=None, model_dtype=None, return_info=False, **options):
     """Draw samples with a coefficient table (gDDIM, Zhang, Tao & Chen 2023, and baselines).
 
     model(u, t): u [B, k, *data_shape] in data space, t [B]; returns the same shape, in the
     given ``parametrization`` (eps_R: gDDIM, eps_L: Cholesky as CLD-SGM, score, x0: E[u_0 | u_t]).
     Returns the state at t_min [B, k, *data_shape] (after the final denoising step when
     ``denoise``, default: the table's NFE accounting); with ``return_info`` also {"nfe": ...}.
+    Sampler options pass through ``options`` (probability_flow_rk45: dense=, rtol=, atol=).
     """
     if not isinstance(table, Table):
         raise SamplingError(f"expected a Table from gddim_runtime.load, got {type(table).__name__}")
@@ -260,7 +307,8 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
                 callback(info)
     try:
         u = SAMPLERS[sampler](ev, prep, u, callback=cb, denoise=denoise, generator=generator,
-                              lam=lam if lam is not None else (None if table.meta.get("lam") is None else _lam(table)))
+                              lam=lam if lam is not None else (None if table.meta.get("lam") is None else _lam(table)),
+                              **options)
     finally:
         if progress:
             bar.close()

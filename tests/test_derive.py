@@ -178,7 +178,7 @@ def test_new_three_state_spec_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     folder = tmp_path / "out" / "langevin3"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["closed_forms.md", "closed_forms.py", "langevin3_nfe8_uniform_q2.md",
+    assert names == ["closed_forms.md", "closed_forms.py", "langevin3_dense.safetensors", "langevin3_nfe8_uniform_q2.md",
                      "langevin3_nfe8_uniform_q2.safetensors", "spec.yaml"]
     from gddim_runtime import read_table
     tensors, meta = read_table(folder / "langevin3_nfe8_uniform_q2.safetensors")

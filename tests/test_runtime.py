@@ -220,3 +220,21 @@ def test_gpu_no_sync_in_loop():
         _samplers.gddim(ev, prep, u, denoise=True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_rk45_baseline_matches_reference(derivations, tmp_path):
+    """probability_flow_rk45 with the dense file reaches the scipy probability-flow solution."""
+    from conftest import run_derive
+    from validation.exact import DenseModel
+    proc = run_derive("cld", "--nfe", "4", "--out", tmp_path, "--quiet", "--no-verify", "--no-denoise")
+    assert proc.returncode == 0, proc.stderr
+    tab = gr.load(tmp_path / "cld" / "cld_nfe4_quadratic_q3_nodenoise.safetensors")
+    dense = gr.load_dense(tmp_path / "cld" / "cld_dense.safetensors")
+    mix = MixtureScore(torch.tensor([[1.0, -0.5], [-1.0, 0.8]], dtype=torch.float64), [0.5, 0.4])
+    x_T = apply_np(tab.tensors["R"][0, 0], torch.randn((3, 2, 2), generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    ref = _pf_reference(derivations("cld"), mix, x_T, float(tab.t[0]), float(tab.t[-1]))
+    u, info = gr.sample(DenseModel(mix, dense), tab, x_T=x_T, sampler="probability_flow_rk45", dtype=torch.float64,
+                        denoise=False, dense=dense, rtol=1e-9, atol=1e-9, return_info=True)
+    assert (u - ref).abs().max() < 1e-6 and info["nfe"] > 20
+    with pytest.raises(gr.SamplingError, match="needs dense"):
+        gr.sample(DenseModel(mix, dense), tab, x_T=x_T, sampler="probability_flow_rk45")

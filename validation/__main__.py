@@ -34,7 +34,8 @@ def main(argv=None):
         path = Path(args.path)
         jobs = []
         if path.is_dir() or path.suffix == ".safetensors":
-            files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+            files = (sorted(f for f in path.glob("*.safetensors") if not f.name.endswith("_dense.safetensors"))
+                     if path.is_dir() else [path])
             if not files:
                 raise SpecError(path, "path", "no .safetensors tables here")
             spec_file = Path(args.spec) if args.spec else files[0].parent / "spec.yaml"

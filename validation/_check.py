@@ -75,10 +75,18 @@ class Report:
         return "\n".join(lines)
 
     def summary(self):
+        """For file metadata: bounds as powers of ten, stable across machines and BLAS builds."""
         w = self.worst()
         return {"level": self.level, "passed": self.passed, "coordinates": self.coords,
-                "worst": "none" if w is None else f"{w.quantity} {w.rel:.1e} ({w.method})",
-                "max_rel": {r.quantity + " / " + r.method: f"{r.rel:.1e}" for r in self.rows}}
+                "worst": "none" if w is None else f"{w.quantity} {decade(w.rel)} ({w.method})",
+                "max_rel": {r.quantity + " / " + r.method: decade(r.rel) for r in self.rows}}
+
+
+def decade(x):
+    """'<= 1e-14' style bound (the next power of ten at or above x)."""
+    if not np.isfinite(x):
+        return str(x)
+    return "0" if x == 0 else f"<= 1e{int(np.ceil(np.log10(x) - 1e-9))}"
 
 
 def _err(a, b):

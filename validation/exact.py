@@ -103,3 +103,27 @@ class TableModel:
         self.calls += 1
         out = idct2(out) if self.mix.basis[0] == "dct2d" else out
         return out.to(x.dtype)
+
+
+class DenseModel(TableModel):
+    """The exact eps_R (or other parametrisation) at any t, from a dense coefficient file."""
+
+    def __init__(self, mixture, dense, parametrization="eps_R"):
+        self.mix, self.dense, self.parametrization = mixture, dense, parametrization
+        self.calls = 0
+
+    def __call__(self, x, t):
+        from gddim_runtime import block_apply, dct2, idct2
+        c = self.dense.at(t[0])
+        u = dct2(x.to(torch.float64)) if self.mix.basis[0] == "dct2d" else x.to(torch.float64)
+        S = c["L"] @ c["L"].transpose(-1, -2)
+        s = self.mix.score(u, c["D"], S)
+        if self.parametrization == "eps_R":
+            out = -block_apply(c["R"].transpose(-1, -2), s, self.mix.basis)
+        elif self.parametrization == "score":
+            out = s
+        else:
+            raise ValueError(self.parametrization)
+        self.calls += 1
+        out = idct2(out) if self.mix.basis[0] == "dct2d" else out
+        return out.to(x.dtype)
