@@ -93,8 +93,13 @@ def stochastic_step(deriv, s, t, lam):
     return (PsiHat - Psi) @ R_s, P
 
 
-def build(deriv, times, order, lam=None, corrector=False):
-    """All table arrays at high precision, per distinct coordinate (axis Pu). Returns a dict."""
+def build(deriv, times, order, lam=None, corrector=False, moment_cache=None, weights=True):
+    """All table arrays at high precision, per distinct coordinate (axis Pu). Returns a dict.
+
+    ``moment_cache`` (a dict) shares the step moments between calls on the same grid (the
+    moments do not depend on the order: building orders 1-4 costs one quadrature per step).
+    ``weights=False`` skips the multistep weights (baselines on a fine grid need none).
+    """
     tt = _hp.array(times)
     N = len(times) - 1
     k, Pu = deriv.k, deriv.Pu
@@ -110,7 +115,15 @@ def build(deriv, times, order, lam=None, corrector=False):
         h = t - s
         q = min(order, i + 1)
         p_max = min(order + 1, i + 2) - 1 if corrector else q - 1
-        M = step_moments(deriv, s, t, p_max)
+        if not weights:
+            continue
+        key = (float(s), float(t))
+        if moment_cache is not None and key in moment_cache and len(moment_cache[key]) > p_max:
+            M = moment_cache[key][:p_max + 1]
+        else:
+            M = step_moments(deriv, s, t, p_max)
+            if moment_cache is not None:
+                moment_cache[key] = M
         nodes = [(tt[i - j] - s) / h for j in range(q)]
         eps_w[i, :q] = combine(M, nodes)
         if corrector:

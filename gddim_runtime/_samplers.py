@@ -237,7 +237,10 @@ def probability_flow_rk45(ev, prep, u, *, callback=None, denoise=True, generator
         raise SamplingError("probability_flow_rk45 needs dense=gddim_runtime.load_dense(<name>_dense.safetensors)")
     from torchdiffeq import odeint
 
+    lo, hi = prep.t[-1], prep.t[0]
+
     def flow(t, x):
+        t = torch.minimum(torch.maximum(t.to(lo.dtype), lo), hi)   # dopri5's first-step probe may leave [t_min, T]
         c = dense.at(t)
         s = block_apply((-torch.linalg.inv(c["R"]).transpose(-1, -2)).to(prep.dtype), ev.at_time(x, t, c), prep.basis)
         return block_apply(c["F"].to(prep.dtype), x, prep.basis) - 0.5 * block_apply(c["GGT"].to(prep.dtype), s, prep.basis)

@@ -238,3 +238,20 @@ def test_rk45_baseline_matches_reference(derivations, tmp_path):
     assert (u - ref).abs().max() < 1e-6 and info["nfe"] > 20
     with pytest.raises(gr.SamplingError, match="needs dense"):
         gr.sample(DenseModel(mix, dense), tab, x_T=x_T, sampler="probability_flow_rk45")
+
+
+def test_cli_sample(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    out = tmp_path / "s.pt"
+    cmd = [sys.executable, "-m", "gddim_runtime", "sample", "--coeffs", str(_coeffs("cld", "cld_nfe10_quadratic_q3.safetensors")),
+           "--model", "toy_models:shrink", "--batch", "3", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert torch.load(out).shape == (3, 2, 2, 4) and "10 model evaluations" in proc.stdout
+    proc = subprocess.run(cmd[:-6] + ["--model", "toy_models:broken", "--data-shape", "2", "4", "--out", str(out)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: model returned") and "Traceback" not in proc.stderr

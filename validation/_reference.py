@@ -55,10 +55,17 @@ class MpReference:
 
     def __init__(self, spec, lam=None, dps=DPS):
         self.spec, self.k, self.dps = spec, spec.k, dps
+        # A marginal-form spec with a per-coordinate basis (BDM: 1024 frequencies) is checked
+        # against its defining formulas (Psi = mean_t / mean_s, Sigma = std^2, R = std) instead of
+        # ODE solves, which cost minutes per frequency there; weights still by direct quadrature.
+        self.direct = spec.form == "marginal" and spec.basis.symbol is not None
         with mpmath.workdps(dps):
             self.lam = None if lam is None else mpmath.mpf(sp.N(lam, dps + 10))
             self.env = _basis_env(spec, self.lam)
             k = self.k
+            if self.direct:
+                self.Sigma0 = mp_matrix(spec.Sigma0, t=mpmath.mpf(0), **self.env)
+                return
             self._phi = mpmath.odefun(lambda t, y: _vec(self.F(t) * _mat(k, y)), 0, _vec(mpmath.eye(k)))
             self.Sigma0 = mp_matrix(spec.Sigma0, t=mpmath.mpf(0), **self.env)
 
@@ -78,13 +85,20 @@ class MpReference:
     def G(self, t):
         return mp_matrix(self.spec.G, t=t, **self.env)
 
+    def _marginal(self, which, t):
+        return mp_matrix(sp.Matrix([[getattr(self.spec, which)]]), t=t, **self.env)
+
     def phi(self, t):
+        if self.direct:
+            return self._marginal("mean", t) / self._marginal("mean", mpmath.mpf(0))[0, 0]
         return _mat(self.k, self._phi(t))
 
     def psi(self, t, s):
         return self.phi(t) * mpmath.inverse(self.phi(s))
 
     def sigma(self, t):
+        if self.direct:
+            return self._marginal("std", t) ** 2
         return _mat(self.k, self._sigma(t))
 
     def R(self, t):
@@ -224,16 +238,18 @@ class ScipyReference:
                         np.eye(k).ravel(), method="DOP853", rtol=1e-13, atol=1e-16)
         return sol.y[:, -1].reshape(k, k)
 
-    def weights(self, s, t, node_times):
+    def weights(self, s, t, node_times, factor="R"):
+        """Weights int_s^t 1/2 Psi(t,r) G G^T K_r^-T l_j(r) dr with K = R (gDDIM) or K = L (Cholesky)."""
         from scipy.integrate import quad_vec, solve_ivp
         k = self.k
+        K = self.R if factor == "R" else (lambda r: np.linalg.cholesky(self.sigma(r)))
         # Psi(t, r) for r in [t, s] from one backward solve of d/dr Psi(t,r) = -Psi(t,r) F(r)
         back = solve_ivp(lambda r, y: -(y.reshape(k, k) @ self.F(r)).ravel(), (float(t), float(s)),
                          np.eye(k).ravel(), method="DOP853", rtol=1e-13, atol=1e-16, dense_output=True)
 
         def integrand(r):
             G = self.G(r)
-            W = back.sol(r).reshape(k, k) @ G @ G.T @ np.linalg.inv(self.R(r)).T / 2
+            W = back.sol(r).reshape(k, k) @ G @ G.T @ np.linalg.inv(K(r)).T / 2
             return np.stack([W * l for l in lagrange_weights_at(r, node_times)])
         val, _ = quad_vec(integrand, float(s), float(t), epsabs=0, epsrel=1e-12)
         return val
