@@ -247,7 +247,7 @@ def quad(fn, a, b, n_items, tol=_hp.TOL, n=N_CHEB, max_depth=60, powers=None):
         ok = np.array([bool(tl <= tol * sc) for tl, sc in zip(tail, scale[items])])
         if depth >= max_depth:
             if not ok.all():
-                raise _hp.EvaluationError(f"quadrature did not converge near t = {float(lo):.6g}")
+                raise _hp.EvaluationError("quadrature did not converge (singular or non-finite integrand)")
         if powers:
             wp = np.stack([wcc * xn ** j for j in range(powers)])  # [p, n+1]
             val = np.moveaxis(np.tensordot(wp, f, axes=(1, 0)), 0, 1) * (h / 2)   # [I, p, ...]

@@ -114,12 +114,14 @@ def _stage(spec, what, fn):
         raise SpecError(spec.path, what, f"evaluation failed: {type(exc).__name__}: {exc}") from None
 
 
-def build_table(deriv, cfg, spec_arg, versions, verify="fast"):
+def build_table(deriv, cfg, spec_arg, versions, verify="fast", times=None, moment_cache=None):
     """(float64 tensors, meta) for one configuration; raises SpecError on bad input."""
     spec = deriv.spec
-    times = _stage(spec, "grid", lambda: _grids.make_grid(cfg["kind"], cfg["steps"], deriv))
+    if times is None:
+        times = _stage(spec, "grid", lambda: _grids.make_grid(cfg["kind"], cfg["steps"], deriv))
     lam = None if cfg["lam"] is None else _hp.mpf(cfg["lam"])
-    hp = _stage(spec, "tables", lambda: _tables.build(deriv, times, cfg["order"], lam, cfg["corrector"]))
+    hp = _stage(spec, "tables", lambda: _tables.build(deriv, times, cfg["order"], lam, cfg["corrector"],
+                                                      moment_cache=moment_cache))
     identities = _tables.residuals(deriv, hp)
     tensors = _stage(spec, "tables", lambda: _tables.to_float64(hp, deriv))
     steps = len(times) - 1
@@ -163,20 +165,57 @@ class VerificationFailed(Exception):
 _WORK = {}
 
 
+def _moments_one(task):
+    deriv = _WORK["deriv"]
+    s, t, p_max = task
+    try:
+        return _tables.step_moments(deriv, _hp.mpf(s), _hp.mpf(t), p_max)
+    except (ArithmeticError, ValueError, TypeError) as exc:       # one message for the parent
+        raise _hp.EvaluationError(f"step t = {s:.6g} -> {t:.6g}: {exc}") from None
+
+
 def _build_one(i):
-    deriv, configs, spec_arg, versions, verify = _WORK["args"]
-    return build_table(deriv, configs[i], spec_arg, versions, verify)
+    deriv, configs, spec_arg, versions, verify, grids, cache = _WORK["args"]
+    return build_table(deriv, configs[i], spec_arg, versions, verify, times=grids[i], moment_cache=cache)
+
+
+def _p_max(cfg, i):
+    return (min(cfg["order"] + 1, i + 2) if cfg["corrector"] else min(cfg["order"], i + 1)) - 1
 
 
 def _build_all(deriv, configs, spec_arg, versions, verify):
-    """Tables are independent: build them in forked worker processes, one per core."""
-    workers = min(len(configs), os.cpu_count() or 1)
-    _WORK["args"] = (deriv, configs, spec_arg, versions, verify)
+    """Steps and tables are independent: spread them over forked workers, one per core.
+
+    Phase 1 computes the quadrature moments of every distinct step of every grid (the bulk of
+    the work, and it balances: a 49-step table no longer sits on one core); phase 2 assembles
+    and checks each table from those moments.
+    """
+    spec = deriv.spec
+    grids = [_stage(spec, "grid", lambda c=cfg: _grids.make_grid(c["kind"], c["steps"], deriv)) for cfg in configs]
+    need = {}
+    for cfg, times in zip(configs, grids):
+        for i in range(len(times) - 1):
+            key = (times[i], times[i + 1])
+            need[key] = max(need.get(key, 0), _p_max(cfg, i))
+    tasks = [(s, t, p) for (s, t), p in need.items()]
+    workers = min(os.cpu_count() or 1, max(len(configs), 1))
+    use_pool = workers > 1 and "fork" in multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork") if use_pool else None
+    _WORK["deriv"] = deriv
     try:
-        if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-            return [_build_one(i) for i in range(len(configs))]
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            return list(pool.map(_build_one, range(len(configs))))
+        if use_pool and tasks:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                moments = list(pool.map(_moments_one, tasks, chunksize=max(1, len(tasks) // (8 * workers))))
+        else:
+            moments = [_stage(spec, "tables", lambda t=t: _moments_one(t)) for t in tasks]
+        cache = {(float(s), float(t)): M for (s, t, _), M in zip(tasks, moments)}
+        _WORK["args"] = (deriv, configs, spec_arg, versions, verify, grids, cache)
+        if use_pool and len(configs) > 1:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                return list(pool.map(_build_one, range(len(configs))))
+        return [_build_one(i) for i in range(len(configs))]
+    except _hp.EvaluationError as exc:
+        raise SpecError(spec.path, "tables", f"evaluation failed: {exc}") from None
     finally:
         _WORK.clear()
 

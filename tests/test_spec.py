@@ -163,3 +163,18 @@ def test_random_wellformed_specs(k, m, data):
     except SpecError:
         return
     assert out.k == k
+
+
+@pytest.mark.parametrize("body, key", [
+    ("marginal:\n  mean: exp(-t)\n  std: sqrt(1 - exp(-2*t)) / (t - 1/2)\n", "tables"),   # pole inside a step
+    ("marginal:\n  mean: 1 - t\n  std: t\n", "grid"),                                      # mean vanishes at T = 1
+    ("drift: [[log(t - 2)]]\ndiffusion: [[1]]\n", "derivation"),                           # NaN everywhere
+])
+def test_cli_evaluation_failures(tmp_path, body, key):
+    path = write(tmp_path, "name: bad\n" + body + "time: {t_min: 1e-3, T: 1}\n")
+    out = tmp_path / "out"
+    proc = run_derive(path, "--out", out, "--nfe", "6")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and "Traceback" not in proc.stderr
+    assert not out.exists()
