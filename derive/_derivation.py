@@ -151,18 +151,27 @@ class Derivation:
         if not A.has(t):
             I = _antiderivative(f)
             E = _try_sympy(lambda: sp.simplify((A * B).exp())) if k > 1 else sp.Matrix([[sp.exp(A[0, 0] * B)]])
+            compiled = None
             if I is not None and E is not None and not any(e.has(sp.I) for e in E):
-                self._I = _hp.compile_expr(I)
-                self._E = _hp.compile_matrix(E)
+                try:
+                    compiled = _hp.compile_expr(I), _hp.compile_matrix(E)
+                except _hp.Unsupported:            # a function MPFR cannot evaluate: go numerical
+                    compiled = None
+            if compiled is not None:
+                self._I, self._E = compiled
                 self.psi_expr = E.subs(B, I - I.subs(t, s))
                 self.psi_kind, self._psi_mode = CLOSED, "expm"
                 self.psi_structure = (f, A, I, E)
                 return
         if F.is_diagonal():
             Is = [_antiderivative(F[i, i]) for i in range(k)]
-            if all(I is not None for I in Is):
+            try:
+                diag = _hp.compile_matrix(sp.diag(*Is)) if all(I is not None for I in Is) else None
+            except _hp.Unsupported:
+                diag = None
+            if diag is not None:
                 E = sp.diag(*[sp.exp(I - I.subs(t, s)) for I in Is])
-                self._Ediag = _hp.compile_matrix(sp.diag(*Is))
+                self._Ediag = diag
                 self.psi_expr = E
                 self.psi_kind, self._psi_mode = CLOSED, "diagonal"
                 return
@@ -210,7 +219,11 @@ class Derivation:
         elif self.psi_kind == CLOSED and self._psi_mode in ("expm", "identity", "diagonal"):
             self.sigma_expr = _try_sympy(self._sigma_closed_form)
         if self.sigma_expr is not None:
-            self._sigma = _hp.compile_matrix(self.sigma_expr)
+            try:
+                self._sigma = _hp.compile_matrix(self.sigma_expr)
+            except _hp.Unsupported:                # e.g. a special function sympy chose
+                self.sigma_expr = None
+        if self.sigma_expr is not None:
             self.sigma_kind = CLOSED
         else:
             self.sigma_kind = NUMERICAL
@@ -250,7 +263,10 @@ class Derivation:
             self.R_kind = self.sigma_kind
             if self.sigma_expr is not None:
                 self.R_expr = self.sigma_expr.applyfunc(sp.sqrt)
-                self._R = _hp.compile_matrix(self.R_expr)
+                try:
+                    self._R = _hp.compile_matrix(self.R_expr)
+                except _hp.Unsupported:            # R = sqrt(Sigma) numerically instead
+                    self.R_expr = None
             return
         self.R_kind = SEMI if self.sigma_kind == CLOSED and self.psi_kind == CLOSED else NUMERICAL
         self.notes.append("R: dR/dt = (F + 1/2 G G^T Sigma^-1) R from R_0 integrated at high precision "

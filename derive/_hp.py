@@ -204,10 +204,6 @@ def abs_max(A, axis=None):
     return np.max(np.abs(A), axis=axis)
 
 
-def is_finite(A):
-    return all(gmpy2.is_finite(v) for v in np.ravel(A))
-
-
 def to_float64(A, what="value"):
     """The single rounding from high precision to float64 (round to nearest, ties to even)."""
     A = np.asarray(A, dtype=object)
@@ -220,20 +216,3 @@ def to_float64(A, what="value"):
         if not np.isfinite(flat[i]):
             raise EvaluationError(f"{what} overflows float64 ({v})")
     return out
-
-
-def gauss_legendre(n_level=4):
-    """Gauss-Legendre nodes and weights on [0, 1] (3 * 2**(n_level-1) nodes), at PREC_BITS."""
-    return _gauss_legendre(n_level)
-
-
-@functools.lru_cache(maxsize=None)
-def _gauss_legendre(n_level):
-    import mpmath
-    from mpmath.calculus.quadrature import GaussLegendre
-    with mpmath.workprec(PREC_BITS + 20):
-        nodes = GaussLegendre(mpmath.mp).calc_nodes(n_level, PREC_BITS + 20)
-        xs = [gmpy2.mpfr(mpmath.nstr((x + 1) / 2, 80)) for x, _ in nodes]
-        ws = [gmpy2.mpfr(mpmath.nstr(w / 2, 80)) for _, w in nodes]
-    order = np.argsort([float(x) for x in xs])
-    return np.array(xs, dtype=object)[order], np.array(ws, dtype=object)[order]

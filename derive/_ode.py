@@ -1,13 +1,12 @@
-"""High-precision ODE solutions with dense output: adaptive Chebyshev-Picard panels.
+"""High-precision quadrature, linear ODEs and interpolants on adaptive Chebyshev panels.
 
-On a panel [a, a+h] the solution of y' = f(t, y) is represented by its values at the n+1
-Chebyshev points; Picard iteration y <- y(a) + int_a^t f(r, y(r)) dr with the spectral
-integration matrix converges when h * |df/dy| is small. A panel is accepted when the
-iteration has converged to TOL and the last Chebyshev coefficients of the solution are below
-TOL (so the interpolant, used for dense output, is accurate to about TOL as well); otherwise
-it is shrunk. This is the "modified Chebyshev-Picard iteration" of orbital mechanics, chosen
-because one routine gives adaptive quadrature (f independent of y), linear matrix ODEs
-(Psi, Sigma, R) and dense output at the quadrature nodes of the weights.
+On a panel [a, a+h] a function is represented by its values at the n+1 Chebyshev points. A
+linear ODE Y' = A(t) Y is solved by spectral collocation (Y_i = Y(a) + h/2 sum_j S_ij A_j Y_j
+with the Chebyshev integration matrix S, solved directly, so stiffness does not limit h);
+quadrature uses the Clenshaw-Curtis weights. A panel is accepted when the last Chebyshev
+coefficients are below the tolerance (so the interpolant, used for dense output, is accurate
+to that level too); the next panel's size follows from the observed coefficient decay.
+One machinery serves Psi, Sigma and R (ODEs), the weights (quadrature) and the dense files.
 """
 
 import functools
