@@ -185,27 +185,31 @@ def test_new_three_state_spec_end_to_end(tmp_path):
     assert tensors["R"].shape == (8, 1, 3, 3) and meta["verification"]["passed"]
 
 
-def test_generated_module_reproduces(tmp_path, derivations):
-    """The generated closed_forms.py (plain mpmath) agrees with the derivation."""
+def _generated_module(tmp_path):
     proc = run_derive("cld", "--out", tmp_path, "--no-tables")
     assert proc.returncode == 0, proc.stderr
     ns = {}
     code = (tmp_path / "cld" / "closed_forms.py").read_text()
     assert "GENERATED" in code and "do not edit" in code
     exec(compile(code, "closed_forms.py", "exec"), ns)   # our own generated file, not user input
+    return ns
+
+
+def test_generated_module_reproduces(tmp_path, derivations):
+    """The generated closed_forms.py (plain mpmath) agrees with the derivation."""
+    ns = _generated_module(tmp_path)
     d = derivations("cld")
     with mpmath.workdps(40):
         S = ns["Sigma"](mpmath.mpf("0.1"))
         P = ns["Psi"](mpmath.mpf("0.45"), mpmath.mpf("0.5"))
     np.testing.assert_allclose(np.array(S.tolist(), dtype=float), f64(d.sigma(_hp.array([0.1])))[0, 0], rtol=1e-14)
     np.testing.assert_allclose(np.array(P.tolist(), dtype=float), f64(d.psi(_hp.array([0.45]), _hp.array([0.5])))[0, 0], rtol=1e-14)
-    return ns
 
 
 @pytest.mark.slow
 def test_generated_module_R(tmp_path, derivations):
     """The generated R(t) (mpmath.odefun through CLD's stiff start: about half a minute)."""
-    ns = test_generated_module_reproduces(tmp_path, derivations)
+    ns = _generated_module(tmp_path)
     with mpmath.workdps(40):
         R = ns["R"](mpmath.mpf("0.1"))
     np.testing.assert_allclose(np.array(R.tolist(), dtype=float), f64(derivations("cld").R(_hp.array([0.1])))[0, 0], rtol=1e-12)
