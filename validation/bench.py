@@ -357,7 +357,7 @@ def write(result, out, tabs, mix, x_T):
               f"{p} {d}: CFD {fl:.1e}, SW2 {sw:.3f}" for p, d, fl, sw in sorted(
                   {(r["process"], r["data"], r["cfd_floor"], r["sw2_floor"]) for r in rows})) + ".", "",
           main_table(rows, result["nfes"]), "",
-          "RK45 cells list SW2 (actual NFE) for the tolerances whose NFE fell within [0.7, 1.5] x the column.", "",
+          "RK45 cells list CFD (actual NFE) for the tolerances whose NFE fell within [0.7, 1.5] x the column.", "",
           "## Endpoint error vs the exact probability-flow solution", "", "![error vs NFE](error_vs_nfe.png)", "",
           "## K = L vs K = R on CLD (rings), order 1, same grid", "",
           "| NFE | K = L | K = R |", "|---|---|---|"]
