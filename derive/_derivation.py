@@ -29,7 +29,8 @@ from ._spec import t
 s = sp.Symbol("s", real=True, nonnegative=True)
 r = sp.Symbol("r", real=True, nonnegative=True)
 B = sp.Symbol("B", real=True)
-SYMPY_SECONDS = 6          # budget for each sympy attempt before the numerical fallback
+SYMPY_SECONDS = 20         # budget for each sympy attempt before the numerical fallback (generous,
+                           # so that the closed/numerical choice does not depend on machine load)
 
 CLOSED, SEMI, NUMERICAL = "closed form", "semi-closed", "numerical"
 
@@ -299,6 +300,13 @@ class Derivation:
         if self.k == 1:
             return _hp._apply(_hp.SQRT, self.sigma(tt, coords))
         return _select(self._dense_solution("R")(tt), coords)
+
+    def warm(self):
+        """Solve the dense ODEs now (before worker processes fork, so that they share them)."""
+        T = np.array([_hp.mpf(self.spec.T)], dtype=object)
+        self.psi(T, T * 0)
+        self.sigma(T)
+        self.R(T)
 
     def cholesky(self, tt):
         return _hp.cholesky(self.sigma(tt), semidefinite=True)

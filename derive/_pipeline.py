@@ -198,6 +198,7 @@ def _build_all(deriv, configs, spec_arg, versions, verify):
             key = (times[i], times[i + 1])
             need[key] = max(need.get(key, 0), _p_max(cfg, i))
     tasks = [(s, t, p) for (s, t), p in need.items()]
+    _stage(spec, "derivation", deriv.warm)              # R's ODE once, in the parent, before the fork
     workers = min(os.cpu_count() or 1, max(len(configs), 1))
     use_pool = workers > 1 and "fork" in multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork") if use_pool else None
