@@ -93,33 +93,6 @@ class Dense:
         return out
 
 
-def _solve_batched(Mat, Rhs, max_refinements=30):
-    """Solve Mat X = Rhs for batches Mat [P, N, N], Rhs [P, N, m] at high precision.
-
-    Mixed-precision iterative refinement: a float64 LU solve gives each correction, the
-    residual is formed in MPFR, so every iteration gains ~-log10(cond * 1e-16) digits at O(N^2)
-    high-precision work instead of the O(N^3) of elimination in MPFR. Falls back to MPFR
-    Gaussian elimination when the refinement does not converge (cond near 1e16).
-    """
-    P = Mat.shape[0]
-    X = _hp.zeros(Rhs.shape)
-    for p in range(P):
-        A64 = _hp.to_float64(Mat[p], "collocation matrix")
-        target = _hp.abs_max(Rhs[p]) * _hp.TOL * gmpy2.mpfr("1e-6")
-        x = _hp.zeros(Rhs[p].shape)
-        r = Rhs[p]
-        for _ in range(max_refinements):
-            dx = np.linalg.solve(A64, _hp.to_float64(r, "residual"))
-            x = x + np.vectorize(lambda v: gmpy2.mpfr(float(v), 53), otypes=[object])(dx)
-            r = Rhs[p] - Mat[p] @ x
-            if _hp.abs_max(r) <= target:
-                break
-        else:
-            x = _eliminate(Mat[p:p + 1], Rhs[p:p + 1])[0]
-        X[p] = x
-    return X
-
-
 def _eliminate(Mat, Rhs):
     """Solve Mat X = Rhs for batches by Gaussian elimination with partial pivoting, in MPFR."""
     Mat, Rhs = Mat.copy(), Rhs.copy()
@@ -178,29 +151,49 @@ def _drive(step, y0, a, b, h0, n, tol):
     return Dense(edges, panels, n)
 
 
-def solve_linear(make_A, y0, a, b, h0=None, n=N_CHEB, tol=_hp.TOL):
+def solve_linear(make_A, y0, a, b, h0=None, n=N_CHEB, tol=_hp.TOL, max_refinements=30):
     """Dense solution of the linear ODE Y' = A(t) Y, Y(a) = y0 [P, k, m], for b > a.
 
     ``make_A(tn)`` returns A at the panel nodes, [n+1, P, k, k]. Each panel solves the
-    Chebyshev collocation system Y_i - h/2 sum_j S_ij A_j Y_j = y0 directly (implicit, so
-    stiffness does not limit the panel size; only the resolution of the solution does).
+    Chebyshev collocation system Y_i - h/2 sum_j S_ij A_j Y_j = y0 (implicit, so stiffness does
+    not limit the panel size; only the resolution of the solution does) by mixed-precision
+    iterative refinement: float64 LU of the system for the corrections, the residual in MPFR
+    from the structure (A_j Y_j, then S), O(n^2 k m) high-precision work per iteration.
+    Falls back to MPFR elimination if the refinement does not converge.
     """
     _, S, _, _ = _chebyshev(n)
+    S64 = _hp.to_float64(S, "integration matrix")
     y0 = np.asarray(y0, dtype=object)
     P, k, m = y0.shape
     N = (n + 1) * k
+    to_mp = np.vectorize(lambda v: gmpy2.mpfr(float(v), 53), otypes=[object])
 
     def step(tn, h, y):
         A = make_A(tn)                                          # [n+1, P, k, k]
-        Mat = _hp.zeros((P, n + 1, k, n + 1, k))
         coef = S * (h / 2)                                      # [n+1, n+1]
-        # Mat[p, i, a, j, b] = delta_ij delta_ab - coef_ij A_j[p, a, b]
+        A64 = _hp.to_float64(A, "ODE coefficient")
+        c64 = S64 * float(h / 2)
+        # float64 system: Mat[p, (i, a), (j, b)] = delta - c_ij A_j[p, a, b]
+        Mat64 = -c64[None, :, None, :, None] * np.transpose(A64, (1, 2, 0, 3))[:, None, :, :, :]
+        Mat64 = Mat64.reshape(P, N, N) + np.eye(N)[None]
+        Y0 = np.broadcast_to(y[None], (n + 1, P, k, m))
+        X = _hp.zeros((n + 1, P, k, m))
+        target = _hp.abs_max(y) * tol * gmpy2.mpfr("1e-6") if _hp.abs_max(y) > 0 else tol
+        for _ in range(max_refinements):
+            r = Y0 - (X - _apply_rows(coef, A @ X))            # residual of the collocation system
+            if _hp.abs_max(r) <= target:
+                return X
+            r64 = np.transpose(_hp.to_float64(r, "residual"), (1, 0, 2, 3)).reshape(P, N, m)
+            dx = np.linalg.solve(Mat64, r64).reshape(P, n + 1, k, m)
+            X = X + to_mp(np.transpose(dx, (1, 0, 2, 3)))
+        # ill-conditioned panel: exact elimination in MPFR
+        Mat = _hp.zeros((P, n + 1, k, n + 1, k))
         Mat -= coef[None, :, None, :, None] * np.transpose(A, (1, 2, 0, 3))[:, None, :, :, :]
         for i in range(n + 1):
             for a_ in range(k):
                 Mat[:, i, a_, i, a_] += 1
         Rhs = np.broadcast_to(y[:, None, :, :], (P, n + 1, k, m)).reshape(P, N, m).copy()
-        X = _solve_batched(Mat.reshape(P, N, N), Rhs)
+        X = _eliminate(Mat.reshape(P, N, N), Rhs)
         return np.transpose(X.reshape(P, n + 1, k, m), (1, 0, 2, 3))
     return _drive(step, y0, a, b, h0, n, tol)
 
