@@ -255,3 +255,26 @@ def test_cli_sample(tmp_path):
     proc = subprocess.run(cmd[:-6] + ["--model", "toy_models:broken", "--data-shape", "2", "4", "--out", str(out)],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and proc.stderr.startswith("error: model returned") and "Traceback" not in proc.stderr
+
+
+def test_mixture_score_matches_mpmath(derivations):
+    """The torch exact score against the mpmath one (40 digits) on CLD at two grid times."""
+    import mpmath
+    from validation.exact import mp_score
+    tab = make_table(derivations("cld"), 2, 1)
+    T = tab.tensors
+    means = torch.tensor([[1.0, -0.5], [-1.0, 0.8], [0.2, 1.5]], dtype=torch.float64)
+    stds = [0.3, 0.2, 0.25]
+    mix = MixtureScore(means, stds)
+    u = torch.randn((3, 2, 2), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for i in (0, 2):
+        s = mix.score(u, T["data_to_state"][i], T["sigma"][i])
+        with mpmath.workdps(40):
+            D = mpmath.matrix(T["data_to_state"][i, 0].tolist())
+            S = mpmath.matrix(T["sigma"][i, 0].tolist())
+            for b in range(3):
+                ref = mp_score(u[b].tolist(), D, S, means.tolist(), stds)
+                got = s[b].numpy()
+                scale = max(abs(float(x)) for row in ref for x in row)
+                err = max(abs(got[a, j] - float(ref[a][j])) for a in range(2) for j in range(2))
+                assert err <= 1e-12 * scale, (i, b, err, scale)

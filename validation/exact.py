@@ -127,3 +127,34 @@ class DenseModel(TableModel):
         self.calls += 1
         out = idct2(out) if self.mix.basis[0] == "dct2d" else out
         return out.to(x.dtype)
+
+
+def mp_score(u, D, Sigma, means, stds, weights=None):
+    """The same exact mixture score in mpmath (any precision): the reference for the torch one.
+
+    u: state as nested lists [k][n] (coefficient space, one sample), D, Sigma: k x k mpmath
+    matrices (one coordinate value shared by all n coordinates), means: [C][n], stds: [C].
+    Returns the score as [k][n] mpmath numbers.
+    """
+    import mpmath
+    k, n, C = len(u), len(u[0]), len(means)
+    w = [mpmath.mpf(1) / C] * C if weights is None else [mpmath.mpf(x) for x in weights]
+    d0 = [D[a, 0] for a in range(k)]
+    logp, scores = [], []
+    for c in range(C):
+        cov = Sigma + mpmath.mpf(stds[c]) ** 2 * mpmath.matrix([[d0[a] * d0[b] for b in range(k)] for a in range(k)])
+        inv = mpmath.inverse(cov)
+        lp = mpmath.log(w[c]) - n * mpmath.log(mpmath.det(cov)) / 2
+        sc = [[None] * n for _ in range(k)]
+        for j in range(n):
+            r = mpmath.matrix([u[a][j] - d0[a] * mpmath.mpf(means[c][j]) for a in range(k)])
+            sol = inv * r
+            lp -= (r.T * sol)[0] / 2
+            for a in range(k):
+                sc[a][j] = -sol[a]
+        logp.append(lp)
+        scores.append(sc)
+    top = max(logp)
+    g = [mpmath.exp(l - top) for l in logp]
+    tot = sum(g)
+    return [[sum(g[c] * scores[c][a][j] for c in range(C)) / tot for j in range(n)] for a in range(k)]
