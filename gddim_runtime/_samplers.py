@@ -15,7 +15,7 @@ from ._dct import dct2, idct2
 from ._format import TableError
 from ._table import Table, block_apply
 
-PARAMETRIZATIONS = ("eps_R", "eps_L", "score", "x0")
+PARAMETRIZATIONS = ("eps_R", "eps_L", "score", "x0", "eps_L_v")
 
 
 class SamplingError(ValueError):
@@ -48,6 +48,16 @@ class _Prepared:
             self.B = cast(-R.transpose(-1, -2))
         elif parametrization == "x0":                                   # eps_R = R^-1 (u - D x0)
             self.A, self.B = cast(Rinv), cast(-Rinv @ D)
+        elif parametrization == "eps_L_v":
+            # CLD-SGM style: the model gives only the last component of eps_L. L^-T is upper
+            # triangular, so s_v = -eps_v / L_vv exactly; the other score components are unknown
+            # and set to 0, which leaves G G^T s (the probability-flow / SDE drift) exact when G
+            # acts on the last component only. eps_R = -R^T s.
+            GGT = T64["GGT"]
+            k = table.k
+            if k < 2 or torch.any(GGT[..., :k - 1, :] != 0) or torch.any(GGT[..., :, :k - 1] != 0):
+                raise SamplingError("eps_L_v needs k > 1 and noise on the last state component only (as CLD)")
+            self.B = cast(R.transpose(-1, -2)[..., :, k - 1:] / L[..., k - 1:, k - 1:])
         else:
             raise SamplingError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
 
@@ -64,7 +74,7 @@ class _Evaluator:
         self.nfe = 0
         dev = prep.t.device
         self.bad_step = torch.full((), -1, dtype=torch.long, device=dev)
-        self.expected = (batch, prep.table.k) + self.data_shape
+        self.expected = (batch, 1 if prep.parametrization == "eps_L_v" else prep.table.k) + self.data_shape
 
     def to_data(self, u):
         return idct2(u) if self.prep.basis[0] == "dct2d" else u
@@ -112,6 +122,9 @@ class _Evaluator:
             return block_apply(B.to(prep.dtype), out, prep.basis)
         if par == "score":
             return block_apply((-R.transpose(-1, -2)).to(prep.dtype), out, prep.basis)
+        if par == "eps_L_v":
+            k = R.shape[-1]
+            return block_apply((R.transpose(-1, -2)[..., :, k - 1:] / L[..., k - 1:, k - 1:]).to(prep.dtype), out, prep.basis)
         Rinv = torch.linalg.solve(R, eye)
         return block_apply(Rinv.to(prep.dtype), u, prep.basis) - block_apply((Rinv @ D).to(prep.dtype), out, prep.basis)
 
@@ -296,7 +309,10 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     else:
         u = ev.to_coef(x_T.to(device=dev, dtype=dtype))
     if denoise is None:
-        denoise = bool(table.meta.get("denoise", True))
+        denoise = bool(table.meta.get("denoise", True)) and parametrization != "eps_L_v"
+    if denoise and parametrization == "eps_L_v":
+        raise SamplingError("eps_L_v cannot take the final denoising step (it needs the x half of the score); "
+                            "pass denoise=False")
     if progress is None:
         progress = sys.stderr.isatty() and table.steps >= 50
     cb = callback

@@ -92,10 +92,11 @@ def block_apply(M, u, basis):
     broadcast products over the last two axes (k = 1 is a single elementwise product).
     """
     if M.shape[0] == 1:
-        return torch.matmul(M[0], u.reshape(u.shape[0], u.shape[1], -1)).reshape(u.shape)
+        out = torch.matmul(M[0], u.reshape(u.shape[0], u.shape[1], -1))
+        return out.reshape((u.shape[0], M.shape[-2]) + tuple(u.shape[2:]))
     H, W = basis[1]
     Mhw = M.view(H, W, *M.shape[1:])
-    k = M.shape[-1]
-    if k == 1:
+    rows, cols = M.shape[-2:]
+    if rows == cols == 1:
         return u * Mhw[..., 0, 0]
-    return torch.stack([sum(Mhw[..., a, b] * u[:, b] for b in range(k)) for a in range(k)], dim=1)
+    return torch.stack([sum(Mhw[..., a, b] * u[:, b] for b in range(cols)) for a in range(rows)], dim=1)
