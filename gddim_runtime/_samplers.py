@@ -22,6 +22,31 @@ class SamplingError(ValueError):
     """Bad input to ``sample`` or a misbehaving model: one line saying what and where."""
 
 
+def _conversion(parametrization, R, L, D):
+    """(A, B) with eps_R = A u + B out, float64 [..., k, k] (None for a zero A / identity B).
+
+    eps_L: eps_R = R^T L^-T eps_L.  score: eps_R = -R^T s.  x0: eps_R = R^-1 (u - D x0).
+    eps_L_v (CLD-SGM style, only the last component of eps_L): L^-T is upper triangular, so
+    s_v = -eps_v / L_vv exactly; the other score components are unknown and set to 0, which
+    leaves G G^T s (the probability-flow / SDE drift) exact when G acts on the last component.
+    """
+    if parametrization == "eps_R":
+        return None, None
+    Rt = R.transpose(-1, -2)
+    if parametrization == "eps_L":
+        eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
+        return None, Rt @ torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
+    if parametrization == "score":
+        return None, -Rt
+    if parametrization == "x0":
+        Rinv = torch.linalg.inv(R)
+        return Rinv, -Rinv @ D
+    if parametrization == "eps_L_v":
+        k = R.shape[-1]
+        return None, Rt[..., :, k - 1:] / L[..., k - 1:, k - 1:]
+    raise SamplingError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
+
+
 class _Prepared:
     """Coefficients in the state dtype (cast once per call) and eps_R conversion matrices."""
 
@@ -30,43 +55,24 @@ class _Prepared:
         self.table, self.dtype, self.basis = table, dtype, table.basis
         self.parametrization = parametrization
         self.N, self.q = table.steps, table.order
-        cast = lambda x: x.to(dtype)
+        cast = lambda x: None if x is None else x.to(dtype)
         self.c = {name: cast(v) for name, v in T64.items() if name != "t"}
         self.t = T64["t"]
-        R, L, D = T64["R"], T64["L"], T64["data_to_state"]
-        eye = torch.eye(table.k, dtype=R.dtype, device=R.device).expand_as(R)
-        Rinv = torch.linalg.solve(R, eye)
-        self.score_of_eps = cast(-Rinv.transpose(-1, -2))            # s = -R^-T eps_R
-        # eps_R = A_i u + B_i out  (per grid index i)
-        self.A = None
-        if parametrization == "eps_R":
-            self.B = None
-        elif parametrization == "eps_L":                                # eps_R = R^T L^-T eps_L
-            LinvT = torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
-            self.B = cast(R.transpose(-1, -2) @ LinvT)
-        elif parametrization == "score":                                # eps_R = -R^T s
-            self.B = cast(-R.transpose(-1, -2))
-        elif parametrization == "x0":                                   # eps_R = R^-1 (u - D x0)
-            self.A, self.B = cast(Rinv), cast(-Rinv @ D)
-        elif parametrization == "eps_L_v":
-            # CLD-SGM style: the model gives only the last component of eps_L. L^-T is upper
-            # triangular, so s_v = -eps_v / L_vv exactly; the other score components are unknown
-            # and set to 0, which leaves G G^T s (the probability-flow / SDE drift) exact when G
-            # acts on the last component only. eps_R = -R^T s.
-            GGT = T64["GGT"]
-            k = table.k
+        R = T64["R"]
+        self.score_of_eps = cast(-torch.linalg.inv(R).transpose(-1, -2))   # s = -R^-T eps_R
+        if parametrization == "eps_L_v":
+            GGT, k = T64["GGT"], table.k
             if k < 2 or torch.any(GGT[..., :k - 1, :] != 0) or torch.any(GGT[..., :, :k - 1] != 0):
                 raise SamplingError("eps_L_v needs k > 1 and noise on the last state component only (as CLD)")
-            self.B = cast(R.transpose(-1, -2)[..., :, k - 1:] / L[..., k - 1:, k - 1:])
-        else:
-            raise SamplingError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
+        A, B = _conversion(parametrization, R, T64["L"], T64["data_to_state"])
+        self.A, self.B = cast(A), cast(B)                                   # per grid index i
 
     def apply(self, name, index, u):
         return block_apply(self.c[name][index], u, self.basis)
 
 
 class _Evaluator:
-    """Calls the model at grid index i, converts its output to eps_R, counts NFE, flags NaN."""
+    """Calls the model, converts its output to eps_R, counts NFE, flags NaN (grid steps)."""
 
     def __init__(self, model, prep, data_shape, batch, model_dtype):
         self.model, self.prep, self.data_shape, self.batch = model, prep, tuple(data_shape), batch
@@ -82,51 +88,37 @@ class _Evaluator:
     def to_coef(self, x):
         return dct2(x) if self.prep.basis[0] == "dct2d" else x
 
-    def __call__(self, u, i):
+    def _model(self, u, t, where):
+        """The model's output at the 0-d time t, checked and cast to the state dtype (data space)."""
         prep = self.prep
-        t = prep.t[i].to(self.model_dtype or prep.dtype).expand(self.batch)
         x = self.to_data(u)
-        out = self.model(x if self.model_dtype is None else x.to(self.model_dtype), t)
+        out = self.model(x if self.model_dtype is None else x.to(self.model_dtype),
+                         t.to(self.model_dtype or prep.dtype).expand(self.batch))
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != self.expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise SamplingError(f"model returned {got} at step {i} (t = {float(prep.t[i]):.6g}), "
-                                f"expected {self.expected}")
-        out = out.to(prep.dtype)
+            raise SamplingError(f"model returned {got} at {where()}, expected {self.expected}")
+        self.nfe += 1
+        return out.to(prep.dtype)
+
+    def _eps(self, u, out, A, B):
+        """eps_R = A u + B out in coefficient space."""
+        out = self.to_coef(out)
+        eps = out if B is None else block_apply(B, out, self.prep.basis)
+        return eps if A is None else eps + block_apply(A, u, self.prep.basis)
+
+    def __call__(self, u, i):
+        prep = self.prep
+        out = self._model(u, prep.t[i], lambda: f"step {i} (t = {float(prep.t[i]):.6g})")
         finite = torch.isfinite(out.sum())             # one cheap reduction; NaN/inf propagate
         self.bad_step = torch.where((self.bad_step < 0) & ~finite, torch.tensor(i, device=finite.device), self.bad_step)
-        self.nfe += 1
-        out = self.to_coef(out)
-        eps = out if prep.B is None else block_apply(prep.B[i], out, prep.basis)
-        if prep.A is not None:
-            eps = eps + block_apply(prep.A[i], u, prep.basis)
-        return eps
+        return self._eps(u, out, None if prep.A is None else prep.A[i], None if prep.B is None else prep.B[i])
 
     def at_time(self, u, t, c):
         """Model output converted to eps_R at an arbitrary time t, with dense coefficients c."""
-        prep = self.prep
-        x = self.to_data(u)
-        tt = t.to(self.model_dtype or prep.dtype).expand(self.batch)
-        out = self.model(x if self.model_dtype is None else x.to(self.model_dtype), tt)
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != self.expected:
-            raise SamplingError(f"model returned {tuple(getattr(out, 'shape', ()))} at t = {float(t):.6g}, "
-                                f"expected {self.expected}")
-        out = self.to_coef(out.to(prep.dtype))
-        self.nfe += 1
-        R, L, D = c["R"], c["L"], c["D"]
-        eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
-        par = prep.parametrization
-        if par == "eps_R":
-            return out
-        if par == "eps_L":
-            B = R.transpose(-1, -2) @ torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
-            return block_apply(B.to(prep.dtype), out, prep.basis)
-        if par == "score":
-            return block_apply((-R.transpose(-1, -2)).to(prep.dtype), out, prep.basis)
-        if par == "eps_L_v":
-            k = R.shape[-1]
-            return block_apply((R.transpose(-1, -2)[..., :, k - 1:] / L[..., k - 1:, k - 1:]).to(prep.dtype), out, prep.basis)
-        Rinv = torch.linalg.solve(R, eye)
-        return block_apply(Rinv.to(prep.dtype), u, prep.basis) - block_apply((Rinv @ D).to(prep.dtype), out, prep.basis)
+        out = self._model(u, t, lambda: f"t = {float(t):.6g}")
+        A, B = _conversion(self.prep.parametrization, c["R"], c["L"], c["D"])
+        cast = lambda x: None if x is None else x.to(self.prep.dtype)
+        return self._eps(u, out, cast(A), cast(B))
 
     def raise_if_bad(self):
         step = int(self.bad_step)                       # one sync, after the loop
