@@ -88,23 +88,25 @@ def _pf_reference(d, mix, uT, t0, t1):
     return torch.from_numpy(sol.y[:, -1].reshape(shape))
 
 
-@pytest.mark.parametrize("order", [1, 2, 3])
-def test_multistep_converges_at_its_order(derivations, order):
+@pytest.mark.parametrize("sampler,order,expected", [("gddim", 1, 1), ("gddim", 2, 2), ("gddim", 3, 3),
+                                                     ("gddim_pc", 1, 2), ("gddim_pc", 2, 3)])
+def test_multistep_converges_at_its_order(derivations, sampler, order, expected):
+    """Endpoint error slope on CLD: q for the predictor, q + 1 with the corrector (its lag-0 node)."""
     d = derivations("cld")
     mix = MixtureScore(torch.tensor([[1.0, -0.5], [-1.0, 0.8], [0.2, 1.5]], dtype=torch.float64), [0.5, 0.4, 0.45])
     steps = [40, 80, 160]      # the asymptotic range: CLD's v channel is stiff near t_min
     errors = []
     ref = None
     for n in steps:
-        tab = make_table(d, n, order, grid="quadratic")
+        tab = make_table(d, n, order, grid="quadratic", corrector=sampler == "gddim_pc")
         z = torch.randn((6, 2, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
         uT = apply_np(tab.tensors["R"][0, 0], z)
         if ref is None:
             ref = _pf_reference(d, mix, uT, float(tab.t[0]), float(tab.t[-1]))
-        u = gr.sample(TableModel(mix, tab), tab, x_T=uT, dtype=torch.float64, denoise=False)
+        u = gr.sample(TableModel(mix, tab), tab, x_T=uT, dtype=torch.float64, denoise=False, sampler=sampler)
         errors.append(float((u - ref).abs().max()))
     slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
-    assert slope > order - 0.35, (order, errors, slope)
+    assert slope > expected - 0.35, (sampler, order, errors, slope)
 
 
 def test_corrector_and_nfe(derivations):
@@ -278,6 +280,37 @@ def test_mixture_score_matches_mpmath(derivations):
                 scale = max(abs(float(x)) for row in ref for x in row)
                 err = max(abs(got[a, j] - float(ref[a][j])) for a in range(2) for j in range(2))
                 assert err <= 1e-12 * scale, (i, b, err, scale)
+
+
+def test_mixture_score_per_frequency_matches_dense_gaussians():
+    """P > 1 coordinate blocks (the DCT layout): the block-wise score against autograd of the mixture
+    log-density built from full (n k x n k) covariance matrices with torch.distributions."""
+    g = torch.Generator().manual_seed(7)
+    H = W = 3
+    k, P, m = 2, 9, 2                                              # data [2, 3, 3]: coordinate j uses block j mod 9
+    D = torch.randn((P, k, k), generator=g, dtype=torch.float64)
+    A = torch.randn((P, k, k), generator=g, dtype=torch.float64)
+    S = A @ A.transpose(-1, -2) + 0.1 * torch.eye(k, dtype=torch.float64)
+    means = torch.randn((3, m, H, W), generator=g, dtype=torch.float64)
+    stds = [0.3, 0.0, 0.5]
+    weights = [0.2, 0.5, 0.3]
+    mix = MixtureScore(means, stds, weights)
+    mix.basis = ("dct2d", (H, W))                                   # layout only: u is already in coefficients
+    mix.means_c = means
+    u = torch.randn((4, k, m, H, W), generator=g, dtype=torch.float64)
+    got = mix.score(u, D, S)
+    n = m * P
+    blk = lambda M: torch.block_diag(*[M[j % P] for j in range(n)])                # [n k, n k], coordinate-major
+    d0 = D[:, :, 0]
+    comps, logw = [], torch.log(torch.tensor(weights, dtype=torch.float64))
+    for c in range(3):
+        mean = torch.stack([d0[j % P] * means[c].reshape(n)[j] for j in range(n)]).reshape(-1)
+        cov = blk(S) + stds[c] ** 2 * blk(d0.unsqueeze(-1) * d0.unsqueeze(-2))
+        comps.append(torch.distributions.MultivariateNormal(mean, covariance_matrix=cov))
+    x = u.reshape(4, k, n).permute(0, 2, 1).reshape(4, n * k).clone().requires_grad_(True)
+    logp = torch.logsumexp(torch.stack([lw + c.log_prob(x) for lw, c in zip(logw, comps)]), dim=0)
+    ref = torch.autograd.grad(logp.sum(), x)[0].reshape(4, n, k).permute(0, 2, 1).reshape(u.shape)
+    assert torch.allclose(got, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
 
 
 def test_v_half_outputs(derivations):

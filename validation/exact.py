@@ -35,34 +35,33 @@ class MixtureScore:
         return M if M.shape[0] == P else M.expand(P, *M.shape[1:])
 
     def score(self, u, D, Sigma):
-        """Exact score in coefficient space. u [B, k, *data] (coefficients), D, Sigma [P, k, k] (P = 1 or H*W)."""
+        """Exact score in coefficient space. u [B, k, *data] (coefficients), D, Sigma [P, k, k] (P = 1 or H*W).
+
+        The component covariances are block-diagonal with one k x k block per coordinate value
+        (P of them), so they are factored once per call ([C, P, k, k]) and applied by einsum;
+        coordinate j of the flattened data uses block j mod P (the DCT layout [..., H, W])."""
         B, k = u.shape[:2]
-        data_shape = u.shape[2:]
-        n = math.prod(data_shape)
-        u64 = u.to(torch.float64)
+        n = math.prod(u.shape[2:])
         D64, S64 = D.to(torch.float64), Sigma.to(torch.float64)
         P = D64.shape[0]
-        uf = u64.reshape(B, k, n)                                          # coordinates on the last axis
-        if P == 1:
-            coord = torch.zeros(n, dtype=torch.long, device=u.device)
-        else:
-            H, W = self.basis[1]
-            coord = torch.arange(H * W, device=u.device).repeat(n // (H * W))
-        d0 = D64[:, :, 0][coord]                                           # [n, k]: D_t e_0 per coordinate
-        Sg = S64[coord]                                                    # [n, k, k]
-        logp, scores = [], []
-        for c in range(self.means.shape[0]):
-            mu = self.means_c[c].to(u.device).reshape(n)
-            cov = Sg + self.stds[c] ** 2 * d0.unsqueeze(-1) * d0.unsqueeze(-2)   # [n, k, k]
-            L = torch.linalg.cholesky(cov)
-            r = uf.permute(0, 2, 1) - d0 * mu.unsqueeze(-1)                # [B, n, k]
-            sol = torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)     # cov^-1 r
-            logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum()
-            logp.append(self.log_w[c] - 0.5 * (r * sol).sum(dim=(1, 2)) - 0.5 * logdet)
-            scores.append(-sol)
+        m = n // P
+        d0 = D64[:, :, 0]                                                  # [P, k]: D_t e_0
+        var = self.stds.to(u.device) ** 2
+        cov = S64[None] + var[:, None, None, None] * (d0.unsqueeze(-1) * d0.unsqueeze(-2))[None]   # [C, P, k, k]
+        chol = torch.linalg.cholesky(cov)
+        inv = torch.cholesky_inverse(chol)
+        logdet = 2 * m * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(dim=(1, 2))      # [C]
+        uf = u.to(torch.float64).reshape(B, k, m, P)
+        mu = self.means_c.to(u.device).reshape(-1, m, P)                   # [C, m, P]
+        logp, sols = [], []
+        for c in range(mu.shape[0]):
+            r = uf - d0.T[None, :, None, :] * mu[c][None, None]            # [B, k, m, P]
+            sol = torch.einsum("pab,zbmp->zamp", inv[c], r)                # cov^-1 r
+            logp.append(self.log_w[c] - 0.5 * (r * sol).sum(dim=(1, 2, 3)) - 0.5 * logdet[c])
+            sols.append(sol)
         gamma = torch.softmax(torch.stack(logp), dim=0)                    # [C, B]
-        s = sum(g[:, None, None] * sc for g, sc in zip(gamma, scores))     # [B, n, k]
-        return s.permute(0, 2, 1).reshape(u.shape)
+        s = -sum(g[:, None, None, None] * sol for g, sol in zip(gamma, sols))
+        return s.reshape(u.shape)
 
     def eps_R(self, u, D, Sigma, R):
         s = self.score(u, D, Sigma)
