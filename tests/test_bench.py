@@ -41,9 +41,12 @@ def test_gddim10_beats_heun_and_rk45_at_10(quick, process):
     assert all(g < r["cfd"] for r in rk if r["nfe"] <= 15 or r is cheapest)
 
 
-def test_K_R_beats_K_L_on_cld(quick):
-    e = {r["K"]: r["endpoint_error"] for r in quick["k_ablation"] if r["nfe"] == 20}
-    assert e["R"] < e["L"]
+@pytest.mark.parametrize("order", [1, 3])
+def test_K_R_beats_K_L_on_cld(quick, order):
+    """NFE 20, same grid and order: K = R wins on the endpoint error and on the distribution distance."""
+    e = {r["K"]: r for r in quick["k_ablation"] if (r["nfe"], r["order"]) == (20, order)}
+    assert e["R"]["endpoint_error"] < e["L"]["endpoint_error"]
+    assert e["R"]["cfd"] < e["L"]["cfd"]
 
 
 def test_single_gaussian_exact_in_one_step(quick):
@@ -55,3 +58,20 @@ def test_single_gaussian_exact_in_one_step(quick):
         assert rows[(name, "Dirac", "R for the data")] < 1e-12
     assert rows[("cld", "N(mu, 0.5^2 I)", "R for the data")] < 1e-6
     assert rows[("cld", "N(mu, 0.5^2 I)", "R for Dirac data")] > 1e-2
+
+
+def test_main_table_has_the_papers_shape(quick):
+    """Rows: per process EM, RK45, Heun, (ancestral for the scalar processes), gDDIM; columns NFE 10, 20, 1000."""
+    from validation.bench import paper_table
+    lines = paper_table(quick["rows"], quick["nfes"]).splitlines()
+    assert lines[0] == "| model | sampler | NFE 10 | NFE 20 | NFE 1000 |"
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    samplers = {}
+    for model, sampler, *cells in body:
+        samplers.setdefault(model, []).append(sampler)
+        if sampler not in ("Prob.Flow RK45",):
+            assert all(float(c) >= 0 for c in cells[:2]), (model, sampler, cells)
+    assert samplers == {
+        "vp_linear (rings)": ["EM", "Prob.Flow RK45", "2nd Heun", "Ancestral", "gDDIM (q = 3)"],
+        "cld (rings)": ["EM", "Prob.Flow RK45", "2nd Heun", "gDDIM (q = 3)"],
+        "bdm (images 3x16x16)": ["EM", "Prob.Flow RK45", "2nd Heun", "Ancestral", "gDDIM (q = 3)"]}
