@@ -1,6 +1,6 @@
 """Benchmark: the gDDIM result table on data whose score is known exactly.
 
-    python -m validation.bench           # the full table: ~20 min on 2 cores, -> validation/results/
+    python -m validation.bench           # the full table: ~16 min on 2 cores, -> validation/results/
     python -m validation.bench --quick   # VP, CLD, BDM at NFE 10/20: < 1 min, -> validation/results/quick/
 
 Data are isotropic Gaussian mixtures, whose score is exact under every linear SDE
@@ -147,6 +147,14 @@ class Tables:
 
 # ----- one experiment -----------------------------------------------------------------------
 
+def denoise(tab, u, eps):
+    """The samplers' final step E[u_0 | u_t_min] = D^-1 (u - R eps) with the table's x0_weights [2, P, k, k];
+    u and eps (eps_R) in data space, as the runtime returns them."""
+    to_coef, from_coef = (gr.dct2, gr.idct2) if tab.basis[0] == "dct2d" else ((lambda x: x),) * 2
+    W = tab.tensors["x0_weights"]
+    return from_coef(gr.block_apply(W[0], to_coef(u), tab.basis) + gr.block_apply(W[1], to_coef(eps), tab.basis))
+
+
 def run_process(name, data, nfes, batch, quick, rows, log):
     means, stds = data
     data_shape = tuple(means.shape[1:])
@@ -170,10 +178,7 @@ def run_process(name, data, nfes, batch, quick, rows, log):
     # denoising evaluation E[u_0 | u_tmin] = D^-1 (u - R eps) with the exact eps that every sampler applies
     ref, info = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
                           rtol=1e-9, atol=1e-9, dtype=torch.float64, denoise=False, return_info=True)
-    from_coef = gr.idct2 if basis[0] == "dct2d" else (lambda x: x)
-    W0 = t_ref.tensors["x0_weights"]                                   # [2, P, k, k]: on u and on eps
-    eps = TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch))
-    ref = from_coef(gr.block_apply(W0[0], to_coef(ref), basis) + gr.block_apply(W0[1], to_coef(eps), basis))
+    ref = denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch)))
     log(f"{name}: reference dopri5 NFE {info['nfe']}, SW2 noise floor {floor:.4f}")
     dim = math.prod(data_shape)
 
@@ -248,7 +253,7 @@ def ablation_K(tabs, mix, x_T, ref, nfes, rows, log, orders=(1, 3)):
             eps_L = model(u, T["t"][-1].expand(u.shape[0]))
             eps_R = gr.block_apply(T["R"][-1].transpose(-1, -2) @ torch.linalg.inv(T["L"][-1]).transpose(-1, -2), eps_L,
                                    tab.basis)
-            u = gr.block_apply(T["x0_weights"][0], u, tab.basis) + gr.block_apply(T["x0_weights"][1], eps_R, tab.basis)
+            u = denoise(tab, u, eps_R)
             u_R = gr.sample(TableModel(mix, tab), tab, x_T=x_T, dtype=torch.float64)
             for K, out in (("L", u), ("R", u_R)):
                 err = float((out[:, 0] - ref[:, 0]).reshape(out.shape[0], -1).norm(dim=1).mean()
@@ -320,6 +325,16 @@ def plot_errors(rows, path):
     plt.close(fig)
 
 
+def _rk45_cell(sel, n, fmt, empty):
+    """RK45 (adaptive) at column n: fmt of its runs with NFE within [0.7, 1.5] x n; where even its
+    cheapest run spends more than n, say so; else ``empty``."""
+    near = [r for r in sel if 0.7 * n <= r["nfe"] <= 1.5 * n]
+    if near:
+        return fmt(near)
+    cheapest = min(r["nfe"] for r in sel)
+    return f"needs > {n} (min {cheapest})" if n < cheapest else empty
+
+
 PAPER_ROWS = (("euler_maruyama", "EM"), ("probability_flow_rk45", "Prob.Flow RK45"), ("heun", "2nd Heun"),
               ("ancestral", "Ancestral"), ("gddim q3", "gDDIM (q = 3)"))
 
@@ -338,10 +353,8 @@ def paper_table(rows, nfes):
             cells = []
             for n in cols:
                 if key == "probability_flow_rk45":
-                    near = sorted((r for r in sel if 0.7 * n <= r["nfe"] <= 1.5 * n), key=lambda r: abs(math.log(r["nfe"] / n)))
-                    cheapest = min(r["nfe"] for r in sel)
-                    cells.append(f"{near[0]['cfd']:.2e} ({near[0]['nfe']})" if near else
-                                 (f"needs > {n} (min {cheapest})" if n < cheapest else "-"))
+                    nearest = lambda near: min(near, key=lambda r: abs(math.log(r["nfe"] / n)))
+                    cells.append(_rk45_cell(sel, n, lambda near: "{cfd:.2e} ({nfe})".format(**nearest(near)), "-"))
                 else:
                     hit = [r for r in sel if r["nfe_target"] == n]
                     cells.append(f"{hit[0]['cfd']:.2e}" if hit else "-")
@@ -350,7 +363,7 @@ def paper_table(rows, nfes):
 
 
 def main_table(rows, nfes):
-    """The paper's Table 3 shape: rows (process, sampler), columns NFE, entries: component FD."""
+    """Every sampler and order: rows (process, sampler), columns NFE, entries: component FD."""
     cols = sorted(set(nfes) | {1000})
     lines = ["| process | sampler | " + " | ".join(f"NFE {n}" for n in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
@@ -364,10 +377,7 @@ def main_table(rows, nfes):
         for n in cols:
             sel = [r for r in rows if (r["process"], r["data"], r["sampler"].split(" tol")[0]) == (p, d, s)]
             if s.startswith("probability_flow_rk45"):
-                near = [r for r in sel if 0.7 * n <= r["nfe"] <= 1.5 * n]
-                cheapest = min(r["nfe"] for r in sel)
-                cells.append(" / ".join(f"{r['cfd']:.2e} ({r['nfe']})" for r in near)
-                             or (f"needs > {n} (min {cheapest})" if n < cheapest else ""))
+                cells.append(_rk45_cell(sel, n, lambda near: " / ".join(f"{r['cfd']:.2e} ({r['nfe']})" for r in near), ""))
             else:
                 hit = [r for r in sel if r["nfe_target"] == n]
                 cells.append(f"{hit[0]['cfd']:.2e}" if hit else "")

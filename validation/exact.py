@@ -30,10 +30,6 @@ class MixtureScore:
         else:
             self.means_c = self.means
 
-    def _blocks(self, M, P):
-        """[P, k, k] -> broadcastable against the coefficient layout [..., k, *data]."""
-        return M if M.shape[0] == P else M.expand(P, *M.shape[1:])
-
     def score(self, u, D, Sigma):
         """Exact score in coefficient space. u [B, k, *data] (coefficients), D, Sigma [P, k, k] (P = 1 or H*W).
 
