@@ -272,20 +272,15 @@ def eps_paths(tabs, mix, x_T, path):
     dense = tabs.dense_coeffs()
     t0, t1 = float(tabs.spec.T), float(tabs.spec.t_min)
     ts = torch.from_numpy(np.geomspace(t0, t1, 200))
-    model = DenseModel(mix, dense)
+    score, eps_R, eps_L = (DenseModel(mix, dense, p) for p in ("score", "eps_R", "eps_L"))
+    ident = ("identity", ())
 
     def flow(t, x):
         c = dense.at(t)
-        s = mix.score(x, c["D"], c["L"] @ c["L"].transpose(-1, -2))
-        return gr.block_apply(c["F"], x, ("identity", ())) - 0.5 * gr.block_apply(c["GGT"], s, ("identity", ()))
+        return gr.block_apply(c["F"], x, ident) - 0.5 * gr.block_apply(c["GGT"], score(x, t[None]), ident)
     traj = odeint(flow, x_T[:1], ts, method="dopri5", rtol=1e-9, atol=1e-9)
-    eR, eL = [], []
-    for t, x in zip(ts, traj):
-        c = dense.at(t)
-        s = mix.score(x, c["D"], c["L"] @ c["L"].transpose(-1, -2))
-        eR.append(-gr.block_apply(c["R"].transpose(-1, -2), s, ("identity", ()))[0, :, 0])
-        eL.append(-gr.block_apply(c["L"].transpose(-1, -2), s, ("identity", ()))[0, :, 0])
-    eR, eL = torch.stack(eR).numpy(), torch.stack(eL).numpy()
+    eR = torch.stack([eps_R(x, t[None])[0, :, 0] for t, x in zip(ts, traj)]).numpy()
+    eL = torch.stack([eps_L(x, t[None])[0, :, 0] for t, x in zip(ts, traj)]).numpy()
     fig, ax = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for a_, e, title in ((ax[0], eR, "K = R (gDDIM)"), (ax[1], eL, "K = L (Cholesky)")):
         a_.plot(ts.numpy(), e[:, 0], label="eps x")

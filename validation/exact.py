@@ -59,13 +59,6 @@ class MixtureScore:
         s = -sum(g[:, None, None, None] * sol for g, sol in zip(gamma, sols))
         return s.reshape(u.shape)
 
-    def eps_R(self, u, D, Sigma, R):
-        s = self.score(u, D, Sigma)
-        Rt = R.to(torch.float64).transpose(-1, -2)
-        from gddim_runtime import block_apply
-        return -block_apply(Rt, s, self.basis)
-
-
 class TableModel:
     """A model(u, t) with the exact eps_R at the table's grid times (the runtime's model signature).
 
@@ -77,12 +70,16 @@ class TableModel:
         self.mix, self.table, self.parametrization = mixture, table, parametrization
         self.calls = 0
 
+    def _coefficients(self, t):
+        """(D_t, Sigma_t, R_t, L_t) per coordinate, at the grid index nearest t."""
+        T = self.table.tensors
+        i = int(torch.argmin((T["t"] - t.to(torch.float64)).abs()))
+        return T["data_to_state"][i], T["sigma"][i], T["R"][i], T["L"][i]
+
     def __call__(self, x, t):
         from gddim_runtime import dct2, idct2, block_apply
-        T = self.table.tensors
-        i = int(torch.argmin((T["t"] - t[0].to(torch.float64)).abs()))
+        D, S, R, L = self._coefficients(t[0])
         u = dct2(x.to(torch.float64)) if self.mix.basis[0] == "dct2d" else x.to(torch.float64)
-        D, S, R, L = T["data_to_state"][i], T["sigma"][i], T["R"][i], T["L"][i]
         s = self.mix.score(u, D, S)
         if self.parametrization == "score":
             out = s
@@ -101,27 +98,15 @@ class TableModel:
 
 
 class DenseModel(TableModel):
-    """The exact eps_R (or other parametrisation) at any t, from a dense coefficient file."""
+    """The same exact model at any t, from a dense coefficient file (Sigma_t = L_t L_t^T)."""
 
     def __init__(self, mixture, dense, parametrization="eps_R"):
         self.mix, self.dense, self.parametrization = mixture, dense, parametrization
         self.calls = 0
 
-    def __call__(self, x, t):
-        from gddim_runtime import block_apply, dct2, idct2
-        c = self.dense.at(t[0])
-        u = dct2(x.to(torch.float64)) if self.mix.basis[0] == "dct2d" else x.to(torch.float64)
-        S = c["L"] @ c["L"].transpose(-1, -2)
-        s = self.mix.score(u, c["D"], S)
-        if self.parametrization == "eps_R":
-            out = -block_apply(c["R"].transpose(-1, -2), s, self.mix.basis)
-        elif self.parametrization == "score":
-            out = s
-        else:
-            raise ValueError(self.parametrization)
-        self.calls += 1
-        out = idct2(out) if self.mix.basis[0] == "dct2d" else out
-        return out.to(x.dtype)
+    def _coefficients(self, t):
+        c = self.dense.at(t)
+        return c["D"], c["L"] @ c["L"].transpose(-1, -2), c["R"], c["L"]
 
 
 def mp_score(u, D, Sigma, means, stds, weights=None):
