@@ -12,6 +12,7 @@ load on first use, so that ``derive`` can share the format constant without impo
 from ._format import FORMAT_VERSION, TableError, read_table
 
 _LAZY = {
+    "from_tensors": "._table",
     "load": "._table", "Table": "._table", "split": "._table", "merge": "._table", "block_apply": "._table",
     "sample": "._samplers", "SAMPLERS": "._samplers", "PARAMETRIZATIONS": "._samplers",
     "SamplingError": "._samplers", "dct2": "._dct", "idct2": "._dct",

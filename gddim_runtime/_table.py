@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from ._format import TableError, read_table
+from ._format import REQUIRED, TableError, read_table
 
 
 @dataclasses.dataclass
@@ -64,15 +64,51 @@ class Table:
         return Table({n: v.to(device) for n, v in self.tensors.items()}, self.meta, self.path)
 
 
+def from_tensors(tensors, meta, device="cpu", path="<memory>"):
+    """A Table from in-memory tensors (no file): the same names, shapes and checks as ``load``.
+
+    ``tensors``: dict name -> float64 numpy array or torch tensor, named and shaped as in the
+    file format (README 'Table format'; REQUIRED in ``_format``); ``meta``: the dict
+    ``read_table`` returns (at least ``spec.basis``). The tensors are uploaded to ``device``
+    as float64; ``path`` names the table in error messages.
+    """
+    missing = [n for n in REQUIRED if n not in tensors]
+    if missing:
+        raise TableError(f"{path}: missing tensors {missing}")
+    out = {}
+    for name, a in tensors.items():
+        if isinstance(a, np.ndarray):
+            if a.dtype != np.float64:
+                raise TableError(f"{path}: tensor {name} is {a.dtype}, expected float64")
+            a = torch.from_numpy(np.ascontiguousarray(a))
+        elif not isinstance(a, torch.Tensor):
+            raise TableError(f"{path}: tensor {name} is a {type(a).__name__}, expected a numpy array or torch tensor")
+        elif a.dtype != torch.float64:
+            raise TableError(f"{path}: tensor {name} is {a.dtype}, expected float64")
+        out[name] = a.to(device)
+    try:
+        kind, size = meta["spec"]["basis"]["kind"], tuple(meta["spec"]["basis"]["size"])
+    except (KeyError, TypeError):
+        raise TableError(f"{path}: meta has no spec.basis (kind, size)") from None
+    table = Table(out, meta, str(path))
+    if out["t"].ndim != 1 or out["psi"].ndim != 4 or out["eps_weights"].ndim != 5:
+        raise TableError(f"{path}: t, psi, eps_weights must have 1, 4 and 5 axes")
+    N, P, k, q = out["t"].shape[0] - 1, table.P, table.k, table.order
+    shapes = {"t": (N + 1,), "psi": (N, P, k, k), "eps_weights": (N, q, P, k, k), "x0_weights": (2, P, k, k),
+              "corrector_weights": (N, q + 1, P, k, k), "eps_weights_sde": (N, P, k, k), "noise_chol": (N, P, k, k)}
+    shapes.update({n: (N + 1, P, k, k) for n in ("R", "sigma", "L", "data_to_state", "F", "GGT")})
+    for name, a in out.items():
+        if name in shapes and tuple(a.shape) != shapes[name]:
+            raise TableError(f"{path}: tensor {name} has shape {tuple(a.shape)}, expected {shapes[name]}")
+    if kind == "dct2d" and P != size[0] * size[1]:
+        raise TableError(f"{path}: basis {size} does not match P = {P}")
+    return table
+
+
 def load(path, device="cpu"):
     """Read, check (format version, content hash) and upload a table once; float64 on ``device``."""
     arrays, meta = read_table(path)
-    tensors = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in arrays.items()}
-    table = Table(tensors, meta, str(path))
-    kind, size = table.basis
-    if kind == "dct2d" and table.P != size[0] * size[1]:
-        raise TableError(f"{path}: basis {size} does not match P = {table.P}")
-    return table
+    return from_tensors(arrays, meta, device=device, path=str(path))
 
 
 def split(u):

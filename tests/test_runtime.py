@@ -340,3 +340,23 @@ def test_v_half_outputs(derivations):
     assert gaps[1] < gaps[0] / 3, gaps
     with pytest.raises(gr.SamplingError, match="eps_L_v needs"):
         gr.sample(half, make_table(derivations("vp_linear"), 2, 1), batch=1, data_shape=(2,), parametrization="eps_L_v")
+
+
+def test_from_tensors_matches_load_and_checks():
+    """The in-memory constructor gives load's table and refuses what load refuses (shapes, dtype, basis)."""
+    path = _coeffs("bdm", "bdm_nfe10_quadratic_q3.safetensors")
+    arrays, meta = gr.read_table(path)
+    ref = gr.load(path)
+    tab = gr.from_tensors({n: torch.from_numpy(a) for n, a in arrays.items()}, meta)
+    assert tab.path == "<memory>" and sorted(tab.tensors) == sorted(ref.tensors)
+    assert all(torch.equal(tab.tensors[n], ref.tensors[n]) for n in ref.tensors)
+    bad = dict(arrays, psi=arrays["psi"][:3])
+    with pytest.raises(gr.TableError, match=r"<memory>: tensor psi has shape \(3, 1024, 1, 1\), expected \(9, 1024, 1, 1\)"):
+        gr.from_tensors(bad, meta)
+    with pytest.raises(gr.TableError, match="tensor t is float32"):
+        gr.from_tensors(dict(arrays, t=arrays["t"].astype(np.float32)), meta)
+    with pytest.raises(gr.TableError, match=r"missing tensors \['psi'\]"):
+        gr.from_tensors({n: a for n, a in arrays.items() if n != "psi"}, meta)
+    small = {"spec": {"basis": {"kind": "dct2d", "size": [16, 16]}}}
+    with pytest.raises(gr.TableError, match=r"mine: basis \(16, 16\) does not match P = 1024"):
+        gr.from_tensors(arrays, small, path="mine")
