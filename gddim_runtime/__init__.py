@@ -17,6 +17,7 @@ _LAZY = {
     "sample": "._samplers", "SAMPLERS": "._samplers", "PARAMETRIZATIONS": "._samplers",
     "SamplingError": "._samplers", "dct2": "._dct", "idct2": "._dct",
     "load_dense": "._dense", "DenseCoefficients": "._dense",
+    "table_from_dense": "._weights", "GDDIMScheduler": ".diffusers",
 }
 
 __all__ = ["FORMAT_VERSION", "TableError", "read_table", *_LAZY]
