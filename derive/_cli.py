@@ -7,34 +7,18 @@ Examples:
   python -m derive cld --nfe 50 --lam 0.5 --corrector
   python -m derive inspect coeffs/cld/cld_nfe50_quadratic_q3.safetensors --plot cld.png
 
-Exit status: 0 success, 2 bad input (one line on stderr naming file, key and problem),
-1 a failed verification.
+Exit status: 0 ok, 1 a verification failed, 2 bad input (one line on stderr naming file, key
+and problem), 3 internal error (one line naming the stage; GDDIM_DEBUG=1 prints the traceback).
 """
 
 import argparse
 import sys
-from pathlib import Path
 
-from ._errors import SpecError
+from ._api import Derived, spec_name_for
+from ._errors import SpecError, run_cli
+from ._pipeline import TableOptions, resolve_spec
 
 DEFAULT_SPEC = "cld"
-
-
-def builtin_dir():
-    return Path(__file__).resolve().parent / "sdes"
-
-
-def builtin_names():
-    return sorted(p.stem for p in builtin_dir().glob("*.yaml"))
-
-
-def resolve_spec(arg):
-    path = Path(arg)
-    if path.is_file():
-        return path
-    if path.suffix == "" and (builtin_dir() / f"{arg}.yaml").is_file():
-        return builtin_dir() / f"{arg}.yaml"
-    raise SpecError(arg, "spec", f"no such file or built-in spec (built-ins: {', '.join(builtin_names())})")
 
 
 def _parser():
@@ -42,7 +26,7 @@ def _parser():
                                 epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", nargs="?", default=DEFAULT_SPEC,
                    help="spec YAML file or built-in name (default: %(default)s)")
-    p.add_argument("--out", default="coeffs", help="folder for coeffs/<name>/ (default: %(default)s)")
+    p.add_argument("--out", default="coeffs", help="output root: files go to OUT/<spec name>/ (default: %(default)s)")
     p.add_argument("--nfe", type=int, nargs="+", default=None,
                    help="write exactly these tables, one per NFE (default: the spec's tables.nfe)")
     p.add_argument("--order", type=int, default=None, help="multistep order q, 1-4 (default: spec, else 3)")
@@ -63,6 +47,8 @@ def _parser():
                    help="check before writing: fast identities + float64 scipy cross-check, or the "
                         "full 40-digit validation (default: %(default)s)")
     p.add_argument("--no-verify", action="store_true", help="skip the check (recorded in the files)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="worker processes (default: one per core, at most one per table; 1: no fork)")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     return p
 
@@ -75,19 +61,45 @@ def _inspect_parser():
     return p
 
 
+def _options(args):
+    """The table options as data (None: the spec's default), the only thing the core sees of argparse."""
+    return TableOptions(nfe=None if args.nfe is None else tuple(args.nfe), order=args.order, grid=args.grid,
+                        lam=None if args.lam is None else tuple(args.lam), corrector=args.corrector,
+                        denoise=args.denoise)
+
+
+def derive_main(args):
+    """python -m derive SPEC: derive, build and check the tables, write OUT/<name>/."""
+    if args.jobs is not None and args.jobs < 1:
+        raise SpecError("--jobs", "jobs", f"must be >= 1, got {args.jobs}")
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    path = resolve_spec(args.spec)
+    d = Derived(path, spec_arg=spec_name_for(path, args.spec))
+    requests = [] if args.no_tables else d.requests(_options(args))
+    kinds = d.kinds
+    say(f"{d.spec.name}: Psi {kinds['psi']}, Sigma {kinds['sigma']}, R {kinds['R']}")
+    tables = d.tables(requests, verify="none" if args.no_verify else args.verify, jobs=args.jobs)
+    for tab in tables:
+        r, v = tab.request, tab.meta["verification"]
+        say(f"  {tab.name}: {tab.meta['steps']} steps, order {r.order}" + (f", lam {r.lam}" if r.lam is not None else "")
+            + f", verification {v.get('worst', v['level'])}")
+    dense = d.dense() if d.spec.basis.n_coords == 1 or args.dense else None
+    if dense is not None:
+        say(f"  {d.spec.name}_dense: {dense.meta['panels']} Chebyshev panels for off-grid baselines")
+    written = d.write(args.out, tables, dense)
+    say(f"wrote {len(written)} files to {written[-1].parent}/ (listed in {written[-1].name})")
+    return 0
+
+
+def _main(argv):
+    if argv and argv[0] == "inspect":
+        from ._inspect import inspect_main
+        args = _inspect_parser().parse_args(argv[1:])
+        return inspect_main(args.file, args.plot, args.coord)
+    return derive_main(_parser().parse_args(argv))
+
+
 def main(argv=None):
+    """Entry point of python -m derive; returns the exit status (README 'python -m derive')."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if argv and argv[0] == "inspect":
-            from ._inspect import inspect_main
-            args = _inspect_parser().parse_args(argv[1:])
-            return inspect_main(args)
-        args = _parser().parse_args(argv)
-        from ._pipeline import run
-        return run(args)
-    except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; files already written are complete, others untouched", file=sys.stderr)
-        return 130
+    return run_cli(_main, argv, "derive")

@@ -84,13 +84,14 @@ def plot(tensors, meta, path, coord=0):
     plt.close(fig)
 
 
-def inspect_main(args):
+def inspect_main(file, plot_path=None, coord=0):
+    """python -m derive inspect FILE: print the table's text (and draw it to ``plot_path``)."""
     try:
-        tensors, meta = read_table(args.file)
+        tensors, meta = read_table(file)
     except TableError as exc:
-        raise SpecError(args.file, "table", str(exc).split(": ", 1)[-1]) from None
-    print(describe(tensors, meta, args.coord), end="")
-    if args.plot:
-        plot(tensors, meta, args.plot, args.coord)
-        print(f"plot written to {args.plot}")
+        raise SpecError(file, "table", str(exc).split(": ", 1)[-1]) from None
+    print(describe(tensors, meta, coord), end="")
+    if plot_path:
+        plot(tensors, meta, plot_path, coord)
+        print(f"plot written to {plot_path}")
     return 0

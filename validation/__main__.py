@@ -1,16 +1,25 @@
 """python -m validation PATH: verify tables against independent high-precision references.
 
 PATH is a table (.safetensors), a folder of tables (e.g. coeffs/cld), or a spec (YAML file or
-built-in name: its default tables are built in memory and checked). The spec of a table is
-read from spec.yaml beside it (written by python -m derive) unless --spec is given.
+built-in name: its default tables are built in memory through derive's Python API and checked).
+The spec of a table is read from spec.yaml beside it (written by python -m derive) unless
+--spec is given.
 
 Prints, per table: quantity, worst step, max relative error, max error in float64 ulps, the
-reference method and pass/fail. Exit status 0 all pass, 1 any failure, 2 bad input.
+reference method and pass/fail. Exit status 0 all pass, 1 any failure, 2 bad input, 3 internal
+error (one line naming the stage; GDDIM_DEBUG=1 prints the traceback).
 """
 
 import argparse
 import sys
 from pathlib import Path
+
+from derive import derive
+from derive._errors import SpecError, run_cli, stage
+from derive._spec import load_spec
+from gddim_runtime._format import TableError, read_table
+
+from ._check import check_table
 
 
 def _parser():
@@ -24,44 +33,48 @@ def _parser():
     return p
 
 
-def main(argv=None):
+def _read_tables(path, spec_arg):
+    """(spec, [(name, tensors, meta)]) of a table file or a folder of tables."""
+    files = (sorted(f for f in path.glob("*.safetensors") if not f.name.endswith("_dense.safetensors"))
+             if path.is_dir() else [path])
+    if not files:
+        raise SpecError(path, "path", "no .safetensors tables here")
+    spec = load_spec(Path(spec_arg) if spec_arg else files[0].parent / "spec.yaml")
+    jobs = []
+    for f in files:
+        try:
+            tensors, meta = read_table(f)
+        except TableError as exc:
+            raise SpecError(f, "table", str(exc).split(": ", 1)[-1]) from None
+        jobs.append((f.name, tensors, meta))
+    return spec, jobs
+
+
+def _build_tables(spec_arg):
+    """(spec, [(name, tensors, meta)]) of a spec's default tables, built in memory (unchecked)."""
+    d = derive(spec_arg)
+    return d.spec, [(tab.name, tab.tensors, tab.meta) for tab in d.tables(verify="none")]
+
+
+def _main(argv):
     args = _parser().parse_args(argv)
-    from derive._errors import SpecError
-    from derive._spec import load_spec
-    from gddim_runtime._format import TableError, read_table
-    from ._check import check_table
-    try:
-        path = Path(args.path)
-        jobs = []
-        if path.is_dir() or path.suffix == ".safetensors":
-            files = (sorted(f for f in path.glob("*.safetensors") if not f.name.endswith("_dense.safetensors"))
-                     if path.is_dir() else [path])
-            if not files:
-                raise SpecError(path, "path", "no .safetensors tables here")
-            spec_file = Path(args.spec) if args.spec else files[0].parent / "spec.yaml"
-            spec = load_spec(spec_file)
-            for f in files:
-                tensors, meta = read_table(f)
-                jobs.append((f.name, tensors, meta))
-        else:
-            from derive._cli import resolve_spec
-            from derive._derivation import Derivation
-            from derive._pipeline import build_table, table_configs, tool_versions
-            spec = load_spec(resolve_spec(args.path))
-            deriv = Derivation(spec)
-            ns = argparse.Namespace(nfe=None, order=None, grid=None, lam=None, corrector=None, denoise=None)
-            for cfg in table_configs(spec, ns):
-                tensors, meta = build_table(deriv, cfg, spec.name, tool_versions(), verify="none")
-                jobs.append((f"{spec.name} nfe{cfg['nfe']}", tensors, meta))
-    except (SpecError, TableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    path = Path(args.path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        with stage("reading tables"):
+            spec, jobs = _read_tables(path, args.spec)
+    else:
+        spec, jobs = _build_tables(args.path)
     ok = True
     for name, tensors, meta in jobs:
-        report = check_table(spec, tensors, meta, level=args.level, n_coords=args.coords)
+        with stage(f"checking {name}"):
+            report = check_table(spec, tensors, meta, level=args.level, n_coords=args.coords)
         print(f"## {name}\n{report.text()}\n", flush=True)
         ok &= report.passed
     return 0 if ok else 1
+
+
+def main(argv=None):
+    return run_cli(_main, sys.argv[1:] if argv is None else list(argv), "validation")
 
 
 if __name__ == "__main__":

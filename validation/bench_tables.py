@@ -14,7 +14,7 @@ import time
 import mpmath
 import numpy as np
 
-from derive import _grids, _tables
+from derive import TableRequest, _grids, _tables, derive
 from derive._derivation import Derivation
 from derive._spec import load_spec
 
@@ -90,12 +90,8 @@ def main():
     deriv_fresh = Derivation(spec)                   # include the R solve in the timing
     ours = _tables.to_float64(_tables.build(deriv_fresh, times, 3), deriv_fresh)["eps_weights"][:, :, 0]
     t_ours = time.perf_counter() - t0
-    import argparse
-    from derive._pipeline import _build_all, table_configs, tool_versions
     t0 = time.perf_counter()
-    deriv_pool = Derivation(spec)
-    ns = argparse.Namespace(nfe=[50], order=3, grid="quadratic", lam=None, corrector=False, denoise=True)
-    _build_all(deriv_pool, table_configs(spec, ns), "cld", tool_versions(), "none")
+    derive(spec).tables([TableRequest(nfe=50, order=3, grid="quadratic")], verify="none", jobs=None)
     t_pool = time.perf_counter() - t0
     t0 = time.perf_counter()
     theirs = reference_code_weights(times, 3)

@@ -1,0 +1,214 @@
+"""derive's Python API: derive a spec once, then build any table in memory.
+
+    import derive
+    d = derive.derive("cld")                          # built-in name, spec file, YAML text or Spec
+    tab = d.table(nfe=20, order=3, grid="logsnr")     # built and checked (fast) in memory
+    tab.tensors["eps_weights"], tab.meta["steps"]      # float64 numpy arrays, provenance dict
+    tab.verify("full").passed                          # the installed verifier (python -m validation's)
+    table = tab.to_runtime("cpu")                      # a gddim_runtime.Table, no file involved
+    tab.save("my_tables")                              # my_tables/<label>.safetensors + .md + manifest.json
+    d.dense().tensors["R"]                             # Chebyshev interpolants for off-grid baselines
+
+``python -m derive`` is this API plus argparse: the same objects write the same bytes.
+"""
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import yaml
+
+from . import _codegen, _spec
+from ._derivation import Derivation
+from ._errors import SpecError, stage
+from ._inspect import describe
+from ._pipeline import (TableOptions, TableRequest, build_tables, builtin_dir, dense_table, find_verifier,
+                        resolve_spec, tool_versions, _stage)
+from ._writer import table_bytes, write_folder
+from gddim_runtime._format import DENSE_FORMAT
+
+
+def _spec_from_text(text, where="<text>"):
+    try:
+        data = yaml.load(text, Loader=_spec._Loader)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(where, "yaml", problem) from None
+    if not isinstance(data, dict):
+        raise SpecError(where, "file", f"top level must be a mapping, found {type(data).__name__}")
+    return _spec.build_spec(data, where)
+
+
+def load(spec):
+    """(Spec, the spec as a command line names it) from a Spec, a path, a built-in name or YAML text."""
+    if isinstance(spec, _spec.Spec):
+        path = Path(spec.path)
+        return spec, spec.name if path.parent == builtin_dir() else str(spec.path)
+    if isinstance(spec, str) and ("\n" in spec or ":" in spec and not _is_file(spec)):
+        return _spec_from_text(spec), "<text>"
+    if not isinstance(spec, (str, Path)):
+        raise SpecError("spec", "spec", f"expected a path, a built-in name or YAML text, got {type(spec).__name__}")
+    path = resolve_spec(spec)
+    return _spec.load_spec(path), spec_name_for(path, spec)
+
+
+def _is_file(text):
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):           # a name too long for the file system, a NUL byte
+        return False
+
+
+def spec_name_for(path, arg):
+    return Path(path).stem if Path(path).parent == builtin_dir() else str(arg)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltTable:
+    """One sampler table in memory: float64 ``tensors`` (file layout, README 'Table format') and ``meta``."""
+    request: TableRequest
+    spec: _spec.Spec
+    tensors: dict
+    meta: dict
+
+    @property
+    def name(self):
+        """File stem, predictable from the options (``TableRequest.label``)."""
+        return self.request.label(self.spec.name)
+
+    @property
+    def filename(self):
+        return f"{self.name}.safetensors"
+
+    def to_bytes(self):
+        """The .safetensors file's bytes (deterministic)."""
+        return table_bytes(self.tensors, self.meta)
+
+    def describe(self, coord=0):
+        """The readable text of ``python -m derive inspect`` (the .md companion)."""
+        return describe(self.tensors, self.meta, coord)
+
+    def verify(self, level="fast", verifier=None, n_coords=None):
+        """Check against the independent reference; returns the verifier's report (``.passed``, ``.text()``)."""
+        verifier = verifier or find_verifier()
+        kwargs = {} if n_coords is None else {"n_coords": n_coords}
+        return verifier(self.spec, self.tensors, self.meta, level=level, **kwargs)
+
+    def save(self, folder):
+        """Write ``folder/<name>.safetensors`` and its ``.md`` (atomically), then ``folder/manifest.json``."""
+        write_folder(folder, {self.filename: self.to_bytes(), f"{self.name}.md": self.describe()})
+        return Path(folder) / self.filename
+
+    def to_runtime(self, device="cpu"):
+        """A ``gddim_runtime.Table`` on ``device`` for ``gddim_runtime.sample``, without a file."""
+        import gddim_runtime
+        return gddim_runtime.from_tensors(self.tensors, self.meta, device=device, path=f"<memory>/{self.filename}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseTable:
+    """Piecewise Chebyshev interpolants of F, G G^T, R, L, D on [t_min, T] (the dense file)."""
+    spec: _spec.Spec
+    tensors: dict
+    meta: dict
+
+    @property
+    def filename(self):
+        return f"{self.spec.name}_dense.safetensors"
+
+    def to_bytes(self):
+        return table_bytes(self.tensors, self.meta, kind=DENSE_FORMAT)
+
+    def save(self, folder):
+        write_folder(folder, {self.filename: self.to_bytes()})
+        return Path(folder) / self.filename
+
+
+class Derived:
+    """A spec with its derivation (sympy closed forms or numerical fallbacks), done once.
+
+    ``verifier``: the check used by ``verify="fast"|"full"`` (default: the installed one, see
+    ``derive._pipeline``); ``spec_arg``: how commands recorded in the files name the spec.
+    """
+
+    def __init__(self, spec, verifier=None, spec_arg=None):
+        with stage("spec"):
+            self.spec, default_arg = load(spec)
+        self.spec_arg = spec_arg or default_arg
+        self.verifier = verifier
+        self.versions = tool_versions()
+
+    @functools.cached_property
+    def derivation(self):
+        """The Derivation (sympy + MPFR evaluators), done on first use."""
+        return _stage(self.spec, "derivation", lambda: Derivation(self.spec))
+
+    @property
+    def kinds(self):
+        """How Psi, Sigma and R were obtained: 'closed form', 'semi-closed' or 'numerical'."""
+        d = self.derivation
+        return {"psi": d.psi_kind, "sigma": d.sigma_kind, "R": d.R_kind}
+
+    def request(self, nfe, order=None, grid=None, lam=None, corrector=None, denoise=None):
+        """A TableRequest; options left None take the spec's ``tables`` defaults."""
+        options = TableOptions(nfe=(nfe,), order=order, grid=grid, lam=None if lam is None else (lam,),
+                               corrector=corrector, denoise=denoise)
+        return options.requests(self.spec)[0]
+
+    def requests(self, options=None):
+        """TableRequests for ``options`` (TableOptions; default: the spec's default tables)."""
+        return (options or TableOptions()).requests(self.spec)
+
+    def table(self, nfe, order=None, grid=None, lam=None, corrector=None, denoise=None, *, verify="fast"):
+        """Build one table in memory (see ``TableRequest`` for the options; None: spec default).
+
+        verify: "fast" (default; the check ``python -m derive`` runs before writing), "full"
+        (45-digit reference) or "none"; a failed check raises ``VerificationFailed``.
+        """
+        return self.tables([self.request(nfe, order, grid, lam, corrector, denoise)], verify=verify)[0]
+
+    def tables(self, requests=None, *, verify="fast", jobs=1):
+        """Build several tables (default: the spec's defaults); jobs > 1 forks that many workers."""
+        requests = self.requests() if requests is None else list(requests)
+        built = build_tables(self.derivation, requests, self.spec_arg, self.versions, verify=verify,
+                             verifier=self.verifier, jobs=jobs)
+        return [BuiltTable(r, self.spec, tensors, meta) for r, (tensors, meta) in zip(requests, built)]
+
+    def dense(self):
+        """The dense interpolants (what ``<name>_dense.safetensors`` holds)."""
+        tensors, meta = dense_table(self.derivation, self.versions)
+        return DenseTable(self.spec, tensors, meta)
+
+    def closed_forms(self):
+        """{'closed_forms.md': text, 'closed_forms.py': text} as written beside the tables."""
+        return {"closed_forms.md": _stage(self.spec, "codegen", lambda: _codegen.markdown(self.derivation, self.versions)),
+                "closed_forms.py": _stage(self.spec, "codegen",
+                                          lambda: _codegen.python_module(self.derivation, self.versions))}
+
+    def outputs(self, tables=(), dense=None):
+        """File name -> content of the output folder (tables, their .md, dense, spec.yaml, closed forms)."""
+        out = {}
+        for tab in tables:
+            out[tab.filename] = tab.to_bytes()
+            out[f"{tab.name}.md"] = tab.describe()
+        if dense is not None:
+            out[dense.filename] = dense.to_bytes()
+        out["spec.yaml"] = ("# GENERATED by python -m derive (normalised spec; exact numbers): do not edit.\n"
+                            + yaml.safe_dump(self.spec.normalized, sort_keys=False, allow_unicode=True))
+        out.update(self.closed_forms())
+        return out
+
+    def write(self, out="coeffs", tables=(), dense=None):
+        """Write ``out/<spec name>/`` (atomically, file by file), then its manifest.json; returns the paths."""
+        outputs = self.outputs(tables, dense)
+        folder = Path(out) / self.spec.name
+        with stage("write"):
+            try:
+                return write_folder(folder, outputs)
+            except OSError as exc:
+                raise SpecError(folder, "--out", f"cannot write: {exc.strerror or exc}") from None
+
+
+def derive(spec, verifier=None):
+    """Derive ``spec`` (built-in name, spec file path, YAML text or a Spec) once; returns ``Derived``."""
+    return Derived(spec, verifier=verifier)

@@ -1,0 +1,131 @@
+"""derive's Python API: the same numbers as the committed files, in memory, into the runtime."""
+
+import importlib.metadata
+
+import numpy as np
+import pytest
+import torch
+
+import derive
+import gddim_runtime as gr
+from conftest import ROOT, SDES
+from derive import SpecError, TableRequest, VerificationFailed
+from gddim_runtime._format import DENSE_FORMAT, read_table
+
+COEFFS = ROOT / "coeffs"
+
+
+@pytest.fixture(scope="module")
+def vp():
+    return derive.derive("vp_linear")
+
+
+def _same_as_file(built, path, kind=None):
+    """Bytes equal to the committed file; where only tool versions differ, tensors and the rest of meta."""
+    if built.to_bytes() == path.read_bytes():
+        return
+    tensors, meta = read_table(path) if kind is None else read_table(path, kind=kind)
+    assert meta["tools"] != built.meta["tools"], f"{path.name} differs although the tool versions are the same"
+    assert {k: v for k, v in meta.items() if k != "tools"} == {k: v for k, v in built.meta.items() if k != "tools"}
+    for name in tensors:
+        assert tensors[name].tobytes() == built.tensors[name].tobytes(), name
+
+
+def test_table_in_memory_equals_committed_file(vp):
+    tab = vp.table(nfe=10, order=3, grid="quadratic")
+    assert tab.filename == "vp_linear_nfe10_quadratic_q3.safetensors"
+    assert all(a.dtype == np.float64 for a in tab.tensors.values())
+    assert tab.meta["verification"]["level"] == "fast" and tab.meta["verification"]["passed"]
+    _same_as_file(tab, COEFFS / "vp_linear" / tab.filename)
+    assert tab.describe() == (COEFFS / "vp_linear" / "vp_linear_nfe10_quadratic_q3.md").read_text()
+
+
+def test_dense_equals_committed_file(vp):
+    _same_as_file(vp.dense(), COEFFS / "vp_linear" / "vp_linear_dense.safetensors", kind=DENSE_FORMAT)
+
+
+def test_spec_as_path_text_or_name_gives_the_same_table(vp):
+    text = (SDES / "vp_linear.yaml").read_text()
+    ref = vp.table(nfe=6, order=2, grid="logsnr", verify="none").tensors
+    for spec in (SDES / "vp_linear.yaml", text, derive.load_spec(SDES / "vp_linear.yaml")):
+        got = derive.derive(spec).table(nfe=6, order=2, grid="logsnr", verify="none").tensors
+        assert ref.keys() == got.keys() and all(np.array_equal(ref[k], got[k]) for k in ref)
+
+
+def test_spec_defaults_fill_unset_options(vp):
+    assert vp.request(7) == TableRequest(nfe=7, order=vp.spec.tables.order, grid=vp.spec.tables.grid)
+    assert [r.nfe for r in vp.requests()] == list(vp.spec.tables.nfe)
+
+
+def test_runtime_samples_equal_from_memory_and_from_file(vp, tmp_path):
+    """A table handed over in memory samples bit for bit like the same table read from its file."""
+    tab = vp.table(nfe=8, order=3, grid="logsnr", verify="none")
+    path = tab.save(tmp_path)
+    assert (tmp_path / "manifest.json").is_file() and (tmp_path / f"{tab.name}.md").is_file()
+
+    def model(u, t):                      # a fixed smooth non-linear eps model
+        return torch.tanh(u) * (1 + t.view(-1, 1, 1))
+    u_T = torch.randn(16, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out_mem = gr.sample(model, tab.to_runtime("cpu"), x_T=u_T, dtype=torch.float64)
+    out_file = gr.sample(model, gr.load(path), x_T=u_T, dtype=torch.float64)
+    assert torch.equal(out_mem, out_file)
+
+
+def test_verify_goes_through_the_independent_checker(vp):
+    tab = vp.table(nfe=6, order=3, verify="none")
+    assert tab.meta["verification"]["level"] == "none"
+    assert tab.verify("fast").passed
+    bad = dict(tab.tensors, eps_weights=tab.tensors["eps_weights"] * (1 + 1e-6))
+    assert not derive.BuiltTable(tab.request, tab.spec, bad, tab.meta).verify("fast").passed
+
+
+def test_a_verifier_can_be_passed_in(tmp_path):
+    calls = []
+
+    class Report:
+        passed = False
+
+        def summary(self):
+            return {"worst": "planted"}
+
+        def text(self):
+            return "planted failure"
+
+    def verifier(spec, tensors, meta, level):
+        calls.append((spec.name, meta["nfe"], level))
+        return Report()
+    d = derive.derive("vp_linear", verifier=verifier)
+    with pytest.raises(VerificationFailed, match="planted failure"):
+        d.table(nfe=5, verify="full")
+    assert calls == [("vp_linear", 5, "full")]
+
+
+def test_no_verifier_installed_is_a_clear_error(monkeypatch, vp):
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [])
+    with pytest.raises(SpecError, match="no verifier installed"):
+        vp.table(nfe=5)
+    assert vp.table(nfe=5, verify="none").meta["verification"]["level"] == "none"
+
+
+def test_jobs_do_not_change_the_numbers(vp):
+    requests = [TableRequest(nfe=5, order=2), TableRequest(nfe=6, order=3, lam="1", corrector=True)]
+    one = vp.tables(requests, verify="none", jobs=1)
+    two = vp.tables(requests, verify="none", jobs=2)
+    assert [t.to_bytes() for t in one] == [t.to_bytes() for t in two]
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(nfe=2, order=3), "smaller than the order"), (dict(nfe=5, order=0), "1..4"),
+    (dict(nfe=5, lam="-1"), "> 0"), (dict(nfe=5, grid="zigzag"), "unknown grid"),
+    (dict(nfe=1), "no sampling step"), (dict(nfe=5, corrector="yes"), "True or False"),
+])
+def test_bad_requests_refused_before_any_work(options, fragment):
+    with pytest.raises(SpecError, match=fragment):
+        TableRequest(**options)
+
+
+def test_request_is_a_frozen_value():
+    r = TableRequest(nfe=10, lam="0.5")
+    assert r.lam == "1/2" and r == TableRequest(nfe=10, lam="1/2") and hash(r) == hash(TableRequest(nfe=10, lam="1/2"))
+    with pytest.raises(AttributeError):
+        r.nfe = 11

@@ -1,0 +1,208 @@
+"""python -m derive / python -m validation: exit codes, one-line errors, --jobs, manifest, names, inspect."""
+
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_derive
+from derive import _cli, _pipeline, _tables, _writer
+from derive._pipeline import TableRequest
+from gddim_runtime._format import read_table
+
+DEBUG_HINT = "; rerun with GDDIM_DEBUG=1 for the traceback"
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("planted failure")
+
+
+def _one_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---- exit codes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target, stage", [("build", "tables"), ("step_moments", "tables"), ("dense", "dense")])
+def test_internal_error_is_one_line_exit_3(tmp_path, monkeypatch, capsys, target, stage):
+    monkeypatch.delenv("GDDIM_DEBUG", raising=False)
+    monkeypatch.setattr(_tables, target, _boom)
+    code = _cli.main(["vp_linear", "--nfe", "4", "--jobs", "1", "--quiet", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert _one_line(err) == f"internal error in {stage}: RuntimeError: planted failure{DEBUG_HINT}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_internal_error_traceback_with_debug(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GDDIM_DEBUG", "1")
+    monkeypatch.setattr(_tables, "build", _boom)
+    code = _cli.main(["vp_linear", "--nfe", "4", "--jobs", "1", "--quiet", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 3 and "Traceback" in err and "_boom" in err and "planted failure" in err
+    assert err.strip().splitlines()[-1].startswith("internal error in tables: RuntimeError")
+
+
+@pytest.mark.parametrize("target", ["build", "step_moments"])
+def test_internal_error_in_a_forked_worker(tmp_path, monkeypatch, capsys, target):
+    monkeypatch.delenv("GDDIM_DEBUG", raising=False)
+    monkeypatch.setattr(_tables, target, _boom)
+    code = _cli.main(["vp_linear", "--nfe", "4", "5", "--jobs", "2", "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 3
+    assert _one_line(capsys.readouterr().err).startswith("internal error in tables: RuntimeError: planted failure")
+
+
+def test_crashing_verifier_is_an_internal_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(_pipeline, "find_verifier", lambda: lambda *a, **k: {}["sign"])
+    code = _cli.main(["vp_linear", "--nfe", "4", "--jobs", "1", "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 3
+    assert _one_line(capsys.readouterr().err) == f"internal error in verification: KeyError: 'sign'{DEBUG_HINT}"
+
+
+def test_failed_verification_exit_1_nothing_written(tmp_path, monkeypatch, capsys):
+    class Failed:
+        passed = False
+
+        def summary(self):
+            return {}
+
+        def text(self):
+            return "psi off by 1e-3"
+    monkeypatch.setattr(_pipeline, "find_verifier", lambda: lambda *a, **k: Failed())
+    code = _cli.main(["vp_linear", "--nfe", "4", "--jobs", "1", "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 1 and "psi off by 1e-3" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [(["--order", "5"], "--order: order: must be 1..4"),
+                                            (["--jobs", "0"], "--jobs: jobs"),
+                                            (["--lam", "0"], "--lam: lam: must be > 0")])
+def test_bad_input_still_exit_2(tmp_path, monkeypatch, capsys, args, fragment):
+    monkeypatch.setattr(_tables, "build", _boom)       # never reached: options are checked first
+    code = _cli.main(["vp_linear", "--quiet", "--out", str(tmp_path / "out"), *args])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and line.startswith("error: ") and fragment in line
+
+
+def test_validation_internal_error_exit_3(monkeypatch, capsys):
+    import validation.__main__ as vmain
+    monkeypatch.delenv("GDDIM_DEBUG", raising=False)
+    monkeypatch.setattr(vmain, "check_table", _boom)
+    code = vmain.main([str(ROOT / "coeffs" / "vp_linear" / "vp_linear_nfe10_quadratic_q3.safetensors")])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 3
+    assert line == f"internal error in checking vp_linear_nfe10_quadratic_q3.safetensors: RuntimeError: planted failure{DEBUG_HINT}"
+
+
+def test_validation_bad_input_exit_2(tmp_path, capsys):
+    import validation.__main__ as vmain
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not a table")
+    (tmp_path / "spec.yaml").write_bytes((ROOT / "coeffs" / "vp_linear" / "spec.yaml").read_bytes())
+    assert vmain.main([str(bad)]) == 2
+    assert _one_line(capsys.readouterr().err).startswith(f"error: {bad}: table: ")
+
+
+# ---- --jobs ----------------------------------------------------------------------------------
+
+def test_jobs_1_does_not_fork_and_gives_the_same_bytes(tmp_path, monkeypatch):
+    args = ["vp_linear", "--nfe", "4", "6", "--lam", "1", "--corrector", "--quiet", "--no-verify"]
+    assert _cli.main([*args, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    monkeypatch.setattr(_pipeline.concurrent.futures, "ProcessPoolExecutor", _boom)
+    assert _cli.main([*args, "--jobs", "1", "--out", str(tmp_path / "one")]) == 0
+    one, two = tmp_path / "one" / "vp_linear", tmp_path / "two" / "vp_linear"
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for p in one.iterdir():
+        assert p.read_bytes() == (two / p.name).read_bytes(), p.name
+
+
+# ---- manifest.json ---------------------------------------------------------------------------
+
+NAME_RE = re.compile(r"^(?P<spec>[a-z0-9_]+?)_nfe(?P<nfe>\d+)_(?P<grid>[a-z0-9.-]+)_q(?P<order>\d)"
+                     r"(_lam(?P<lam>[0-9over]+))?(?P<pc>_pc)?(?P<nodenoise>_nodenoise)?\.safetensors$")
+
+
+def test_manifest_lists_every_file_with_options_and_hash(tmp_path):
+    assert _cli.main(["vp_linear", "--nfe", "4", "--grid", "edm", "--lam", "0.5", "--corrector",
+                      "--jobs", "1", "--quiet", "--out", str(tmp_path)]) == 0
+    folder = tmp_path / "vp_linear"
+    doc = json.loads((folder / "manifest.json").read_text())
+    listed = {e["file"]: e for e in doc["files"]}
+    assert set(listed) == {p.name for p in folder.iterdir()} - {"manifest.json"}
+    for name, entry in listed.items():
+        data = (folder / name).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["bytes"] == len(data)
+    tables = [e for e in doc["files"] if e["kind"] == "table"]
+    assert len(tables) == 1
+    m = NAME_RE.match(tables[0]["file"])                 # the README's naming rule, read back
+    opts = tables[0]["options"]
+    assert m and int(m["nfe"]) == opts["nfe"] == 4 and int(m["order"]) == opts["order"] == 3
+    assert m["grid"] == "edm7" and opts["grid"]["name"] == "edm" and opts["grid"]["param"] == 7.0
+    assert m["lam"] == "1over2" and opts["lam"] == "1/2" and m["pc"] and opts["corrector"]
+    assert not m["nodenoise"] and opts["denoise"] and opts["steps"] == 3
+    _, meta = read_table(folder / tables[0]["file"])
+    assert tables[0]["command"] == meta["command"] and tables[0]["verification"] == "fast"
+    kinds = sorted(e["kind"] for e in doc["files"])
+    assert kinds == ["closed forms", "closed forms", "dense", "spec", "table", "table text"]
+
+
+def test_manifest_same_whether_written_at_once_or_added_later(tmp_path):
+    common = ["vp_linear", "--jobs", "1", "--quiet", "--no-verify"]
+    assert _cli.main([*common, "--nfe", "4", "--out", str(tmp_path / "later")]) == 0
+    first = (tmp_path / "later" / "vp_linear" / "manifest.json").read_text()
+    assert _cli.main([*common, "--nfe", "5", "--order", "2", "--out", str(tmp_path / "later")]) == 0
+    assert _cli.main([*common, "--nfe", "4", "--out", str(tmp_path / "once")]) == 0
+    assert _cli.main([*common, "--nfe", "5", "--order", "2", "--out", str(tmp_path / "once")]) == 0
+    later = (tmp_path / "later" / "vp_linear" / "manifest.json").read_bytes()
+    assert later == (tmp_path / "once" / "vp_linear" / "manifest.json").read_bytes()
+    files = [e["file"] for e in json.loads(later)["files"]]
+    assert "vp_linear_nfe4_quadratic_q3.safetensors" in files and "vp_linear_nfe5_quadratic_q2.safetensors" in files
+    assert len(json.loads(later)["files"]) == len(json.loads(first)["files"]) + 2
+    # the manifest is regenerated from the folder: a file removed by hand drops out on the next run
+    (tmp_path / "once" / "vp_linear" / "vp_linear_nfe4_quadratic_q3.md").unlink()
+    (tmp_path / "once" / "vp_linear" / "manifest.json").write_text(_writer.manifest_text(tmp_path / "once" / "vp_linear"))
+    assert "vp_linear_nfe4_quadratic_q3.md" not in (tmp_path / "once" / "vp_linear" / "manifest.json").read_text()
+
+
+# ---- names -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, label", [
+    (dict(nfe=20), "x_nfe20_quadratic_q3"),
+    (dict(nfe=20, grid="uniform", order=1), "x_nfe20_uniform_q1"),
+    (dict(nfe=20, grid="power:2"), "x_nfe20_quadratic_q3"),
+    (dict(nfe=20, grid="power:3"), "x_nfe20_power3_q3"),
+    (dict(nfe=20, grid="power:1.5"), "x_nfe20_power1.5_q3"),
+    (dict(nfe=20, grid="logsnr"), "x_nfe20_logsnr_q3"),
+    (dict(nfe=20, grid="edm"), "x_nfe20_edm7_q3"),
+    (dict(nfe=20, grid="edm:5"), "x_nfe20_edm5_q3"),
+    (dict(nfe=20, lam="0.5", corrector=True, denoise=False), "x_nfe20_quadratic_q3_lam1over2_pc_nodenoise"),
+    (dict(nfe=20, lam="2"), "x_nfe20_quadratic_q3_lam2"),
+])
+def test_names_follow_the_documented_rule(options, label):
+    assert TableRequest(**options).label("x") == label
+
+
+def test_grid_file_label(tmp_path):
+    times = tmp_path / "My Times.txt"
+    times.write_text("1 0.5 0.1 0.001\n")
+    assert TableRequest(nfe=4, grid=str(times)).label("x") == "x_nfe4_file-my-times_q3"
+
+
+# ---- inspect ---------------------------------------------------------------------------------
+
+def test_inspect_prints_each_line_once_with_the_x0_weights(tmp_path):
+    path = ROOT / "coeffs" / "cld" / "cld_nfe10_quadratic_q3.safetensors"
+    proc = run_derive("inspect", path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    assert len(lines) == len(set(lines)), "a line is printed twice"
+    x0 = [l for l in lines if l.startswith("x0 weights")]
+    assert len(x0) == 1
+    tensors, _ = read_table(path)
+    numbers = [float(v) for v in re.findall(r"[-+]?\d\.\d+e[-+]\d+", x0[0])]
+    np.testing.assert_allclose(numbers, np.concatenate([tensors["x0_weights"][0, 0].ravel(),
+                                                        tensors["x0_weights"][1, 0].ravel()]), rtol=1e-9)
