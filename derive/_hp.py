@@ -60,18 +60,201 @@ def eye(k, batch=()):
     return out
 
 
-def _ufunc(fn):
-    return np.frompyfunc(fn, 1, 1)
+def _ufunc(fn, nin=1):
+    return np.frompyfunc(fn, nin, 1)
 
 
+_NAN = gmpy2.mpfr("nan")
+_ONE, _ZERO, _HALF = gmpy2.mpfr(1), gmpy2.mpfr(0), gmpy2.mpfr("0.5")
+
+
+def _to_mpmath(x):
+    """Exact mpmath copy of an MPFR number (mantissa and exponent, no decimal round trip)."""
+    import mpmath
+    if not gmpy2.is_finite(x):
+        return mpmath.mpf(str(x))
+    man, exp = x.as_mantissa_exp()
+    return mpmath.ldexp(mpmath.mpf(int(man)), int(exp))
+
+
+def _from_mpmath(v):
+    import mpmath
+    if isinstance(v, mpmath.mpc):
+        if v.imag != 0:
+            return _NAN
+        v = v.real
+    sign, man, exp, _ = v._mpf_
+    if man == 0:
+        return _ZERO if exp == 0 else gmpy2.mpfr(str(v))     # zero, or inf/nan
+    return gmpy2.mul_2exp(gmpy2.mpfr(-man if sign else man), exp)
+
+
+def _mpmath(name, nin=1):
+    """Elementwise mpmath function at PREC_BITS for what MPFR lacks (Si, Ci, erfi, ...).
+
+    A domain error or a non-real result gives nan (EvaluationError where it is used)."""
+    def fn(*xs):
+        import mpmath
+        with mpmath.workprec(PREC_BITS):
+            try:
+                return _from_mpmath(getattr(mpmath, name)(*(_to_mpmath(x) for x in xs)))
+            except (ValueError, ZeroDivisionError, ArithmeticError):
+                return _NAN
+    return _ufunc(fn, nin)
+
+
+def _lowergamma(a, x):
+    import mpmath
+    with mpmath.workprec(PREC_BITS):
+        try:
+            return _from_mpmath(mpmath.gammainc(_to_mpmath(a), 0, _to_mpmath(x)))
+        except (ValueError, ZeroDivisionError, ArithmeticError):
+            return _NAN
+
+
+def _recip(fn):
+    return lambda x: fn(_ONE / x)
+
+
+def _sinc(x):
+    return _ONE if x == 0 else gmpy2.sin(x) / x
+
+
+def _li(x):
+    return gmpy2.eint(gmpy2.log(x)) if x >= 0 else _NAN
+
+
+# ----- structural entries (arguments compiled here, evaluated lazily where it matters) --------
+
+def _elementwise(ufunc):
+    def build(expr):
+        args = [compile_expr(a) for a in expr.args]
+        if ufunc.nin != len(args):
+            raise Unsupported(f"{expr.func.__name__} with {len(args)} arguments")
+        if len(args) == 1:
+            a, = args
+            return lambda env: _apply(ufunc, a(env))
+        return lambda env: _wrap(ufunc(*(f(env) for f in args)))
+    build.ufunc = ufunc
+    return build
+
+
+def _reduce(fn):
+    def build(expr):
+        args = [compile_expr(a) for a in expr.args]
+        return lambda env: _wrap(functools.reduce(fn, (f(env) for f in args)))
+    return build
+
+
+def _relation(op):
+    def build(expr):
+        a, b = (compile_expr(x) for x in expr.args)
+        return lambda env: _bool(op(a(env), b(env)))
+    return build
+
+
+def _bool(v):
+    return np.asarray(v, dtype=bool) if isinstance(v, np.ndarray) else bool(v)
+
+
+def _where(cond, a, b):
+    if isinstance(cond, (bool, np.bool_)):
+        return a if cond else b
+    return np.where(cond, np.asarray(a, dtype=object), np.asarray(b, dtype=object))
+
+
+def _piecewise(expr):
+    """Piecewise((e1, c1), (e2, c2), ...): the first true condition wins; nan where none holds."""
+    pairs = [(compile_expr(e), compile_expr(c)) for e, c in expr.args]
+
+    def evaluate(env):
+        out = _NAN
+        for value, cond in reversed(pairs):
+            c = cond(env)
+            out = _where(c, value(env), out) if not isinstance(c, (bool, np.bool_)) else (value(env) if c else out)
+        return _wrap(out)
+    return evaluate
+
+
+def _ite(expr):
+    c, a, b = (compile_expr(x) for x in expr.args)
+    return lambda env: _where(c(env), a(env), b(env))
+
+
+def _heaviside(expr):
+    x = compile_expr(expr.args[0])
+    h0 = compile_expr(expr.args[1]) if len(expr.args) > 1 else (lambda env: _HALF)
+    return lambda env: _wrap(_where(x(env) > 0, _ONE, _where(x(env) < 0, _ZERO, h0(env))))
+
+
+def _logic(fn):
+    def build(expr):
+        args = [compile_expr(a) for a in expr.args]
+        return lambda env: _bool(functools.reduce(fn, (_bool(f(env)) for f in args)))
+    return build
+
+
+def _not(expr):
+    a = compile_expr(expr.args[0])
+    return lambda env: _bool(np.logical_not(a(env)))
+
+
+def _real_part(expr):                 # MPFR values are real: re(x) = x, im(x) = 0
+    a = compile_expr(expr.args[0])
+    return a
+
+
+def _imag_part(expr):
+    a = compile_expr(expr.args[0])
+    return lambda env: a(env) * 0
+
+
+# THE table of functions this evaluator accepts: sympy head -> builder(expr) -> closure.
+# validation/_evaluate.py has its own table with exactly the same keys (tests/test_evaluators.py).
+# Anything else raises Unsupported (derive then falls back to numerical integration, and the spec
+# loader refuses user expressions that sympy turned into such a function).
 FUNCS = {
+    # elementary (MPFR)
     sp.exp: _ufunc(gmpy2.exp), sp.log: _ufunc(gmpy2.log),
     sp.sin: _ufunc(gmpy2.sin), sp.cos: _ufunc(gmpy2.cos), sp.tan: _ufunc(gmpy2.tan),
+    sp.cot: _ufunc(gmpy2.cot), sp.sec: _ufunc(gmpy2.sec), sp.csc: _ufunc(gmpy2.csc),
     sp.sinh: _ufunc(gmpy2.sinh), sp.cosh: _ufunc(gmpy2.cosh), sp.tanh: _ufunc(gmpy2.tanh),
-    sp.atan: _ufunc(gmpy2.atan), sp.asin: _ufunc(gmpy2.asin), sp.acos: _ufunc(gmpy2.acos),
-    sp.Abs: _ufunc(abs), sp.erf: _ufunc(gmpy2.erf), sp.erfc: _ufunc(gmpy2.erfc),
-    sp.Ei: _ufunc(gmpy2.eint),
-    sp.sign: _ufunc(lambda x: gmpy2.mpfr((x > 0) - (x < 0))),
+    sp.coth: _ufunc(gmpy2.coth), sp.sech: _ufunc(gmpy2.sech), sp.csch: _ufunc(gmpy2.csch),
+    sp.asin: _ufunc(gmpy2.asin), sp.acos: _ufunc(gmpy2.acos), sp.atan: _ufunc(gmpy2.atan),
+    sp.acot: _ufunc(_recip(gmpy2.atan)), sp.asec: _ufunc(_recip(gmpy2.acos)), sp.acsc: _ufunc(_recip(gmpy2.asin)),
+    sp.asinh: _ufunc(gmpy2.asinh), sp.acosh: _ufunc(gmpy2.acosh), sp.atanh: _ufunc(gmpy2.atanh),
+    sp.acoth: _ufunc(_recip(gmpy2.atanh)), sp.asech: _ufunc(_recip(gmpy2.acosh)),
+    sp.acsch: _ufunc(_recip(gmpy2.asinh)),
+    sp.atan2: _ufunc(gmpy2.atan2, 2), sp.sinc: _ufunc(_sinc),
+    # piecewise-defined (sqrt(x**2) -> Abs, d|x|/dx -> sign, integrals -> Piecewise/Heaviside/floor)
+    sp.Abs: _ufunc(abs), sp.sign: _ufunc(lambda x: gmpy2.mpfr((x > 0) - (x < 0)) if x == x else _NAN),
+    sp.floor: _ufunc(gmpy2.floor), sp.ceiling: _ufunc(gmpy2.ceil),
+    sp.Heaviside: _heaviside, sp.Min: _reduce(np.minimum), sp.Max: _reduce(np.maximum),
+    sp.Piecewise: _piecewise, sp.ITE: _ite,
+    sp.re: _real_part, sp.im: _imag_part,
+    # relations and logic (conditions of Piecewise)
+    sp.StrictGreaterThan: _relation(lambda a, b: a > b), sp.GreaterThan: _relation(lambda a, b: a >= b),
+    sp.StrictLessThan: _relation(lambda a, b: a < b), sp.LessThan: _relation(lambda a, b: a <= b),
+    sp.Equality: _relation(lambda a, b: a == b), sp.Unequality: _relation(lambda a, b: a != b),
+    sp.And: _logic(np.logical_and), sp.Or: _logic(np.logical_or), sp.Xor: _logic(np.logical_xor),
+    sp.Not: _not,
+    # special functions that integration produces (MPFR where it has them, else mpmath at PREC_BITS)
+    sp.erf: _ufunc(gmpy2.erf), sp.erfc: _ufunc(gmpy2.erfc), sp.erfi: _mpmath("erfi"),
+    sp.Ei: _ufunc(gmpy2.eint), sp.li: _ufunc(_li),
+    sp.Si: _mpmath("si"), sp.Ci: _mpmath("ci"), sp.Shi: _mpmath("shi"), sp.Chi: _mpmath("chi"),
+    sp.fresnels: _mpmath("fresnels"), sp.fresnelc: _mpmath("fresnelc"),
+    sp.gamma: _ufunc(gmpy2.gamma), sp.loggamma: _ufunc(gmpy2.lngamma),
+    sp.uppergamma: _mpmath("gammainc", 2), sp.lowergamma: _ufunc(_lowergamma, 2),
+    sp.expint: _mpmath("expint", 2), sp.LambertW: _mpmath("lambertw"),
+}
+# Functions sympy can produce that are refused on purpose (not a function value, or complex).
+REFUSED = {
+    sp.DiracDelta: "DiracDelta is a distribution, not a function value",
+    sp.exp_polar: "exp_polar (a point on the Riemann surface of log) has no real value here",
+    sp.Integral: "an unevaluated integral",
+    sp.Derivative: "an unevaluated derivative",
+    sp.polylog: "polylog is not supported", sp.hyper: "hypergeometric functions are not supported",
+    sp.meijerg: "Meijer G functions are not supported",
 }
 SQRT = _ufunc(gmpy2.sqrt)
 POW = np.frompyfunc(lambda a, b: a ** b, 2, 1)
@@ -86,18 +269,24 @@ def compile_expr(expr):
     if expr.is_Symbol:
         name = expr.name
         return lambda env: env[name]
-    if expr.is_number:
-        if expr.has(sp.I, sp.zoo, sp.nan, sp.oo):
+    if expr is sp.true or expr is sp.false:
+        value = bool(expr)
+        return lambda env: value
+    if getattr(expr, "is_number", False) and not isinstance(expr, sp.logic.boolalg.Boolean):
+        if expr.has(sp.I, sp.zoo, sp.nan, sp.oo, sp.exp_polar):
             raise Unsupported(f"non-real constant {expr}")
+        if expr.has(*REFUSED):
+            raise Unsupported(f"{expr}: " + next(v for k, v in REFUSED.items() if expr.has(k)))
         value = mpf(expr) if expr.is_Rational else gmpy2.mpfr(str(sp.N(expr, 70)))
         return lambda env: value
-    args = [compile_expr(a) for a in expr.args]
     if expr.is_Add:
+        args = [compile_expr(a) for a in expr.args]
         return lambda env: functools.reduce(lambda acc, f: acc + f(env), args[1:], args[0](env))
     if expr.is_Mul:
+        args = [compile_expr(a) for a in expr.args]
         return lambda env: functools.reduce(lambda acc, f: acc * f(env), args[1:], args[0](env))
     if expr.is_Pow:
-        base, expo = args
+        base, expo = (compile_expr(a) for a in expr.args)
         e = expr.exp
         if e.is_Integer:
             n = int(e)
@@ -109,11 +298,17 @@ def compile_expr(expr):
         if e == -sp.Rational(1, 2):
             return lambda env: 1 / _apply(SQRT, base(env))
         return lambda env: _apply2(POW, base(env), expo(env))
-    fn = FUNCS.get(expr.func)
-    if fn is None or len(args) != 1:
-        raise Unsupported(f"no high-precision evaluator for {expr.func}")
-    arg = args[0]
-    return lambda env: _apply(fn, arg(env))
+    entry = FUNCS.get(expr.func)
+    if entry is None:
+        why = REFUSED.get(expr.func, f"no high-precision evaluator for {expr.func.__name__}")
+        raise Unsupported(f"{expr.func.__name__}: {why}" if expr.func in REFUSED else why)
+    if isinstance(entry, np.ufunc):
+        return _elementwise(entry)(expr)
+    return entry(expr)
+
+
+def _wrap(out):
+    return out if isinstance(out, np.ndarray) else np.asarray(out, dtype=object)[()]
 
 
 def _apply(ufunc, x):

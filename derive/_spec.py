@@ -321,6 +321,13 @@ def build_spec(data, where="<spec>"):
         if Sigma0.has(t):
             raise SpecError(where, "initial_covariance", "must not depend on t")
 
+    if form == "marginal":
+        _check_evaluable(where, [("marginal.mean", mean), ("marginal.mean (its log-derivative, the drift F)", F[0, 0]),
+                                 ("marginal.std", std), ("marginal.std (the diffusion G)", G[0, 0])])
+    else:
+        _check_evaluable(where, [(f"{key}[{i}][{j}]", M[i, j]) for key, M in
+                                 (("drift", F), ("diffusion", G), ("initial_covariance", Sigma0))
+                                 for i in range(M.shape[0]) for j in range(M.shape[1])])
     _check_sigma0(Sigma0, basis, where, t_min)
     R0 = _R0(data.get("R0", "sqrtm"), Sigma0, where, names)
     tables = _tables(data.get("tables", {}), where)
@@ -357,6 +364,21 @@ def _basis(value, where, claim):
     return Basis("dct2d", sp.Symbol(value["frequency"], real=True, nonnegative=True), tuple(size))
 
 
+def _check_evaluable(where, items):
+    """Every function sympy left in the spec's expressions is in the evaluators' table.
+
+    sympy rewrites on its own (sqrt(x**2) -> Abs(x), d|x|/dt -> sign(x) x'); what comes out
+    must be evaluable by derive (derive/_hp.py FUNCS) and by validation (the same set), else
+    one line here, before anything runs.
+    """
+    from ._hp import Unsupported, compile_expr
+    for key, expr in items:
+        try:
+            compile_expr(expr)
+        except Unsupported as exc:
+            raise SpecError(where, key, f"cannot be evaluated after sympy's rewriting: {exc}") from None
+
+
 def _positive_definite(S):
     """Sylvester's criterion on a numeric symmetric matrix (exact where the entries are)."""
     return all(sp.N(S[:i, :i].det(), 50) > 0 for i in range(1, S.shape[0] + 1))
@@ -390,6 +412,7 @@ def _R0(value, Sigma0, where, names):
     R0 = _matrix(value, where, "R0", names, rows=Sigma0.shape[0], cols=Sigma0.shape[0])
     if R0.has(t):
         raise SpecError(where, "R0", "must not depend on t")
+    _check_evaluable(where, [(f"R0[{i}][{j}]", R0[i, j]) for i in range(R0.rows) for j in range(R0.cols)])
     if not (R0 * R0.T - Sigma0).applyfunc(sp.simplify).is_zero_matrix:
         raise SpecError(where, "R0", "R0 R0^T must equal initial_covariance exactly")
     return R0

@@ -1,0 +1,216 @@
+"""Any linear SDE: generated specs across the whole spec language (tests/spec_strategies.py).
+
+Property: ``python -m derive SPEC`` on a generated spec exits 0 with tables that passed the
+fast check (a valid process by construction), or exits 2 with exactly one line naming file
+and key (a spec with a defect put in on purpose). Never a traceback, never an internal error
+(exit 3), never a failed verification (exit 1), never a hang (each example runs in a forked
+child that is killed after ``PER_EXAMPLE_S``).
+
+The default run draws a representative handful of examples; ``-m slow`` draws >= 2000
+(``GDDIM_ANYSDE_EXAMPLES`` overrides both). For a survey that records every failure class
+instead of stopping at the first: ``python tests/test_any_sde.py --survey 200``.
+"""
+
+import collections
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import spec_strategies as ss  # noqa: E402
+
+PER_EXAMPLE_S = float(os.environ.get("GDDIM_ANYSDE_TIMEOUT", 120))
+DEFAULT_EXAMPLES = int(os.environ.get("GDDIM_ANYSDE_EXAMPLES", 6))
+SLOW_EXAMPLES = int(os.environ.get("GDDIM_ANYSDE_EXAMPLES", 2000))
+ONE_LINE = re.compile(r"^error: [^\n]+: [^\n]+: [^\n]+$")
+
+
+def derive_in_child(spec, folder, timeout=PER_EXAMPLE_S):
+    """Write ``spec`` and run derive's CLI on it in a forked child: (rc, stdout, stderr, seconds).
+
+    rc is None when the child ran past ``timeout`` (it is then killed with its process group).
+    The child runs exactly what ``python -m derive`` runs (derive._cli.main), without paying
+    the interpreter and sympy start-up per example; an exception escaping main is printed as
+    the interpreter would print it.
+    """
+    folder = Path(folder)
+    path = folder / "spec.yaml"
+    path.write_text(ss.dump(spec))
+    out_f, err_f = folder / "stdout.txt", folder / "stderr.txt"
+    argv = [str(path), "--out", str(folder / "out"), "--quiet"]
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:                                                   # child
+        rc = 1
+        try:
+            os.setpgid(0, 0)
+            for fd, name in ((1, out_f), (2, err_f)):
+                handle = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(handle, fd)
+                os.close(handle)
+            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", closefd=False)
+            from derive._cli import main
+            try:
+                rc = main(argv)
+            except SystemExit as exc:
+                rc = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+                rc = 1
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(rc if isinstance(rc, int) else 1)
+    deadline = start + timeout
+    status = None
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.perf_counter() > deadline:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            status = None
+            break
+        time.sleep(0.02)
+    seconds = time.perf_counter() - start
+    rc = None if status is None else os.waitstatus_to_exitcode(status)
+    return rc, out_f.read_text(), err_f.read_text(), seconds
+
+
+def classify(expect, rc, err):
+    """'pass' or the failure class (a short label used to group failures)."""
+    if rc is None:
+        return "hang (ran past the per-example limit)"
+    if "Traceback" in err:
+        last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
+        where = re.findall(r'File "[^"]*/((?:derive|validation)/[^"]+)", line \d+, in (\w+)', err)
+        at = f" at {where[-1][0]}:{where[-1][1]}" if where else ""
+        return f"traceback {last.split(':')[0]}{at}"
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    if rc == 3:
+        return "internal error (exit 3)"
+    if rc == 1:
+        return "verification failed (exit 1)"
+    if rc == 2:
+        if len(lines) != 1 or not ONE_LINE.match(lines[0]):
+            return "exit 2 without one 'file: key: problem' line"
+        if expect == "ok":
+            key = lines[0].split(": ")[2] if lines[0].count(": ") >= 3 else "?"
+            return f"valid spec refused ({key}: {_problem_class(lines[0])})"
+        return "pass"
+    if rc == 0:
+        return "pass" if expect == "ok" else "defect accepted (exit 0)"
+    return f"exit {rc}"
+
+
+def _problem_class(line):
+    problem = line.split(": ", 3)[-1]
+    problem = re.sub(r"[-+]?\d[\d.e+-]*", "N", problem)
+    return problem[:80]
+
+
+def check_outcome(expect, label, spec, rc, out, err, folder):
+    cls = classify(expect, rc, err)
+    assert cls == "pass", f"{cls}\n--- {label} spec ---\n{ss.dump(spec)}--- stderr ---\n{err[-3000:]}"
+    if rc == 0:
+        written = list((Path(folder) / "out").rglob("*.safetensors"))
+        assert any("_nfe" in p.name for p in written), "exit 0 but no table written"
+
+
+def _run_one(case):
+    expect, label, spec = case
+    with tempfile.TemporaryDirectory(prefix="anysde_") as tmp:
+        rc, out, err, _ = derive_in_child(spec, tmp)
+        check_outcome(expect, label, spec, rc, out, err, tmp)
+
+
+_COMMON = dict(deadline=None, derandomize=True, database=None,
+               suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink])
+
+
+@settings(max_examples=DEFAULT_EXAMPLES, **_COMMON)
+@given(ss.any_spec())
+def test_generated_specs_derive_or_refuse_cleanly(case):
+    _run_one(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=SLOW_EXAMPLES, **dict(_COMMON, derandomize=False))
+@given(ss.any_spec())
+def test_generated_specs_many(case):
+    _run_one(case)
+
+
+@settings(max_examples=3, **_COMMON)
+@given(ss.marginal())
+def test_generated_marginal_families(spec):
+    _run_one(("ok", "marginal", spec))
+
+
+# ----- survey: every failure class, not only the first -----------------------------------
+
+def survey(n, seed=0, report=None):
+    """Draw ``n`` specs, run each, count outcomes per class; keep the smallest spec of each class."""
+    from hypothesis import seed as hseed
+    stats, smallest, times = collections.Counter(), {}, []
+
+    @hseed(seed)
+    @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              phases=[Phase.generate])
+    @given(ss.any_spec())
+    def body(case):
+        expect, label, spec = case
+        with tempfile.TemporaryDirectory(prefix="anysde_") as tmp:
+            rc, out, err, sec = derive_in_child(spec, tmp)
+        times.append(sec)
+        cls = classify(expect, rc, err)
+        stats[(label if cls == "pass" else "FAIL", cls)] += 1
+        text = ss.dump(spec)
+        if cls != "pass" and (cls not in smallest or len(text) < len(smallest[cls][0])):
+            tail = err.strip().splitlines()[-1] if err.strip() else ""
+            smallest[cls] = (text, tail, sec)
+        print(f"[{len(times)}/{n}] {sec:6.1f}s {label:8s} {cls}", flush=True)
+
+    start = time.perf_counter()
+    body()
+    wall = time.perf_counter() - start
+    summary = {"examples": len(times), "wall_s": round(wall, 1),
+               "median_s": round(sorted(times)[len(times) // 2], 2) if times else None,
+               "max_s": round(max(times), 1) if times else None,
+               "outcomes": {f"{a} | {b}": c for (a, b), c in sorted(stats.items())},
+               "failures": {k: {"spec": v[0], "last_line": v[1], "seconds": round(v[2], 1)}
+                            for k, v in smallest.items()}}
+    if report:
+        Path(report).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("--survey", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", default=None)
+    a = p.parse_args()
+    s = survey(a.survey, a.seed, a.report)
+    print(json.dumps({k: v for k, v in s.items() if k != "failures"}, indent=1))
+    for k, v in s["failures"].items():
+        print(f"\n## {k}\n{v['spec']}last line: {v['last_line']}")
