@@ -4,6 +4,8 @@ import torch
 
 from ._format import DENSE_FORMAT, TableError, read_table
 
+NAMES = ("F", "GGT", "R", "L", "D")
+
 
 class DenseCoefficients:
     """F, G G^T, R, L, D (data-to-state) at arbitrary t, on the device, without host syncs."""
@@ -11,7 +13,7 @@ class DenseCoefficients:
     def __init__(self, tensors, meta, path=""):
         self.meta, self.path = meta, path
         self.edges, self.nodes = tensors["edges"], tensors["nodes"]
-        self.values = {n: tensors[n] for n in ("F", "GGT", "R", "L", "D")}
+        self.values = {n: tensors[n] for n in NAMES}
         n = self.nodes.shape[0] - 1
         w = torch.ones(n + 1, dtype=torch.float64, device=self.nodes.device)
         w[1::2] = -1                                       # Chebyshev points: w_j = (-1)^j, halved at the ends
@@ -19,18 +21,62 @@ class DenseCoefficients:
         w[-1] *= 0.5
         self.weights = w
 
+    @property
+    def P(self):
+        """Number of coordinate blocks (1, or H * W frequencies for a dct2d basis)."""
+        return self.values["R"].shape[2]
+
+    @property
+    def k(self):
+        return self.values["R"].shape[-1]
+
+    @property
+    def t_min(self):
+        return self.edges[0]
+
+    @property
+    def T(self):
+        return self.edges[-1]
+
+    def basis(self, data_shape):
+        """(kind, size) for data of ``data_shape``: identity when P = 1, else dct2d over the last two axes.
+
+        The dense file does not record the basis (its meta holds the spec's name and hash only); the only
+        per-coordinate basis a spec can declare is dct2d, so P = H * W identifies it given the data shape."""
+        if self.P == 1:
+            return ("identity", ())
+        size = tuple(int(n) for n in tuple(data_shape)[-2:])
+        if len(size) != 2 or size[0] * size[1] != self.P:
+            raise TableError(f"{self.path}: {self.P} frequency blocks (dct2d) do not fit data of shape "
+                             f"{tuple(data_shape)}: the last two axes must multiply to {self.P}")
+        return ("dct2d", size)
+
     def at(self, t):
-        """dict name -> [P, k, k] at the 0-d tensor t (float64)."""
+        """Coefficients at t (float64). A 0-d t gives dict name -> [P, k, k]; t of shape [B] (any
+        times, one per sample) gives dict name -> [B, P, k, k]. Everything stays on the device."""
         t = t.to(torch.float64)
-        i = (torch.searchsorted(self.edges, t.reshape(1), right=True) - 1).clamp(0, len(self.edges) - 2)[0]
+        if t.dim() == 0:
+            return {name: v[0] for name, v in self._at(t.reshape(1)).items()}
+        if t.dim() != 1:
+            raise ValueError(f"t must be 0-d or [B], got shape {tuple(t.shape)}")
+        return self._at(t)
+
+    def _at(self, t):
+        M = len(self.edges) - 1
+        i = (torch.searchsorted(self.edges, t, right=True) - 1).clamp(0, M - 1)        # panel per time [B]
         a, b = self.edges[i], self.edges[i + 1]
-        x = 2 * (t - a) / (b - a) - 1
-        d = x - self.nodes
+        x = (2 * (t - a) / (b - a) - 1).unsqueeze(1)                                 # [B, 1] in [-1, 1]
+        d = x - self.nodes                                                           # [B, n+1]
         hit = d == 0
         c = torch.where(hit, torch.ones_like(d), self.weights / torch.where(hit, torch.ones_like(d), d))
-        c = torch.where(hit.any(), hit.to(c.dtype), c)
-        c = c / c.sum()
-        return {name: torch.tensordot(c, v[i], dims=([0], [0])) for name, v in self.values.items()}
+        c = torch.where(hit.any(dim=1, keepdim=True), hit.to(c.dtype), c)            # exactly on a node
+        c = c / c.sum(dim=1, keepdim=True)
+        out = {}
+        for name, v in self.values.items():
+            vi = v[i]                                                                # [B, n+1, P, k, k]
+            out[name] = torch.bmm(c.unsqueeze(1), vi.reshape(vi.shape[0], vi.shape[1], -1)).reshape(
+                (vi.shape[0],) + tuple(vi.shape[2:]))
+        return out
 
     def to(self, device):
         tensors = {"edges": self.edges, "nodes": self.nodes, **self.values}

@@ -1,0 +1,173 @@
+"""Training side: the forward process at random continuous times, targets and losses, time samplers.
+
+    dense = gr.load_dense("coeffs/cld/cld_dense.safetensors", device="cuda")
+    t = gr.sample_times(dense, x0.shape[0], generator=g)               # uniform in [t_min, T]
+    u_t, eps = gr.add_noise(dense, x0, t, generator=g)                  # u_t, eps [B, k, *data_shape]
+    loss = gr.diffusion_loss(dense, model(u_t, t.float()), x0, t, eps)  # eps_R: E|eps_theta - eps|^2
+
+Everything stays on x0's device; there is no host synchronisation (no .item(), no data-dependent
+Python branching), so these functions run inside a CUDA training step or a captured graph.
+
+Forward process (MATH.md sections 1-2): given data x0, the state at time t is
+
+    u_t = D_t [x0; 0 ...] + R_t eps,   eps ~ N(0, I),   R_t R_t^T = Sigma_t,
+
+D_t = Psi(t, 0) (data_to_state; mean_t for a marginal-form spec such as BDM) and R_t the spec's gDDIM
+factor (R_0 as the spec says). The auxiliary components' initial law (CLD's velocity) is part of
+Sigma_t through Sigma_0, so eps covers it. With a dct2d basis the k x k blocks act per frequency of
+the orthonormal 2-D DCT of the last two axes; u_t and eps are returned in data space (eps is drawn in
+data space: its DCT is again N(0, I)), which is what the model sees and what the sampler expects.
+"""
+
+import torch
+
+from ._dct import dct2, idct2
+
+PARAMETRIZATIONS = ("eps_R", "eps_L", "score", "x0")
+TIME_SAMPLERS = ("uniform", "quadratic", "log")
+
+
+def _per_sample(M, u, basis):
+    """Apply per-sample, per-coordinate blocks M [B, P, k, k] to u [B, k, *data] (coefficient space)."""
+    B, P, k, _ = M.shape
+    lead = u.ndim - 2
+    if basis[0] == "dct2d":
+        H, W = basis[1]
+        Mb = M.view(B, H, W, k, k).permute(0, 3, 4, 1, 2)                   # [B, k, k, H, W]
+        Mb = Mb.reshape((B, k, k) + (1,) * (lead - 2) + (H, W))
+    else:
+        Mb = M.reshape((B, k, k) + (1,) * lead)
+    return (Mb * u.unsqueeze(1)).sum(dim=2)
+
+
+def _codec(basis):
+    return (dct2, idct2) if basis[0] == "dct2d" else ((lambda x: x), (lambda x: x))
+
+
+def _lift(x0, k):
+    """[B, *data] -> [B, k, *data] with the data in component 0 and zeros elsewhere ([x0; 0 ...])."""
+    return torch.cat([x0.unsqueeze(1), x0.new_zeros((x0.shape[0], k - 1) + tuple(x0.shape[1:]))], dim=1)
+
+
+def _coefficients(dense, t, like):
+    c = dense.at(t.to(device=dense.edges.device).reshape(-1))
+    return {n: v.to(device=like.device) for n, v in c.items()}
+
+
+def add_noise(dense, x0, t, generator=None):
+    """(u_t, eps), both [B, k, *data_shape]: u_t = D_t [x0; 0] + R_t eps with eps ~ N(0, I).
+
+    dense: ``load_dense(<name>_dense.safetensors)`` on x0's device; x0 [B, *data_shape] (any float
+    dtype; the result has it); t [B] times in [t_min, T] (one per sample). Coefficients are evaluated
+    in float64 (interpolation error <= 1e-12 relative) and cast to x0's dtype once.
+    """
+    B = x0.shape[0]
+    if t.shape != (B,):
+        raise ValueError(f"t must have shape [{B}] (one time per sample), got {tuple(t.shape)}")
+    basis = dense.basis(x0.shape[1:])
+    k = dense.k
+    c = _coefficients(dense, t, x0)
+    R, D = c["R"].to(x0.dtype), c["D"].to(x0.dtype)
+    eps = torch.randn((B, k) + tuple(x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)
+    to_coef, to_data = _codec(basis)
+    u = _per_sample(D, _lift(to_coef(x0), k), basis) + _per_sample(R, to_coef(eps), basis)
+    return to_data(u), eps
+
+
+def training_target(dense, x0, t, eps, parametrization="eps_R"):
+    """The regression target whose conditional mean the network must learn, [B, k, *data_shape].
+
+    With s = grad log p(u_t | x0) = -R^-T eps (the conditional score):
+      eps_R   eps                        (gDDIM, K = R)
+      eps_L   L^T R^-T eps = -L^T s      (K = L: Cholesky, as CLD-SGM)
+      score   -R^-T eps
+      x0      [x0; 0 ...]                (D^-1 (u_t - R eps): the runtime's x0 output, whose auxiliary
+                                          components are those of D^-1 u_t's data part, i.e. 0)
+    Each minimiser is the conditional expectation given u_t: the true eps_R, eps_L, score or
+    E[D^-1 (u_t - R eps) | u_t], exactly what ``sample(..., parametrization=...)`` converts.
+    """
+    if parametrization == "eps_R":
+        return eps
+    if parametrization == "x0":
+        return _lift(x0, dense.k)
+    basis = dense.basis(x0.shape[1:])
+    c = _coefficients(dense, t, eps)
+    R, L = c["R"], c["L"]
+    Rinv_T = torch.linalg.inv(R).transpose(-1, -2)
+    if parametrization == "score":
+        M = -Rinv_T
+    elif parametrization == "eps_L":
+        M = L.transpose(-1, -2) @ Rinv_T
+    else:
+        raise ValueError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
+    to_coef, to_data = _codec(basis)
+    return to_data(_per_sample(M.to(eps.dtype), to_coef(eps), basis))
+
+
+def diffusion_loss(dense, output, x0, t, eps, parametrization="eps_R", weighting=None, reduction="mean"):
+    """Denoising loss of a model output in ``parametrization``; per sample the mean over [k, *data].
+
+    Maths (s_theta the model's score, s = -R^-T eps the conditional score, Sigma_t = R R^T = L L^T):
+      eps_R  |eps_theta - eps|^2 = (s_theta - s)^T Sigma_t (s_theta - s): denoising score matching
+             weighted by Sigma_t = R_t R_t^T (for k = 1, VP: Ho et al.'s "simple" loss, lambda = sigma_t^2).
+      eps_L  |eps_L,theta - L^T R^-T eps|^2 = (s_theta - s)^T L L^T (s_theta - s): the SAME weighting
+             Sigma_t; eps_R and eps_L losses agree for the same score network. K = R vs K = L differ in
+             what the network must represent (eps_R is flat along probability-flow paths), not in the loss.
+      score  |s_theta - s|^2: unweighted score matching (lambda = I; its variance grows like Sigma^-1
+             at small t). weighting="eps" multiplies the error by R^T and gives the eps_R loss.
+      x0     |x0_theta - [x0; 0]|^2: data prediction; in eps units the error is R^-1 D (x0_theta - x0),
+             i.e. weighting by D^T R^-T R^-1 D (the SNR for k = 1). weighting="eps" gives the eps_R loss.
+    weighting: None (as above), "eps" (every parametrisation converted to eps_R units, so all four equal
+    the eps_R loss of the equivalent network), or a tensor [B] of per-sample weights lambda(t).
+    reduction: "mean" (scalar) or "none" ([B]).
+    """
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
+    err = output - training_target(dense, x0, t, eps, parametrization)
+    lam = None
+    if isinstance(weighting, str):
+        if weighting != "eps":
+            raise ValueError(f"unknown weighting {weighting!r}: None, 'eps' or a tensor [B]")
+        if parametrization in ("score", "x0"):
+            basis = dense.basis(x0.shape[1:])
+            c = _coefficients(dense, t, err)
+            M = -c["R"].transpose(-1, -2) if parametrization == "score" else torch.linalg.solve(c["R"], c["D"])
+            to_coef, to_data = _codec(basis)
+            err = to_data(_per_sample(M.to(err.dtype), to_coef(err), basis))
+        elif parametrization == "eps_L":
+            basis = dense.basis(x0.shape[1:])
+            c = _coefficients(dense, t, err)
+            M = c["R"].transpose(-1, -2) @ torch.linalg.inv(c["L"]).transpose(-1, -2)   # eps_R = R^T L^-T eps_L
+            to_coef, to_data = _codec(basis)
+            err = to_data(_per_sample(M.to(err.dtype), to_coef(err), basis))
+    elif weighting is not None:
+        lam = weighting
+    per = err.pow(2).flatten(1).mean(dim=1)
+    if lam is not None:
+        per = per * lam.to(per.dtype)
+    if reduction == "none":
+        return per
+    if reduction != "mean":
+        raise ValueError(f"unknown reduction {reduction!r}: 'mean' or 'none'")
+    return per.mean()
+
+
+def sample_times(dense, batch, kind="uniform", generator=None, device=None, dtype=torch.float64):
+    """t [batch] in [t_min, T]: uniform in t ("uniform"), uniform in sqrt(t) ("quadratic", the variable
+    in which the paper's quadratic sampling grid is uniform: more weight at small t), or uniform in
+    log t ("log"). Drawn on ``device`` (default: the dense file's) without host syncs."""
+    dev = dense.edges.device if device is None else device
+    lo, hi = dense.t_min.to(dev), dense.T.to(dev)
+    v = torch.rand(batch, generator=generator, device=dev, dtype=torch.float64)
+    if kind == "uniform":
+        t = lo + (hi - lo) * v
+    elif kind == "quadratic":
+        t = (lo.sqrt() + (hi.sqrt() - lo.sqrt()) * v) ** 2
+    elif kind == "log":
+        t = torch.exp(lo.log() + (hi.log() - lo.log()) * v)
+    else:
+        raise ValueError(f"unknown time sampler {kind!r}; choose from {', '.join(TIME_SAMPLERS)}")
+    return t.clamp(lo, hi).to(dtype)
+
+
+__all__ = ["add_noise", "training_target", "diffusion_loss", "sample_times", "PARAMETRIZATIONS", "TIME_SAMPLERS"]

@@ -1,0 +1,264 @@
+"""Training side of the runtime: dense coefficients at batched times, add_noise, targets and losses.
+
+References are independent of the dense files: validation's ScipyReference (float64 solve_ivp of the
+Lyapunov, Psi and R ODEs from F, G, Sigma_0, R_0 alone) and, for BDM's marginal form, MpReference
+(its defining formulas). Empirical moments are compared with tolerances of 5 standard errors (stated
+per check); the seeds are fixed, so the tests are deterministic.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gddim_runtime as gr
+from conftest import ROOT, SDES
+
+Z = 5.0          # tolerance in standard errors for every Monte-Carlo comparison
+
+
+def _dense_of(deriv):
+    from derive import _tables
+    arrays = _tables.dense(deriv)                       # what python -m derive --dense writes (tol 1e-14)
+    return gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in arrays.items()}, {}, deriv.spec.name)
+
+
+@pytest.fixture(scope="module")
+def dense(derivations):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            path = ROOT / "coeffs" / name / f"{name}_dense.safetensors"
+            cache[name] = gr.load_dense(path) if path.exists() else _dense_of(derivations(name))
+        return cache[name]
+    return get
+
+
+def _rel(a, b):
+    """Normwise relative difference per leading index (max over entries), worst case."""
+    a, b = a.flatten(1), b.flatten(1)
+    return float(((a - b).abs().max(1).values / b.abs().max(1).values.clamp_min(1e-300)).max())
+
+
+# ----- dense coefficients at batched times -------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cld", "vp_linear", "psld", "bdm8"])
+def test_dense_batched_matches_table_at_grid_times(name, dense, derivations):
+    """at(t [B]) agrees with a table derived for the same spec to <= 1e-12 relative at every grid time,
+    and each row equals the 0-d evaluation exactly (the RK45 sampler's path)."""
+    from validation.bench import Tables
+    d = dense(name)
+    tabs = Tables.__new__(Tables)
+    tabs.spec, tabs.deriv, tabs.cache, tabs._moments, tabs.dense = derivations(name).spec, derivations(name), {}, {}, None
+    tab = tabs.table(29, 1)
+    T = tab.tensors
+    c = d.at(T["t"])
+    for mine, theirs in (("R", "R"), ("L", "L"), ("D", "data_to_state"), ("F", "F"), ("GGT", "GGT")):
+        assert c[mine].shape == T[theirs].shape
+        assert _rel(c[mine], T[theirs]) <= 1e-12, (name, mine)
+    for i in (0, 7, len(T["t"]) - 1):
+        one = d.at(T["t"][i])
+        for n in one:
+            assert torch.equal(one[n], c[n][i])
+
+
+def test_dense_batched_off_grid_and_shapes(dense):
+    """Random times (not grid points) against the 0-d path; bad shapes refused."""
+    d = dense("cld")
+    t = d.t_min + (d.T - d.t_min) * torch.rand(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    c = d.at(t)
+    assert c["R"].shape == (64, 1, 2, 2)
+    for i in (0, 31, 63):
+        assert _rel(c["R"][i:i + 1], d.at(t[i])["R"][None]) <= 1e-15
+    with pytest.raises(ValueError):
+        d.at(t.reshape(8, 8))
+
+
+# ----- add_noise: moments against the reference --------------------------------------------------
+
+def _moments_check(u, eps, mean, Sigma, R):
+    """u, eps [n, k] samples; mean [k], Sigma, R [k, k] from the reference. Mean, covariance and the
+    cross-covariance E[(u - mean) eps^T] = R (which pins R_t, not just R R^T) within Z standard errors:
+    SE(mean_a) = sqrt(S_aa / n); SE(cov_ab) = sqrt((S_aa S_bb + S_ab^2) / n) (Gaussian, known mean);
+    SE(cross_ab) = sqrt((S_aa + R_ab^2) / n)."""
+    n, k = u.shape
+    r = u - mean
+    emp_cov = r.T @ r / n
+    cross = r.T @ eps / n
+    d = torch.diagonal(Sigma)
+    se_mean = (d / n).sqrt()
+    se_cov = ((d[:, None] * d[None] + Sigma ** 2) / n).sqrt()
+    se_cross = ((d[:, None] + R ** 2) / n).sqrt()
+    assert ((u.mean(0) - mean).abs() <= Z * se_mean).all(), (u.mean(0), mean, se_mean)
+    assert ((emp_cov - Sigma).abs() <= Z * se_cov).all(), (emp_cov, Sigma, se_cov)
+    assert ((cross - R).abs() <= Z * se_cross).all(), (cross, R, se_cross)
+
+
+@pytest.mark.parametrize("name", ["cld", "psld", pytest.param("hold3", marks=pytest.mark.slow)])
+def test_add_noise_moments(name, dense, derivations):
+    """Per coordinate u_t ~ N(Psi(t,0) [x0; 0], Sigma_t) with Cov(u_t, eps) = R_t, against ScipyReference."""
+    from validation._reference import ScipyReference
+    d = dense(name)
+    spec = derivations(name).spec
+    times = [float(spec.t_min) * 3, 0.05, 0.3, 0.9]
+    ref = ScipyReference(spec, times)
+    mu = torch.tensor([1.0, -0.5, 0.25, 2.0], dtype=torch.float64)
+    B = 25000
+    g = torch.Generator().manual_seed(1)
+    for t in times:
+        x0 = mu.expand(B, 4)
+        u, eps = gr.add_noise(d, x0, torch.full((B,), t, dtype=torch.float64), generator=g)
+        k = spec.k
+        assert u.shape == eps.shape == (B, k, 4) and u.dtype == torch.float64
+        S, R, D = (torch.from_numpy(np.asarray(m, dtype=float)) for m in (ref.sigma(t), ref.R(t), ref.data_to_state(t)))
+        # pool the 4 coordinates after removing each one's own mean D e_0 mu_j
+        means = D[:, 0][None, :, None] * mu[None, None, :]                     # [1, k, 4]
+        r = (u - means).permute(0, 2, 1).reshape(-1, k)
+        e = eps.permute(0, 2, 1).reshape(-1, k)
+        _moments_check(r, e, torch.zeros(k, dtype=torch.float64), S, R)
+        # the per-coordinate means themselves (n = B each)
+        se = (torch.diagonal(S) / B).sqrt()[:, None]
+        assert ((u.mean(0) - means[0]).abs() <= Z * se).all(), (name, t)
+
+
+def test_add_noise_bdm_per_frequency(dense, derivations):
+    """BDM (8 x 8, dct2d): u_t returned in data space; per DCT frequency lam_ij the coefficient is
+    mean_t(lam_ij) x0_ij + std_t eps_ij (MpReference's defining formulas), checked at every frequency."""
+    from validation._reference import MpReference
+    d = dense("bdm8")
+    spec = derivations("bdm8").spec
+    lams = spec.basis.values()
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 8, dtype=torch.float64), torch.linspace(-1, 1, 8, dtype=torch.float64),
+                            indexing="ij")
+    img = torch.sin(3 * xx) * torch.cos(2 * yy) + 0.5 * xx        # a smooth, non-constant image
+    B = 20000
+    g = torch.Generator().manual_seed(2)
+    refs = [MpReference(spec, lam) for lam in lams]
+    for t in (2e-3, 0.2, 0.6, 0.95):
+        u, eps = gr.add_noise(d, img.expand(B, 8, 8), torch.full((B,), t, dtype=torch.float64), generator=g)
+        assert u.shape == eps.shape == (B, 1, 8, 8)
+        uf, ef, xf = gr.dct2(u[:, 0]), gr.dct2(eps[:, 0]), gr.dct2(img)
+        mean = torch.tensor([float(r.data_to_state(t)[0, 0]) for r in refs], dtype=torch.float64).view(8, 8) * xf
+        var = torch.tensor([float(r.sigma(t)[0, 0]) for r in refs], dtype=torch.float64).view(8, 8)
+        std = var.sqrt()
+        r = uf - mean
+        assert ((uf.mean(0) - mean).abs() <= Z * (var / B).sqrt()).all()
+        assert (((r ** 2).mean(0) - var).abs() <= Z * (2 * var ** 2 / B).sqrt()).all()
+        assert (((r * ef).mean(0) - std).abs() <= Z * ((var + var) / B).sqrt()).all()
+        if t < 0.5:                                    # the mean check has teeth (late, the blur removes it)
+            assert float(mean.abs().max()) > 10 * float((var / B).sqrt().max())
+
+
+def test_add_noise_mixed_times_and_float32(dense):
+    """One time per sample: a batch with mixed t equals the rows drawn with constant t (same noise)."""
+    d = dense("cld")
+    x0 = torch.randn(6, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = torch.tensor([1e-3, 0.01, 0.1, 0.3, 0.7, 1.0], dtype=torch.float64)
+    u, eps = gr.add_noise(d, x0, t, generator=torch.Generator().manual_seed(4))
+    for i in range(6):
+        c = d.at(t[i])
+        want = c["D"][0][:, 0, None] * x0[i][None] + c["R"][0] @ eps[i]
+        assert torch.allclose(u[i], want, rtol=1e-14, atol=1e-15)
+    u32, eps32 = gr.add_noise(d, x0.float(), t, generator=torch.Generator().manual_seed(4))
+    assert u32.dtype == eps32.dtype == torch.float32
+    for i in range(6):
+        c = d.at(t[i])
+        want = c["D"][0][:, 0, None] * x0[i][None] + c["R"][0] @ eps32[i].double()
+        assert torch.allclose(u32[i].double(), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        gr.add_noise(d, x0, t[:3])
+
+
+# ----- losses: the exact network of Gaussian data attains the analytic minimum ------------------------
+
+def _gaussian_case(dense, derivations, t, c=0.5, mu=0.3, B=20000, dim=8, seed=5):
+    """CLD, data x0 ~ N(mu, c^2 I) in R^dim: exact networks from the reference coefficients.
+
+    Per coordinate u_t ~ N(m, C), m = D e_0 mu, C = Sigma + c^2 D e_0 e_0^T D^T. The conditional-mean
+    networks: score* = -C^-1 (u - m), eps_R* = -R^T score*, eps_L* = -L^T score*,
+    x0* = D^-1 (u + Sigma score*) (= D^-1 (u - R eps_R*), the runtime's x0)."""
+    from validation._reference import ScipyReference
+    spec = derivations("cld").spec
+    ref = ScipyReference(spec, [t])
+    S, R, D = (torch.from_numpy(np.asarray(m, dtype=float)) for m in (ref.sigma(t), ref.R(t), ref.data_to_state(t)))
+    L = torch.linalg.cholesky(S)
+    d0 = D[:, 0]
+    m = d0 * mu
+    C = S + c ** 2 * torch.outer(d0, d0)
+    g = torch.Generator().manual_seed(seed)
+    x0 = mu + c * torch.randn(B, dim, generator=g, dtype=torch.float64)
+    tt = torch.full((B,), t, dtype=torch.float64)
+    u, eps = gr.add_noise(dense("cld"), x0, tt, generator=g)
+    r = u - m[None, :, None]
+    score = -torch.einsum("ab,nbj->naj", torch.linalg.inv(C), r)
+    nets = {"score": score, "eps_R": -torch.einsum("ba,nbj->naj", R, score),
+            "eps_L": -torch.einsum("ba,nbj->naj", L, score),
+            "x0": torch.einsum("ab,nbj->naj", torch.linalg.inv(D), u + torch.einsum("ab,nbj->naj", S, score))}
+    Ci, Di, k = torch.linalg.inv(C), torch.linalg.inv(D), 2
+    minima = {"eps_R": (k - torch.trace(Ci @ S)) / k, "eps_L": (k - torch.trace(Ci @ S)) / k,
+              "score": torch.trace(torch.linalg.inv(S) - Ci) / k,
+              "x0": torch.trace(Di @ (S - S @ Ci @ S) @ Di.T) / k}
+    return x0, tt, eps, nets, {p: float(v) for p, v in minima.items()}
+
+
+@pytest.mark.parametrize("t", [0.02, 0.2, 0.6])
+def test_exact_network_attains_minimal_loss(t, dense, derivations):
+    """Every parametrisation: the exact conditional-mean network's loss equals the analytic minimum
+    (per element: eps_R, eps_L: (k - tr(C^-1 Sigma))/k; score: tr(Sigma^-1 - C^-1)/k;
+    x0: tr(D^-1 (Sigma - Sigma C^-1 Sigma) D^-T)/k) within Z standard errors of the per-sample losses;
+    a perturbed network (+delta) is worse by delta^2 (paired difference, Z standard errors), and
+    with weighting='eps' all four losses are the same number (the eps_R loss)."""
+    d = dense("cld")
+    x0, tt, eps, nets, minima = _gaussian_case(dense, derivations, t)
+    eps_weighted = []
+    for p, out in nets.items():
+        per = gr.diffusion_loss(d, out, x0, tt, eps, parametrization=p, reduction="none")
+        se = float(per.std() / math.sqrt(per.numel()))
+        assert abs(float(per.mean()) - minima[p]) <= Z * se, (p, float(per.mean()), minima[p], se)
+        delta = 0.1 * math.sqrt(minima[p])
+        worse = gr.diffusion_loss(d, out + delta, x0, tt, eps, parametrization=p, reduction="none")
+        diff = worse - per
+        assert float(diff.mean()) > 0
+        assert abs(float(diff.mean()) - delta ** 2) <= Z * float(diff.std() / math.sqrt(diff.numel())), p
+        eps_weighted.append(float(gr.diffusion_loss(d, out, x0, tt, eps, parametrization=p, weighting="eps")))
+    assert max(eps_weighted) - min(eps_weighted) <= 1e-9 * max(eps_weighted), eps_weighted
+
+
+def test_loss_weights_and_targets(dense):
+    """A tensor weighting multiplies per-sample losses; targets relate as s = -R^-T eps, eps_L = -L^T s."""
+    d = dense("cld")
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    t = torch.linspace(0.01, 0.9, 5, dtype=torch.float64)
+    u, eps = gr.add_noise(d, x0, t, generator=g)
+    out = torch.zeros_like(u)
+    w = torch.arange(1, 6, dtype=torch.float64)
+    plain = gr.diffusion_loss(d, out, x0, t, eps, reduction="none")
+    assert torch.allclose(gr.diffusion_loss(d, out, x0, t, eps, weighting=w, reduction="none"), plain * w)
+    s = gr.training_target(d, x0, t, eps, "score")
+    eL = gr.training_target(d, x0, t, eps, "eps_L")
+    c = d.at(t)
+    for i in range(5):
+        R, L = c["R"][i, 0], c["L"][i, 0]
+        assert torch.allclose(-R.T @ s[i], eps[i], atol=1e-12)
+        assert torch.allclose(-L.T @ s[i], eL[i], atol=1e-12)
+    x0t = gr.training_target(d, x0, t, eps, "x0")
+    assert torch.equal(x0t[:, 0], x0) and torch.equal(x0t[:, 1], torch.zeros_like(x0))
+    with pytest.raises(ValueError):
+        gr.diffusion_loss(d, out, x0, t, eps, parametrization="v")
+
+
+@pytest.mark.parametrize("kind,transform", [("uniform", lambda t: t), ("quadratic", torch.sqrt), ("log", torch.log)])
+def test_sample_times(kind, transform, dense):
+    """Times lie in [t_min, T] and are uniform in the named variable: its mean and variance within Z SE."""
+    d = dense("cld")
+    n = 200000
+    t = gr.sample_times(d, n, kind=kind, generator=torch.Generator().manual_seed(7))
+    assert t.shape == (n,) and float(t.min()) >= float(d.t_min) and float(t.max()) <= float(d.T)
+    a, b = float(transform(d.t_min)), float(transform(d.T))
+    v = transform(t)
+    mean, var = (a + b) / 2, (b - a) ** 2 / 12
+    assert abs(float(v.mean()) - mean) <= Z * math.sqrt(var / n)
+    assert abs(float(v.var()) - var) <= Z * math.sqrt((b - a) ** 4 / 180 / n)
