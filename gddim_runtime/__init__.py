@@ -18,6 +18,7 @@ _LAZY = {
     "SamplingError": "._samplers", "dct2": "._dct", "idct2": "._dct",
     "load_dense": "._dense", "DenseCoefficients": "._dense",
     "table_from_dense": "._weights", "GDDIMScheduler": ".diffusers",
+    "add_noise": "._training", "training_target": "._training", "diffusion_loss": "._training", "sample_times": "._training",
 }
 
 __all__ = ["FORMAT_VERSION", "TableError", "read_table", *_LAZY]
