@@ -241,12 +241,12 @@ _cache = {}
 
 
 def _compiled(M, kind):
-    M = M if isinstance(M, sp.MatrixBase) else sp.Matrix([[M]])
+    rows = M.tolist() if isinstance(M, sp.MatrixBase) else [[M]]
     # constants are rounded at compile time, so the mpmath precision is part of the key
-    key = (kind, mpmath.mp.prec if kind == "mp" else 53, M.shape, tuple(M))
+    key = (kind, mpmath.mp.prec if kind == "mp" else 53, tuple(map(tuple, rows)))
     if key not in _cache:
         side, number = (0, _mp_number) if kind == "mp" else (1, float)
-        _cache[key] = [[_compile(M[i, j], side, number) for j in range(M.shape[1])] for i in range(M.shape[0])]
+        _cache[key] = [[_compile(e, side, number) for e in row] for row in rows]
     return _cache[key]
 
 
