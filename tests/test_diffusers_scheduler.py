@@ -1,0 +1,161 @@
+"""GDDIMScheduler in diffusers pipelines: a tiny random UNet end to end, and on exact-score VP data
+(a Gaussian, analytic eps) the pipeline's samples against gddim_runtime.sample and the exact answer."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
+from diffusers.models.modeling_utils import ModelMixin  # noqa: E402
+from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402
+
+import gddim_runtime as gr  # noqa: E402
+from gddim_runtime.diffusers import GDDIMScheduler  # noqa: E402
+
+VP = ROOT / "coeffs" / "vp_linear"
+DENSE = str(VP / "vp_linear_dense.safetensors")
+
+
+def vp_linear(t):
+    """D_t = sqrt(alpha_bar), R_t = sqrt(1 - alpha_bar) of derive/sdes/vp_linear.yaml, written out here."""
+    log_alpha = -(0.1 * t + (20 - 0.1) * t ** 2 / 2)
+    return torch.exp(log_alpha / 2), torch.sqrt(-torch.expm1(log_alpha))
+
+
+def gaussian_eps(x, t, mu, c):
+    """Exact eps for data N(mu, c^2 I): x_t ~ N(D mu, D^2 c^2 + R^2), eps = -R score."""
+    D, R = vp_linear(t)
+    return R * (x - D * mu) / (D ** 2 * c ** 2 + R ** 2)
+
+
+class GaussianEpsNet(ModelMixin, ConfigMixin):
+    """The exact eps as a diffusers model (DDPM timestep tau, t = (tau + 1)/1000), float64."""
+
+    @register_to_config
+    def __init__(self, sample_size=8, in_channels=3, mu=0.1, c=0.15):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))   # sets .dtype/.device
+        self.calls = []
+
+    def forward(self, sample, timestep, return_dict=True):
+        tau = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1)
+        self.calls.append(float(tau[0]))
+        t = ((tau + 1) / 1000).view(-1, 1, 1, 1)
+        return UNet2DOutput(sample=gaussian_eps(sample, t, self.config.mu, self.config.c))
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+def test_tiny_unet_pipeline_end_to_end():
+    """pipe.scheduler = GDDIMScheduler(...) in a DDPMPipeline with a random UNet: runs, NFE as asked,
+    DDPM timesteps from 999 down to t_min's 0."""
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000))
+    pipe.scheduler = GDDIMScheduler(DENSE, solver_order=3, grid="quadratic")
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda mod, args: seen.append(float(args[1])))
+    out = pipe(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np")
+    images = out.images
+    assert images.shape == (2, 8, 8, 3) and np.all(np.isfinite(images))
+    assert len(seen) == 6
+    assert seen[0] == pytest.approx(999.0, abs=1e-9) and seen[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(a > b for a, b in zip(seen, seen[1:]))
+    assert pipe.scheduler.init_noise_sigma == pytest.approx(float(vp_linear(torch.tensor(1.0, dtype=torch.float64))[1]))
+
+
+@pytest.mark.parametrize("c", [0.15, 0.0])
+@pytest.mark.parametrize("order, grid, nfe", [(3, "quadratic", 10), (2, "logsnr", 8), (4, "edm", 12)])
+def test_exact_score_matches_gr_sample(order, grid, nfe, c):
+    """On N(mu, c^2 I) data with the exact eps, DDPMPipeline + GDDIMScheduler equals gr.sample with the
+    same grid and order (float64, 1e-6; measured ~1e-15); for c = 0 (a point mass) both give mu exactly
+    (gDDIM is exact when eps is constant along the flow)."""
+    mu = 0.1
+    net = GaussianEpsNet(mu=mu, c=c)
+    pipe = DDPMPipeline(unet=net, scheduler=DDPMScheduler())
+    pipe.scheduler = GDDIMScheduler(DENSE, solver_order=order, grid=grid)
+    images = pipe(batch_size=3, num_inference_steps=nfe, generator=torch.Generator().manual_seed(1),
+                  output_type="pt").images
+    x_pipe = images * 2 - 1                                         # output_type "pt": [B, C, H, W] in [0, 1]
+    assert len(net.calls) == nfe
+    # The same start: DDPMPipeline draws x_T ~ N(0, I) with the generator (the state itself).
+    z = torch.randn((3, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    committed = VP / f"vp_linear_nfe{nfe}_{grid}_q{order}.safetensors"  # derive's own table where there is one
+    table = gr.load(committed) if committed.is_file() else gr.table_from_dense(DENSE, nfe=nfe, order=order, grid=grid)
+    x_ref = gr.sample(lambda u, t: gaussian_eps(u, t.view(-1, 1, 1, 1, 1), mu, c), table, x_T=z[:, None],
+                      dtype=torch.float64)[:, 0]
+    assert float(x_ref.abs().max()) < 1                             # the pipeline's clamp to [-1, 1] is inactive
+    assert float((x_pipe - x_ref).abs().max()) < 1e-6
+    if c == 0:
+        assert float((x_pipe - mu).abs().max()) < 1e-9
+
+
+def test_matches_derive_table():
+    """The scheduler's table is derive's committed vp_linear table (quadratic, order 3) to 1e-12."""
+    sched = GDDIMScheduler(DENSE, solver_order=3)
+    sched.set_timesteps(10)
+    ref = gr.load(VP / "vp_linear_nfe10_quadratic_q3.safetensors")
+    for name in ("t", "psi", "eps_weights", "x0_weights", "R", "data_to_state"):
+        a, b = sched.table.tensors[name], ref.tensors[name]
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-12, name
+    assert torch.allclose(sched.timesteps, 1000 * ref.t[:10] - 1, rtol=0, atol=1e-9)
+
+
+def test_prediction_types_agree():
+    """x_0 and v outputs equivalent to an eps output give the same step (DDPM's definitions of x_0 and v)."""
+    g = torch.Generator().manual_seed(2)
+    x, eps = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    outs = {}
+    for kind in ("epsilon", "sample", "v_prediction"):
+        s = GDDIMScheduler(DENSE, solver_order=2, prediction_type=kind)
+        s.set_timesteps(5)
+        u = x
+        for i, tau in enumerate(s.timesteps):
+            t = (tau + 1) / 1000
+            D, R = vp_linear(t)
+            out = {"epsilon": eps, "sample": (u - R * eps) / D, "v_prediction": D * eps - R * (u - R * eps) / D}[kind]
+            u = s.step(out, tau, u).prev_sample
+        outs[kind] = u
+    assert float((outs["sample"] - outs["epsilon"]).abs().max()) < 1e-10
+    assert float((outs["v_prediction"] - outs["epsilon"]).abs().max()) < 1e-10
+
+
+def test_config_round_trip_and_integer_timesteps(tmp_path):
+    sched = GDDIMScheduler(DENSE, solver_order=2, grid="logsnr", integer_timesteps=True)
+    sched.save_pretrained(tmp_path)
+    again = GDDIMScheduler.from_pretrained(tmp_path)
+    assert again.config.grid == "logsnr" and again.config.solver_order == 2
+    again.set_timesteps(20)
+    tau = again.timesteps
+    assert torch.equal(tau, tau.round()) and tau[0] == 999
+    assert torch.allclose(again.table.t[:20], (tau + 1) / 1000, rtol=0, atol=1e-15)   # the table is at those times
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="k = 2"):
+        GDDIMScheduler(str(ROOT / "coeffs" / "cld" / "cld_dense.safetensors"))
+    with pytest.raises(ValueError, match="prediction_type"):
+        GDDIMScheduler(DENSE, prediction_type="flow")
+    s = GDDIMScheduler(DENSE)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.step(torch.zeros(1), 999, torch.zeros(1))
+    s.set_timesteps(5)
+    with pytest.raises(ValueError, match="expected step"):
+        s.step(torch.zeros(1), s.timesteps[2], torch.zeros(1))
+
+
+def test_import_error_without_diffusers():
+    code = ("import sys; sys.modules['diffusers'] = None\n"
+            "try:\n    import gddim_runtime.diffusers\nexcept ImportError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "pip install 'gddim-toolkit[diffusers]'" in proc.stdout, proc.stdout + proc.stderr
