@@ -39,11 +39,10 @@ def _spec_from_text(text, where="<text>"):
     return _spec.build_spec(data, where)
 
 
-def load(spec):
+def read_spec(spec):
     """(Spec, the spec as a command line names it) from a Spec, a path, a built-in name or YAML text."""
     if isinstance(spec, _spec.Spec):
-        path = Path(spec.path)
-        return spec, spec.name if path.parent == builtin_dir() else str(spec.path)
+        return spec, spec_name_for(spec.path, spec.path)
     if isinstance(spec, str) and ("\n" in spec or ":" in spec and not _is_file(spec)):
         return _spec_from_text(spec), "<text>"
     if not isinstance(spec, (str, Path)):
@@ -60,6 +59,7 @@ def _is_file(text):
 
 
 def spec_name_for(path, arg):
+    """A built-in is named by its name in commands, any other spec file as the user wrote it."""
     return Path(path).stem if Path(path).parent == builtin_dir() else str(arg)
 
 
@@ -133,7 +133,7 @@ class Derived:
 
     def __init__(self, spec, verifier=None, spec_arg=None):
         with stage("spec"):
-            self.spec, default_arg = load(spec)
+            self.spec, default_arg = read_spec(spec)
         self.spec_arg = spec_arg or default_arg
         self.verifier = verifier
         self.versions = tool_versions()
