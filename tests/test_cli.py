@@ -206,3 +206,16 @@ def test_inspect_prints_each_line_once_with_the_x0_weights(tmp_path):
     numbers = [float(v) for v in re.findall(r"[-+]?\d\.\d+e[-+]\d+", x0[0])]
     np.testing.assert_allclose(numbers, np.concatenate([tensors["x0_weights"][0, 0].ravel(),
                                                         tensors["x0_weights"][1, 0].ravel()]), rtol=1e-9)
+
+
+def test_validation_builds_a_spec_through_the_api(tmp_path, capsys):
+    """python -m validation SPEC: the spec's default tables built in memory, then checked."""
+    import validation.__main__ as vmain
+    spec = tmp_path / "small.yaml"
+    text = (ROOT / "derive" / "sdes" / "vp_linear.yaml").read_text()
+    text = re.sub(r"(?m)^tables: .*$", "tables: {nfe: [4, 5], order: 2}", re.sub(r"(?m)^name: .*$", "name: small", text))
+    spec.write_text(text)
+    assert vmain.main([str(spec), "--level", "fast"]) == 0
+    out = capsys.readouterr().out
+    assert re.findall(r"^## (\S+)$", out, re.M) == ["small_nfe4_quadratic_q2", "small_nfe5_quadratic_q2"]
+    assert out.count("PASSED") == 2
