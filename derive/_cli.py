@@ -45,10 +45,10 @@ def _parser():
                         "adaptive RK45 baseline; default: only when there is no per-coordinate basis)")
     p.add_argument("--verify", choices=["fast", "full"], default="fast",
                    help="check before writing: fast identities + float64 scipy cross-check, or the "
-                        "full 40-digit validation (default: %(default)s)")
+                        "full 45-digit validation (default: %(default)s)")
     p.add_argument("--no-verify", action="store_true", help="skip the check (recorded in the files)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="worker processes (default: one per core, at most one per table; 1: no fork)")
+                   help="worker processes (default: one per core; 1: no fork); the files do not depend on it")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     return p
 
