@@ -125,7 +125,5 @@ def test_installed_verifier_is_validation():
     assert find_verifier() is check_table
 
 
-@pytest.mark.xfail("gddim_toolkit.verifiers" not in (ROOT / "pyproject.toml").read_text(),
-                   reason="pyproject.toml: the entry-point table is the lead's to add (H14a report)", strict=True)
 def test_verifier_is_declared_in_pyproject():
     assert _declared_verifiers() == {"validation": "validation:check_table"}
