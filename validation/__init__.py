@@ -3,6 +3,9 @@
 Recomputes every table quantity by its own route (mpmath odefun / Gauss-Legendre at 50
 digits, scipy solve_ivp in float64) from the spec's F, G, Sigma_0 and R_0; it reuses only
 derive's spec parser.
+
+``check_table`` is also derive's check before writing: pyproject.toml registers it under the
+entry-point group ``gddim_toolkit.verifiers``, so imports run validation -> derive only.
 """
 
 from ._check import Report, check_table
