@@ -359,9 +359,9 @@ def _pd_matrix(draw, k):
 
 
 @st.composite
-def matrix_sde(draw):
-    """k = 2..6: F(t) = f(t) A or entrywise, G k x m, Sigma_0 positive definite, R0 choice."""
-    k = draw(st.integers(2, 6))
+def matrix_sde(draw, max_k=6):
+    """k = 2..max_k: F(t) = f(t) A or entrywise, G k x m, Sigma_0 positive definite, R0 choice."""
+    k = draw(st.integers(2, max_k))
     state = _names(draw, k, set())
     basis, lam = _basis(draw, set(state))
     taken = set(state) | ({lam} if lam else set())
@@ -444,8 +444,8 @@ def _mutations(spec):
 
 
 @st.composite
-def bad_specs(draw):
-    spec = draw(st.one_of(scalar_sde(), marginal(), matrix_sde()))
+def bad_specs(draw, max_k=6):
+    spec = draw(st.one_of(scalar_sde(), marginal(), matrix_sde(max_k)))
     muts = _mutations(spec)
     what, apply = draw(st.sampled_from(muts))
     apply(spec)
@@ -453,13 +453,13 @@ def bad_specs(draw):
 
 
 @st.composite
-def any_spec(draw):
+def any_spec(draw, max_k=6):
     """(expect, label, spec dict): mostly valid processes, some deliberately broken ones."""
     choice = draw(st.sampled_from(["scalar", "scalar", "marginal", "marginal", "matrix", "matrix", "bad"]))
     if choice == "bad":
-        what, spec = draw(bad_specs())
+        what, spec = draw(bad_specs(max_k))
         return "bad", what, spec
-    spec = draw({"scalar": scalar_sde, "marginal": marginal, "matrix": matrix_sde}[choice]())
+    spec = draw(scalar_sde() if choice == "scalar" else marginal() if choice == "marginal" else matrix_sde(max_k))
     return "ok", choice, spec
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import spec_strategies as ss  # noqa: E402
 
 PER_EXAMPLE_S = float(os.environ.get("GDDIM_ANYSDE_TIMEOUT", 120))
-DEFAULT_EXAMPLES = int(os.environ.get("GDDIM_ANYSDE_EXAMPLES", 6))
+DEFAULT_EXAMPLES = int(os.environ.get("GDDIM_ANYSDE_EXAMPLES", 4))
 SLOW_EXAMPLES = int(os.environ.get("GDDIM_ANYSDE_EXAMPLES", 2000))
 ONE_LINE = re.compile(r"^error: [^\n]+: [^\n]+: [^\n]+$")
 
@@ -142,13 +142,16 @@ def _run_one(case):
         check_outcome(expect, label, spec, rc, out, err, tmp)
 
 
+# No shrinking: one example can take a minute (the per-example limit); the failure message
+# carries the whole spec, and the survey below groups failures by class.
 _COMMON = dict(deadline=None, derandomize=True, database=None,
-               suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink])
+               suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
 
 
 @settings(max_examples=DEFAULT_EXAMPLES, **_COMMON)
-@given(ss.any_spec())
+@given(ss.any_spec(max_k=2))
 def test_generated_specs_derive_or_refuse_cleanly(case):
+    """The default run's representative draw: every form, k <= 2 (quick), defects included."""
     _run_one(case)
 
 
@@ -159,7 +162,7 @@ def test_generated_specs_many(case):
     _run_one(case)
 
 
-@settings(max_examples=3, **_COMMON)
+@settings(max_examples=2, **_COMMON)
 @given(ss.marginal())
 def test_generated_marginal_families(spec):
     _run_one(("ok", "marginal", spec))
