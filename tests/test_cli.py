@@ -219,3 +219,11 @@ def test_validation_builds_a_spec_through_the_api(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.findall(r"^## (\S+)$", out, re.M) == ["small_nfe4_quadratic_q2", "small_nfe5_quadratic_q2"]
     assert out.count("PASSED") == 2
+
+
+def test_unwritable_out_is_bad_input(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = _cli.main(["vp_linear", "--nfe", "4", "--jobs", "1", "--quiet", "--no-verify", "--out", str(blocker)])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and line.startswith(f"error: {blocker / 'vp_linear'}: --out: cannot write")
