@@ -157,3 +157,27 @@ def test_no_sympy_mpmath_scipy():
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+
+def test_adaptive_pieces_on_a_fast_transition():
+    """A dense file (one panel) whose Psi(t, r) = exp(c (r - t)) grows by e^200 over a step, so the
+    33-point rule alone is not enough: pieces must be halved until it is. Consistent by construction
+    (F = -c, R = 1/2 + t, G G^T = 2 R (R' - F R), so dR/dt = F R + G G^T / (2 R)); reference: the
+    weights of each step sum to R_t - Psi(t,s) R_s exactly, Psi(t,s) = exp(c (s - t))."""
+    c, n = 1000.0, 16
+    x = np.cos(np.pi * np.arange(n + 1) / n)
+    t_min, T = 1e-3, 1.0
+    tn = t_min + (x + 1) * (T - t_min) / 2
+    R = 0.5 + tn
+    one = lambda v: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(1, n + 1, 1, 1, 1))
+    tensors = {"edges": torch.tensor([t_min, T], dtype=torch.float64), "nodes": torch.from_numpy(x),
+               "F": one(np.full(n + 1, -c)), "GGT": one(2 * R * (1 + c * R)), "R": one(R), "L": one(R),
+               "D": one(np.ones(n + 1))}
+    dense = gr.DenseCoefficients(tensors, {"spec": {"name": "fast"}}, "<fast>")
+    tab = gr.table_from_dense(dense, nfe=6, order=3, grid="uniform")
+    t = tab.t
+    psi = torch.exp(c * (t[:-1] - t[1:]))
+    assert float(((tab["psi"][:, 0, 0, 0] - psi) / psi).abs().max()) < 1e-13
+    total = (0.5 + t[1:]) - psi * (0.5 + t[:-1])
+    err = (tab["eps_weights"][:, :, 0, 0, 0].sum(1) - total).abs() / total.abs()
+    assert float(err.max()) < 1e-13, err
