@@ -301,7 +301,35 @@ def _step_weights(ip, times, nodes, groups):
     return psi, W
 
 
-def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, corrector=False,
+def _parse_lam(lam, ip):
+    from fractions import Fraction
+    if lam is None:
+        return None
+    try:
+        value = Fraction(str(lam))
+    except (ValueError, ZeroDivisionError):
+        raise TableError(f"lam: not a number: {lam!r}") from None
+    if value <= 0:
+        raise TableError(f"lam: needs lam > 0 (lam = 0 is the deterministic table), got {lam!r}")
+    if ip.k != 1:
+        raise TableError(f"lam: run-time stochastic weights need k = 1 (this family has k = {ip.k}); "
+                         "use python -m derive --lam")
+    return value
+
+
+def _stochastic(psi, R, M0, lam2, ip):
+    """k = 1: (PsiHat - Psi) R_s and sqrt(P_st) with a = log(R_t / (Psi R_s)) = log1p(M0 / (Psi R_s)):
+    PsiHat / Psi = exp((1 + lam^2) a), P_st = -Sigma_t expm1(2 lam^2 a) (derive/_tables.py's closed
+    form, written without cancellation; M0 = R_t - Psi R_s is the quadrature's order-1 weight)."""
+    ratio = M0 / (psi * R[:-1])
+    if np.any(psi <= 0) or np.any(ratio <= -1):
+        raise TableError(f"{ip.path}: lam: Psi(t,s) <= 0 or R_t <= 0: stochastic weights undefined")
+    a = np.log1p(ratio)
+    P = -(R[1:] ** 2) * np.expm1(2 * lam2 * a)
+    return psi * R[:-1] * np.expm1((1 + lam2) * a), np.sqrt(np.maximum(P, 0))
+
+
+def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, corrector=False, lam=None,
                      device="cpu", basis=None):
     """A sampler Table for any grid, computed in float64 from a dense file (``<name>_dense.safetensors``).
 
@@ -309,7 +337,8 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
     with the final denoising evaluation, nfe without); order q: 1-4 (the first steps use the
     orders the history allows); grid: uniform | quadratic | power:<kappa> | logsnr | edm[:<rho>]
     (derive's definitions, derive/_grids.py) or a decreasing sequence of times in
-    [t_min, T] (nfe is then ignored); corrector: also Adams-Moulton weights; basis: (kind,
+    [t_min, T] (nfe is then ignored); corrector: also Adams-Moulton weights; lam: also the
+    stochastic gDDIM step (MATH.md section 5; k = 1 only, closed form); basis: (kind,
     size) of the table, e.g. ("dct2d", (32, 32)) (default: identity when P = 1, a square
     dct2d otherwise: the dense file does not record its basis). Returns the same tensors as
     a derive table (README "Table format"), float64 on ``device``, via ``from_tensors``.
@@ -326,6 +355,7 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
     steps = None if explicit else nfe - (1 if denoise else 0)
     times = make_times(ip, grid, steps)
     N, P, k = len(times) - 1, ip.P, ip.k
+    lam = _parse_lam(lam, ip)
     J = 2 * order + 1 if corrector else order
     nodes = np.full((N, J), np.nan)                            # x-nodes per step: predictor lags, then corrector
     for i in range(N):
@@ -336,6 +366,9 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
             qc = min(order + 1, i + 2)
             nodes[i, order:order + qc] = (times[i + 1 - np.arange(qc)] - s) / h
     groups = [(0, order)] + ([(order, J)] if corrector else [])
+    if lam is not None:                                        # one node: l = 1, the weight R_t - Psi R_s itself
+        nodes = np.concatenate([nodes, np.zeros((N, 1))], axis=1)
+        groups.append((J, J + 1))
     psi, W = _step_weights(ip, times, nodes, groups)
     at = ip(("F", "GGT", "R", "L", "D"), times)
     L = at["L"]
@@ -346,7 +379,9 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
         "x0_weights": np.stack([Dinv, -(Dinv @ at["R"][-1])]), "F": at["F"], "GGT": at["GGT"],
     }
     if corrector:
-        tensors["corrector_weights"] = W[:, order:]
+        tensors["corrector_weights"] = W[:, order:J]
+    if lam is not None:
+        tensors["eps_weights_sde"], tensors["noise_chol"] = _stochastic(psi, at["R"], W[:, J], float(lam) ** 2, ip)
     if basis is None:
         side = math.isqrt(P)
         basis = ("identity", ()) if P == 1 else ("dct2d", (side, side))
@@ -362,7 +397,7 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
                                     "basis": {"kind": kind, "size": size, "symbol": None},
                                     "T": repr(ip.T), "t_min": repr(ip.t_min)},
         "grid": grid_meta, "order": order, "nfe": N + (1 if denoise else 0), "steps": N,
-        "denoise": bool(denoise), "corrector": bool(corrector), "lam": None, "k": k, "P": P,
+        "denoise": bool(denoise), "corrector": bool(corrector), "lam": None if lam is None else str(lam), "k": k, "P": P,
     }
     tensors = {name: np.ascontiguousarray(v, dtype=np.float64) for name, v in tensors.items()}
     return from_tensors(tensors, meta, device=device, path=f"{ip.path or '<dense>'}[{meta['grid']['name']}, N={N}, q={order}]")

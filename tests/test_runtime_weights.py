@@ -39,7 +39,7 @@ def compare(table_path, dense_path, **kw):
     """{tensor: worst block error} of the run-time table built with the derive table's options."""
     ref, meta = read_table(table_path)
     tab = gr.table_from_dense(dense_path, nfe=meta["nfe"], order=meta["order"], grid=meta["grid"]["name"],
-                              denoise=meta["denoise"], corrector=meta["corrector"], **kw)
+                              denoise=meta["denoise"], corrector=meta["corrector"], lam=meta["lam"], **kw)
     assert set(tab.tensors) == set(ref), (sorted(tab.tensors), sorted(ref))
     for name in ref:
         assert tuple(tab.tensors[name].shape) == ref[name].shape, name
@@ -83,12 +83,13 @@ def test_committed_tables(spec):
     _check_folder(ROOT / "coeffs" / spec, spec)
 
 
-@pytest.mark.parametrize("spec, grid, extra", [("vp_linear", "logsnr", ()), ("cld", "edm", ("--corrector",))])
-def test_derived_grids(derived, spec, grid, extra):
-    """Other grids and order 4 (and Adams-Moulton corrector weights) against tables derived here (NFE 10)."""
+@pytest.mark.parametrize("spec, grid, extra, name", [("vp_linear", "logsnr", ("--lam", "0.5", "1"), "noise_chol"),
+                                                     ("cld", "edm", ("--corrector",), "corrector_weights")])
+def test_derived_grids(derived, spec, grid, extra, name):
+    """Other grids and order 4, with stochastic (lam) or Adams-Moulton corrector weights, against
+    tables derived here (NFE 10)."""
     worst = _check_folder(derived(spec, grid, *extra, nfe=("10",)), spec)
-    if extra:
-        assert "corrector_weights" in worst
+    assert name in worst
 
 
 @pytest.mark.slow
@@ -141,11 +142,18 @@ def test_sampling_matches_derive_table():
     ({"nfe": 1}, "nfe: needs at least 2"),
     ({"grid": [1.0, 0.5, 0.5, 0.001]}, "decrease strictly"),
     ({"grid": [2.0, 0.5, 0.001]}, "must lie in"),
+    ({"lam": 0}, "lam: needs lam > 0"),
+    ({"lam": "x"}, "lam: not a number"),
 ])
 def test_bad_input(kw, message):
     args = {"nfe": 10, "order": 3, "grid": "quadratic", **kw}
     with pytest.raises(gr.TableError, match=message):
         gr.table_from_dense(ROOT / "coeffs" / "vp_linear" / "vp_linear_dense.safetensors", **args)
+
+
+def test_lam_needs_k1():
+    with pytest.raises(gr.TableError, match="k = 1"):
+        gr.table_from_dense(ROOT / "coeffs" / "cld" / "cld_dense.safetensors", nfe=10, lam=1)
 
 
 def test_no_sympy_mpmath_scipy():
