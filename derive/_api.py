@@ -3,6 +3,7 @@
     import derive
     d = derive.derive("cld")                          # built-in name, spec file, YAML text or Spec
     tab = d.table(nfe=20, order=3, grid="logsnr")     # built and checked (fast) in memory
+    d.table(nfe=10, variable="logsnr", form="x0")      # polynomial in log rho; + data-prediction tensors
     tab.tensors["eps_weights"], tab.meta["steps"]      # float64 numpy arrays, provenance dict
     tab.verify("full").passed                          # the installed verifier (python -m validation's)
     table = tab.to_runtime("cpu")                      # a gddim_runtime.Table, no file involved
@@ -149,23 +150,27 @@ class Derived:
         d = self.derivation
         return {"psi": d.psi_kind, "sigma": d.sigma_kind, "R": d.R_kind}
 
-    def request(self, nfe, order=None, grid=None, lam=None, corrector=None, denoise=None):
-        """A TableRequest; options left None take the spec's ``tables`` defaults."""
+    def request(self, nfe, order=None, grid=None, lam=None, corrector=None, denoise=None, variable=None, form=None):
+        """A TableRequest; options left None take the spec's ``tables`` defaults (variable t, form eps)."""
         options = TableOptions(nfe=(nfe,), order=order, grid=grid, lam=None if lam is None else (lam,),
-                               corrector=corrector, denoise=denoise)
+                               corrector=corrector, denoise=denoise, variable=variable, form=form)
         return options.requests(self.spec)[0]
 
     def requests(self, options=None):
         """TableRequests for ``options`` (TableOptions; default: the spec's default tables)."""
         return (options or TableOptions()).requests(self.spec)
 
-    def table(self, nfe, order=None, grid=None, lam=None, corrector=None, denoise=None, *, verify="fast"):
+    def table(self, nfe, order=None, grid=None, lam=None, corrector=None, denoise=None, variable=None, form=None, *,
+              verify="fast"):
         """Build one table in memory (see ``TableRequest`` for the options; None: spec default).
+
+        variable: "t" | "rho" | "logsnr" (the multistep polynomial's variable); form: "eps" | "x0"
+        (also the data-prediction tensors; README 'Data-prediction form').
 
         verify: "fast" (default; the check ``python -m derive`` runs before writing), "full"
         (45-digit reference) or "none"; a failed check raises ``VerificationFailed``.
         """
-        return self.tables([self.request(nfe, order, grid, lam, corrector, denoise)], verify=verify)[0]
+        return self.tables([self.request(nfe, order, grid, lam, corrector, denoise, variable, form)], verify=verify)[0]
 
     def tables(self, requests=None, *, verify="fast", jobs=1):
         """Build several tables (default: the spec's defaults); jobs > 1 forks that many workers."""

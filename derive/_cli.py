@@ -5,6 +5,7 @@ Examples:
   python -m derive sdes/vp_linear.yaml      # a spec file (or a built-in name: vp_linear)
   python -m derive cld --nfe 10 20 50 --order 3 --grid quadratic
   python -m derive cld --nfe 50 --lam 0.5 --corrector
+  python -m derive cld --nfe 10 20 --variable logsnr --form x0
   python -m derive inspect coeffs/cld/cld_nfe50_quadratic_q3.safetensors --plot cld.png
 
 Exit status: 0 ok, 1 a verification failed, 2 bad input (one line on stderr naming file, key
@@ -39,6 +40,12 @@ def _parser():
                    help="also write Adams-Moulton corrector weights (default: spec, else off)")
     p.add_argument("--no-denoise", dest="denoise", action="store_false", default=None,
                    help="no final denoising evaluation: steps = NFE (default: steps = NFE - 1)")
+    p.add_argument("--variable", choices=["t", "rho", "logsnr"], default=None,
+                   help="variable of the multistep polynomial: t (the paper, default), rho (noise-to-signal "
+                        "ratio, DEIS) or logsnr (-log rho); file name suffix _in<variable>")
+    p.add_argument("--form", choices=["eps", "x0"], default=None,
+                   help="x0: also the data-prediction tensors x0_psi, x0_weights_ms (DPM-Solver++ for VP "
+                        "with --variable logsnr); file name suffix _x0 (default: eps)")
     p.add_argument("--no-tables", action="store_true", help="closed forms only, no sampler tables")
     p.add_argument("--dense", action="store_true",
                    help="also write <name>_dense.safetensors (interpolants of F, G G^T, R, L, D for the "
@@ -65,7 +72,7 @@ def _options(args):
     """The table options as data (None: the spec's default), the only thing the core sees of argparse."""
     return TableOptions(nfe=None if args.nfe is None else tuple(args.nfe), order=args.order, grid=args.grid,
                         lam=None if args.lam is None else tuple(args.lam), corrector=args.corrector,
-                        denoise=args.denoise)
+                        denoise=args.denoise, variable=args.variable, form=args.form)
 
 
 def derive_main(args):

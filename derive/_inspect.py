@@ -22,7 +22,9 @@ def describe(tensors, meta, coord=0):
     lines = [
         f"<!-- {meta.get('generated', '')} -->",
         f"# Table {meta['spec']['name']}: NFE {meta['nfe']}, order {meta['order']}, grid {meta['grid']['name']}"
-        + (f", lam {meta['lam']}" if meta.get("lam") else "") + (", corrector" if meta.get("corrector") else ""),
+        + (f", lam {meta['lam']}" if meta.get("lam") else "") + (", corrector" if meta.get("corrector") else "")
+        + (f", polynomial in {meta['variable']}" if meta.get("variable", "t") != "t" else "")
+        + (f", form {meta['form']}" if meta.get("form", "eps") != "eps" else ""),
         "",
         f"- command: `{meta['command']}`",
         f"- spec sha256: {meta['spec']['sha256']}",
@@ -45,6 +47,13 @@ def describe(tensors, meta, coord=0):
     lines += ["", f"R(t_0) = {_mat(tensors['R'][0, p])}, R(t_N) = {_mat(tensors['R'][-1, p])}",
               f"Sigma(t_N) = {_mat(tensors['sigma'][-1, p])}",
               f"x0 weights (state, eps) = {_mat(tensors['x0_weights'][0, p])}, {_mat(tensors['x0_weights'][1, p])}"]
+    if "x0_weights_ms" in tensors:
+        X = tensors["x0_weights_ms"]
+        lines += ["", "Data-prediction form: u_i+1 = x0_psi u_i + sum_j x0_weights_ms[i, j] x0hat_i-j "
+                      "(x0hat = D^-1 (u - R eps)):", "", "| i | x0_psi | x0 weights (lag 0, 1, ...) |", "|---|---|---|"]
+        for i in range(len(t) - 1):
+            ws = " ".join(_mat(X[i, j, p]) for j in range(X.shape[1]) if np.any(X[i, j, p]))
+            lines.append(f"| {i} | {_mat(tensors['x0_psi'][i, p])} | {ws} |")
     return "\n".join(lines) + "\n"
 
 

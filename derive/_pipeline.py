@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _grids, _hp, _tables
+from . import _grids, _hp, _tables, _variants
 from ._errors import InternalError, SpecError, VerificationFailed
 from ._spec import _number
 
@@ -81,7 +81,9 @@ class TableRequest:
     order q, 1..4; grid: uniform | quadratic | power:<kappa> | logsnr | edm[:<rho>] | a file of
     times; lam: None for the deterministic table, else an exact number > 0 as text ("1/2",
     "0.5", "1") for the stochastic weights too; corrector: also Adams-Moulton weights;
-    denoise: final denoising evaluation at t_min. Invalid values raise SpecError.
+    denoise: final denoising evaluation at t_min; variable: the variable of the multistep
+    polynomial, t (the paper) | rho | logsnr (``_variants``); form: eps (the table as always) |
+    x0 (also the data-prediction tensors x0_psi, x0_weights_ms). Invalid values raise SpecError.
     """
     nfe: int
     order: int = 3
@@ -89,6 +91,8 @@ class TableRequest:
     lam: str | None = None
     corrector: bool = False
     denoise: bool = True
+    variable: str = "t"
+    form: str = "eps"
 
     def __post_init__(self):
         order, nfe = self.order, self.nfe
@@ -99,6 +103,11 @@ class TableRequest:
         for key in ("corrector", "denoise"):
             if not isinstance(getattr(self, key), bool):
                 raise SpecError(f"--{key}", key, f"expected True or False, got {getattr(self, key)!r}")
+        if self.variable not in _variants.VARIABLES:
+            raise SpecError("--variable", "variable",
+                            f"must be one of {', '.join(_variants.VARIABLES)}, got {self.variable!r}")
+        if self.form not in _variants.FORMS:
+            raise SpecError("--form", "form", f"must be one of {', '.join(_variants.FORMS)}, got {self.form!r}")
         kind = _grids.parse_kind(self.grid)
         if kind[0] == "file":
             steps = len(_grids.read_times(kind[1])) - 1
@@ -126,8 +135,13 @@ class TableRequest:
         """(kind, parameter) of the grid, as ``_grids.parse_kind`` normalises it."""
         return _grids.parse_kind(self.grid)
 
+    @property
+    def is_variant(self):
+        """A variable other than t or the x0 form (tensors from ``_variants``)."""
+        return self.variable != "t" or self.form != "eps"
+
     def label(self, name):
-        """File stem: <name>_nfe<N>_<grid label>_q<Q>[_lam<L>][_pc][_nodenoise]."""
+        """File stem: <name>_nfe<N>_<grid label>_q<Q>[_lam<L>][_pc][_nodenoise][_in<variable>][_x0]."""
         out = f"{name}_nfe{self.nfe}_{_grid_label(*self.grid_kind)}_q{self.order}"
         if self.lam is not None:
             out += "_lam" + self.lam.replace("/", "over")
@@ -135,6 +149,10 @@ class TableRequest:
             out += "_pc"
         if not self.denoise:
             out += "_nodenoise"
+        if self.variable != "t":
+            out += "_in" + self.variable
+        if self.form != "eps":
+            out += "_" + self.form
         return out
 
     def command(self, spec_arg):
@@ -147,6 +165,10 @@ class TableRequest:
             parts.append("--corrector")
         if not self.denoise:
             parts.append("--no-denoise")
+        if self.variable != "t":
+            parts += ["--variable", self.variable]
+        if self.form != "eps":
+            parts += ["--form", self.form]
         return " ".join(parts)
 
 
@@ -159,6 +181,8 @@ class TableOptions:
     lam: tuple | None = None
     corrector: bool | None = None
     denoise: bool | None = None
+    variable: str | None = None
+    form: str | None = None
 
     def requests(self, spec):
         """One TableRequest per (nfe, lam), in that order; a file grid fixes the NFE itself."""
@@ -174,16 +198,17 @@ class TableOptions:
         out = []
         for nfe in nfes:
             for lam in lams:
-                request = TableRequest(nfe=nfe, order=order, grid=grid, lam=lam, corrector=corrector, denoise=denoise)
+                request = TableRequest(nfe=nfe, order=order, grid=grid, lam=lam, corrector=corrector, denoise=denoise,
+                                       variable=pick(self.variable, "t"), form=pick(self.form, "eps"))
                 if request not in out:
                     out.append(request)
         return out
 
 
 def table_configs(spec, options):
-    """TableRequests for ``options`` (TableOptions, or any object with its six attributes)."""
+    """TableRequests for ``options`` (TableOptions, or any object with its attributes; missing ones: None)."""
     if not isinstance(options, TableOptions):
-        options = TableOptions(**{f.name: getattr(options, f.name) for f in dataclasses.fields(TableOptions)})
+        options = TableOptions(**{f.name: getattr(options, f.name, None) for f in dataclasses.fields(TableOptions)})
     return options.requests(spec)
 
 
@@ -235,7 +260,7 @@ def _table_meta(deriv, request, spec_arg, versions, verify, identities, steps):
         "kinds": {"psi": deriv.psi_kind, "sigma": deriv.sigma_kind, "R": deriv.R_kind},
         "tools": versions,
         "verification": {"level": verify, "identities_hp": {k: decade(v) for k, v in identities.items()}},
-    }
+    } | ({"variable": request.variable, "form": request.form} if request.is_variant else {})
 
 
 def build_table(deriv, request, spec_arg, versions, verify="fast", times=None, moment_cache=None, verifier=None):
@@ -250,6 +275,11 @@ def build_table(deriv, request, spec_arg, versions, verify="fast", times=None, m
                                                       moment_cache=moment_cache))
     identities = _stage(spec, "tables", lambda: _tables.residuals(deriv, hp))
     tensors = _stage(spec, "tables", lambda: _tables.to_float64(hp, deriv))
+    if request.is_variant:
+        hpv = _stage(spec, "tables", lambda: _variants.build(deriv, times, request.order, request.variable,
+                                                             request.form, request.corrector))
+        identities.update(_stage(spec, "tables", lambda: _variants.residuals(deriv, times, hpv)))
+        tensors.update(_stage(spec, "tables", lambda: _variants.to_float64(hpv, deriv)))
     meta = _table_meta(deriv, request, spec_arg, versions, verify, identities, len(times) - 1)
     if verify != "none":
         bad = {k: v for k, v in identities.items() if not v <= IDENTITY_TOL}

@@ -69,6 +69,9 @@ def _file_entry(path, data):
             if label == "table":
                 entry["options"] = {key: meta.get(key) for key in _TABLE_OPTIONS}
                 entry["options"]["grid"] = meta.get("grid")
+                for key in ("variable", "form"):              # only in variant tables (older entries unchanged)
+                    if key in meta:
+                        entry["options"][key] = meta[key]
                 entry["command"] = meta.get("command")
                 entry["verification"] = meta.get("verification", {}).get("level")
             return entry
