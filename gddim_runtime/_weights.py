@@ -39,7 +39,8 @@ _GRIDS = "uniform, quadratic, power:<kappa>, logsnr, edm[:<rho>] or a sequence o
 def _lobatto(m):
     """Ascending Chebyshev-Lobatto points on [-1, 1], the integration matrix S (S[i] f = int_-1^x_i f)."""
     x = -np.cos(np.pi * np.arange(m + 1) / m)
-    x[m // 2] = 0.0 if m % 2 == 0 else x[m // 2]
+    if m % 2 == 0:
+        x[m // 2] = 0.0                                                       # cos(pi/2) would be 6e-17
     Vinv = np.linalg.inv(np.polynomial.chebyshev.chebvander(x, m))        # values -> Chebyshev coefficients
     S = np.polynomial.chebyshev.chebvander(x, m + 1) @ np.polynomial.chebyshev.chebint(Vinv, lbnd=-1, axis=0)
     return x, S
