@@ -1,0 +1,66 @@
+"""Acceptance: a network trained with gr.add_noise samples the data it was trained on (gDDIM, K = R).
+
+Default run: a tiny MLP on a 2-D Gaussian mixture, CLD (k = 2, the case where R_t matters), trained in
+eps_R on one thread within the time limit, sampled with the committed CLD table at NFE 20. The check is
+against the data: the component Frechet distance (validation.bench.component_fd) of the samples must be
+below 15 x the noise floor of the metric (the same distance for an exact draw of the same
+size, computed here) and far below the prior's distance; the mode weights' total variation below 3 x
+its floor. The network is validation._nets' residual MLP with the Gaussian skip (Preconditioned).
+"""
+
+import math
+import time
+
+import pytest
+import torch
+
+import gddim_runtime as gr
+from conftest import ROOT
+
+CLD = ROOT / "coeffs" / "cld"
+
+
+def _mixture():
+    a = torch.arange(4, dtype=torch.float64) * math.pi / 2 + math.pi / 4
+    means = 1.5 * torch.stack([a.cos(), a.sin()], 1)
+    return means, torch.full((4,), 0.25, dtype=torch.float64)
+
+
+def _train(dense, means, stds, steps):
+    from validation._nets import Preconditioned, ResMLP, train_eps_R
+    from validation.bench import exact_samples
+    torch.manual_seed(0)                                               # the initialisation
+    var = float((means ** 2).sum(1).mean() / 2 + stds.pow(2).mean())     # per-coordinate data variance
+    net = Preconditioned(ResMLP(2, (2,), hidden=64, layers=2), dense, (2,), torch.zeros(2), var)
+    draw = lambda n, g: exact_samples(means, stds, n, g).to(torch.float32)
+    avg, sec, loss = train_eps_R(net, dense, draw, steps, 256, lr=3e-3, ema=0.99)
+    return avg, sec, loss
+
+
+def test_trained_network_samples_the_data():
+    from validation.bench import component_fd, exact_samples
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dense = gr.load_dense(CLD / "cld_dense.safetensors")
+        table = gr.load(CLD / "cld_nfe20_quadratic_q3.safetensors")
+        means, stds = _mixture()
+        start, cpu = time.perf_counter(), time.process_time()
+        net, sec, loss = _train(dense, means, stds, steps=1500)
+        n = 2000
+        with torch.no_grad():
+            x = gr.sample(net, table, batch=n, data_shape=(2,), dtype=torch.float64, model_dtype=torch.float32,
+                          generator=torch.Generator().manual_seed(0))
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    finally:
+        torch.set_num_threads(threads)
+    cfd, tv = component_fd(x[:, 0], means, stds)
+    floor, floor_tv = component_fd(exact_samples(means, stds, n, torch.Generator().manual_seed(1)), means, stds)
+    prior = component_fd(torch.randn(n, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64),
+                         means, stds)[0]
+    print(f"trained {sec:.1f} s (loss {loss:.3f}), total {elapsed:.1f} s wall, {cpu:.1f} s CPU; CFD {cfd:.2e} (floor {floor:.2e}, "
+          f"prior {prior:.2e}), mode TV {tv:.3f} (floor {floor_tv:.3f})")
+    assert cfd <= 15 * floor, (cfd, floor)
+    assert cfd <= 0.02 * prior, (cfd, prior)
+    assert tv <= 3 * floor_tv, (tv, floor_tv)
+    assert cpu <= 30, cpu          # CPU seconds of this (single-threaded) process: wall time on an idle core
