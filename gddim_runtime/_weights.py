@@ -340,8 +340,8 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
     (derive's definitions, derive/_grids.py) or a decreasing sequence of times in
     [t_min, T] (nfe is then ignored); corrector: also Adams-Moulton weights; lam: also the
     stochastic gDDIM step (MATH.md section 5; k = 1 only, closed form); basis: (kind,
-    size) of the table, e.g. ("dct2d", (32, 32)) (default: identity when P = 1, a square
-    dct2d otherwise: the dense file does not record its basis). Returns the same tensors as
+    size) of the table, e.g. ("dct2d", (32, 32)) (default: the dense file's spec.basis if it
+    records one, else identity when P = 1 and a square dct2d otherwise). Returns the same tensors as
     a derive table (README "Table format"), float64 on ``device``, via ``from_tensors``.
     Accuracy: <= 1e-12 relative to derive's 60-digit tables on the built-in specs (README).
     """
@@ -383,13 +383,17 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
         tensors["corrector_weights"] = W[:, order:J]
     if lam is not None:
         tensors["eps_weights_sde"], tensors["noise_chol"] = _stochastic(psi, at["R"], W[:, J], float(lam) ** 2, ip)
+    dmeta = ip.meta.get("spec", {})
+    if basis is None and isinstance(dmeta.get("basis"), dict):               # dense files that record it
+        basis = (dmeta["basis"]["kind"], dmeta["basis"]["size"])
     if basis is None:
         side = math.isqrt(P)
         basis = ("identity", ()) if P == 1 else ("dct2d", (side, side))
         if P > 1 and side * side != P:
             raise TableError(f"{ip.path}: P = {P} coordinates: give basis=('dct2d', (H, W))")
     kind, size = basis[0], [int(v) for v in basis[1]]
-    dmeta = ip.meta.get("spec", {})
+    if (kind == "dct2d" and size[0] * size[1] != P) or (kind != "dct2d" and P != 1):
+        raise TableError(f"{ip.path}: basis {basis!r} does not match the dense file's P = {P} coordinates")
     grid_meta = ({"kind": "file", "name": "<times>", "param": None} if explicit else
                  {"kind": _parse_grid(grid)[0], "name": grid, "param": _parse_grid(grid)[1]})
     meta = {

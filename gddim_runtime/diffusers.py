@@ -73,6 +73,10 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"GDDIMScheduler: {dense_path}: k = {k} state components; a diffusers pipeline "
                              "carries the data only, so this scheduler takes marginal (k = 1) families; "
                              "use gddim_runtime.sample for the others")
+        recorded = (self.dense.meta.get("spec") or {}).get("basis") or {}
+        if P > 1 and dct_size is None and recorded.get("kind") == "dct2d":         # dense files that record it
+            dct_size = [int(v) for v in recorded["size"]]
+            self.register_to_config(dct_size=dct_size)
         if P > 1 and (dct_size is None or int(dct_size[0]) * int(dct_size[1]) != P):
             side = math.isqrt(P)
             if dct_size is not None or side * side != P:
