@@ -283,7 +283,9 @@ def compile_expr(expr):
         args = [compile_expr(a) for a in expr.args]
         return lambda env: functools.reduce(lambda acc, f: acc + f(env), args[1:], args[0](env))
     if expr.is_Mul:
-        args = [compile_expr(a) for a in expr.args]
+        args = [compile_expr(a) for a in merge_exp_factors(expr)]
+        if len(args) == 1:
+            return args[0]
         return lambda env: functools.reduce(lambda acc, f: acc * f(env), args[1:], args[0](env))
     if expr.is_Pow:
         base, expo = (compile_expr(a) for a in expr.args)
@@ -305,6 +307,20 @@ def compile_expr(expr):
     if isinstance(entry, np.ufunc):
         return _elementwise(entry)(expr)
     return entry(expr)
+
+
+def merge_exp_factors(mul):
+    """Factors of a product with exp(a) exp(b) ... evaluated as one exp(a + b + ...).
+
+    sympy's expand splits exp(c t) into exp(c1 t) exp(c2 t) with |c1|, |c2| huge and c1 + c2
+    moderate (closed forms of Sigma); the separate factors overflow to inf * 0 = nan, the sum
+    of the exponents does not. Exact identity for real exponents.
+    """
+    exps = [a for a in mul.args if a.func is sp.exp]
+    if len(exps) < 2:
+        return list(mul.args)
+    rest = [a for a in mul.args if a.func is not sp.exp]
+    return rest + [sp.exp(sp.Add(*(a.args[0] for a in exps)), evaluate=False)]
 
 
 def _wrap(out):

@@ -170,15 +170,18 @@ def test_generated_marginal_families(spec):
 
 # ----- survey: every failure class, not only the first -----------------------------------
 
-def survey(n, seed=0, report=None):
-    """Draw ``n`` specs, run each, count outcomes per class; keep the smallest spec of each class."""
+def survey(n, seed=0, report=None, keep=None, max_k=6):
+    """Draw ``n`` specs, run each, count outcomes per class; keep the smallest spec of each class.
+
+    ``keep``: a folder that receives every failing spec as fail_<i>.yaml (stderr appended as comments).
+    """
     from hypothesis import seed as hseed
     stats, smallest, times = collections.Counter(), {}, []
 
     @hseed(seed)
     @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck),
               phases=[Phase.generate])
-    @given(ss.any_spec())
+    @given(ss.any_spec(max_k=max_k))
     def body(case):
         expect, label, spec = case
         with tempfile.TemporaryDirectory(prefix="anysde_") as tmp:
@@ -187,6 +190,10 @@ def survey(n, seed=0, report=None):
         cls = classify(expect, rc, err)
         stats[(label if cls == "pass" else "FAIL", cls)] += 1
         text = ss.dump(spec)
+        if cls != "pass" and keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            note = "".join(f"# {ln}\n" for ln in [cls, *err.strip().splitlines()[-5:]])
+            Path(keep, f"fail_{len(times):04d}.yaml").write_text(note + text)
         if cls != "pass" and (cls not in smallest or len(text) < len(smallest[cls][0])):
             tail = err.strip().splitlines()[-1] if err.strip() else ""
             smallest[cls] = (text, tail, sec)
@@ -212,8 +219,10 @@ if __name__ == "__main__":
     p.add_argument("--survey", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", default=None)
+    p.add_argument("--keep", default=None, help="folder for every failing spec")
+    p.add_argument("--max-k", type=int, default=6)
     a = p.parse_args()
-    s = survey(a.survey, a.seed, a.report)
+    s = survey(a.survey, a.seed, a.report, a.keep, a.max_k)
     print(json.dumps({k: v for k, v in s.items() if k != "failures"}, indent=1))
     for k, v in s["failures"].items():
         print(f"\n## {k}\n{v['spec']}last line: {v['last_line']}")

@@ -286,3 +286,19 @@ def test_function_outside_the_table_is_refused_with_one_line(tmp_path, monkeypat
         load_spec(path)
     msg = str(info.value)
     assert "\n" not in msg and "marginal.mean" in msg and "sign" in msg
+
+
+def test_products_of_exponentials_do_not_overflow():
+    """exp(c1 t) exp(c2 t) with |c1|, |c2| huge and c1 + c2 = 1 (what expand makes of Sigma's
+    closed forms): both evaluators give exp(t), not inf * 0 = nan."""
+    K = sp.Integer(10) ** 12
+    t = sp.Symbol("t", real=True)
+    e = sp.Mul(3, sp.exp(K * t), sp.exp((1 - K) * t), evaluate=False)
+    assert len([a for a in e.args if a.func is sp.exp]) == 2
+    hp = _hp.compile_expr(e)({"t": _hp.array([0.5, 2.0])})
+    with mpmath.workdps(50):
+        for v, u in zip(hp, (0.5, 2.0)):
+            exact = 3 * mpmath.exp(mpmath.mpf(u))
+            assert abs(mpmath.mpf(str(v)) / exact - 1) < 1e-50
+            assert abs(ev.mp_value(e, t=mpmath.mpf(u)) / exact - 1) < 1e-45
+            assert ev.np_value(e, t=u) == pytest.approx(float(exact), rel=1e-14)

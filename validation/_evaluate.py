@@ -171,7 +171,10 @@ def _compile(expr, side, number):
             return out
         return add
     if expr.is_Mul:
-        args = [_compile(a, side, number) for a in expr.args]
+        exps = [a for a in expr.args if a.func is sp.exp]
+        factors = expr.args if len(exps) < 2 else (       # exp(a) exp(b) as exp(a + b): no inf * 0
+            [a for a in expr.args if a.func is not sp.exp] + [sp.exp(sp.Add(*(a.args[0] for a in exps)), evaluate=False)])
+        args = [_compile(a, side, number) for a in factors]
 
         def mul(env):
             out = args[0](env)
