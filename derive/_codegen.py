@@ -7,8 +7,38 @@ edit" with their provenance.
 import sympy as sp
 from sympy.printing.pycode import MpmathPrinter
 
-from ._derivation import s
+from ._derivation import INTERNAL
 from ._spec import t
+
+# Names the generated module defines or uses itself; a basis symbol with one of these names is
+# printed with a trailing underscore there (the Markdown keeps the user's name).
+_MODULE_NAMES = {"functools", "acos", "asin", "atan", "cos", "cosh", "e", "exp", "expm1", "inverse", "log",
+                 "log1p", "matrix", "mp", "mpf", "odefun", "pi", "sin", "sinh", "sqrt", "tan", "tanh",
+                 "K", "STATE", "T_MIN", "T", "F", "G", "Sigma0", "Psi", "Sigma", "R", "t", "s", "y", "A", "B",
+                 "S", "p", "Phi", "rhs", "x"}
+
+
+def _readable(deriv, code=False):
+    """xreplace map: internal Dummies -> plain symbols s, r, B (renamed if the user's basis symbol
+    has that name), and in generated code the basis symbol -> a name the module does not use."""
+    lam = deriv.spec.basis.symbol
+    taken, mapping = set(), {}
+    if lam is not None:
+        name = lam.name
+        while code and name in _MODULE_NAMES:
+            name += "_"
+        if name != lam.name:
+            mapping[lam] = sp.Symbol(name, real=True, nonnegative=True)
+        taken.add(name)
+    for dummy, name in INTERNAL.items():
+        while name in taken:
+            name += "_"
+        mapping[dummy] = sp.Symbol(name, **dummy.assumptions0)
+    return mapping
+
+
+def _printed(names, symbol):
+    return None if symbol is None else names.get(symbol, symbol).name
 
 
 def _header_lines(spec, versions, comment):
@@ -23,7 +53,8 @@ def _fmt(expr):
     return sp.sstr(expr, order="lex")
 
 
-def _matrix_md(M):
+def _matrix_md(M, names=None):
+    M = M if names is None else M.xreplace(names)
     return "\n".join("    [" + ", ".join(_fmt(e) for e in M.row(i)) + "]" for i in range(M.shape[0]))
 
 
@@ -42,7 +73,7 @@ def markdown(deriv, versions):
     if spec.form == "marginal":
         lines += ["Marginal: mean_t = `" + _fmt(spec.mean) + "`, std_t = `" + _fmt(spec.std) + "`", ""]
     lines += ["## Psi(t, s)", ""]
-    lines += (["```", _matrix_md(deriv.psi_expr), "```"] if deriv.psi_expr is not None
+    lines += (["```", _matrix_md(deriv.psi_expr, _readable(deriv)), "```"] if deriv.psi_expr is not None
               else ["Numerical: dPhi/dt = F Phi, Phi(0) = I, Psi(t,s) = Phi(t) Phi(s)^-1."])
     lines += ["", "## Sigma_t", ""]
     lines += (["```", _matrix_md(deriv.sigma_expr), "```"] if deriv.sigma_expr is not None
@@ -76,7 +107,8 @@ def _code(expr):
     return text.replace("mpmath.", "")
 
 
-def _matrix_code(M):
+def _matrix_code(M, names=None):
+    M = M if names is None else M.xreplace(names)
     rows = ", ".join("[" + ", ".join(_code(e) for e in M.row(i)) + "]" for i in range(M.shape[0]))
     return f"matrix([{rows}])"
 
@@ -85,7 +117,9 @@ def python_module(deriv, versions):
     """Plain mpmath functions F, G, Psi, Sigma, R (readable reference, not for speed)."""
     spec = deriv.spec
     k = spec.k
-    lam = spec.basis.symbol
+    names = _readable(deriv, code=True)
+    lam = _printed(names, spec.basis.symbol)
+    s_arg = next(v.name for d, v in names.items() if INTERNAL.get(d) == "s")
     arg = f", {lam}" if lam is not None else ""
     out = ['"""Closed forms for the spec ' + repr(spec.name) + '.', "",
            "Call with mpmath numbers; set mp.dps first (50 is plenty). Quantities that are not",
@@ -97,22 +131,22 @@ def python_module(deriv, versions):
            f"T = mpf({spec.T.p})/{spec.T.q}", "", "",
            "def _square(y):", '    """K x K matrix from a row-major list."""',
            "    return matrix([[y[i * K + j] for j in range(K)] for i in range(K)])", "", "",
-           f"def F(t{arg}):", f'    """Drift matrix F(t), {k} x {k}."""', f"    return {_matrix_code(spec.F)}", "", "",
-           f"def G(t{arg}):", '    """Diffusion matrix G(t)."""', f"    return {_matrix_code(spec.G)}", "", "",
+           f"def F(t{arg}):", f'    """Drift matrix F(t), {k} x {k}."""', f"    return {_matrix_code(spec.F, names)}", "", "",
+           f"def G(t{arg}):", '    """Diffusion matrix G(t)."""', f"    return {_matrix_code(spec.G, names)}", "", "",
            f"def Sigma0({lam if lam is not None else ''}):", '    """Initial covariance."""',
-           f"    return {_matrix_code(spec.Sigma0)}", "", ""]
+           f"    return {_matrix_code(spec.Sigma0, names)}", "", ""]
     if deriv.psi_expr is not None:
-        out += [f"def Psi(t, s{arg}):", f'    """Transition Psi(t, s): {deriv.psi_kind}."""',
-                f"    return {_matrix_code(deriv.psi_expr)}", "", ""]
+        out += [f"def Psi(t, {s_arg}{arg}):", f'    """Transition Psi(t, s): {deriv.psi_kind}."""',
+                f"    return {_matrix_code(deriv.psi_expr, names)}", "", ""]
     else:
         out += ["@functools.lru_cache(maxsize=None)", f"def _phi_solution({lam if lam is not None else ''}):",
                 f"    return odefun(lambda t, y: list(F(t{arg}) * _square(y)), 0, list(matrix(mp.eye(K))))", "", "",
-                f"def Psi(t, s{arg}):", '    """Transition Psi(t, s): numerical (Phi(t) Phi(s)^-1)."""',
+                f"def Psi(t, {s_arg}{arg}):", '    """Transition Psi(t, s): numerical (Phi(t) Phi(s)^-1)."""',
                 f"    Phi = lambda x: _square(_phi_solution({lam if lam is not None else ''})(x))",
-                "    return Phi(t) * inverse(Phi(s))", "", ""]
+                f"    return Phi(t) * inverse(Phi({s_arg}))", "", ""]
     if deriv.sigma_expr is not None:
         out += [f"def Sigma(t{arg}):", '    """Marginal covariance Sigma_t: closed form."""',
-                f"    return {_matrix_code(deriv.sigma_expr)}", "", ""]
+                f"    return {_matrix_code(deriv.sigma_expr, names)}", "", ""]
     else:
         out += ["@functools.lru_cache(maxsize=None)", f"def _sigma_solution({lam if lam is not None else ''}):",
                 "    def rhs(t, y):", "        S = _square(y)", f"        A, B = F(t{arg}), G(t{arg})",
@@ -122,7 +156,7 @@ def python_module(deriv, versions):
                 f"    return _square(_sigma_solution({lam if lam is not None else ''})(t))", "", ""]
     if deriv.R_expr is not None:
         out += [f"def R(t{arg}):", '    """gDDIM factor R_t = sqrt(Sigma_t) (k = 1)."""',
-                f"    return {_matrix_code(deriv.R_expr)}", "", ""]
+                f"    return {_matrix_code(deriv.R_expr, names)}", "", ""]
     else:
         R0 = deriv.R0()
         R0_rows = [[_float_text(R0[p]) for p in range(R0.shape[0])]]

@@ -26,9 +26,13 @@ import sympy as sp
 from . import _hp, _ode
 from ._spec import t
 
-s = sp.Symbol("s", real=True, nonnegative=True)
-r = sp.Symbol("r", real=True, nonnegative=True)
-B = sp.Symbol("B", real=True)
+# Internal symbols are Dummies (never equal to a user Symbol of the same name) whose names start
+# with "_", outside the user grammar [A-Za-z][A-Za-z0-9_]*, so that the evaluators' environments
+# (keyed by name) cannot confuse them with a user name either. codegen prints them as s, r, B.
+s = sp.Dummy("_s", real=True, nonnegative=True)      # start time of Psi(t, s)
+r = sp.Dummy("_r", real=True, nonnegative=True)      # integration variable of Sigma
+B = sp.Dummy("_B", real=True)                        # argument of expm(A B), B = int_s^t f
+INTERNAL = {s: "s", r: "r", B: "B"}                  # readable names for the printed formulas
 SYMPY_SECONDS = 20         # budget for each sympy attempt before the numerical fallback (generous,
                            # so that the closed/numerical choice does not depend on machine load)
 
@@ -194,7 +198,7 @@ class Derivation:
         if mode == "expm":
             Bv = self._I(self._env(tt, coords)) - self._I(self._env(ss, coords))
             Bv = np.broadcast_to(Bv, shape)
-            return self._E(self._env(tt, coords, extra={"B": Bv}), shape)
+            return self._E(self._env(tt, coords, extra={B.name: Bv}), shape)
         if mode == "diagonal":
             D = self._Ediag(self._env(tt, coords), shape) - self._Ediag(self._env(ss, coords), shape)
             out = _hp.zeros(shape + (self.k, self.k))
@@ -278,7 +282,7 @@ class Derivation:
     def R0(self):
         """R_0 [Pu, k, k]."""
         spec, k = self.spec, self.k
-        S0 = self.sigma(_hp.zeros((1,)))[0]
+        S0 = self._sigma0()                     # exact Sigma_0 of the spec, not a formula at t = 0
         if isinstance(spec.R0, sp.MatrixBase):
             return _hp.compile_matrix(spec.R0)(self._env(_hp.zeros((1,))), (1, self.Pu))[0]
         if spec.R0 == "cholesky":

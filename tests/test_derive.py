@@ -177,7 +177,7 @@ def test_new_three_state_spec_end_to_end(tmp_path):
     proc = run_derive(path, "--out", tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
     folder = tmp_path / "out" / "langevin3"
-    names = sorted(p.name for p in folder.iterdir())
+    names = sorted(p.name for p in folder.iterdir() if p.name != "manifest.json")   # the writer's index
     assert names == ["closed_forms.md", "closed_forms.py", "langevin3_dense.safetensors", "langevin3_nfe8_uniform_q2.md",
                      "langevin3_nfe8_uniform_q2.safetensors", "spec.yaml"]
     from gddim_runtime import read_table
@@ -213,3 +213,88 @@ def test_generated_module_R(tmp_path, derivations):
     with mpmath.workdps(40):
         R = ns["R"](mpmath.mpf("0.1"))
     np.testing.assert_allclose(np.array(R.tolist(), dtype=float), f64(derivations("cld").R(_hp.array([0.1])))[0, 0], rtol=1e-12)
+
+
+# ----- user names never meet the derivation's internal symbols (issue 10, class 2) ---------------
+# Every user-visible name (basis frequency, parameters, definitions, state components) is renamed
+# to each name the derivation uses internally (integration variables, the expm argument) and to
+# names the generated module uses; the tables must not change.
+INTERNAL_NAMES = ["r", "s", "B", "A", "F", "G", "S", "e", "y", "mpf", "matrix", "K", "T"]
+
+RENAME_SPECS = {
+    # k = 1, drift f(t) A: Psi by expm of A B, Sigma by integrating over r with Psi(0, r)
+    "scalar_expm": lambda n: {
+        "name": "rename_scalar", "state": [n["x"]], "basis": {"kind": "dct2d", "frequency": n["lam"], "size": [2, 3]},
+        "parameters": {n["b"]: 2, n["c"]: "1/2"}, "definitions": {n["d"]: f"2 * {n['b']}"},
+        "drift": [[f"-{n['d']} * (1 + {n['c']} * {n['lam']}) / 2"]], "diffusion": [[f"sqrt({n['d']})"]],
+        "initial_covariance": [[f"{n['c']} / 10"]], "time": {"t_min": "1e-3", "T": 1}},
+    # marginal form: Psi = mean_t / mean_s
+    "marginal": lambda n: {
+        "name": "rename_marginal", "basis": {"kind": "dct2d", "frequency": n["lam"], "size": [2, 2]},
+        "state": [n["x"]], "parameters": {n["b"]: 3, n["c"]: "1/10"}, "definitions": {n["d"]: f"{n['b']} * t**2 / 2"},
+        "marginal": {"mean": f"exp(-{n['lam']} * {n['d']}) * cos(pi * t / 2)", "std": f"sqrt({n['c']} + sin(pi * t / 2)**2)"},
+        "time": {"t_min": "1e-3", "T": "0.9"}},
+    # k = 2 matrix spec (critically damped Langevin) with the frequency in the noise
+    "matrix": lambda n: {
+        "name": "rename_matrix", "state": [n["x"], n["v"]],
+        "basis": {"kind": "dct2d", "frequency": n["lam"], "size": [1, 2]},
+        "parameters": {n["b"]: 4, n["c"]: "1/100"}, "definitions": {n["d"]: f"2 * {n['b']}"},
+        "drift": [[0, n["d"]], [f"-{n['b']} / 2", f"-{n['d']}"]],
+        "diffusion": [[0], [f"sqrt({n['d']} * (1 + {n['lam']}))"]],
+        "initial_covariance": [[n["c"], 0], [0, n["c"]]], "time": {"t_min": "1e-3", "T": 1}},
+}
+DEFAULT_NAMES = {"lam": "lam", "b": "beta", "c": "cc", "d": "dd", "x": "x", "v": "v"}
+
+
+def _renamed_tables(kind, names):
+    from derive import _tables
+    spec = build_spec(RENAME_SPECS[kind](names))
+    d = Derivation(spec)
+    times = [1.0, 0.6, 0.25, 1e-3]
+    hp = _tables.build(d, times, order=2)
+    return d, _tables.to_float64(hp, d)
+
+
+def _renamings():
+    """(kind, role, name): the frequency (the one user name that reaches sympy) takes every internal
+    name, the other roles the derivation's own former symbols; the default run keeps the frequency
+    renamed to r, s and B (the names that broke the algebra), the rest is slow-marked."""
+    out = []
+    for kind in RENAME_SPECS:
+        for role in DEFAULT_NAMES:
+            for name in (INTERNAL_NAMES if role == "lam" else ("r", "s", "B")):
+                core = role == "lam" and name in ("r", "s", "B")
+                out.append(pytest.param(kind, role, name, marks=() if core else pytest.mark.slow))
+    return out
+
+
+_RENAME_REF = {}
+
+
+@pytest.mark.parametrize("kind, role, name", _renamings())
+def test_user_names_never_capture_internal_symbols(kind, role, name):
+    """Renaming any user name to an internal name leaves every table tensor bit for bit unchanged."""
+    if kind not in _RENAME_REF:
+        _RENAME_REF[kind] = _renamed_tables(kind, DEFAULT_NAMES)
+    ref_d, ref = _RENAME_REF[kind]
+    d, got = _renamed_tables(kind, dict(DEFAULT_NAMES, **{role: name}))
+    assert (d.psi_kind, d.sigma_kind, d.R_kind) == (ref_d.psi_kind, ref_d.sigma_kind, ref_d.R_kind)
+    assert got.keys() == ref.keys()
+    for key in ref:
+        np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
+
+
+@pytest.mark.parametrize("kind", ["scalar_expm", "marginal"])
+def test_generated_module_with_internal_frequency_names(kind):
+    """closed_forms.py stays valid Python and gives the same Psi and Sigma whatever the frequency is called."""
+    from derive import _codegen
+    values = []
+    for name in ["lam"] + INTERNAL_NAMES:
+        d = Derivation(build_spec(RENAME_SPECS[kind](dict(DEFAULT_NAMES, lam=name))))
+        ns = {}
+        exec(compile(_codegen.python_module(d, {}), "closed_forms.py", "exec"), ns)   # generated by us
+        with mpmath.workdps(30):
+            lam, t, s = mpmath.mpf(2), mpmath.mpf("0.7"), mpmath.mpf("0.2")
+            values.append([float(v) for v in list(ns["Psi"](t, s, lam)) + list(ns["Sigma"](t, lam))])
+    for name, got in zip(INTERNAL_NAMES, values[1:]):
+        assert got == values[0], (kind, name)
