@@ -48,6 +48,41 @@ def test_full_check_passes_sound_table(cld_table):
     assert max(r.rel for r in report.rows) < 1e-13
 
 
+@pytest.fixture(scope="module")
+def vp_small(derivations):
+    """VP, 3 steps, order 2, lam = 1, corrector: every tensor kind a table can hold, small enough for
+    the full 45-digit check in the default run (about 8 s of CPU)."""
+    d = derivations("vp_linear")
+    ns = argparse.Namespace(nfe=[3], order=2, grid="quadratic", lam=["1"], corrector=True, denoise=False)
+    cfg = table_configs(d.spec, ns)[0]
+    tensors, meta = build_table(d, cfg, "vp_linear", tool_versions(), verify="none")
+    return d.spec, tensors, meta
+
+
+def test_full_check_of_every_quantity(vp_small):
+    """The full level (mpmath, 45 digits) on a small table, every quantity: the checker's rows for the
+    weights, P_st, psi, Sigma, R, L, x0 and derive's closed forms, and here data_to_state, F and G G^T
+    against the same reference; all within 1e-13 relative (float64 rounding)."""
+    import mpmath
+    from validation._reference import DPS, MpReference
+    spec, tensors, meta = vp_small
+    report = check_table(spec, tensors, meta, level="full")
+    assert report.passed, report.text()
+    checked = {r.quantity.split(" (")[0] for r in report.rows if r.method.startswith("mpmath")}
+    assert checked == {"psi", "sigma", "R", "L", "eps_weights", "corrector_weights", "eps_weights_sde", "noise_chol",
+                       "x0_weights"}, checked
+    assert max(r.rel for r in report.rows) < 1e-13
+    ref = MpReference(spec)
+    with mpmath.workdps(DPS):
+        for i, t in enumerate(tensors["t"]):
+            tm = mpmath.mpf(float(t))
+            G = ref.G(tm)
+            for name, value in (("data_to_state", ref.data_to_state(tm)), ("F", ref.F(tm)), ("GGT", G * G.T)):
+                ours = mpmath.mpf(float(tensors[name][i, 0, 0, 0]))
+                assert abs(ours - value[0, 0]) <= 1e-13 * abs(value[0, 0]), (name, i)
+    assert tensors["t"][0] == float(spec.T) and tensors["t"][-1] == float(spec.t_min)
+
+
 def test_fast_check_catches_mutants(cld_table):
     """The fast check (identities + scipy) must catch the defects identities can see."""
     spec, tensors, meta = cld_table
