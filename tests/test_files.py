@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,21 +14,80 @@ from gddim_runtime._format import HEADER_KEY, TableError, read_table
 COEFFS = ROOT / "coeffs"
 
 
+PROVENANCE = ("tools", "content_sha256")       # tool versions, and the hash that covers them
+
+
+def _strip(value):
+    """JSON-like metadata without provenance keys; JSON objects held in strings are parsed."""
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, dict):
+        out = {k: _strip(v) for k, v in value.items() if k not in PROVENANCE}
+        if "file" in out:                        # a manifest entry: its byte size and hash carry the tools
+            out.pop("sha256", None)
+            out.pop("bytes", None)
+        return out
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def content(path):
+    """What a generated file says, minus provenance (tool versions): a new sympy or numpy release
+    changes those lines and hashes, never the numbers. Tables: every tensor's bytes + the metadata."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="numpy") as f:
+            tensors = {k: (f.get_tensor(k).dtype.str, f.get_tensor(k).shape, f.get_tensor(k).tobytes()) for k in f.keys()}
+            return {"tensors": tensors, "metadata": _strip(f.metadata() or {})}
+    if path.suffix == ".json":
+        return _strip(json.loads(path.read_text()))
+    return [line for line in path.read_text().splitlines() if not re.search(r"\btools: ", line)]
+
+
 def _compare_folder(committed, fresh):
-    """Byte comparison; where only tool versions differ (another machine), compare the rest."""
+    """Same file names and the same content (tensors, metadata, text) up to provenance lines."""
     names = sorted(p.name for p in committed.iterdir())
     assert names == sorted(p.name for p in fresh.iterdir())
     for name in names:
-        a, b = (committed / name).read_bytes(), (fresh / name).read_bytes()
-        if a == b:
+        if (committed / name).read_bytes() == (fresh / name).read_bytes():
             continue
-        if name.endswith(".safetensors"):
-            (ta, ma), (tb, mb) = read_table(committed / name), read_table(fresh / name)
-            assert ma["tools"] != mb["tools"], f"{name} differs although the tool versions are the same"
-            for key in ta:
-                assert ta[key].tobytes() == tb[key].tobytes(), f"{name}: tensor {key} changed"
-        else:
-            raise AssertionError(f"{name} differs from a fresh regeneration (run python -m derive {committed.name})")
+        assert content(committed / name) == content(fresh / name), \
+            f"{name} differs from a fresh regeneration (run python -m derive {committed.name})"
+
+
+def test_compare_ignores_provenance_only(tmp_path):
+    """The comparison passes when only tool versions differ and fails on one changed number (table
+    tensor, table metadata, or a line of a text file)."""
+    import shutil
+    src = COEFFS / "vp_linear"
+    table = "vp_linear_nfe10_quadratic_q3"
+
+    def variant(name, edit_table=None, edit_text=None):
+        out = tmp_path / name / "vp_linear"
+        shutil.copytree(src, out)
+        tensors, meta = read_table(out / f"{table}.safetensors")
+        meta["tools"] = {k: v + ".post1" for k, v in meta["tools"].items()}          # another release
+        if edit_table:
+            edit_table(tensors, meta)
+        (out / f"{table}.safetensors").write_bytes(table_bytes(tensors, meta))
+        for p in out.iterdir():
+            if p.suffix in (".md", ".py"):
+                text = p.read_text().replace("sympy 1.", "sympy 9.")
+                p.write_text(edit_text(text) if edit_text and p.name == f"{table}.md" else text)
+        return out
+    _compare_folder(src, variant("tools"))
+
+    def bump(tensors, meta):
+        tensors["eps_weights"][3, 1, 0, 0, 0] = np.nextafter(tensors["eps_weights"][3, 1, 0, 0, 0], 1.0)
+    for label, kw in (("tensor", {"edit_table": bump}),
+                      ("meta", {"edit_table": lambda t, m: m.update(order=m["order"] + 1)}),
+                      ("text", {"edit_text": lambda text: text.replace("e+00]", "e+01]", 1)})):
+        with pytest.raises(AssertionError, match="differs from a fresh regeneration"):
+            _compare_folder(src, variant(label, **kw))
 
 
 @pytest.mark.parametrize("name", ["vp_linear", "cld", pytest.param("bdm", marks=pytest.mark.slow)])
