@@ -35,7 +35,7 @@ QUAD_TOL = gmpy2.mpfr("1e-36")           # as _tables.QUAD_TOL
 _LOG = np.frompyfunc(gmpy2.log, 1, 1)
 
 # tensors this module adds: name -> axis of P (for the expansion of distinct coordinates)
-AXES = {"x0_psi": 1, "x0_weights_ms": 2}
+AXES = {"x0_psi": 1, "x0_weights_ms": 2, "x0_corrector_weights": 2}
 
 
 def _det(A):
@@ -129,7 +129,8 @@ def build(deriv, times, order, variable, form, corrector=False):
     """High-precision variant tensors for one grid: dict name -> array (distinct coordinates Pu).
 
     eps form with variable != t: ``eps_weights`` (and ``corrector_weights``) in tau, replacing
-    derive's t-weights; x0 form: ``x0_psi`` [N, Pu, k, k] and ``x0_weights_ms`` [N, q, Pu, k, k].
+    derive's t-weights; x0 form: ``x0_psi`` [N, Pu, k, k] and ``x0_weights_ms`` [N, q, Pu, k, k],
+    with ``corrector``: ``x0_corrector_weights`` [N, q+1, Pu, k, k] (nodes t_{i+1}, t_i, ...).
     """
     tt = _hp.array(times)
     N = len(times) - 1
@@ -147,20 +148,24 @@ def build(deriv, times, order, variable, form, corrector=False):
         out["x0_weights_ms"] = _hp.zeros((N, order, Pu, k, k))
         R = deriv.R(tt)
         out["x0_psi"] = R[1:] @ _hp.inv(R[:-1])
+        if corrector:
+            out["x0_corrector_weights"] = _hp.zeros((N, order + 1, Pu, k, k))
     for i in range(N):
         s, t = tt[i], tt[i + 1]
         q = min(order, i + 1)
-        qc = min(order + 1, i + 2) if corrector and "eps" in forms else 0
+        qc = min(order + 1, i + 2) if corrector else 0
         M = step_moments(deriv, s, t, max(q, qc) - 1, variable, forms)
         dtau = taus[i + 1] - taus[i]
         nodes = [(taus[i - j] - taus[i]) / dtau for j in range(q)]
+        nodes_c = [(taus[i + 1 - j] - taus[i]) / dtau for j in range(qc)]
         if "eps" in forms:
             out["eps_weights"][i, :q] = lagrange_weights(M["eps"], nodes)
             if qc:
-                nodes_c = [(taus[i + 1 - j] - taus[i]) / dtau for j in range(qc)]
                 out["corrector_weights"][i, :qc] = lagrange_weights(M["eps"], nodes_c)
         if "x0" in forms:
             out["x0_weights_ms"][i, :q] = lagrange_weights(M["x0"], nodes)
+            if qc:
+                out["x0_corrector_weights"][i, :qc] = lagrange_weights(M["x0"], nodes_c)
     return out
 
 
@@ -176,6 +181,9 @@ def residuals(deriv, times, hp):
             _hp.abs_max(hp["x0_weights_ms"].sum(axis=1) - ref) / max(_hp.abs_max(ref), tiny))
         rr = hp["x0_psi"] @ R[:-1] - R[1:]
         out["x0_psi R_s = R_t"] = float(_hp.abs_max(rr) / max(_hp.abs_max(R), tiny))
+        if "x0_corrector_weights" in hp:
+            out["sum_j x0_corrector_weights = D_t - R_t R_s^-1 D_s"] = float(
+                _hp.abs_max(hp["x0_corrector_weights"].sum(axis=1) - ref) / max(_hp.abs_max(ref), tiny))
     if "eps_weights" in hp:
         ref = R[1:] - deriv.psi(tt[1:], tt[:-1]) @ R[:-1]
         out["sum_j eps_weights(tau) = R_t - Psi R_s"] = float(

@@ -10,9 +10,16 @@ exactly and x0hat is extrapolated by the Lagrange polynomial of the table's vari
 ``--variable logsnr`` this is DPM-Solver++ (2M with the exact phi_2 weight; 3M the exact
 quadratic). Same model calls as ``gddim``: one per step, plus the final denoising at t_min.
 
-``gddim_x0(run)`` has the signature of the samplers in ``_samplers.SAMPLERS``; register it with
-``SAMPLERS["gddim_x0"] = gddim_x0`` (imported from this module). Torch only; no host syncs in
-the loop (grid indices are Python ints, coefficients cast once before it).
+``gddim_x0_pc``: the same predictor with a UniC-style corrector (tables derived with
+``--form x0 --corrector``): the model is evaluated once per step, at the predicted state
+u~_{i+1}; that output both corrects the step (Lagrange nodes t_{i+1}, t_i, ...,
+``x0_corrector_weights``) and joins the history of the next predictor. No extra model call:
+N + 1 evaluations for N steps, the last one (at t_N, predicted state, no correction) reused by
+the final denoising step, exactly as ``gddim`` spends them.
+
+Both have the signature of the samplers in ``_samplers.SAMPLERS``; register them with
+``SAMPLERS.update(gddim_x0=gddim_x0, gddim_x0_pc=gddim_x0_pc)`` (imported from this module).
+Torch only; no host syncs in the loop (grid indices are Python ints, coefficients cast once).
 """
 
 import torch
@@ -31,13 +38,27 @@ def x0_conversion(plan):
     return Dinv, plan.fold(-(Dinv @ T["R"]), idx)
 
 
+def _need(plan, names, option):
+    T = plan.table.tensors
+    if any(n not in T for n in names):
+        from ._samplers import SamplingError
+        raise SamplingError(f"{plan.table.path}: no data-prediction {'corrector ' if 'corr' in option else ''}"
+                            f"weights; derive with {option}")
+
+
+def _lin(M, parts, basis):
+    """sum_m M[m] parts[m] (block products)."""
+    out = block_apply(M[0], parts[0], basis)
+    for m in range(1, len(parts)):
+        out.add_(block_apply(M[m], parts[m], basis))
+    return out
+
+
 def gddim_x0(run):
     """Deterministic data-prediction multistep (exponential integrator in R_t R_s^-1, x0 extrapolated)."""
     plan, ev = run.plan, run.ev
     T = plan.table.tensors
-    if "x0_weights_ms" not in T or "x0_psi" not in T:
-        from ._samplers import SamplingError
-        raise SamplingError(f"{plan.table.path}: no data-prediction weights; derive with --form x0")
+    _need(plan, ("x0_weights_ms", "x0_psi"), "--form x0")
     N = plan.N
     q = T["x0_weights_ms"].shape[1]
     basis = plan.basis
@@ -55,3 +76,33 @@ def gddim_x0(run):
         u.copy_(new)
         run.notify(i, u)
     return u, None
+
+
+def gddim_x0_pc(run):
+    """Data-prediction predictor-corrector (UniC-style: the corrector reuses the next step's model call)."""
+    plan, ev = run.plan, run.ev
+    T = plan.table.tensors
+    _need(plan, ("x0_weights_ms", "x0_psi", "x0_corrector_weights"), "--form x0 --corrector")
+    N = plan.N
+    q = T["x0_weights_ms"].shape[1]
+    S = q + 1                                     # ring: the corrector reaches one lag further
+    basis = plan.basis
+    slots = run.allocate(S + 3, run.u0)           # 0: state, 1: model output, 2: predicted state, 3..: ring
+    Cu, Co = (plan.cast(c) for c in x0_conversion(plan))
+    psi, X, Xc = (plan.cast(T[n]) for n in ("x0_psi", "x0_weights_ms", "x0_corrector_weights"))
+    u, out, pred = slots[0], slots[1], slots[2]
+    ring = [slots[3 + m % S] for m in range(N + 1)]
+    ev(u, 0, out)
+    ring[0].copy_(block_apply(Cu[0], u, basis)).add_(block_apply(Co[0], out, basis))
+    for i in range(N):
+        qi = min(q, i + 1)
+        pred.copy_(_lin([psi[i]] + [X[i, j] for j in range(qi)], [u] + [ring[i - j] for j in range(qi)], basis))
+        ev(pred, i + 1, out)
+        ring[i + 1].copy_(block_apply(Cu[i + 1], pred, basis)).add_(block_apply(Co[i + 1], out, basis))
+        if i < N - 1:
+            qc = min(q + 1, i + 2)
+            u.copy_(_lin([psi[i]] + [Xc[i, j] for j in range(qc)], [u] + [ring[i + 1 - j] for j in range(qc)], basis))
+        else:
+            u.copy_(pred)                          # last step: the output at t_N belongs to this state
+        run.notify(i, u)
+    return u, out

@@ -282,3 +282,29 @@ def test_x0_convergence_order_on_cld(cld, x0_sampler):
             errs.append(float((out - exact)[:, 0].abs().max()))
         slope = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
         assert lo <= slope <= q + 1, (q, errs, slope)
+
+
+def test_x0_corrector_table_and_sampler(vp, cld, x0_sampler, monkeypatch):
+    """--form x0 --corrector: x0_corrector_weights pass the independent check (VP, fast), and the
+    UniC-style sampler is exact on Dirac data (CLD; any correct weights are) with N + 1 model calls."""
+    from gddim_runtime._variants import gddim_x0_pc
+    monkeypatch.setitem(_samplers.SAMPLERS, "gddim_x0_pc", gddim_x0_pc)
+    tab = vp.table(nfe=7, order=2, grid="logsnr", variable="logsnr", form="x0", corrector=True)
+    rep = tab.verify("fast", verifier=check_variant_table)
+    assert rep.passed and "x0_corrector_weights" in {r.quantity for r in rep.rows}, rep.text()
+    bad = dict(tab.tensors)
+    bad["x0_corrector_weights"] = bad["x0_corrector_weights"].copy()
+    bad["x0_corrector_weights"][2, 1] *= 1 + 1e-5
+    assert not check_variant_table(vp.spec, bad, tab.meta, level="fast").passed
+    mu = torch.tensor([[0.7, -1.3]], dtype=torch.float64)
+    tabc = cld.table(nfe=6, order=3, grid="quadratic", variable="logsnr", form="x0", corrector=True,
+                     verify="none").to_runtime()
+    ref = cld.table(nfe=6, order=3, grid="quadratic", variable="logsnr", form="x0", verify="none").to_runtime()
+    x_T = torch.randn((8, 2, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mix = MixtureScore(mu, [0.0])
+    a, info = gr.sample(TableModel(mix, tabc), tabc, x_T=x_T, sampler="gddim_x0_pc", dtype=torch.float64,
+                        return_info=True)
+    b = gr.sample(TableModel(mix, ref), ref, x_T=x_T, sampler="gddim_x0", dtype=torch.float64, denoise=True)
+    assert info["nfe"] == 6
+    assert float((a - b).abs().max()) <= 1e-11 * float(b.abs().max())     # both exact: x0hat = mu throughout
+    assert torch.allclose(a[:, 0], mu[0].expand(8, 2), atol=1e-9)

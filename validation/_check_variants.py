@@ -27,7 +27,7 @@ import numpy as np
 from ._check import TOL_FAST, TOL_FULL, TOL_IDENTITY, _coord_value, _err, _err_mp, check_table
 from ._reference import DPS, MpReference, ScipyReference, _gl_vector, lagrange_weights_at
 
-VARIANT_TENSORS = ("x0_psi", "x0_weights_ms")
+VARIANT_TENSORS = ("x0_psi", "x0_weights_ms", "x0_corrector_weights")
 
 
 def is_variant(meta):
@@ -115,6 +115,11 @@ def _identities(report, tensors, meta):
                    "identity D_t - R_t R_s^-1 D_s", TOL_IDENTITY)
         report.add("x0_psi R_s vs R_t", [(i, *_err(Xpsi[i] @ R[i], R[i + 1])) for i in range(N)],
                    "identity R_t R_s^-1 R_s = R_t", TOL_IDENTITY)
+        if "x0_corrector_weights" in tensors:
+            Xc = tensors["x0_corrector_weights"]
+            report.add("sum_j x0_corrector_weights",
+                       [(i, *_err(Xc[i].sum(axis=0), D[i + 1] - Xpsi[i] @ D[i])) for i in range(N)],
+                       "identity D_t - R_t R_s^-1 D_s", TOL_IDENTITY)
         report.add("x0 unused lags == 0", [(i, float(np.max(np.abs(X[i, min(q, i + 1):]))) if min(q, i + 1) < q
                                             else 0.0, 0.0) for i in range(N)], "identity (exact zeros)", 0.0)
     if meta.get("variable", "t") != "t":
@@ -141,7 +146,8 @@ def check_variant_table(spec, tensors, meta, level="fast", n_coords=None):
     N, q = len(t) - 1, meta["order"]
     checks = ([("eps_weights", "eps", 0)] if variable != "t" else []) + \
              ([("corrector_weights", "eps", 1)] if variable != "t" and "corrector_weights" in tensors else []) + \
-             ([("x0_weights_ms", "x0", 0)] if form == "x0" else [])
+             ([("x0_weights_ms", "x0", 0)] if form == "x0" else []) + \
+             ([("x0_corrector_weights", "x0", 1)] if "x0_corrector_weights" in tensors else [])
     steps = _steps_to_check(meta, N, level)
     for p in report.coords:
         lam = _coord_value(spec, p)

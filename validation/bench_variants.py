@@ -1,0 +1,134 @@
+"""Measure the table variants on exact-score data: eps form vs data-prediction (x0) form, and the
+variable of the multistep polynomial (t | rho | logsnr), at NFE 5, 10, 20 on VP, CLD and BDM.
+
+    python -m validation.bench_variants [--procs vp_linear cld bdm] [--out validation/results/variants.md]
+
+Same data, prior noise, reference and metrics as ``validation.bench`` (endpoint error against
+an adaptive dopri5 probability-flow solution from the same noise followed by the same final
+denoising step; component Frechet distance, CFD). Tables are built in memory through derive's
+API (order 3, grids logsnr and quadratic); every sampler spends NFE - 1 steps plus the final
+denoising evaluation. Samplers: ``gddim`` (eps form, weights in the table's variable),
+``gddim_pc`` (its Adams-Moulton corrector, no extra call), ``gddim_x0`` and ``gddim_x0_pc``
+(data-prediction form and its UniC-style corrector, gddim_runtime._variants).
+"""
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import derive
+import gddim_runtime as gr
+from gddim_runtime import _samplers
+from gddim_runtime._variants import gddim_x0, gddim_x0_pc
+
+from . import bench
+from .exact import DenseModel, MixtureScore, TableModel
+
+ROOT = Path(__file__).resolve().parents[1]
+NFES = (5, 10, 20)
+VARIABLES = ("t", "rho", "logsnr")
+SAMPLERS = {"gddim": "eps", "gddim_pc": "eps+pc", "gddim_x0": "x0", "gddim_x0_pc": "x0+pc"}
+SETUPS = {"vp_linear": (bench.rings, 2000, None), "cld": (bench.rings, 1000, None),
+          "bdm": (lambda: bench.images(16), 128, (16, 16))}
+
+
+def run(name, grids, nfes, rows, log, ref_tol=1e-7, order=3):
+    data_fn, batch, basis_size = SETUPS[name]
+    means, stds = data_fn()
+    data_shape = tuple(means.shape[1:])
+    tabs = bench.Tables(name, basis_size)
+    d = derive.derive(tabs.spec)
+    basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
+    mix = MixtureScore(means, stds, basis=basis)
+    k = tabs.spec.k
+    z = torch.randn((batch, k) + data_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    dense = tabs.dense_coeffs()
+    t_ref = d.table(nfe=2, order=1, verify="none").to_runtime()
+    to_coef, from_coef = (gr.dct2, gr.idct2) if basis[0] == "dct2d" else ((lambda x: x),) * 2
+    x_T = from_coef(gr.block_apply(t_ref.tensors["R"][0], to_coef(z), basis))
+    start = time.perf_counter()
+    ref, info = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
+                          rtol=ref_tol, atol=ref_tol, dtype=torch.float64, denoise=False, return_info=True)
+    ref = bench.denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch)))
+    cfd_floor = bench.component_fd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)),
+                                   means, stds)[0]
+    label = "rings" if len(data_shape) == 1 else "images " + "x".join(map(str, data_shape))
+    log(f"{name} ({label}): reference dopri5 rtol {ref_tol:g}, NFE {info['nfe']}, {time.perf_counter() - start:.0f} s; "
+        f"CFD floor {cfd_floor:.2e}")
+    dim = math.prod(data_shape)
+    for grid in grids:
+        for nfe in nfes:
+            for variable in VARIABLES:
+                start = time.perf_counter()
+                tab = d.table(nfe=nfe, order=order, grid=grid, variable=variable, form="x0", corrector=True,
+                              verify="none").to_runtime()
+                built = time.perf_counter() - start
+                for sampler in SAMPLERS:
+                    u, inf = gr.sample(TableModel(mix, tab), tab, x_T=x_T, sampler=sampler, dtype=torch.float64,
+                                       return_info=True)
+                    x = u[:, 0]
+                    err = float((x - ref[:, 0]).reshape(batch, -1).norm(dim=1).mean() / math.sqrt(dim))
+                    cfd = bench.component_fd(x, means, stds)[0]
+                    rows.append({"process": name, "data": label, "grid": grid, "nfe": nfe, "model_calls": inf["nfe"],
+                                 "variable": variable, "form": SAMPLERS[sampler],
+                                 "endpoint_error": err, "cfd": cfd, "cfd_floor": cfd_floor})
+                log(f"  {grid} NFE {nfe} {variable}: " + ", ".join(
+                    f"{r['form']} {r['endpoint_error']:.3e} / {r['cfd']:.2e}" for r in rows[-len(SAMPLERS):])
+                    + f"  (table {built:.0f} s)")
+
+
+def markdown(rows, header):
+    out = [header, ""]
+    keys = []
+    for r in rows:
+        key = (r["process"], r["data"], r["grid"])
+        if key not in keys:
+            keys.append(key)
+    for p, dname, grid in keys:
+        sel = [r for r in rows if (r["process"], r["data"], r["grid"]) == (p, dname, grid)]
+        nfes = sorted({r["nfe"] for r in sel})
+        out += [f"### {p} ({dname}), grid {grid}, order 3 (CFD floor {sel[0]['cfd_floor']:.1e})", "",
+                "| form | variable | " + " | ".join(f"NFE {n}: endpoint / CFD" for n in nfes) + " |",
+                "|---|---|" + "---|" * len(nfes)]
+        for form in SAMPLERS.values():
+            for variable in VARIABLES:
+                cells = []
+                for n in nfes:
+                    hit = [r for r in sel if (r["form"], r["variable"], r["nfe"]) == (form, variable, n)]
+                    cells.append(f"{hit[0]['endpoint_error']:.2e} / {hit[0]['cfd']:.1e}" if hit else "")
+                if any(cells):
+                    out.append(f"| {form} | {variable} | " + " | ".join(cells) + " |")
+        best = []
+        for n in nfes:
+            at = [r for r in sel if r["nfe"] == n]
+            b = min(at, key=lambda r: r["endpoint_error"])
+            best.append(f"NFE {n}: {b['form']}/{b['variable']}")
+        out += ["", "Best endpoint error: " + ", ".join(best) + ".", ""]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m validation.bench_variants", description=__doc__.split("\n")[0])
+    p.add_argument("--procs", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    p.add_argument("--grids", nargs="+", default=["logsnr", "quadratic"])
+    p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
+    p.add_argument("--out", default=None, help="append the markdown tables to this file")
+    args = p.parse_args(argv)
+    _samplers.SAMPLERS.setdefault("gddim_x0", gddim_x0)
+    _samplers.SAMPLERS.setdefault("gddim_x0_pc", gddim_x0_pc)
+    rows = []
+    for name in args.procs:
+        run(name, args.grids, args.nfe, rows, lambda *a: print(*a, flush=True))
+    text = markdown(rows, f"## {', '.join(args.procs)}")
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
