@@ -1,18 +1,26 @@
-"""Samplers: one entry point ``sample``, one registry, one signature for every variant.
+"""Samplers: one entry point ``sample``, one registry, one loop structure for every variant.
 
-Every sampler is ``fn(ev, prep, u, *, callback, denoise, generator, lam) -> u`` where ``u`` is
-the state in coefficient space (frequency space for a dct2d basis), ``ev(u, i)`` returns the
-model output converted to eps_R at grid time t_i (and counts NFE), and ``prep`` holds the
-table's coefficients cast once to the state dtype. No sampler syncs with the host inside its
-loop: grid indices are Python ints, all values stay on the device.
+Everything a step needs is computed once per call, before the loop, in float64 and cast once to
+the state dtype (``_Plan``): the model's time tensors, the score / eps conversions folded into
+each step's weights, dt and sqrt(-dt) folded into the baselines' matrices. The state and the
+model outputs live in one preallocated buffer [B, slots, k, *data] (coefficient space), and a
+step is one fused linear map over a run of consecutive slots written in place into another slot
+(``_Lin``: one batched matmul for k x k blocks, multiply-adds for scalar or per-frequency
+coefficients). The current state alternates between the first and the last slot so that the
+inputs of every step are one contiguous run. Grid indices are Python ints; nothing in the loop
+asks the host for a value, so on a GPU the loop never waits (and can be captured as a graph).
+
+A sampler is ``fn(run, **its options) -> (u, o)``: ``u`` the final state (a buffer slot) and
+``o`` the slot holding the model output at t_N when the sampler already evaluated it (the shared
+ending in ``sample`` then reuses it for the final denoising step) or None.
 """
 
+import inspect
 import sys
 
 import torch
 
 from ._dct import dct2, idct2
-from ._format import TableError
 from ._table import Table, block_apply
 
 PARAMETRIZATIONS = ("eps_R", "eps_L", "score", "x0", "eps_L_v")
@@ -22,6 +30,12 @@ class SamplingError(ValueError):
     """Bad input to ``sample`` or a misbehaving model: one line saying what and where."""
 
 
+def _tri_inv(L):
+    """L^-1 for lower-triangular L [..., k, k] by a triangular solve (no inverse, no host sync)."""
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    return torch.linalg.solve_triangular(L, eye, upper=False)
+
+
 def _conversion(parametrization, R, L, D):
     """(A, B) with eps_R = A u + B out, float64 [..., k, k] (None for a zero A / identity B).
 
@@ -29,17 +43,17 @@ def _conversion(parametrization, R, L, D):
     eps_L_v (CLD-SGM style, only the last component of eps_L): L^-T is upper triangular, so
     s_v = -eps_v / L_vv exactly; the other score components are unknown and set to 0, which
     leaves G G^T s (the probability-flow / SDE drift) exact when G acts on the last component.
+    B has k_out columns (1 for eps_L_v).
     """
     if parametrization == "eps_R":
         return None, None
     Rt = R.transpose(-1, -2)
     if parametrization == "eps_L":
-        eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
-        return None, Rt @ torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2)
+        return None, Rt @ _tri_inv(L).transpose(-1, -2)
     if parametrization == "score":
         return None, -Rt
     if parametrization == "x0":
-        Rinv = torch.linalg.inv(R)
+        Rinv = torch.linalg.inv_ex(R, check_errors=False).inverse
         return Rinv, -Rinv @ D
     if parametrization == "eps_L_v":
         k = R.shape[-1]
@@ -47,284 +61,666 @@ def _conversion(parametrization, R, L, D):
     raise SamplingError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
 
 
-class _Prepared:
-    """Coefficients in the state dtype (cast once per call) and eps_R conversion matrices."""
+def _score_conversion(parametrization, R, L, D):
+    """(Sx, So) with the score s = Sx u + So out, float64 (Sx None when zero), from triangular
+    solves with the Cholesky factor L (Sigma^-1 = L^-T L^-1, R^-T = Sigma^-1 R): no inverse."""
+    k = R.shape[-1]
+    Linv = _tri_inv(L)
+    LinvT = Linv.transpose(-1, -2)
+    if parametrization == "eps_R":
+        return None, -(LinvT @ (Linv @ R))
+    if parametrization == "eps_L":
+        return None, -LinvT
+    if parametrization == "score":
+        return None, torch.eye(k, dtype=R.dtype, device=R.device).expand_as(R)
+    if parametrization == "x0":
+        Sinv = LinvT @ Linv
+        return -Sinv, Sinv @ D
+    if parametrization == "eps_L_v":
+        So = torch.zeros(R.shape[:-1] + (1,), dtype=R.dtype, device=R.device)
+        So[..., k - 1, 0] = -1 / L[..., k - 1, k - 1]
+        return None, So
+    raise SamplingError(f"unknown parametrization {parametrization!r}")
 
-    def __init__(self, table, dtype, parametrization):
-        T64 = table.tensors
-        self.table, self.dtype, self.basis = table, dtype, table.basis
-        self.parametrization = parametrization
-        self.N, self.q = table.steps, table.order
-        cast = lambda x: None if x is None else x.to(dtype)
-        self.c = {name: cast(v) for name, v in T64.items() if name != "t"}
-        self.t = T64["t"]
-        R = T64["R"]
-        self.score_of_eps = cast(-torch.linalg.inv(R).transpose(-1, -2))   # s = -R^-T eps_R
-        if parametrization == "eps_L_v":
-            GGT, k = T64["GGT"], table.k
-            if k < 2 or torch.any(GGT[..., :k - 1, :] != 0) or torch.any(GGT[..., :, :k - 1] != 0):
-                raise SamplingError("eps_L_v needs k > 1 and noise on the last state component only (as CLD)")
-        A, B = _conversion(parametrization, R, T64["L"], T64["data_to_state"])
-        self.A, self.B = cast(A), cast(B)                                   # per grid index i
 
-    def apply(self, name, index, u):
-        return block_apply(self.c[name][index], u, self.basis)
+def _pad(M, k):
+    """[..., k, k_out] -> [..., k, k]: model outputs with k_out < k sit in the last components of a slot."""
+    if M is None or M.shape[-1] == k:
+        return M
+    out = torch.zeros(M.shape[:-1] + (k,), dtype=M.dtype, device=M.device)
+    out[..., k - M.shape[-1]:] = M
+    return out
+
+
+class _Plan:
+    """Per call: the table's coefficients in float64 on its device, the model's time tensors, the
+    conversions, the step's NaN flags. Built without a single host synchronisation."""
+
+    def __init__(self, table, dtype, parametrization, batch, data_shape, model_dtype):
+        T = table.tensors
+        self.table, self.dtype, self.basis, self.parametrization = table, dtype, table.basis, parametrization
+        self.batch, self.data_shape, self.model_dtype = batch, tuple(data_shape), model_dtype
+        self.N, self.q, self.k, self.P = table.steps, table.order, table.k, table.P
+        self.k_out = 1 if parametrization == "eps_L_v" else self.k
+        self.dct = self.basis[0] == "dct2d"
+        self.t = T["t"]
+        self.device = self.t.device
+        t_model = self.t.to(model_dtype or dtype).unsqueeze(1).expand(self.N + 1, batch)
+        self.t_model = [t_model[i] for i in range(self.N + 1)]                # views, one per grid time
+        self.ok = torch.ones(self.N + 1, dtype=torch.bool, device=self.device)
+        self.ok_at = [self.ok[i] for i in range(self.N + 1)]
+        A, B = _conversion(parametrization, T["R"], T["L"], T["data_to_state"])
+        self.A = A                                                            # float64 [N+1, P, k, k] or None
+        self.B = _pad(B, self.k)
+        # raw slots hold the model output itself (converted into each weight); with A (x0) they hold eps_R
+        self.raw = A is None
+
+    def cast(self, x):
+        return x.to(self.dtype)
+
+    def fold(self, W, index):
+        """Weights that act on eps_R at grid ``index`` [...], made to act on a slot's content."""
+        if not self.raw or self.B is None:
+            return W
+        return W @ self.B[index]
+
+    def to_data(self, u):
+        return idct2(u) if self.dct else u
+
+    def to_coef(self, x):
+        return dct2(x) if self.dct else x
 
 
 class _Evaluator:
-    """Calls the model, converts its output to eps_R, counts NFE, flags NaN (grid steps)."""
+    """Calls the model at grid index i, checks the shape, flags NaN on the device, counts NFE and
+    writes the output (coefficient space) into a buffer slot: raw, or as eps_R when the
+    parametrisation has a state term (x0)."""
 
-    def __init__(self, model, prep, data_shape, batch, model_dtype):
-        self.model, self.prep, self.data_shape, self.batch = model, prep, tuple(data_shape), batch
-        self.model_dtype = model_dtype
+    def __init__(self, model, plan):
+        self.model, self.plan = model, plan
         self.nfe = 0
-        dev = prep.t.device
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=dev)
-        self.expected = (batch, 1 if prep.parametrization == "eps_L_v" else prep.table.k) + self.data_shape
+        self.expected = (plan.batch, plan.k_out) + plan.data_shape
+        self.offset = plan.k - plan.k_out
+        if not plan.raw:
+            self.A = [plan.cast(a) for a in plan.A]
+            self.Bc = plan.cast(plan.B)
 
-    def to_data(self, u):
-        return idct2(u) if self.prep.basis[0] == "dct2d" else u
-
-    def to_coef(self, x):
-        return dct2(x) if self.prep.basis[0] == "dct2d" else x
-
-    def _model(self, u, t, where):
-        """The model's output at the 0-d time t, checked and cast to the state dtype (data space)."""
-        prep = self.prep
-        x = self.to_data(u)
-        out = self.model(x if self.model_dtype is None else x.to(self.model_dtype),
-                         t.to(self.model_dtype or prep.dtype).expand(self.batch))
+    def output(self, u, t, where):
+        plan = self.plan
+        x = plan.to_data(u)
+        out = self.model(x if plan.model_dtype is None else x.to(plan.model_dtype), t)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != self.expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise SamplingError(f"model returned {got} at {where()}, expected {self.expected}")
         self.nfe += 1
-        return out.to(prep.dtype)
+        return out
 
-    def _eps(self, u, out, A, B):
-        """eps_R = A u + B out in coefficient space."""
-        out = self.to_coef(out)
-        eps = out if B is None else block_apply(B, out, self.prep.basis)
-        return eps if A is None else eps + block_apply(A, u, self.prep.basis)
-
-    def __call__(self, u, i):
-        prep = self.prep
-        out = self._model(u, prep.t[i], lambda: f"step {i} (t = {float(prep.t[i]):.6g})")
-        finite = torch.isfinite(out.sum())             # one cheap reduction; NaN/inf propagate
-        self.bad_step = torch.where((self.bad_step < 0) & ~finite, torch.tensor(i, device=finite.device), self.bad_step)
-        return self._eps(u, out, None if prep.A is None else prep.A[i], None if prep.B is None else prep.B[i])
-
-    def at_time(self, u, t, c):
-        """Model output converted to eps_R at an arbitrary time t, with dense coefficients c."""
-        out = self._model(u, t, lambda: f"t = {float(t):.6g}")
-        A, B = _conversion(self.prep.parametrization, c["R"], c["L"], c["D"])
-        cast = lambda x: None if x is None else x.to(self.prep.dtype)
-        return self._eps(u, out, cast(A), cast(B))
-
-    def raise_if_bad(self):
-        step = int(self.bad_step)                       # one sync, after the loop
-        if step >= 0:
-            raise SamplingError(f"model output is not finite (NaN/inf) at step {step} "
-                                f"(t = {float(self.prep.t[step]):.6g})")
+    def __call__(self, u, i, slot):
+        plan = self.plan
+        out = self.output(u, plan.t_model[i], lambda: f"step {i} (t = {float(plan.t[i]):.6g})")
+        plan.ok_at[i].logical_and_(torch.isfinite(out.sum()))          # one reduction; checked after the loop
+        o = plan.to_coef(out.to(plan.dtype)) if plan.dct else out
+        if plan.raw:
+            (slot[:, self.offset:] if self.offset else slot).copy_(o)
+        else:
+            slot.copy_(block_apply(self.A[i], u, plan.basis) + block_apply(self.Bc[i], o.to(plan.dtype), plan.basis))
 
 
-def _denoise(ev, prep, u, eps=None):
-    """E[u_0 | u_{t_N}] = D^-1 (u - R eps): the final denoising evaluation at t_min."""
-    eps = ev(u, prep.N) if eps is None else eps
-    return prep.apply("x0_weights", 0, u) + prep.apply("x0_weights", 1, eps)
+class _Lin:
+    """out_i = sum_s W[i, s] X_s over a run of consecutive buffer slots, written in place.
+
+    W float64 [N, S, P, k, k]; ``first[i]`` the run's first slot and ``out[i]`` the output slot
+    of step i. P = 1, k > 1: one batched matmul [k, S k] x [S k, n] per step; k = 1 (scalar or
+    per-frequency): multiply-adds; P > 1, k > 1: per-frequency block products. With ``add``
+    the result is added to the output slot instead.
+    """
+
+    def __init__(self, W, run, first, out, add=False):
+        plan, buf = run.plan, run.buf
+        N, S, P, k, _ = W.shape
+        B = buf.shape[0]
+        W = plan.cast(W)
+        self.add = add
+        self.steps = []
+        if P == 1 and k > 1:
+            self.mode = "bmm"
+            flat = W[:, :, 0].permute(0, 2, 1, 3).reshape(N, k, S * k)     # row a, column (slot, component)
+            flat_buf = buf.view(B, buf.shape[1] * k, -1)
+            for i in range(N):
+                self.steps.append((flat[i].expand(B, k, S * k), flat_buf[:, first[i] * k:(first[i] + S) * k],
+                                   flat_buf[:, out[i] * k:(out[i] + 1) * k]))
+        else:
+            self.mode = "scalar" if k == 1 else "blocks"
+            if P > 1:
+                H, Wd = plan.basis[1]
+                W = W.reshape(N, S, H, Wd, k, k)
+            else:
+                W = W[:, :, 0]
+            for i in range(N):
+                xs = [run.slots[first[i] + s] for s in range(S)]
+                if k == 1:
+                    self.steps.append(([W[i, s, ..., 0, 0] for s in range(S)], xs, run.slots[out[i]]))
+                else:
+                    self.steps.append(([[[W[i, s, ..., a, b] for b in range(k)] for a in range(k)] for s in range(S)],
+                                       xs, run.slots[out[i]]))
+
+    def __call__(self, i):
+        if self.mode == "bmm":
+            M, X, out = self.steps[i]
+            if self.add:
+                out.baddbmm_(M, X)
+            else:
+                torch.bmm(M, X, out=out)
+        elif self.mode == "scalar":
+            c, xs, out = self.steps[i]
+            if self.add:
+                out.addcmul_(xs[0], c[0])
+            else:
+                torch.mul(xs[0], c[0], out=out)
+            for s in range(1, len(xs)):
+                out.addcmul_(xs[s], c[s])
+        else:
+            c, xs, out = self.steps[i]
+            k = len(c[0])
+            for a in range(k):
+                o = out[:, a]
+                for s, x in enumerate(xs):
+                    for b in range(k):
+                        if s == 0 and b == 0 and not self.add:
+                            torch.mul(x[:, b], c[s][a][b], out=o)
+                        else:
+                            o.addcmul_(x[:, b], c[s][a][b])
 
 
-def gddim(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None, corrector=False, **_):
-    """Deterministic gDDIM: exponential multistep (Adams-Bashforth in t) on the probability flow."""
-    history, eps_next = [], None
-    for i in range(prep.N):
-        eps = eps_next if eps_next is not None else ev(u, i)
-        history = [eps] + history[:prep.q - 1]                          # lag 0 = newest (t_i)
-        # Predictor: u_{i+1} = Psi u_i + sum_j C_ij eps_{i-j}.
-        u_new = prep.apply("psi", i, u)
-        for j in range(min(prep.q, i + 1)):
-            u_new = u_new + block_apply(prep.c["eps_weights"][i, j], history[j], prep.basis)
+class _Noise:
+    """Standard normal draws into a preallocated tensor: one generator for the batch (the default:
+    the same numbers as torch.randn(shape, generator=...)), or one generator per sample (seeded
+    from the seed and the sample's global index: a sample's noise does not depend on the batch)."""
+
+    def __init__(self, generator=None, per_sample=None):
+        self.generator, self.per_sample = generator, per_sample
+
+    def fill(self, z):
+        if self.per_sample is None:
+            return z.normal_(generator=self.generator)
+        for b, g in enumerate(self.per_sample):
+            z[b].normal_(generator=g)
+        return z
+
+
+class _Run:
+    """One call's state: plan, evaluator, slot buffer, noise, and the per-step notification."""
+
+    def __init__(self, plan, ev, noise, notify):
+        self.plan, self.ev, self.noise, self.notify = plan, ev, noise, notify
+        self.buf = None
+        self.z = None
+
+    def allocate(self, n_slots, u0):
+        """Zeroed buffer [B, n_slots, k, *data] with u0 in slot 0 (zeros: unused lags weigh exactly 0)."""
+        plan = self.plan
+        self.buf = torch.zeros((plan.batch, n_slots, plan.k) + plan.data_shape, dtype=plan.dtype, device=plan.device)
+        self.slots = [self.buf[:, s] for s in range(n_slots)]
+        self.slots[0].copy_(u0)
+        return self.slots
+
+    def draw(self):
+        """A fresh standard normal tensor [B, k, *data] (contiguous scratch, overwritten each step)."""
+        plan = self.plan
+        if self.z is None:
+            self.z = torch.empty((plan.batch, plan.k) + plan.data_shape, dtype=plan.dtype, device=plan.device)
+        return self.noise.fill(self.z)
+
+    def noise_op(self, M, out):
+        """out_i += M[i] z (M float64 [N, P, k, k]) for a z drawn into the scratch tensor."""
+        plan = self.plan
+        M = plan.cast(M)
+        P, k = plan.P, plan.k
+        steps = []
+        for i in range(plan.N):
+            if P == 1 and k > 1:
+                B = plan.batch
+                steps.append(lambda i=i, o=self.slots[out[i]].view(B, k, -1), m=M[i, 0].expand(B, k, k):
+                             o.baddbmm_(m, self.z.view(B, k, -1)))
+            elif k == 1:
+                c = M[i, 0, 0, 0] if P == 1 else M[i, :, 0, 0].reshape(plan.basis[1])
+                steps.append(lambda i=i, o=self.slots[out[i]], c=c: o.addcmul_(self.z, c))
+            else:
+                Mi = M[i]
+                steps.append(lambda i=i, o=self.slots[out[i]], Mi=Mi: o.add_(block_apply(Mi, self.z, plan.basis)))
+        return steps
+
+
+def _alternating(N, n_slots):
+    """State slot before step i (0 when i is even, the last slot when odd) and after it."""
+    cur = [0 if i % 2 == 0 else n_slots - 1 for i in range(N + 1)]
+    return cur, cur[1:]
+
+
+def _two_slot_step(run, M_u, M_o, noise=None):
+    """Shared loop for u_{i+1} = M_u[i] u_i + M_o[i] o_i (+ noise[i] z): slots [u_a, o, u_b]."""
+    plan, ev = run.plan, run.ev
+    N = plan.N
+    slots = run.slots
+    cur, nxt = _alternating(N, 3)
+    # even: run [u_a, o] -> u_b; odd: run [o, u_b] -> u_a
+    W = torch.stack([torch.stack([M_u[i], M_o[i]]) if i % 2 == 0 else torch.stack([M_o[i], M_u[i]])
+                     for i in range(N)])
+    lin = _Lin(W, run, [0 if i % 2 == 0 else 1 for i in range(N)], nxt)
+    add_noise = run.noise_op(noise, nxt) if noise is not None else None
+    for i in range(N):
+        ev(slots[cur[i]], i, slots[1])
+        lin(i)
+        if add_noise is not None:
+            run.draw()
+            add_noise[i]()
+        run.notify(i, slots[nxt[i]])
+    return slots[cur[N]], None
+
+
+def _multistep(run, corrector):
+    """Exponential multistep (Adams-Bashforth in t) on the probability flow, optional Adams-Moulton
+    corrector whose evaluation at the predicted point is the next step's history (no extra NFE)."""
+    plan, ev = run.plan, run.ev
+    T = plan.table.tensors
+    N, q, P, k = plan.N, plan.q, plan.P, plan.k
+    S = q + 1 if corrector else q                                   # ring of model outputs
+    n_slots = S + 2
+    slots = run.slots
+    cur, nxt = _alternating(N, n_slots)
+    dev = plan.device
+    i_ = torch.arange(N, device=dev)
+    first = (i_ % 2)                                                # the run starts at slot 0 (even) or 1 (odd)
+
+    def weights(C, shift):
+        """Fused [N, S+1, P, k, k]: psi at the state's column, lag j at the column of its ring slot."""
+        n_lags = C.shape[1]
+        j_ = torch.arange(n_lags, device=dev)
+        idx = i_[:, None] + shift - j_[None, :]                     # grid index of lag j
+        valid = (idx >= 0).to(C.dtype)[..., None, None, None]
+        Cf = plan.fold(C, idx.clamp_min(0)) * valid
+        col = 1 + idx % S - first[:, None]
+        W = torch.zeros((N, S + 1, P, k, k), dtype=torch.float64, device=dev)
+        W[i_[:, None].expand(N, n_lags), col] = Cf
+        W[i_, first * S] = T["psi"]
+        return W
+
+    firsts = [i % 2 for i in range(N)]
+    pred = _Lin(weights(T["eps_weights"], 0), run, firsts, nxt)
+    corr = _Lin(weights(T["corrector_weights"], 1), run, firsts, nxt) if corrector else None
+    ring = [1 + m % S for m in range(N + 1)]
+    for i in range(N):
+        if not (corrector and i > 0):
+            ev(slots[cur[i]], i, slots[ring[i]])
+        pred(i)
         if corrector:
-            # Corrector (Adams-Moulton): model at the predicted point, reused as next history.
-            eps_next = ev(u_new, i + 1)
-            u_new = prep.apply("psi", i, u) + block_apply(prep.c["corrector_weights"][i, 0], eps_next, prep.basis)
-            for j in range(1, min(prep.q + 1, i + 2)):
-                u_new = u_new + block_apply(prep.c["corrector_weights"][i, j], history[j - 1], prep.basis)
-        u = u_new
-        if callback is not None:
-            callback({"i": i, "t": prep.t[i + 1], "u": u})
-    return _denoise(ev, prep, u, eps_next) if denoise else u
+            ev(slots[nxt[i]], i + 1, slots[ring[i + 1]])
+            corr(i)
+        run.notify(i, slots[nxt[i]])
+    return slots[cur[N]], (slots[ring[N]] if corrector else None)
 
 
-def gddim_pc(ev, prep, u, **kw):
+def gddim(run):
+    """Deterministic gDDIM: exponential multistep (Adams-Bashforth in t) on the probability flow."""
+    run.allocate(run.plan.q + 2, run.u0)
+    return _multistep(run, corrector=False)
+
+
+def gddim_pc(run):
     """gDDIM with the corrector; the corrector's evaluation is the next step's history (no extra NFE)."""
-    return gddim(ev, prep, u, corrector=True, **kw)
+    run.allocate(run.plan.q + 3, run.u0)
+    return _multistep(run, corrector=True)
 
 
-def gddim_sde(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None, **_):
+def gddim_sde(run):
     """Stochastic gDDIM (order 1, lam from the table): u' = Psi u + (PsiHat - Psi) R eps + chol(P) z."""
-    for i in range(prep.N):
-        eps = ev(u, i)
-        z = torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
-        u = prep.apply("psi", i, u) + prep.apply("eps_weights_sde", i, eps) + prep.apply("noise_chol", i, z)
-        if callback is not None:
-            callback({"i": i, "t": prep.t[i + 1], "u": u})
-    return _denoise(ev, prep, u) if denoise else u
+    plan = run.plan
+    T = plan.table.tensors
+    run.allocate(3, run.u0)
+    steps = torch.arange(plan.N, device=plan.device)
+    return _two_slot_step(run, T["psi"], plan.fold(T["eps_weights_sde"], steps), noise=T["noise_chol"])
 
 
-def _sqrt_psd(M):
-    """Symmetric PSD square root of [.., k, k] (float64 eigendecomposition)."""
-    w, V = torch.linalg.eigh(M.to(torch.float64))
-    return (V * w.clamp_min(0).sqrt().unsqueeze(-2)) @ V.transpose(-1, -2)
+def _drift(plan, c):
+    """Probability-flow drift F u - c G G^T s as (on u, on the slot content): the score conversion
+    and G G^T fused into one matrix per grid time (float64)."""
+    T = plan.table.tensors
+    Sx, So = _score_conversion(plan.parametrization if plan.raw else "eps_R", T["R"], T["L"], T["data_to_state"])
+    GGT = T["GGT"]
+    D_u = T["F"] if Sx is None else T["F"] - c * GGT @ Sx
+    return D_u, -c * GGT @ _pad(So, plan.k)
 
 
-def euler_maruyama(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=1.0, **_):
+def euler_maruyama(run):
     """Euler-Maruyama on du = [F u - (1+lam^2)/2 G G^T s] dt + lam G dw, backwards on the grid."""
-    lam = 1.0 if lam is None else float(lam)
-    root = _sqrt_psd(prep.table.tensors["GGT"]).to(prep.dtype)
-    for i in range(prep.N):
-        s = block_apply(prep.score_of_eps[i], ev(u, i), prep.basis)
-        dt = (prep.t[i + 1] - prep.t[i]).to(prep.dtype)                 # negative
-        drift = prep.apply("F", i, u) - (1 + lam ** 2) / 2 * prep.apply("GGT", i, s)
-        u = u + drift * dt
-        if lam > 0:
-            z = torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
-            u = u + lam * (-dt).sqrt() * block_apply(root[i], z, prep.basis)
-        if callback is not None:
-            callback({"i": i, "t": prep.t[i + 1], "u": u})
-    return _denoise(ev, prep, u) if denoise else u
+    plan = run.plan
+    lam = 1.0 if run.lam is None else float(run.lam)
+    t = plan.t
+    dt = (t[1:] - t[:-1])[:, None, None, None]                     # negative
+    D_u, D_o = _drift(plan, (1 + lam ** 2) / 2)
+    eye = torch.eye(plan.k, dtype=torch.float64, device=plan.device)
+    run.allocate(3, run.u0)
+    noise = lam * (-dt).sqrt() * plan.table.ggt_sqrt()[:-1] if lam > 0 else None
+    return _two_slot_step(run, eye + dt * D_u[:-1], dt * D_o[:-1], noise=noise)
 
 
-def heun(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None, **_):
+def heun(run):
     """Heun's 2nd-order method in t on the probability flow du/dt = F u - 1/2 G G^T s (Euler last step)."""
-    def f(x, i):
-        s = block_apply(prep.score_of_eps[i], ev(x, i), prep.basis)
-        return prep.apply("F", i, x) - 0.5 * prep.apply("GGT", i, s)
-    for i in range(prep.N):
-        dt = (prep.t[i + 1] - prep.t[i]).to(prep.dtype)
-        d = f(u, i)
-        u_e = u + dt * d
-        u = u + dt / 2 * (d + f(u_e, i + 1)) if i < prep.N - 1 else u_e
-        if callback is not None:
-            callback({"i": i, "t": prep.t[i + 1], "u": u})
-    return _denoise(ev, prep, u) if denoise else u
+    plan, ev = run.plan, run.ev
+    N, k = plan.N, plan.k
+    t = plan.t
+    dt = (t[1:] - t[:-1])[:, None, None, None]
+    D_u, D_o = _drift(plan, 0.5)
+    eye = torch.eye(k, dtype=torch.float64, device=plan.device)
+    slots = run.allocate(5, run.u0)
+    cur, nxt = _alternating(N, 5)
+    # even: u 0, o1 1, ue 2, o2 3 -> 4; odd (mirrored): u 4, o1 3, ue 2, o2 1 -> 0
+    o1 = [1 if i % 2 == 0 else 3 for i in range(N)]
+    o2 = [3 if i % 2 == 0 else 1 for i in range(N)]
+    euler_u, euler_o = eye + dt * D_u[:-1], dt * D_o[:-1]
+    W_e = torch.stack([torch.stack([euler_u[i], euler_o[i]] if i % 2 == 0 else [euler_o[i], euler_u[i]])
+                       for i in range(N)])
+    last = N - 1
+    to_ue = _Lin(W_e, run, [0 if i % 2 == 0 else 3 for i in range(N)], [nxt[i] if i == last else 2 for i in range(N)])
+    h = dt / 2
+    cols = [eye + h * D_u[:-1], h * D_o[:-1], h * D_u[1:], h * D_o[1:]]  # u, o1, ue, o2
+    W_f = torch.stack([torch.stack(cols if i % 2 == 0 else cols[::-1])[:, i] for i in range(N)])
+    final = _Lin(W_f, run, [0 if i % 2 == 0 else 1 for i in range(N)], nxt)
+    for i in range(N):
+        ev(slots[cur[i]], i, slots[o1[i]])
+        to_ue(i)
+        if i < last:
+            ev(slots[2], i + 1, slots[o2[i]])
+            final(i)
+        run.notify(i, slots[nxt[i]])
+    return slots[cur[N]], None
 
 
-def ancestral(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None, **_):
-    """Ancestral sampling (DDPM / BDM): draw u_{t_{i+1}} from q(u_t | u_s, x0 = E[x0 | u_s]); k = 1 only."""
-    if prep.table.k != 1:
+def ancestral(run):
+    """Ancestral sampling (DDPM / BDM): draw u_{t_{i+1}} from q(u_t | u_s, x0 = E[x0 | u_s]); k = 1 only.
+
+    mean = c_x0 x0 + c_u u_s with x0 = D^-1 (u_s - R eps): one fused map on (u, eps) plus the noise."""
+    plan = run.plan
+    if plan.k != 1:
         raise SamplingError("ancestral sampling is defined for scalar / diagonal families (k = 1)")
-    T = prep.table.tensors
+    T = plan.table.tensors
     psi, S, D, R = T["psi"], T["sigma"], T["data_to_state"], T["R"]
     a = 1 / psi                                                           # Psi(s, t) for s = t_i > t = t_{i+1}
     var_st = S[:-1] - a ** 2 * S[1:]                                      # Var[u_s | u_t]
     post_var = 1 / (1 / S[1:] + a ** 2 / var_st)
-    c_x0 = (post_var * D[1:] / S[1:]).to(prep.dtype)                      # mean = c_x0 x0 + c_u u_s
-    c_u = (post_var * a / var_st).to(prep.dtype)
-    std = post_var.clamp_min(0).sqrt().to(prep.dtype)
-    Dinv = (1 / D).to(prep.dtype)
-    for i in range(prep.N):
-        eps = ev(u, i)
-        x0 = block_apply(Dinv[i], u - block_apply(prep.c["R"][i], eps, prep.basis), prep.basis)
-        z = torch.randn(u.shape, generator=generator, device=u.device, dtype=u.dtype)
-        u = block_apply(c_x0[i], x0, prep.basis) + block_apply(c_u[i], u, prep.basis) + block_apply(std[i], z, prep.basis)
-        if callback is not None:
-            callback({"i": i, "t": prep.t[i + 1], "u": u})
-    return _denoise(ev, prep, u) if denoise else u
+    c_x0 = post_var * D[1:] / S[1:]
+    c_u = post_var * a / var_st
+    std = post_var.clamp_min(0).sqrt()
+    Dinv = 1 / D[:-1]
+    steps = torch.arange(plan.N, device=plan.device)
+    run.allocate(3, run.u0)
+    return _two_slot_step(run, c_x0 * Dinv + c_u, -c_x0 * Dinv * plan.fold(R[:-1], steps), noise=std)
 
 
-def probability_flow_rk45(ev, prep, u, *, callback=None, denoise=True, generator=None, lam=None, dense=None,
-                          rtol=1e-5, atol=1e-5, **_):
+def probability_flow_rk45(run, *, dense=None, rtol=1e-5, atol=1e-5):
     """Adaptive Dormand-Prince 5(4) (torchdiffeq dopri5) on the probability flow, T -> t_min, NFE counted.
 
     Needs coefficients off the grid: ``dense`` = gddim_runtime.load_dense(<name>_dense.safetensors).
+    The score comes from triangular solves with L (no inverse); the adaptive step control itself
+    reads error norms on the host (inherent to adaptive stepping).
     """
     if dense is None:
         raise SamplingError("probability_flow_rk45 needs dense=gddim_runtime.load_dense(<name>_dense.safetensors)")
     from torchdiffeq import odeint
-
-    lo, hi = prep.t[-1], prep.t[0]
+    plan, ev = run.plan, run.ev
+    lo, hi = plan.t[-1], plan.t[0]
+    basis, k = plan.basis, plan.k
 
     def flow(t, x):
         t = torch.minimum(torch.maximum(t.to(lo.dtype), lo), hi)   # dopri5's first-step probe may leave [t_min, T]
         c = dense.at(t)
-        s = block_apply((-torch.linalg.inv(c["R"]).transpose(-1, -2)).to(prep.dtype), ev.at_time(x, t, c), prep.basis)
-        return block_apply(c["F"].to(prep.dtype), x, prep.basis) - 0.5 * block_apply(c["GGT"].to(prep.dtype), s, prep.basis)
-    times = torch.stack([prep.t[0], prep.t[-1]]).to(prep.dtype)
-    u = odeint(flow, u, times, method="dopri5", rtol=rtol, atol=atol)[-1]
-    if callback is not None:
-        callback({"i": prep.N - 1, "t": prep.t[-1], "u": u})
-    return _denoise(ev, prep, u) if denoise else u
+        Sx, So = _score_conversion(plan.parametrization, c["R"], c["L"], c["D"])
+        D_u = c["F"] if Sx is None else c["F"] - 0.5 * c["GGT"] @ Sx
+        D_o = -0.5 * c["GGT"] @ So
+        out = ev.output(x, t.to(plan.model_dtype or plan.dtype).expand(plan.batch), lambda: f"t = {float(t):.6g}")
+        o = plan.to_coef(out.to(plan.dtype))
+        return block_apply(plan.cast(D_u), x, basis) + block_apply(plan.cast(D_o), o, basis)
+
+    times = torch.stack([plan.t[0], plan.t[-1]]).to(plan.dtype)
+    u = odeint(flow, run.u0, times, method="dopri5", rtol=rtol, atol=atol)[-1]
+    slots = run.allocate(2, u)
+    run.notify(plan.N - 1, slots[0])
+    return slots[0], None
+
+
+_COMPILED = {}
+
+
+def _compiled_step(model, plan, mode):
+    """One gDDIM step as a pure function of tensors, compiled once per (model, shapes, dtypes) and
+    reused for every step and call: the model, the conversion and the update over psi and all lags
+    in one graph (on CUDA with mode "reduce-overhead": replayed as a CUDA graph)."""
+    key = (id(model), plan.dtype, plan.model_dtype, plan.basis, plan.P, plan.k, plan.k_out, plan.q, plan.batch,
+           plan.data_shape, str(plan.device), mode)
+    hit = _COMPILED.get(key)
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    dct, P, k, k_out, dtype, md = plan.dct, plan.P, plan.k, plan.k_out, plan.dtype, plan.model_dtype
+    expected = (plan.batch, k_out) + plan.data_shape
+
+    def step(u, hist, W, t):
+        x = idct2(u) if dct else u
+        out = model(x if md is None else x.to(md), t)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise SamplingError(f"model returned {got}, expected {expected}")
+        finite = torch.isfinite(out.sum())
+        o = out.to(dtype)
+        o = dct2(o) if dct else o
+        if k_out < k:
+            o = torch.cat([torch.zeros_like(u[:, :k - k_out]), o], 1)
+        hist = torch.cat([o.unsqueeze(1), hist[:, :-1]], 1)                  # lag 0 = newest
+        X = torch.cat([u.unsqueeze(1), hist], 1)                              # [B, q+1, k, *data]
+        if P == 1:
+            u_new = torch.einsum("sac,bsc...->ba...", W[:, 0], X)
+        else:
+            H, Wd = plan.basis[1]
+            u_new = torch.einsum("shwac,bsc...hw->ba...hw", W.reshape(W.shape[0], H, Wd, k, k), X)
+        return u_new, hist, finite
+
+    fn = torch.compile(step, mode=mode, dynamic=False)
+    if len(_COMPILED) >= 8:
+        _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = (model, fn)
+    return fn
+
+
+def _gddim_compiled(run, mode):
+    """gDDIM (predictor) through the compiled step; the same arithmetic as ``gddim`` up to rounding."""
+    plan, ev = run.plan, run.ev
+    T = plan.table.tensors
+    N, q, P, k = plan.N, plan.q, plan.P, plan.k
+    dev = plan.device
+    i_ = torch.arange(N, device=dev)
+    j_ = torch.arange(q, device=dev)
+    idx = i_[:, None] - j_[None, :]
+    valid = (idx >= 0).to(torch.float64)[..., None, None, None]
+    C = plan.fold(T["eps_weights"], idx.clamp_min(0)) * valid              # [N, q, P, k, k] in lag order
+    W = plan.cast(torch.cat([T["psi"][:, None], C], 1))                   # [N, q+1, P, k, k]: psi, lag 0..q-1
+    Ws = [W[i] for i in range(N)]
+    step = _compiled_step(ev.model, plan, mode)
+    cudagraphs = mode == "reduce-overhead" and plan.device.type == "cuda"
+    u = run.u0.contiguous()
+    hist = torch.zeros((plan.batch, q, k) + plan.data_shape, dtype=plan.dtype, device=dev)
+    for i in range(N):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        u, hist, finite = step(u, hist, Ws[i], plan.t_model[i])
+        ev.nfe += 1
+        plan.ok_at[i].logical_and_(finite)
+        if cudagraphs:                                                     # outputs are reused by the next replay
+            u, hist = u.clone(), hist.clone()
+        run.notify(i, u)
+    return u, None
 
 
 SAMPLERS = {"gddim": gddim, "gddim_pc": gddim_pc, "gddim_sde": gddim_sde, "euler_maruyama": euler_maruyama,
             "heun": heun, "ancestral": ancestral, "probability_flow_rk45": probability_flow_rk45}
 
 
+def _sampler_options(name):
+    """The keyword options a sampler takes beyond ``run`` (e.g. RK45: dense, rtol, atol)."""
+    return [p for p in inspect.signature(SAMPLERS[name]).parameters if p != "run"]
+
+
+def _denoise(run, u, o):
+    """E[u_0 | u_{t_N}] = D^-1 (u - R eps): the final denoising step at t_min (reuses o if evaluated)."""
+    plan = run.plan
+    N = plan.N
+    if o is None:
+        o = torch.zeros_like(u)
+        run.ev(u, N, o)
+    X0, X1 = plan.table.tensors["x0_weights"]
+    if plan.raw:
+        W_u, W_o = X0, (X1 if plan.B is None else X1 @ plan.B[N])
+    else:
+        W_u, W_o = X0, X1                                            # the slot already holds eps_R
+    return block_apply(plan.cast(W_u), u, plan.basis) + block_apply(plan.cast(W_o), o, plan.basis)
+
+
+def _first_bad(plan):
+    """The first grid index whose model output was not finite, or -1: one host read after the loop
+    (on CUDA through a non-blocking copy and an event wait, so no implicit synchronisation)."""
+    ok = plan.ok
+    if ok.device.type == "cuda":
+        host = torch.empty(ok.shape, dtype=ok.dtype, pin_memory=True)
+        host.copy_(ok, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        ok = host
+    bad = (~ok).nonzero()
+    return int(bad[0, 0]) if len(bad) else -1
+
+
 def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", sampler="gddim",
            generator=None, x_T=None, dtype=torch.float32, denoise=None, callback=None, progress=None,
-           lam=None, model_dtype=None, return_info=False, **options):
+           lam=None, model_dtype=None, return_info=False, compile=False, **options):
     """Draw samples with a coefficient table (gDDIM, Zhang, Tao & Chen 2023, and baselines).
 
-    model(u, t): u [B, k, *data_shape] in data space, t [B]; returns the same shape, in the
-    given ``parametrization`` (eps_R: gDDIM, eps_L: Cholesky as CLD-SGM, score, x0: E[u_0 | u_t]).
-    Returns the state at t_min [B, k, *data_shape] (after the final denoising step when
-    ``denoise``, default: the table's NFE accounting); with ``return_info`` also {"nfe": ...}.
-    Sampler options pass through ``options`` (probability_flow_rk45: dense=, rtol=, atol=).
+    model: callable ``model(x, t)``: x [B, k, *data_shape] in data space (pixels also for a
+        dct2d table; each sample contiguous, the batch may be a strided view of the sampler's
+        buffer), t [B] (the grid time, in ``model_dtype`` or ``dtype``); returns a tensor of the
+        same shape ([B, 1, *data_shape] for ``eps_L_v``) in the given ``parametrization``.
+    table: a Table from ``gddim_runtime.load`` or ``gddim_runtime.from_tensors``; its device is
+        the device of the whole computation.
+    batch, data_shape: number of samples and the shape of one state component (CLD on CIFAR:
+        64 and (3, 32, 32); a dct2d table needs its basis size as the last two axes). Taken from
+        ``x_T`` when given.
+    parametrization: what the model outputs: "eps_R" (gDDIM's eps, s = -R^-T eps), "eps_L"
+        (Cholesky, as CLD-SGM), "score", "x0" (E[u_0 | u_t]), "eps_L_v" (only the last
+        component of eps_L, [B, 1, *data_shape]; no final denoising).
+    sampler: a name in ``SAMPLERS``: "gddim" (multistep of the table's order), "gddim_pc"
+        (with the corrector; table with corrector weights), "gddim_sde" (table with lam > 0),
+        baselines "euler_maruyama", "heun", "ancestral" (k = 1), "probability_flow_rk45".
+    generator: torch.Generator on the table's device for the initial noise and the stochastic
+        samplers' noise; the result is deterministic given it.
+    x_T: the initial state u_T itself (not standard noise), shaped [B, k, *data_shape] in data
+        space, e.g. R_T z for z ~ N(0, I) (what ``sample`` draws when x_T is None).
+    dtype: the state's dtype, float32 by default (float64 for reference work); the table stays
+        float64 and the coefficients are cast once per call.
+    denoise: take the final denoising step E[u_0 | u_{t_N}] at t_min (one more model
+        evaluation); default: what the table's NFE accounting assumes (meta "denoise").
+    callback: called after every step with {"i": step, "t": t_{i+1} (0-d tensor), "u": a copy
+        of the state in coefficient space}.
+    progress: a tqdm bar (default: on a terminal, for 50 steps or more).
+    lam: Euler-Maruyama's noise scale (0: probability flow; default 1, or the table's lam).
+    model_dtype: the dtype the model runs in (e.g. torch.bfloat16); its input is cast to it and
+        its output cast back to ``dtype``. Default: ``dtype``.
+    return_info: also return {"nfe": model evaluations}.
+    compile: False (default, eager), True or a torch.compile mode: run gDDIM's step (model,
+        conversion and fused update) as one compiled graph, compiled once per model and shapes
+        and reused (mode "reduce-overhead" on CUDA by default: CUDA graphs; "default" on CPU,
+        which needs a C++ compiler). Only for sampler "gddim" and model outputs without a
+        state term (not "x0"); the first call pays the compilation.
+    options: the sampler's own options: probability_flow_rk45 takes dense= (a dense file from
+        ``load_dense``), rtol=, atol=; the other samplers take none. Unknown names are refused.
+
+    Returns the state at t_min [B, k, *data_shape] (data space, after the final denoising step
+    when ``denoise``); with ``return_info`` also {"nfe": ...}. The loop never waits for the host;
+    one read after it checks that every model output was finite (SamplingError naming the step).
     """
     if not isinstance(table, Table):
         raise SamplingError(f"expected a Table from gddim_runtime.load, got {type(table).__name__}")
     if sampler not in SAMPLERS:
         raise SamplingError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    noise = options.pop("_noise", None) or _Noise(generator)            # the distributed CLI's per-sample noise
+    valid = _sampler_options(sampler)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        named = list(inspect.signature(sample).parameters)[2:-1]
+        raise SamplingError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
+                            f"sampler {sampler!r}; sample() takes {', '.join(named)}"
+                            + (f" and {sampler}'s {', '.join(valid)}" if valid else f" ({sampler} has no options)"))
     if parametrization not in PARAMETRIZATIONS:
         raise SamplingError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
+    if compile and (sampler != "gddim" or parametrization == "x0"):
+        raise SamplingError(f"compile= is available for sampler 'gddim' with outputs eps_R, eps_L, score or eps_L_v "
+                            f"(got sampler {sampler!r}, parametrization {parametrization!r})")
     if sampler == "gddim_pc" and not table.has("corrector_weights"):
         raise SamplingError(f"{table.path}: no corrector weights; derive with --corrector")
     if sampler == "gddim_sde" and not table.has("eps_weights_sde"):
         raise SamplingError(f"{table.path}: no stochastic weights; derive with --lam L")
+    if parametrization == "eps_L_v" and not table.noise_on_last_only():
+        raise SamplingError("eps_L_v needs k > 1 and noise on the last state component only (as CLD)")
     k = table.k
     if x_T is not None:
-        batch, data_shape = x_T.shape[0], tuple(x_T.shape[2:])
         if x_T.ndim < 3 or x_T.shape[1] != k:
             raise SamplingError(f"x_T has shape {tuple(x_T.shape)}; expected [B, {k}, *data_shape]")
+        batch, data_shape = x_T.shape[0], tuple(x_T.shape[2:])
     if batch is None or data_shape is None:
         raise SamplingError("give batch and data_shape (or x_T)")
     data_shape = tuple(int(n) for n in data_shape)
     kind, size = table.basis
     if kind == "dct2d" and (len(data_shape) < 2 or data_shape[-2:] != size):
         raise SamplingError(f"data_shape {data_shape} does not match the table's dct2d basis: last two axes must be {size}")
-    dev = table.device
-    prep = _Prepared(table, dtype, parametrization)
-    ev = _Evaluator(model, prep, data_shape, batch, model_dtype)
-    if x_T is None:
-        z = torch.randn((batch, k) + data_shape, generator=generator, device=dev, dtype=dtype)
-        u = prep.apply("R", 0, z)                                         # u_T = R_T z ~ N(0, Sigma_T)
-    else:
-        u = ev.to_coef(x_T.to(device=dev, dtype=dtype))
     if denoise is None:
         denoise = bool(table.meta.get("denoise", True)) and parametrization != "eps_L_v"
     if denoise and parametrization == "eps_L_v":
         raise SamplingError("eps_L_v cannot take the final denoising step (it needs the x half of the score); "
                             "pass denoise=False")
+    plan = _Plan(table, dtype, parametrization, batch, data_shape, model_dtype)
+    ev = _Evaluator(model, plan)
+    if x_T is None:
+        z = noise.fill(torch.empty((batch, k) + data_shape, device=plan.device, dtype=dtype))
+        u0 = block_apply(plan.cast(table.tensors["R"][0]), z, plan.basis)   # u_T = R_T z ~ N(0, Sigma_T)
+    else:
+        u0 = plan.to_coef(x_T.to(device=plan.device, dtype=dtype))
     if progress is None:
         progress = sys.stderr.isatty() and table.steps >= 50
-    cb = callback
+    bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=table.steps, desc=sampler)
 
-        def cb(info):
+    def notify(i, u):
+        if bar is not None:
             bar.update(1)
-            if callback is not None:
-                callback(info)
+        if callback is not None:
+            callback({"i": i, "t": plan.t[i + 1], "u": u.clone()})
+
+    run = _Run(plan, ev, noise, notify)
+    run.u0, run.lam = u0, lam if lam is not None else (None if table.meta.get("lam") is None else _lam(table))
     try:
-        u = SAMPLERS[sampler](ev, prep, u, callback=cb, denoise=denoise, generator=generator,
-                              lam=lam if lam is not None else (None if table.meta.get("lam") is None else _lam(table)),
-                              **options)
+        if compile:
+            mode = compile if isinstance(compile, str) else ("reduce-overhead" if plan.device.type == "cuda" else "default")
+            u, o = _gddim_compiled(run, mode)
+        else:
+            u, o = SAMPLERS[sampler](run, **options)
+        if denoise:
+            u = _denoise(run, u, o)
     finally:
-        if progress:
+        if bar is not None:
             bar.close()
-    ev.raise_if_bad()
-    out = ev.to_data(u)
+    step = _first_bad(plan)
+    if step >= 0:
+        raise SamplingError(f"model output is not finite (NaN/inf) at step {step} (t = {float(plan.t[step]):.6g})")
+    out = plan.to_data(u).contiguous()
     return (out, {"nfe": ev.nfe}) if return_info else out
 
 

@@ -20,6 +20,7 @@ class Table:
     tensors: dict
     meta: dict
     path: str = ""
+    derived: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def device(self):
@@ -61,7 +62,28 @@ class Table:
         return name in self.tensors
 
     def to(self, device):
-        return Table({n: v.to(device) for n, v in self.tensors.items()}, self.meta, self.path)
+        return Table({n: v.to(device) for n, v in self.tensors.items()}, self.meta, self.path,
+                     {n: v.to(device) if isinstance(v, torch.Tensor) else v for n, v in self.derived.items()})
+
+    def ggt_sqrt(self):
+        """Symmetric PSD square root of G G^T at every grid time [N+1, P, k, k] (computed once per table)."""
+        if "ggt_sqrt" not in self.derived:
+            self.derived["ggt_sqrt"] = sqrt_psd(self.tensors["GGT"])
+        return self.derived["ggt_sqrt"]
+
+    def noise_on_last_only(self):
+        """True when G G^T is zero outside its last row and column (CLD: noise drives v only)."""
+        if "noise_on_last_only" not in self.derived:
+            GGT, k = self.tensors["GGT"], self.k
+            self.derived["noise_on_last_only"] = bool(k > 1 and not torch.any(GGT[..., :k - 1, :] != 0)
+                                                      and not torch.any(GGT[..., :, :k - 1] != 0))
+        return self.derived["noise_on_last_only"]
+
+
+def sqrt_psd(M):
+    """Symmetric PSD square root of [.., k, k] (float64 eigendecomposition)."""
+    w, V = torch.linalg.eigh(M.to(torch.float64))
+    return (V * w.clamp_min(0).sqrt().unsqueeze(-2)) @ V.transpose(-1, -2)
 
 
 def from_tensors(tensors, meta, device="cpu", path="<memory>"):
@@ -102,6 +124,11 @@ def from_tensors(tensors, meta, device="cpu", path="<memory>"):
             raise TableError(f"{path}: tensor {name} has shape {tuple(a.shape)}, expected {shapes[name]}")
     if kind == "dct2d" and P != size[0] * size[1]:
         raise TableError(f"{path}: basis {size} does not match P = {P}")
+    if torch.device(device).type != "cpu":
+        # what samplers derive from the table with host decisions (eigh, structure checks), done here
+        # on the CPU copy so that sampling on an accelerator never waits for the host
+        cpu = Table({"GGT": torch.as_tensor(tensors["GGT"]), "psi": out["psi"][:0].cpu()}, meta)
+        table.derived.update(ggt_sqrt=cpu.ggt_sqrt().to(device), noise_on_last_only=cpu.noise_on_last_only())
     return table
 
 
