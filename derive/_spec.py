@@ -296,8 +296,14 @@ def build_spec(data, where="<spec>"):
         _check_keys(marg, {"mean", "std"}, where, "marginal.", ("mean", "std"))
         mean = _expression(marg["mean"], where, "marginal.mean", names)
         std = _expression(marg["std"], where, "marginal.std", names)
+        if mean.is_zero:
+            raise SpecError(where, "marginal.mean", "must not be zero (Psi(t, s) = mean_t / mean_s)")
+        if std.is_zero:
+            raise SpecError(where, "marginal.std", "must not be zero (Sigma_t = std_t^2 must be positive for t > 0)")
         f = sp.diff(mean, t) / mean
-        g2 = sp.diff(std ** 2, t) - 2 * f * std ** 2
+        dstd2, drift_part = sp.diff(std ** 2, t), 2 * f * std ** 2
+        g2 = dstd2 - drift_part
+        _check_marginal(where, mean, g2, dstd2, drift_part, basis, t_min, T)
         F, G = sp.Matrix([[f]]), sp.Matrix([[sp.sqrt(g2)]])
         Sigma0 = sp.Matrix([[std.subs(t, 0) ** 2]])
     else:
@@ -362,6 +368,41 @@ def _basis(value, where, claim):
     if size[0] * size[1] > MAX_COORDS:
         raise SpecError(where, "basis.size", f"H * W must be at most {MAX_COORDS}")
     return Basis("dct2d", sp.Symbol(value["frequency"], real=True, nonnegative=True), tuple(size))
+
+
+def _probe_values(basis):
+    values = sorted(set(basis.values()), key=lambda e: float(e)) if basis.symbol is not None else [None]
+    if len(values) > 64:
+        values = values[:16] + values[16:-16:max(1, len(values) // 32)] + values[-16:]
+    return values
+
+
+def _check_marginal(where, mean, g2, dstd2, drift_part, basis, t_min, T):
+    """A marginal family is a forward diffusion only if std/mean does not decrease (G^2 >= 0)
+    and mean does not vanish; probed on a grid of [t_min, T] at (a sample of) every coordinate."""
+    from ._hp import Unsupported, compile_expr, mpf
+    import numpy as np
+    try:
+        fm, fg, fa, fb = (compile_expr(e) for e in (mean, g2, dstd2, drift_part))
+    except Unsupported:
+        return                                 # _check_evaluable names the function
+    times = np.array([mpf(t_min + (T - t_min) * sp.Rational(k, 8)) for k in range(9)], dtype=object)
+    for value in _probe_values(basis):
+        env = {"t": times}
+        if basis.symbol is not None:
+            env[basis.symbol.name] = compile_expr(value)({})
+        m = np.broadcast_to(np.asarray(fm(env), dtype=object), times.shape)
+        g = np.broadcast_to(np.asarray(fg(env), dtype=object), times.shape)
+        scale = (np.broadcast_to(np.asarray(fa(env), dtype=object), times.shape),
+                 np.broadcast_to(np.asarray(fb(env), dtype=object), times.shape))
+        at = "" if basis.symbol is None else f" ({basis.symbol.name} = {sp.N(value, 6)})"
+        for i, tv in enumerate(times):
+            if m[i] == 0:
+                raise SpecError(where, "marginal.mean", f"is zero at t = {float(tv):.6g}{at} (Psi = mean_t / mean_s)")
+            size = abs(scale[0][i]) + abs(scale[1][i])
+            if g[i] == g[i] and abs(g[i]) != float("inf") and g[i] < -1e-30 * size:
+                raise SpecError(where, "marginal.std", f"std/mean decreases at t = {float(tv):.6g}{at}: "
+                                f"G^2 = d std^2/dt - 2 F std^2 = {float(g[i]):.3g} < 0 (not a forward diffusion)")
 
 
 def _check_evaluable(where, items):

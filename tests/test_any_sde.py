@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -166,6 +167,24 @@ def test_generated_specs_many(case):
 @given(ss.marginal())
 def test_generated_marginal_families(spec):
     _run_one(("ok", "marginal", spec))
+
+
+# ----- the spec loader alone: cheap, so many examples ------------------------------------
+
+@settings(max_examples=int(os.environ.get("GDDIM_ANYSDE_LOAD_EXAMPLES", 150)), **_COMMON)
+@given(ss.any_spec())
+def test_generated_specs_load_or_refuse_with_one_line(case):
+    """build_spec accepts every valid generated spec and refuses every defect with one SpecError."""
+    from derive._errors import SpecError
+    from derive._spec import _Loader, build_spec
+    expect, label, spec = case
+    if expect == "ok":
+        built = build_spec(yaml.load(ss.dump(spec), Loader=_Loader), "gen.yaml")
+        assert built.k == len(spec["state"])
+    else:
+        with pytest.raises(SpecError) as info:
+            build_spec(yaml.load(ss.dump(spec), Loader=_Loader), "gen.yaml")
+        assert "\n" not in str(info.value) and str(info.value).startswith("gen.yaml: ")
 
 
 # ----- survey: every failure class, not only the first -----------------------------------

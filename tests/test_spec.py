@@ -166,11 +166,13 @@ def test_random_wellformed_specs(k, m, data):
 
 
 @pytest.mark.parametrize("body, key", [
-    ("marginal:\n  mean: exp(-t)\n  std: sqrt(1 - exp(-2*t)) / (t - 1/2)\n", "tables"),   # pole inside a step
-    ("marginal:\n  mean: 1 - t\n  std: t\n", "grid"),                                      # mean vanishes at T = 1
+    ("marginal:\n  mean: exp(-t)\n  std: sqrt(1 - exp(-2*t)) / (t - 1/2)\n", "marginal.std"),  # std/mean falls after the pole
+    ("marginal:\n  mean: 1 - t\n  std: t\n", "marginal.mean"),                              # mean vanishes at T = 1
+    ("marginal:\n  mean: exp(-t)\n  std: exp(-t) * (1 + t) / (1 + 2 * t)\n", "marginal.std"),  # std/mean decreases
     ("drift: [[log(t - 2)]]\ndiffusion: [[1]]\n", "derivation"),                           # NaN everywhere
 ])
 def test_cli_evaluation_failures(tmp_path, body, key):
+    """Specs that parse but are no forward diffusion, or fail numerically: one line, exit 2."""
     path = write(tmp_path, "name: bad\n" + body + "time: {t_min: 1e-3, T: 1}\n")
     out = tmp_path / "out"
     proc = run_derive(path, "--out", out, "--nfe", "6")
@@ -178,3 +180,26 @@ def test_cli_evaluation_failures(tmp_path, body, key):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("marginal, key, fragment", [
+    ("{mean: 0, std: 1}", "marginal.mean", "must not be zero"),
+    ("{mean: exp(-t), std: 0}", "marginal.std", "must not be zero"),
+    ("{mean: exp(-t), std: exp(-2 * t)}", "marginal.std", "decreases"),                  # constant G^2 < 0
+    ("{mean: exp(-t), std: sqrt(1 - exp(-2 * t)) * (t - 1/2)}", "marginal.std", "decreases"),
+    ("{mean: 1 - t, std: t}", "marginal.mean", "is zero at t = 1"),                      # mean_T = 0
+])
+def test_marginal_that_is_no_forward_diffusion(tmp_path, marginal, key, fragment):
+    """A marginal family needs mean != 0 and std/mean non-decreasing (G^2 = mean^2 d(std/mean)^2/dt >= 0)."""
+    text = f"name: m\nmarginal: {marginal}\ntime: {{t_min: 1e-3, T: 1}}\n"
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    assert info.value.key == key and fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_marginal_with_noiseless_dc_coordinate_is_accepted(tmp_path):
+    """Inverse heat dissipation: G^2 = 2 lam tau' std^2 is exactly 0 at lam = 0 (allowed, not negative)."""
+    text = ("name: heat\nbasis: {kind: dct2d, frequency: lam, size: [2, 2]}\n"
+            "marginal: {mean: exp(-lam * t**2), std: 1/100}\ntime: {t_min: 1e-3, T: 1}\n")
+    spec = load_spec(write(tmp_path, text))
+    assert spec.G[0, 0].subs(spec.basis.symbol, 0) == 0
