@@ -124,12 +124,12 @@ class Tables:
         self._moments = {}
         self.dense = None
 
-    def table(self, steps, order=3, lam=None, corrector=False, weights=True):
-        key = (steps, order, lam, corrector, weights)
+    def table(self, steps, order=3, lam=None, corrector=False, weights=True, grid="quadratic"):
+        key = (steps, order, lam, corrector, weights, grid)
         if key not in self.cache:
             d = self.deriv
-            times = _grids.make_grid(_grids.parse_kind("quadratic"), steps, d)
-            cache = self._moments.setdefault(steps, {})
+            times = _grids.make_grid(_grids.parse_kind(grid), steps, d)
+            cache = self._moments.setdefault((grid, steps), {})
             hp = _tables.build(d, times, order, None if lam is None else _hp.mpf(lam), corrector,
                                moment_cache=cache, weights=weights)
             arrays = _tables.to_float64(hp, d)
@@ -403,22 +403,50 @@ def run_all(quick=True, out=None, log=print):
     return result
 
 
-def single_gaussian(log):
-    """One gDDIM step T -> t_min on single-Gaussian data (MATH.md section 3: exact when K = R).
+def _dirac_path(spec, mu, times, z, dps=24):
+    """m(t) + R_t z at the first and last of ``times`` from validation's mpmath reference (not the table):
+    the exact probability-flow solution for Dirac data mu from u_T = m(T) + R(T) z (m = D_t e_0 mu)."""
+    import mpmath
+    from ._reference import MpReference
+    ref = MpReference(spec, None, dps=dps)
+    out = []
+    with mpmath.workdps(dps):
+        for t in (times[0], times[-1]):
+            tm = mpmath.mpf(float(t))
+            D, R = (torch.tensor(M.tolist(), dtype=torch.float64) for M in (ref.data_to_state(tm), ref.R(tm)))
+            out.append(D[:, :1] * mu + torch.einsum("ab,zb...->za...", R, z))
+    return out
 
-    Dirac data (VP, CLD, PSLD): the denoised sample must equal mu. Gaussian data N(mu, c^2 I) on CLD:
-    the table derived with c^2 in Sigma_0 (so R_t factors the data's true covariance) must land on
-    the probability-flow solution from the same u_T, computed independently by dopri5 (rtol = atol
-    = 1e-10) with the exact score on the plain CLD coefficients; the plain CLD table (R_t of Dirac
-    data) applied to the same data is shown beside it, and is not exact."""
+
+def single_gaussian(log):
+    """gDDIM on single-Gaussian data (MATH.md section 3: exact when K = R).
+
+    Dirac data mu (VP, CLD, PSLD), one step T -> t_min (order 1) and 5 steps at order 3: the state at
+    t_min BEFORE the final denoising (which returns mu for any state when the data are a Dirac) must
+    equal m(t_min) + R(t_min) z from u_T = m(T) + R(T) z, with m and R from validation's mpmath
+    reference (24 digits), not from the table; max abs error over 64 samples, and the same in float64
+    ulps of the largest term the updates cancel (max |Psi_i| |u_i|). Gaussian data
+    N(mu, c^2 I) on CLD: the table derived with c^2 in Sigma_0 (so R_t factors the data's true
+    covariance) must land on the probability-flow solution from the same u_T, computed independently
+    by dopri5 (rtol = atol = 1e-10) with the exact score on the plain CLD coefficients; the plain CLD
+    table (R_t of Dirac data) applied to the same data is shown beside it, and is not exact."""
     mu = torch.tensor([[0.7, -0.3]], dtype=torch.float64)
     single = []
     for name in ("vp_linear", "cld", "psld"):
-        t1 = Tables(name).table(1, 1)
-        u = gr.sample(TableModel(MixtureScore(mu, [0.0]), t1), t1, batch=64, data_shape=(2,), dtype=torch.float64,
-                      generator=torch.Generator().manual_seed(0))
-        single.append({"process": name, "data": "Dirac", "table": "R for the data",
-                       "max_error": float((u[:, 0] - mu).abs().max())})
+        tabs = Tables(name)
+        z = torch.randn((64, tabs.spec.k, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        x_T, exact = _dirac_path(tabs.spec, mu, tabs.table(1, 1).tensors["t"], z)
+        for steps, q in ((1, 1), (5, 3)):
+            tab = tabs.table(steps, q)
+            states = [x_T]
+            u = gr.sample(TableModel(MixtureScore(mu, [0.0]), tab), tab, x_T=x_T, dtype=torch.float64, denoise=False,
+                          callback=lambda info: states.append(info["u"]))
+            # rounding scale: the largest term the updates cancel, |Psi_i| |u_i|
+            scale = max(float(gr.block_apply(tab.tensors["psi"][i].abs(), states[i].abs(), tab.basis).max())
+                        for i in range(steps))
+            err = float((u - exact).abs().max())
+            single.append({"process": name, "data": "Dirac", "table": f"R for the data, {steps} step{'s' * (steps > 1)} q{q}",
+                           "max_error": err, "ulps": err / (scale * torch.finfo(torch.float64).eps)})
     c = 0.5
     plain = Tables("cld")
     fitted = Tables("cld", data_variance=c ** 2).table(1, 1)
@@ -433,8 +461,18 @@ def single_gaussian(log):
         u = gr.sample(model, tab, x_T=x_T, dtype=torch.float64, denoise=False)
         single.append({"process": "cld", "data": f"N(mu, {c}^2 I)", "table": label,
                        "max_error": float((u - ref).abs().max())})
-    log("single Gaussian: " + ", ".join(f"{s['process']} {s['data']} {s['table']}: {s['max_error']:.1e}" for s in single))
+    log("single Gaussian: " + ", ".join(f"{s['process']} {s['data']} {s['table']}: {s['max_error']:.1e}"
+                                        + (f" ({s['ulps']:.1f} ulps)" if "ulps" in s else "") for s in single))
     return single
+
+
+def single_section(single):
+    """The results.md section of ``single_gaussian`` (markdown lines)."""
+    return (["## gDDIM on single-Gaussian data: state at t_min before the final denoising", "",
+             single_gaussian.__doc__.split("\n\n", 1)[1].replace("\n    ", " ").strip(), "",
+             "| process | data | table | max error | ulps of max Psi u |", "|---|---|---|---|---|"]
+            + [f"| {s['process']} | {s['data']} | {s['table']} | {s['max_error']:.2e} | "
+               + (f"{s['ulps']:.1f} |" if "ulps" in s else "- |") for s in single])
 
 
 def write(result, out, tabs, mix, x_T):
@@ -474,10 +512,7 @@ def write(result, out, tabs, mix, x_T):
         e = {r["K"]: r for r in result["k_ablation"] if (r["nfe"], r["order"]) == (n, q)}
         md.append(f"| {n} | {q} | " + " | ".join(f"{e[K]['endpoint_error']:.3e} ({e[K]['cfd']:.2e})" for K in "LR") + " |")
     md += ["", f"Total variation of eps along one exact path: K = R {var_R:.3f}, K = L {var_L:.3f}.", "",
-           "![eps paths](eps_path.png)", "", "## One gDDIM step T -> t_min on single-Gaussian data", "",
-           single_gaussian.__doc__.split("\n\n", 1)[1].replace("\n    ", " ").strip(), "",
-           "| process | data | table | max error |", "|---|---|---|---|"]
-    md += [f"| {s['process']} | {s['data']} | {s['table']} | {s['max_error']:.2e} |" for s in result["single"]]
+           "![eps paths](eps_path.png)", ""] + single_section(result["single"])
     (out / "results.md").write_text("\n".join(md) + "\n")
 
 
@@ -487,7 +522,17 @@ def main(argv=None):
                    help="VP, CLD, BDM (3x16x16) at NFE 10/20 (+ EM at 1000), the configuration the claim tests use: "
                         "under a minute")
     p.add_argument("--out", help="output folder (default: validation/results, or validation/results/quick with --quick)")
+    p.add_argument("--peers", action="store_true",
+                   help="instead: gDDIM vs diffusers' schedulers on VP (validation/peers.py) -> OUT/peers.md, peers.csv "
+                        "(with --quick: fewer samples, -> peers_quick.*)")
     args = p.parse_args(argv)
+    if args.peers:
+        from . import peers
+        out = args.out or ROOT / "validation" / "results"
+        res = peers.run_all(args.quick, out)
+        print(peers.summary(res["rows"], res["nfes"]))
+        print(f"({res['seconds']:.0f} s; {Path(out) / ('peers_quick.md' if args.quick else 'peers.md')})")
+        return
     out = args.out or ROOT / "validation" / "results" / ("quick" if args.quick else "")
     res = run_all(args.quick, out)
     print(paper_table(res["rows"], res["nfes"]))
