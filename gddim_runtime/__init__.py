@@ -13,6 +13,7 @@ from ._format import FORMAT_VERSION, TableError, read_table
 
 _LAZY = {
     "from_tensors": "._table",
+    "read_samples": "._distributed",
     "load": "._table", "Table": "._table", "split": "._table", "merge": "._table", "block_apply": "._table",
     "sample": "._samplers", "SAMPLERS": "._samplers", "PARAMETRIZATIONS": "._samplers",
     "SamplingError": "._samplers", "dct2": "._dct", "idct2": "._dct",

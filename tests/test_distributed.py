@@ -1,0 +1,86 @@
+"""Sampling over several processes: the same samples for any number of ranks (gloo on CPU), the
+shard + manifest output, per-sample noise, and the --png grid."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gddim_runtime as gr
+from gddim_runtime import _distributed as dist
+from conftest import ROOT
+
+TABLE = ROOT / "coeffs" / "cld" / "cld_nfe10_quadratic_q3.safetensors"
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", OMP_NUM_THREADS="1")
+
+
+def _cli(out, *extra, launcher=None):
+    cmd = [sys.executable, "-m", "gddim_runtime", "sample", "--coeffs", str(TABLE), "--model", "toy_models:shrink",
+           "--batch", "7", "--seed", "3", "--out", str(out), *extra]
+    if launcher is not None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={launcher}",
+               "-m", *cmd[2:]]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+
+
+def test_split_covers_every_index_once():
+    for total in (0, 1, 7, 64):
+        for size in (1, 2, 3, 8):
+            parts = [dist.split(total, size, r) for r in range(size)]
+            assert [i for s, n in parts for i in range(s, s + n)] == list(range(total))
+            assert max(n for _, n in parts) - min(n for _, n in parts) <= 1
+
+
+@pytest.mark.parametrize("sampler", ["gddim", "euler_maruyama"])
+def test_per_sample_noise_does_not_depend_on_the_batch(sampler):
+    """Sample i's result depends only on (seed, i): samples 0-6 in one batch equal 0-2 and 3-6 apart."""
+    tab = gr.load(TABLE)
+    model = lambda u, t: 0.1 * u
+    run = lambda idx: gr.sample(model, tab, batch=len(idx), data_shape=(2, 4), sampler=sampler,
+                                _noise=dist.per_sample_noise(3, idx, "cpu"))
+    whole = run(range(7))
+    parts = torch.cat([run(range(0, 3)), run(range(3, 7))])
+    assert torch.allclose(whole, parts, rtol=1e-6, atol=1e-6 * float(whole.abs().max()))
+    assert not torch.allclose(whole[0], whole[1])                   # distinct samples have distinct noise
+    again = run([5, 2])
+    assert torch.allclose(again, whole[[5, 2]], rtol=1e-6, atol=1e-6 * float(whole.abs().max()))
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU) writes two shards and a manifest whose samples equal one process's."""
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    proc = _cli(one)
+    assert proc.returncode == 0, proc.stderr
+    proc = _cli(two, launcher=2)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.manifest.json", "one.pt", "two.manifest.json",
+                                                         "two.rank0-of-2.pt", "two.rank1-of-2.pt"]
+    manifest = json.loads((tmp_path / "two.manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["total"] == 7 and manifest["nfe_per_sample"] == 10
+    assert [(s["start"], s["count"]) for s in manifest["shards"]] == [(0, 4), (4, 3)]
+    a, b = gr.read_samples(one), gr.read_samples(two)
+    assert a.shape == (7, 2, 2, 4) and torch.equal(a, torch.load(one))
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-6 * float(a.abs().max()))
+
+
+def test_png_grid(tmp_path):
+    import matplotlib.image as mpimg
+    out, png = tmp_path / "s.pt", tmp_path / "grid.png"
+    proc = subprocess.run([sys.executable, "-m", "gddim_runtime", "sample", "--coeffs", str(TABLE), "--model",
+                           "toy_models:shrink", "--batch", "5", "--data-shape", "1", "4", "6", "--out", str(out),
+                           "--png", str(png)], capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    img = mpimg.imread(png)
+    assert img.shape[:2] == (2 * 5 + 1, 3 * 7 + 1)                  # 5 images of 4 x 6 on a 2 x 3 grid, 1-px gaps
+    x = torch.load(out)[:, 0, 0]
+    first = torch.from_numpy(img[1:5, 1:7, 0].astype("float64"))
+    assert torch.allclose(first, ((x[0].double().clamp(-1, 1) + 1) / 2), atol=1 / 255 + 1e-6)
+    proc = _cli(tmp_path / "t.pt", "--data-shape", "8", "--png", str(tmp_path / "no.png"))   # not an image
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --png needs image-shaped data")
+    assert not (tmp_path / "no.png").exists() and not (tmp_path / "t.pt").exists()
