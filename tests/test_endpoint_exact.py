@@ -16,7 +16,6 @@ which uses no R at all. ``test_broken_tables_fail`` plants defects in psi and in
 checks that the same comparison rejects them.
 """
 
-import dataclasses
 
 import mpmath
 import numpy as np
