@@ -9,13 +9,13 @@ m(t_min) + R(t_min) z up to rounding.
 
 The check is made on the state at t_min WITHOUT the final denoising step: with Dirac data that step
 returns mu for any u (x0 = D^-1 (u - R R^-1 (u - D mu)) = mu), so it would hide psi and the weights.
-Every reference value (m, R, Sigma, the model's eps) comes from validation's own 45-digit mpmath
-reference (validation/_reference.py: odefun from F, G, Sigma_0, R_0; defining formulas for BDM),
-never from the table (24 digits here, enough for one rounding to float64); order 1 is also compared with a scipy solve of the probability flow itself,
-which uses no R at all. ``test_broken_tables_fail`` plants defects in psi and in each weight lag and
-checks that the same comparison rejects them.
+Every reference value (m, R, Sigma, the model's output) comes from validation's own mpmath reference
+(validation/_reference.py: odefun from F, G, Sigma_0, R_0; the defining formulas for BDM; run at 24
+digits here, enough for one rounding to float64), never from the table; order 1 is also compared
+with a scipy solve of the probability flow itself, which uses no R at all.
+``test_broken_tables_fail`` plants defects in psi and in each weight lag and checks that the same
+comparison rejects them.
 """
-
 
 import mpmath
 import numpy as np
