@@ -302,3 +302,12 @@ def test_products_of_exponentials_do_not_overflow():
             assert abs(mpmath.mpf(str(v)) / exact - 1) < 1e-50
             assert abs(ev.mp_value(e, t=mpmath.mpf(u)) / exact - 1) < 1e-45
             assert ev.np_value(e, t=u) == pytest.approx(float(exact), rel=1e-14)
+
+
+@pytest.mark.slow
+def test_cosine_sqrt_spec_full_check(tmp_path):
+    """The 45-digit check (mpmath side of validation/_evaluate: Abs and sign) passes too."""
+    path = tmp_path / "cos_sqrt.yaml"
+    path.write_text(COS_SQRT.replace("nfe: [6]", "nfe: [3]"))
+    proc = run_derive(path, "--out", tmp_path / "out", "--verify", "full", "--quiet")
+    assert proc.returncode == 0, proc.stderr
