@@ -290,7 +290,22 @@ def build_table(deriv, request, spec_arg, versions, verify="fast", times=None, m
         meta["verification"].update(report.summary())
         if not report.passed:
             raise VerificationFailed(f"{spec.name}: verification failed:\n{report.text()}")
+        if request.is_variant:
+            _require_variant_rows(spec, request, meta["verification"], "x0_corrector_weights" in tensors)
     return tensors, meta
+
+
+def _require_variant_rows(spec, request, summary, corrector):
+    """A variant table passes only if the verifier checked its own tensors (validation's
+    check_variant_table does; a verifier that ignores them must not let them through unchecked)."""
+    keys = " | ".join(summary.get("max_rel", {}))
+    need = (["x0_psi", "x0_weights_ms"] + (["x0_corrector_weights"] if corrector else [])) if request.form == "x0" else []
+    missing = [n for n in need if f"{n} / " not in keys]
+    if request.variable != "t" and f"in {request.variable}" not in keys:
+        missing.append(f"eps_weights in {request.variable}")
+    if missing:
+        raise VerificationFailed(f"{spec.name}: the verifier did not check {', '.join(missing)} (variant tables need "
+                                 "validation/_check_variants.check_variant_table; or --no-verify)")
 
 
 _FORKED = {}                   # what forked workers inherit from the parent (set just before the fork)

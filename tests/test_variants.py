@@ -308,3 +308,17 @@ def test_x0_corrector_table_and_sampler(vp, cld, x0_sampler, monkeypatch):
     assert info["nfe"] == 6
     assert float((a - b).abs().max()) <= 1e-11 * float(b.abs().max())     # both exact: x0hat = mu throughout
     assert torch.allclose(a[:, 0], mu[0].expand(8, 2), atol=1e-9)
+
+
+def test_a_verifier_blind_to_variants_is_refused():
+    """derive refuses a variant table whose verifier did not check the variant tensors (no silent pass)."""
+    from derive._errors import VerificationFailed
+    from validation._check import check_table
+
+    def blind(spec, tensors, meta, level="fast"):
+        base = {n: v for n, v in tensors.items() if n in ("x0_weights",) or not n.startswith("x0_")}
+        return check_table(spec, base, {k: v for k, v in meta.items() if k not in ("variable", "form")}, level=level)
+    d = derive.derive("vp_linear", verifier=blind)
+    with pytest.raises(VerificationFailed, match="did not check x0_psi, x0_weights_ms"):
+        d.table(nfe=5, order=2, form="x0")
+    assert d.table(nfe=5, order=2).meta["verification"]["passed"]          # plain tables: unchanged
