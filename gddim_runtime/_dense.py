@@ -63,6 +63,7 @@ class DenseCoefficients:
 
     def _at(self, t):
         M = len(self.edges) - 1
+        t = t.contiguous()
         i = (torch.searchsorted(self.edges, t, right=True) - 1).clamp(0, M - 1)        # panel per time [B]
         a, b = self.edges[i], self.edges[i + 1]
         x = (2 * (t - a) / (b - a) - 1).unsqueeze(1)                                 # [B, 1] in [-1, 1]

@@ -191,6 +191,7 @@ def _gaussian_case(dense, derivations, t, c=0.5, mu=0.3, B=20000, dim=8, seed=5)
     x0 = mu + c * torch.randn(B, dim, generator=g, dtype=torch.float64)
     tt = torch.full((B,), t, dtype=torch.float64)
     u, eps = gr.add_noise(dense("cld"), x0, tt, generator=g)
+    _gaussian_case.last_u = u
     r = u - m[None, :, None]
     score = -torch.einsum("ab,nbj->naj", torch.linalg.inv(C), r)
     nets = {"score": score, "eps_R": -torch.einsum("ba,nbj->naj", R, score),
@@ -224,6 +225,26 @@ def test_exact_network_attains_minimal_loss(t, dense, derivations):
         assert abs(float(diff.mean()) - delta ** 2) <= Z * float(diff.std() / math.sqrt(diff.numel())), p
         eps_weighted.append(float(gr.diffusion_loss(d, out, x0, tt, eps, parametrization=p, weighting="eps")))
     assert max(eps_weighted) - min(eps_weighted) <= 1e-9 * max(eps_weighted), eps_weighted
+
+
+def test_gaussian_eps_is_the_exact_network(dense, derivations):
+    """gr.gaussian_eps (from the dense file) equals the reference's exact eps_R of Gaussian data (CLD), and
+    for BDM (dct2d) the per-frequency formula R (R^2 + var mean_t^2)^-1 (u - mean_t m)."""
+    d = dense("cld")
+    for t in (0.02, 0.6):
+        x0, tt, eps, nets, _ = _gaussian_case(dense, derivations, t, B=500)     # data N(0.3, 0.5^2 I)
+        got = gr.gaussian_eps(d, _gaussian_case.last_u, tt, 0.3, 0.25)
+        assert torch.allclose(got, nets["eps_R"], rtol=1e-8, atol=1e-9)
+    b = dense("bdm8")
+    g = torch.Generator().manual_seed(10)
+    u = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([1e-3, 0.1, 0.5, 0.9], dtype=torch.float64)
+    m = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    got = gr.gaussian_eps(b, u, t, m, 0.3)
+    c = b.at(t)
+    R, D = c["R"][:, :, 0, 0].view(4, 8, 8), c["D"][:, :, 0, 0].view(4, 8, 8)
+    want = gr.idct2(R * (gr.dct2(u[:, 0]) - D * gr.dct2(m)) / (R ** 2 + 0.3 * D ** 2))
+    assert torch.allclose(got[:, 0], want, rtol=1e-12, atol=1e-12)
 
 
 def test_loss_weights_and_targets(dense):

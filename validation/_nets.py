@@ -69,15 +69,7 @@ class Preconditioned(nn.Module):
         self.var = float(var)
 
     def forward(self, u, t):
-        from gddim_runtime._training import _codec, _lift, _per_sample
-        c = self.dense.at(t.to(torch.float64).reshape(-1).expand(u.shape[0]))
-        R, D, Lc = c["R"], c["D"], c["L"]
-        d = D[..., :, :1]
-        C = Lc @ Lc.transpose(-1, -2) + self.var * d @ d.transpose(-1, -2)
-        M = R.transpose(-1, -2) @ torch.linalg.inv(C)
-        to_coef, to_data = _codec(self.basis)
-        m = _per_sample(D, _lift(to_coef(self.mean.expand((u.shape[0],) + self.mean.shape)), D.shape[-1]), self.basis)
-        eps_g = to_data(_per_sample(M, to_coef(u.to(torch.float64)) - m, self.basis))
+        eps_g = gr.gaussian_eps(self.dense, u, t, self.mean, self.var).to(torch.float64)
         return (eps_g + self.net(u, t).to(torch.float64)).to(u.dtype)
 
 
