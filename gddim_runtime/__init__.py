@@ -20,6 +20,7 @@ _LAZY = {
     "load_dense": "._dense", "DenseCoefficients": "._dense",
     "table_from_dense": "._weights", "GDDIMScheduler": ".diffusers",
     "add_noise": "._training", "training_target": "._training", "diffusion_loss": "._training", "sample_times": "._training",
+    "gaussian_eps": "._training",
 }
 
 __all__ = ["FORMAT_VERSION", "TableError", "read_table", *_LAZY]
