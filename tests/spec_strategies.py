@@ -438,7 +438,7 @@ def _mutations(spec):
         out.append(("Sigma0 indefinite", lambda s: s["initial_covariance"][0].__setitem__(0, "-1")))
     out.append(("reserved name", lambda s: s["state"].__setitem__(0, BAD_NAMES[len(s["state"]) % len(BAD_NAMES)])))
     out.append(("unknown key", lambda s: s.__setitem__("drfit", [["0"]])))
-    out.append(("T before t_min", lambda s: s["time"].__setitem__("T", "0.0001")))
+    out.append(("T not after t_min", lambda s: s["time"].__setitem__("T", s["time"]["t_min"])))
     out.append(("bad order", lambda s: s["tables"].__setitem__("order", 7)))
     return out
 
@@ -455,7 +455,7 @@ def bad_specs(draw, max_k=6):
 @st.composite
 def any_spec(draw, max_k=6):
     """(expect, label, spec dict): mostly valid processes, some deliberately broken ones."""
-    choice = draw(st.sampled_from(["scalar", "scalar", "marginal", "marginal", "matrix", "matrix", "bad"]))
+    choice = draw(st.sampled_from(["scalar", "scalar", "marginal", "marginal", "matrix", "matrix", "bad", "bad"]))
     if choice == "bad":
         what, spec = draw(bad_specs(max_k))
         return "bad", what, spec
