@@ -125,6 +125,7 @@ def plan(k, quick, nfes):
 
 def run_process(kind, proc, net, metric, n, quick, nfes, rows, samples, log):
     shape = L.SHAPES[kind]
+    t0, c0 = time.perf_counter(), time.process_time()
     x_T = prior(proc, n, shape)
     gen = lambda: torch.Generator().manual_seed(5)
 
@@ -138,7 +139,10 @@ def run_process(kind, proc, net, metric, n, quick, nfes, rows, samples, log):
     with torch.no_grad():
         for label, sampler, targs, nfe in plan(proc.k, quick, nfes):
             a = dict(targs)
+            tc = time.process_time()
             tab = proc.tabs.table(a.pop("steps"), a.pop("order"), **a)
+            if time.process_time() - tc > 5:
+                log(f"  {proc.name}: table {targs} {time.process_time() - tc:.0f} s CPU")
             start = time.perf_counter()
             x, info = gr.sample(net, tab, x_T=x_T, sampler=sampler, dtype=torch.float64, model_dtype=torch.float32,
                                 generator=gen(), return_info=True)
@@ -157,7 +161,8 @@ def run_process(kind, proc, net, metric, n, quick, nfes, rows, samples, log):
                     start = time.perf_counter()
                     x = k_equals_L(net, proc, x_T, nfe - 1, q)
                     record(f"K=L q{q}", nfe, nfe, x, time.perf_counter() - start)
-    log(f"{kind} / {proc.name}: {sum(1 for r in rows if (r['data'], r['process']) == (kind, proc.name))} runs")
+    log(f"{kind} / {proc.name}: {sum(1 for r in rows if (r['data'], r['process']) == (kind, proc.name))} runs, "
+        f"{time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU")
 
 
 # ----- tables, claims, figures ------------------------------------------------------------------------
@@ -293,7 +298,7 @@ def plot_samples(samples, real, kind, proc, path):
 
 
 def run_all(quick=True, out=None, device="cpu", log=print):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     nfes = QUICK_NFES if quick else FULL_NFES
     rows, samples, floors, train = [], {}, {}, {}
     metrics = {"digits": DigitsMetric(log), "rings": RingsMetric()}
@@ -309,7 +314,7 @@ def run_all(quick=True, out=None, device="cpu", log=print):
             train[(kind, name)] = meta
             net = net.to(device)
             run_process(kind, procs[name], net, metrics[kind], n, quick, nfes, rows, samples, log)
-    seconds = time.perf_counter() - start
+    seconds = (time.perf_counter() - start, time.process_time() - cpu)
     if out is not None:
         write(rows, samples, floors, train, metrics["digits"].meta, nfes, quick, seconds, Path(out))
     return rows, floors, seconds
@@ -331,7 +336,8 @@ def write(rows, samples, floors, train, clf_meta, nfes, quick, seconds, out):
     import platform
     md = ["# Learned networks: gDDIM and baselines on trained eps_R networks", "",
           L.__doc__.split("\n\n", 2)[2].strip(), "",
-          f"Run: `python -m validation.learned{' --quick' if quick else ''}` ({seconds:.0f} s on this machine, "
+          f"Run: `python -m validation.learned{' --quick' if quick else ''}` ({seconds[0]:.0f} s wall, {seconds[1]:.0f} s CPU "
+          "on this 2-core machine shared with other jobs, "
           f"{torch.get_num_threads()} torch threads, CPU: {platform.processor() or platform.machine()}; no GPU was "
           "available to this task). State in float64, networks in float32.", "",
           f"Digit classifier: held-out accuracy {clf_meta['held_out_accuracy']:.4f} (360 test digits, "
