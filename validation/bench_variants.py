@@ -31,18 +31,35 @@ ROOT = Path(__file__).resolve().parents[1]
 NFES = (5, 10, 20)
 VARIABLES = ("t", "rho", "logsnr")
 SAMPLERS = {"gddim": "eps", "gddim_pc": "eps+pc", "gddim_x0": "x0", "gddim_x0_pc": "x0+pc"}
-SETUPS = {"vp_linear": (bench.rings, 2000, None), "cld": (bench.rings, 1000, None),
-          "bdm": (lambda: bench.images(16), 128, (16, 16))}
+def mixture64(dim=64, C=10, seed=7):
+    """validation.peers' 64-D mixture: unequal weights (1..C), spreads 0.1-0.5, means ~ N(0, I)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn((C, dim), generator=g, dtype=torch.float64)
+    w = torch.arange(1, C + 1, dtype=torch.float64)
+    return means, torch.linspace(0.1, 0.5, C, dtype=torch.float64), w / w.sum()
+
+
+# setup name -> (spec, data, batch, dct basis size)
+SETUPS = {"vp_linear": ("vp_linear", bench.rings, 2000, None), "vp_linear64": ("vp_linear", mixture64, 1000, None),
+          "cld": ("cld", bench.rings, 1000, None), "bdm": ("bdm", lambda: bench.images(16), 128, (16, 16))}
+
+
+def _draw(means, stds, weights, n, gen):
+    idx = torch.multinomial(weights, n, replacement=True, generator=gen)
+    noise = torch.randn((n,) + means.shape[1:], generator=gen, dtype=torch.float64)
+    return means[idx] + stds[idx].view(-1, *[1] * (means.ndim - 1)) * noise
 
 
 def run(name, grids, nfes, rows, log, ref_tol=1e-7, order=3):
-    data_fn, batch, basis_size = SETUPS[name]
-    means, stds = data_fn()
+    spec_name, data_fn, batch, basis_size = SETUPS[name]
+    data = data_fn()
+    means, stds = data[:2]
+    weights = data[2] if len(data) > 2 else torch.full((len(stds),), 1 / len(stds), dtype=torch.float64)
     data_shape = tuple(means.shape[1:])
-    tabs = bench.Tables(name, basis_size)
+    tabs = bench.Tables(spec_name, basis_size)
     d = derive.derive(tabs.spec)
     basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
-    mix = MixtureScore(means, stds, basis=basis)
+    mix = MixtureScore(means, stds, weights, basis=basis)
     k = tabs.spec.k
     z = torch.randn((batch, k) + data_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     dense = tabs.dense_coeffs()
@@ -53,10 +70,11 @@ def run(name, grids, nfes, rows, log, ref_tol=1e-7, order=3):
     ref, info = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
                           rtol=ref_tol, atol=ref_tol, dtype=torch.float64, denoise=False, return_info=True)
     ref = bench.denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch)))
-    cfd_floor = bench.component_fd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)),
-                                   means, stds)[0]
-    label = "rings" if len(data_shape) == 1 else "images " + "x".join(map(str, data_shape))
-    log(f"{name} ({label}): reference dopri5 rtol {ref_tol:g}, NFE {info['nfe']}, {time.perf_counter() - start:.0f} s; "
+    cfd_floor = bench.component_fd(_draw(means, stds, weights, batch, torch.Generator().manual_seed(2)),
+                                   means, stds, weights)[0]
+    label = ("rings" if data_shape == (2,) else f"mixture {data_shape[0]}-D") if len(data_shape) == 1 \
+        else "images " + "x".join(map(str, data_shape))
+    log(f"{name} ({label}), order {order}: reference dopri5 rtol {ref_tol:g}, NFE {info['nfe']}, {time.perf_counter() - start:.0f} s; "
         f"CFD floor {cfd_floor:.2e}")
     dim = math.prod(data_shape)
     for grid in grids:
@@ -71,10 +89,10 @@ def run(name, grids, nfes, rows, log, ref_tol=1e-7, order=3):
                                        return_info=True)
                     x = u[:, 0]
                     err = float((x - ref[:, 0]).reshape(batch, -1).norm(dim=1).mean() / math.sqrt(dim))
-                    cfd = bench.component_fd(x, means, stds)[0]
-                    rows.append({"process": name, "data": label, "grid": grid, "nfe": nfe, "model_calls": inf["nfe"],
+                    cfd = bench.component_fd(x, means, stds, weights)[0]
+                    rows.append({"process": spec_name, "data": label, "grid": grid, "nfe": nfe, "model_calls": inf["nfe"],
                                  "variable": variable, "form": SAMPLERS[sampler],
-                                 "endpoint_error": err, "cfd": cfd, "cfd_floor": cfd_floor})
+                                 "endpoint_error": err, "cfd": cfd, "cfd_floor": cfd_floor, "order": order})
                 log(f"  {grid} NFE {nfe} {variable}: " + ", ".join(
                     f"{r['form']} {r['endpoint_error']:.3e} / {r['cfd']:.2e}" for r in rows[-len(SAMPLERS):])
                     + f"  (table {built:.0f} s)")
@@ -90,7 +108,7 @@ def markdown(rows, header):
     for p, dname, grid in keys:
         sel = [r for r in rows if (r["process"], r["data"], r["grid"]) == (p, dname, grid)]
         nfes = sorted({r["nfe"] for r in sel})
-        out += [f"### {p} ({dname}), grid {grid}, order 3 (CFD floor {sel[0]['cfd_floor']:.1e})", "",
+        out += [f"### {p} ({dname}), grid {grid}, order {sel[0].get('order', 3)} (CFD floor {sel[0]['cfd_floor']:.1e})", "",
                 "| form | variable | " + " | ".join(f"NFE {n}: endpoint / CFD" for n in nfes) + " |",
                 "|---|---|" + "---|" * len(nfes)]
         for form in SAMPLERS.values():
@@ -115,13 +133,14 @@ def main(argv=None):
     p.add_argument("--procs", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     p.add_argument("--grids", nargs="+", default=["logsnr", "quadratic"])
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
+    p.add_argument("--order", type=int, default=3)
     p.add_argument("--out", default=None, help="append the markdown tables to this file")
     args = p.parse_args(argv)
     _samplers.SAMPLERS.setdefault("gddim_x0", gddim_x0)
     _samplers.SAMPLERS.setdefault("gddim_x0_pc", gddim_x0_pc)
     rows = []
     for name in args.procs:
-        run(name, args.grids, args.nfe, rows, lambda *a: print(*a, flush=True))
+        run(name, args.grids, args.nfe, rows, lambda *a: print(*a, flush=True), order=args.order)
     text = markdown(rows, f"## {', '.join(args.procs)}")
     print(text)
     if args.out:
