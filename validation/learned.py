@@ -152,7 +152,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="cached checkpoints, NFE 10/20/50, fewer samplers (< 10 min)")
     p.add_argument("--train", action="store_true", help="only train the missing checkpoints")
     p.add_argument("--retrain", action="store_true", help="retrain every network before measuring")
-    p.add_argument("--device", default="cpu", help="torch device for sampling (training runs there too)")
+    p.add_argument("--device", default="cpu", help="torch device for sampling, e.g. cuda (training, --train, runs on the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", help="output folder (default validation/results/learned[/quick])")
     args = p.parse_args(argv)
