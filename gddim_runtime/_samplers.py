@@ -502,8 +502,11 @@ def _compiled_step(model, plan, mode):
         return hit[1]
     dct, P, k, k_out, dtype, md = plan.dct, plan.P, plan.k, plan.k_out, plan.dtype, plan.model_dtype
     expected = (plan.batch, k_out) + plan.data_shape
+    n_data = len(plan.data_shape)
+    H, Wd = plan.basis[1] if dct else (1, 1)
 
     def step(u, hist, W, t):
+        """hist: the q - 1 previous outputs (newest first); returns (u_new, o, finite)."""
         x = idct2(u) if dct else u
         out = model(x if md is None else x.to(md), t)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
@@ -514,14 +517,16 @@ def _compiled_step(model, plan, mode):
         o = dct2(o) if dct else o
         if k_out < k:
             o = torch.cat([torch.zeros_like(u[:, :k - k_out]), o], 1)
-        hist = torch.cat([o.unsqueeze(1), hist[:, :-1]], 1)                  # lag 0 = newest
-        X = torch.cat([u.unsqueeze(1), hist], 1)                              # [B, q+1, k, *data]
+        xs = [u, o, *hist]                                                    # psi's column, then lags 0..q-1
         if P == 1:
-            u_new = torch.einsum("sac,bsc...->ba...", W[:, 0], X)
+            c = lambda s, a, b: W[s, 0, a, b]
         else:
-            H, Wd = plan.basis[1]
-            u_new = torch.einsum("shwac,bsc...hw->ba...hw", W.reshape(W.shape[0], H, Wd, k, k), X)
-        return u_new, hist, finite
+            Wh = W.reshape(W.shape[0], H, Wd, k, k)
+            c = lambda s, a, b: Wh[s, :, :, a, b]
+        # every output component as one sum of products: one fused pointwise kernel after compilation
+        u_new = torch.stack([sum(c(s, a, b) * x[:, b] for s, x in enumerate(xs) for b in range(k))
+                             for a in range(k)], 1)
+        return u_new, o, finite
 
     fn = torch.compile(step, mode=mode, dynamic=False)
     if len(_COMPILED) >= 8:
@@ -546,15 +551,17 @@ def _gddim_compiled(run, mode):
     step = _compiled_step(ev.model, plan, mode)
     cudagraphs = mode == "reduce-overhead" and plan.device.type == "cuda"
     u = run.u0.contiguous()
-    hist = torch.zeros((plan.batch, q, k) + plan.data_shape, dtype=plan.dtype, device=dev)
+    zero = torch.zeros_like(u)
+    hist = [zero] * (q - 1)                                                # lags not yet reached weigh exactly 0
     for i in range(N):
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        u, hist, finite = step(u, hist, Ws[i], plan.t_model[i])
+        u, o, finite = step(u, hist, Ws[i], plan.t_model[i])
         ev.nfe += 1
         plan.ok_at[i].logical_and_(finite)
-        if cudagraphs:                                                     # outputs are reused by the next replay
-            u, hist = u.clone(), hist.clone()
+        if cudagraphs:                                                     # the next replay reuses output memory
+            u, o = u.clone(), o.clone()
+        hist = [o, *hist[:-1]] if q > 1 else []
         run.notify(i, u)
     return u, None
 

@@ -1,6 +1,6 @@
 """Benchmark: the sampler's per-step cost beyond the model, and the same work through diffusers.
 
-    python -m gddim_runtime.bench [--device cpu|cuda] [--repeats 15] [--threads 1]
+    python -m gddim_runtime.bench [--device cpu|cuda] [--repeats 15] [--threads 1] [--compile]
 
 With a zero-cost model (the identity), side by side in one process, interleaved repeats:
 
@@ -14,7 +14,7 @@ With a zero-cost model (the identity), side by side in one process, interleaved 
    order 2), each loop timed whole, set-up included.
 3. On CUDA also: each step's memory-traffic floor (bytes the step must read and write over the
    measured device-to-device copy bandwidth) and the ratio to it, and the graph-capture speed-up
-   (``sample(..., compile=True)`` against eager) where the capture path is available.
+   (``sample(..., compile=True)`` against eager); on the CPU the latter with ``--compile``.
 
 Torch runs on ``--threads`` CPU threads (default 1: on a shared 2-core machine, two threads
 spend their time waiting for each other). The VP tables of order 1 and 2 are derived on the fly
@@ -250,6 +250,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=15, help="timed repeats per row (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--skip", nargs="*", default=[], choices=["overhead", "diffusers", "compile"])
+    p.add_argument("--compile", action="store_true", help="also time graph capture on the CPU (always on CUDA)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = args.device
@@ -264,7 +265,7 @@ def main(argv=None):
         print("\n| work | device | batch | steps | gddim_runtime us/step | diffusers us/step | ratio |\n|---|---|---|---|---|---|---|")
         with tempfile.TemporaryDirectory() as folder:
             diffusers_loops(dev, 64, args.repeats, folder)
-    if "compile" not in args.skip and dev.startswith("cuda"):
+    if "compile" not in args.skip and (dev.startswith("cuda") or args.compile):
         compile_speedup(dev, args.batch, args.repeats)
 
 
