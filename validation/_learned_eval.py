@@ -318,13 +318,14 @@ def run_all(quick=True, out=None, device="cpu", log=print):
             net, meta = L.network(kind, procs[name], log)
             train[(kind, name)] = meta
             run_process(kind, procs[name], net, metrics[kind], n, quick, nfes, rows, samples, log, device)
-    seconds = (time.perf_counter() - start, time.process_time() - cpu)
-    if out is not None:
-        write(rows, samples, floors, train, metrics["digits"].meta, nfes, quick, seconds, Path(out))
+            seconds = (time.perf_counter() - start, time.process_time() - cpu)
+            if out is not None:            # after every process, so that a cut-short run leaves what it measured
+                done = f"{len(train)} of {sum(map(len, L.PROCESSES.values()))}"
+                write(rows, samples, floors, train, metrics["digits"].meta, nfes, quick, seconds, Path(out), done)
     return rows, floors, seconds
 
 
-def write(rows, samples, floors, train, clf_meta, nfes, quick, seconds, out):
+def write(rows, samples, floors, train, clf_meta, nfes, quick, seconds, out, done=""):
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -341,7 +342,7 @@ def write(rows, samples, floors, train, clf_meta, nfes, quick, seconds, out):
     md = ["# Learned networks: gDDIM and baselines on trained eps_R networks", "",
           L.__doc__.split("\n\n", 2)[2].strip(), "",
           f"Run: `python -m validation.learned{' --quick' if quick else ''}` ({seconds[0]:.0f} s wall, {seconds[1]:.0f} s CPU "
-          "on this 2-core machine shared with other jobs, "
+          f"on this 2-core machine shared with other jobs; (data, process) pairs measured: {done}, "
           f"{torch.get_num_threads()} torch threads, CPU: {platform.processor() or platform.machine()}; no GPU was "
           "available to this task). State in float64, networks in float32.", "",
           f"Digit classifier: held-out accuracy {clf_meta['held_out_accuracy']:.4f} (360 test digits, "
