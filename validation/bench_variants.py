@@ -41,7 +41,8 @@ def mixture64(dim=64, C=10, seed=7):
 
 # setup name -> (spec, data, batch, dct basis size)
 SETUPS = {"vp_linear": ("vp_linear", bench.rings, 2000, None), "vp_linear64": ("vp_linear", mixture64, 1000, None),
-          "cld": ("cld", bench.rings, 1000, None), "bdm": ("bdm", lambda: bench.images(16), 128, (16, 16))}
+          "cld": ("cld", bench.rings, 1000, None), "bdm": ("bdm", lambda: bench.images(16), 128, (16, 16)),
+          "bdm8": ("bdm", lambda: bench.images(8), 128, (8, 8))}
 
 
 def _draw(means, stds, weights, n, gen):
@@ -50,7 +51,7 @@ def _draw(means, stds, weights, n, gen):
     return means[idx] + stds[idx].view(-1, *[1] * (means.ndim - 1)) * noise
 
 
-def run(name, grids, nfes, rows, log, ref_tol=1e-7, order=3):
+def run(name, grids, nfes, rows, log, ref_tol=1e-7, order=3, variables=VARIABLES):
     spec_name, data_fn, batch, basis_size = SETUPS[name]
     data = data_fn()
     means, stds = data[:2]
@@ -79,7 +80,7 @@ def run(name, grids, nfes, rows, log, ref_tol=1e-7, order=3):
     dim = math.prod(data_shape)
     for grid in grids:
         for nfe in nfes:
-            for variable in VARIABLES:
+            for variable in variables:
                 start = time.perf_counter()
                 tab = d.table(nfe=nfe, order=order, grid=grid, variable=variable, form="x0", corrector=True,
                               verify="none").to_runtime()
@@ -134,13 +135,15 @@ def main(argv=None):
     p.add_argument("--grids", nargs="+", default=["logsnr", "quadratic"])
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     p.add_argument("--order", type=int, default=3)
+    p.add_argument("--variables", nargs="+", default=list(VARIABLES), choices=list(VARIABLES))
     p.add_argument("--out", default=None, help="append the markdown tables to this file")
     args = p.parse_args(argv)
     _samplers.SAMPLERS.setdefault("gddim_x0", gddim_x0)
     _samplers.SAMPLERS.setdefault("gddim_x0_pc", gddim_x0_pc)
     rows = []
     for name in args.procs:
-        run(name, args.grids, args.nfe, rows, lambda *a: print(*a, flush=True), order=args.order)
+        run(name, args.grids, args.nfe, rows, lambda *a: print(*a, flush=True), order=args.order,
+            variables=args.variables)
     text = markdown(rows, f"## {', '.join(args.procs)}")
     print(text)
     if args.out:
