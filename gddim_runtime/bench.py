@@ -8,7 +8,8 @@ With a zero-cost model (the identity), side by side in one process, interleaved 
    float32) on CLD and BDM (DCT basis) against a bare loop that does the same tensor work in
    place (the same preallocated buffer, fused matmul / multiply-adds, NaN flag, copies) written
    inline with its matrices built before the clock starts. Per step: both times, the overhead in
-   microseconds and the ratio (median over repeats of the per-repeat ratio, and its range).
+   microseconds and the ratio (median over repeats of the per-repeat ratio, and its range); again
+   at batch 1, where the tensor work is negligible and the difference is the fixed cost per step.
 2. diffusers: the same VP work (VP linear, 50 steps, 50 model evaluations, batch 64 x 3x32x32) through
    ``DDIMScheduler`` (vs gDDIM order 1) and ``DPMSolverMultistepScheduler`` (order 2, vs gDDIM
    order 2), each loop timed whole, set-up included.
@@ -142,8 +143,9 @@ def overhead(name, file, device, batch, repeats):
         base.append(t2 - t1)
     per = lambda v: statistics.median(v) / (N + 1) * 1e6
     ratio, lo, hi = _median_ratio(ours, base)
+    best = lambda v: min(v) / (N + 1) * 1e6
     line = (f"| {name} | {device} | {batch} | {N} | {per(ours):.0f} | {per(base):.0f} | "
-            f"{per(ours) - per(base):+.0f} | {ratio:.3f} ({lo:.2f}-{hi:.2f}) |")
+            f"{per(ours) - per(base):+.0f} | {ratio:.3f} ({lo:.2f}-{hi:.2f}) | {best(ours):.0f} / {best(base):.0f} |")
     if str(device).startswith("cuda"):
         n = x_T.numel() * 4
         q = table.order
@@ -216,7 +218,7 @@ def diffusers_loops(device, batch, repeats, folder):
         ratio, lo, hi = _median_ratio(ours, theirs)
         per = lambda v: statistics.median(v) / 50 * 1e6
         rows.append(f"| VP, gDDIM q{order} vs {cls.__name__} | {device} | {batch} | 50 | {per(ours):.0f} | "
-                    f"{per(theirs):.0f} | {ratio:.3f} ({lo:.2f}-{hi:.2f}) |")
+                    f"{per(theirs):.0f} | {ratio:.3f} ({lo:.2f}-{hi:.2f}) | {min(ours) / min(theirs):.3f} |")
         print(rows[-1], flush=True)
     return rows
 
@@ -257,12 +259,14 @@ def main(argv=None):
     print(f"device {dev}" + (f" ({torch.cuda.get_device_name()})" if dev.startswith("cuda") else
                              f", {args.threads} thread(s)") + f", {args.repeats} repeats, medians (range of the per-repeat ratio)")
     if "overhead" not in args.skip:
-        print("\n| spec | device | batch | steps | runtime us/step | bare loop us/step | overhead us/step | ratio |\n"
-              "|---|---|---|---|---|---|---|---|")
-        overhead("cld", "cld_nfe50_quadratic_q3.safetensors", dev, args.batch, args.repeats)
-        overhead("bdm", "bdm_nfe50_quadratic_q3.safetensors", dev, args.batch, args.repeats)
+        print("\n| spec | device | batch | steps | runtime us/step | bare loop us/step | overhead us/step | ratio | "
+              "best of repeats, runtime / bare us/step |\n|---|---|---|---|---|---|---|---|---|")
+        for batch in (args.batch, 1):                  # batch 1: the fixed per-step cost, tensor work negligible
+            overhead("cld", "cld_nfe50_quadratic_q3.safetensors", dev, batch, args.repeats)
+            overhead("bdm", "bdm_nfe50_quadratic_q3.safetensors", dev, batch, args.repeats)
     if "diffusers" not in args.skip:
-        print("\n| work | device | batch | steps | gddim_runtime us/step | diffusers us/step | ratio |\n|---|---|---|---|---|---|---|")
+        print("\n| work | device | batch | steps | gddim_runtime us/step | diffusers us/step | ratio | ratio of best |\n"
+              "|---|---|---|---|---|---|---|---|")
         with tempfile.TemporaryDirectory() as folder:
             diffusers_loops(dev, 64, args.repeats, folder)
     if "compile" not in args.skip and (dev.startswith("cuda") or args.compile):
