@@ -322,3 +322,26 @@ def test_a_verifier_blind_to_variants_is_refused():
     with pytest.raises(VerificationFailed, match="did not check x0_psi, x0_weights_ms"):
         d.table(nfe=5, order=2, form="x0")
     assert d.table(nfe=5, order=2).meta["verification"]["passed"]          # plain tables: unchanged
+
+
+@pytest.mark.parametrize("parametrization", ["eps_R", "eps_L", "x0"])
+def test_x0_samplers_never_read_the_host(cld, monkeypatch, parametrization):
+    """As tests/test_runtime.py's check for the built-in samplers: every host read raises inside sample."""
+    from gddim_runtime._variants import gddim_x0_pc
+    monkeypatch.setitem(_samplers.SAMPLERS, "gddim_x0", gddim_x0)
+    monkeypatch.setitem(_samplers.SAMPLERS, "gddim_x0_pc", gddim_x0_pc)
+    tab = cld.table(nfe=6, order=2, grid="quadratic", variable="rho", form="x0", corrector=True, verify="none").to_runtime()
+    x_T = torch.randn((3, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = lambda x, t: 0.1 * x * t.view(-1, 1, 1)
+    outs = {}
+    for sampler in ("gddim_x0", "gddim_x0_pc"):
+        with monkeypatch.context() as m:
+            def boom(*a, **k):
+                raise AssertionError("host read inside sample")
+            for name in ("__bool__", "item", "__int__", "__float__", "tolist"):
+                m.setattr(torch.Tensor, name, boom)
+            m.setattr(torch, "tensor", boom)
+            m.setattr(_samplers, "_first_bad", lambda plan: -1)
+            outs[sampler] = gr.sample(model, tab, x_T=x_T, sampler=sampler, parametrization=parametrization,
+                                      dtype=torch.float64, return_info=True)
+        assert torch.isfinite(outs[sampler][0]).all() and outs[sampler][1]["nfe"] == 6
