@@ -20,6 +20,7 @@ import dataclasses
 import signal
 import threading
 
+import gmpy2
 import numpy as np
 import sympy as sp
 
@@ -79,6 +80,15 @@ def _antiderivative(f):
     return _try_sympy(lambda: sp.integrate(f, t))
 
 
+def _real_expm(A):
+    """exp(A B) for real A and B; complex eigenvalues (an under-damped oscillator) give exp, cos
+    and sin of real arguments instead of complex exponentials. None when no real form is found."""
+    E = sp.simplify((A * B).exp())
+    if E.has(sp.I):
+        E = E.applyfunc(lambda e: sp.simplify(sp.expand_complex(e)))
+    return None if E.has(sp.I) else E
+
+
 @dataclasses.dataclass
 class Kinds:
     psi: str
@@ -116,6 +126,51 @@ class Derivation:
         self._derive_sigma()
         self._derive_R()
         self._dense = {}
+        self.noise_free = self._noise_free()
+
+    def _noise_free(self):
+        """Boolean [Pu]: coordinates where G G^T is identically zero (exactly, by sympy).
+
+        There W(r) = Psi(t,r) R_r is constant in r (dW/dr = 1/2 Psi G G^T R^-T = 0), so every
+        multistep weight, PsiHat - Psi and P_st are exactly zero; the tables store exact zeros
+        instead of the rounding residue of R_t - Psi R_s (the DC frequency of inverse heat
+        dissipation: zero drift and zero noise). Candidates are the coordinates where G G^T
+        evaluates to exact zeros on a probe grid; sympy confirms each.
+        """
+        out = np.zeros(self.Pu, dtype=bool)
+        T = _hp.mpf(self.spec.T)
+        tt = np.array([T * j / 8 for j in range(9)], dtype=object)
+        try:
+            G = self.G(tt)
+        except (ArithmeticError, ValueError, TypeError):
+            return out
+        GG = G @ _hp.T(G)
+        lam = self.spec.basis.symbol
+        reps = list(dict.fromkeys(self.spec.basis.values()))
+        GGs = self.spec.G * self.spec.G.T
+        for p in range(self.Pu):
+            if any(v != 0 for v in np.ravel(GG[:, p])):
+                continue
+            M = GGs if lam is None else GGs.subs(lam, reps[p])
+            zero = _try_sympy(lambda: sp.Integer(int(all(sp.simplify(e) == 0 for e in M))))
+            out[p] = zero == 1
+        return out
+
+    # ----- closed forms must evaluate at every coordinate -----------------------------------
+    def _finite(self, fn):
+        """True when ``fn(times)`` is finite on a probe grid over [0, T] at every coordinate value.
+
+        A closed form valid for a generic frequency can be 0 * inf at one value (1/lam at lam = 0)
+        or take a real power of a negative number (a log branch sympy chose); then the quantity
+        falls back to its numerical route instead of failing later with nan.
+        """
+        T = _hp.mpf(self.spec.T)
+        tt = np.array([T * j / 8 for j in range(9)], dtype=object)
+        try:
+            vals = fn(tt)
+        except (ArithmeticError, ValueError, TypeError):
+            return False
+        return all(gmpy2.is_finite(v) for v in np.ravel(vals))
 
     # ----- environment ---------------------------------------------------------------------
     def _env(self, tt, coords=None, extra=None):
@@ -150,12 +205,15 @@ class Derivation:
         if F.is_zero_matrix:
             self.psi_expr, self.psi_kind, self._psi_mode = sp.eye(k), CLOSED, "identity"
             return
-        # F = f(t) A with A constant in t
+        # F = f(t) A with A constant in t; f free of the basis symbol (else A = F / f divides by
+        # it and Psi is 0 * inf where the frequency vanishes)
         f = next(e for e in F if not e.is_zero)
+        if spec.basis.symbol is not None and f.has(spec.basis.symbol):
+            f = f.as_independent(t, as_Add=False)[1]
         A = F.applyfunc(lambda e: sp.cancel(e / f))
         if not A.has(t):
             I = _antiderivative(f)
-            E = _try_sympy(lambda: sp.simplify((A * B).exp())) if k > 1 else sp.Matrix([[sp.exp(A[0, 0] * B)]])
+            E = _try_sympy(lambda: _real_expm(A)) if k > 1 else sp.Matrix([[sp.exp(A[0, 0] * B)]])
             compiled = None
             if I is not None and E is not None and not any(e.has(sp.I) for e in E):
                 try:
@@ -167,7 +225,9 @@ class Derivation:
                 self.psi_expr = E.subs(B, I - I.subs(t, s))
                 self.psi_kind, self._psi_mode = CLOSED, "expm"
                 self.psi_structure = (f, A, I, E)
-                return
+                if self._finite(lambda tt: self.psi(tt, tt * 0)):
+                    return
+                self.psi_expr = None
         if F.is_diagonal():
             Is = [_antiderivative(F[i, i]) for i in range(k)]
             try:
@@ -179,7 +239,9 @@ class Derivation:
                 self._Ediag = diag
                 self.psi_expr = E
                 self.psi_kind, self._psi_mode = CLOSED, "diagonal"
-                return
+                if self._finite(lambda tt: self.psi(tt, tt * 0)):
+                    return
+                self.psi_expr = None
         self.psi_kind, self._psi_mode = NUMERICAL, "ode"
         self.notes.append("Psi: no closed form found; dPhi/dt = F Phi integrated at high precision, "
                           "Psi(t,s) = Phi(t) Phi(s)^-1.")
@@ -230,6 +292,10 @@ class Derivation:
                 self.sigma_expr = None
         if self.sigma_expr is not None:
             self.sigma_kind = CLOSED
+            if not self._finite(self.sigma):
+                self.sigma_expr = None
+        if self.sigma_expr is not None:
+            self.sigma_kind = CLOSED
         else:
             self.sigma_kind = NUMERICAL
             self.notes.append("Sigma: no closed form found; Lyapunov ODE dSigma/dt = F Sigma + Sigma F^T "
@@ -271,6 +337,8 @@ class Derivation:
                 try:
                     self._R = _hp.compile_matrix(self.R_expr)
                 except _hp.Unsupported:            # R = sqrt(Sigma) numerically instead
+                    self.R_expr = None
+                if self.R_expr is not None and not self._finite(self.R):
                     self.R_expr = None
             return
         self.R_kind = SEMI if self.sigma_kind == CLOSED and self.psi_kind == CLOSED else NUMERICAL
@@ -322,13 +390,14 @@ class Derivation:
         T, zero, k = _hp.mpf(self.spec.T), _hp.mpf(0), self.k
         h0 = T / 64
         if which == "phi":                     # Phi' = F Phi, Phi(0) = I
-            sol = _ode.solve_linear(lambda tn: self.F(tn), _hp.eye(k, (self.Pu,)), zero, T, h0)
+            sol = _from_zero(lambda A, end: _ode.solve_linear(A, _hp.eye(k, (self.Pu,)), zero, end, end / 64),
+                             lambda tn: self.F(tn), T)
         elif which == "sigma":                 # Sigma = Phi [Sigma_0 + int_0^t Phi^-1 G G^T Phi^-T] Phi^T
             def integrand(tn):
                 Pinv = _hp.inv(self.psi(tn, _hp.zeros(tn.shape)))
                 Gn = self.G(tn)
                 return Pinv @ Gn @ _hp.T(Pinv @ Gn)
-            J = _ode.cumulative(integrand, zero, T, h0)
+            J = _from_zero(lambda fn, end: _ode.cumulative(fn, zero, end, end / 64), integrand, T)
             S0 = self._sigma0()
 
             def sol(tt):
@@ -338,7 +407,7 @@ class Derivation:
             def make_A(tn):
                 Gn = self.G(tn)
                 return self.F(tn) + (Gn @ _hp.T(Gn)) @ _hp.inv(self.sigma(tn)) / 2
-            sol = _ode.solve_linear(make_A, self.R0(), zero, T, h0)
+            sol = _from_zero(lambda A, end: _ode.solve_linear(A, self.R0(), zero, end, end / 64), make_A, T)
         else:
             raise KeyError(which)
         self._dense[which] = sol
@@ -346,6 +415,39 @@ class Derivation:
 
     def _sigma0(self):
         return _hp.compile_matrix(self.spec.Sigma0)(self._env(_hp.zeros((1,))), (1, self.Pu))[0]
+
+
+def _from_zero(solve, rate, T):
+    """``solve(rate, end)`` for an ODE or integral from t = 0 to ``end`` = T, where the rate (A(t) of
+    Y' = A Y, or the integrand) may be smooth only in a root of t (beta(t) ~ sqrt(t) or 1/sqrt(t)):
+    when the panels cannot resolve it near t = 0, solve again in u with t = u^m (m = 2, then 6),
+    where dY/du = m u^(m-1) A(u^m) Y is smooth, and read the solution at u = t^(1/m)."""
+    try:
+        return solve(rate, T)
+    except _hp.EvaluationError as exc:
+        if "near t = 0" not in str(exc):
+            raise
+        first = exc
+    for m in (2, 6):
+        def rate_u(un, m=m):
+            jac = m * un ** (m - 1)
+            return rate(un ** m) * jac.reshape((-1, 1, 1, 1))
+        try:
+            sol_u = solve(rate_u, _root(np.array([T], dtype=object), m)[0])
+        except _hp.EvaluationError:
+            continue
+        return lambda tt, sol_u=sol_u, m=m: sol_u(_root(np.asarray(tt, dtype=object), m))
+    raise _hp.EvaluationError(f"{first} (also with t = u^2 and t = u^6: a coefficient is not smooth in "
+                              "any root of t at t = 0; write the process so that it starts where it "
+                              "is smooth, e.g. shift t)")
+
+
+def _root(tt, m):
+    """t^(1/m) for m = 2 or 6, elementwise on an object array."""
+    out = _hp._apply(_hp.SQRT, tt)
+    if m == 6:
+        out = np.array([gmpy2.cbrt(v) for v in np.ravel(out)], dtype=object).reshape(np.shape(tt))
+    return out
 
 
 def _select(values, coords):

@@ -46,14 +46,26 @@ def step_moments(deriv, s, t, p_max):
     R_t = deriv.R(one)[0]
     M0 = R_t - deriv.psi(one, np.array([s], dtype=object))[0] @ deriv.R(np.array([s], dtype=object))[0]
     if p_max == 0:
-        return M0[None]
+        return _zero_noise_free(deriv, M0[None], axis=1)
 
     def W(xn, coords):
         rn = s + h * xn
         return deriv.psi(np.array([t], dtype=object), rn, coords) @ deriv.R(rn, coords)   # [M, I, k, k]
     J = _ode.quad(W, gmpy2.mpfr(0), gmpy2.mpfr(1), deriv.Pu, tol=QUAD_TOL, powers=p_max)  # [Pu, p_max, k, k]
     J = np.swapaxes(J, 0, 1)
-    return np.concatenate([M0[None], np.stack([R_t - p * J[p - 1] for p in range(1, p_max + 1)])])
+    M = np.concatenate([M0[None], np.stack([R_t - p * J[p - 1] for p in range(1, p_max + 1)])])
+    return _zero_noise_free(deriv, M, axis=1)
+
+
+def _zero_noise_free(deriv, M, axis):
+    """Exact zeros at the coordinates without noise (W' = 0 there: every moment vanishes)."""
+    nf = getattr(deriv, "noise_free", None)
+    if nf is not None and nf.any():
+        M = M.copy()
+        index = [slice(None)] * M.ndim
+        index[axis] = np.nonzero(nf)[0]
+        M[tuple(index)] = gmpy2.mpfr(0)
+    return M
 
 
 def combine(moments, nodes):
@@ -90,7 +102,7 @@ def stochastic_step(deriv, s, t, lam):
         PsiHat = sol.panels[-1][-1]
     P = S_t - PsiHat @ S_s @ _hp.T(PsiHat)
     P = (P + _hp.T(P)) / 2
-    return (PsiHat - Psi) @ R_s, P
+    return _zero_noise_free(deriv, (PsiHat - Psi) @ R_s, 0), _zero_noise_free(deriv, P, 0)
 
 
 def build(deriv, times, order, lam=None, corrector=False, moment_cache=None, weights=True):

@@ -298,3 +298,35 @@ def test_generated_module_with_internal_frequency_names(kind):
             values.append([float(v) for v in list(ns["Psi"](t, s, lam)) + list(ns["Sigma"](t, lam))])
     for name, got in zip(INTERNAL_NAMES, values[1:]):
         assert got == values[0], (kind, name)
+
+
+UNDERDAMPED = """\
+name: cld_under
+state: [x, v]
+parameters: {{beta: 4, M: 1/4, Gamma: {gamma}, eps: 1e-6}}
+definitions: {{b: beta / M}}
+drift: [[0, b], [-beta, -Gamma * b]]
+diffusion: [[0], [sqrt(2 * Gamma * beta)]]
+initial_covariance: [[eps, 0], [0, 1/100 + eps]]
+time: {{t_min: 1e-3, T: 1}}
+"""
+
+
+@pytest.mark.parametrize("gamma", ["1/4", pytest.param("1/2", marks=pytest.mark.slow),
+                                   pytest.param("9/10", marks=pytest.mark.slow)])
+def test_underdamped_langevin_closed_form(gamma):
+    """Complex eigenvalues (damping ratio Gamma < 1): Psi and Sigma in real closed form (exp, cos,
+    sin), against the independent mpmath ODE solution at 40 digits."""
+    import yaml
+    from derive._spec import _Loader
+    d = Derivation(build_spec(yaml.load(UNDERDAMPED.format(gamma=gamma), Loader=_Loader)))
+    assert (d.psi_kind, d.sigma_kind) == (CLOSED, CLOSED)
+    assert not d.psi_expr.has(sp.I) and d.psi_expr.has(sp.cos)
+    ts, ss = [0.3, 1.0], [0.0, 0.4]
+    psi, S = d.psi(_hp.array(ts), _hp.array(ss)), d.sigma(_hp.array(ts))
+    with mpmath.workdps(50):
+        ref = MpReference(d.spec)
+        for m, (t, s) in enumerate(zip(ts, ss)):
+            for A, Bm in ((psi[m, 0], ref.psi(mp(t), mp(s))), (S[m, 0], ref.sigma(mp(t)))):
+                scale = max(abs(Bm[i, j]) for i in range(2) for j in range(2))
+                assert max(abs(mp(A[i, j]) - Bm[i, j]) for i in range(2) for j in range(2)) / scale < 1e-38

@@ -89,23 +89,47 @@ def decade(x):
     return "0" if x == 0 else f"<= 1e{int(np.ceil(np.log10(x) - 1e-9))}"
 
 
-def _err(a, b):
+def _err(a, b, scale=0.0):
+    """Normwise relative error of ``a`` against ``b``, relative to max(|b|, ``scale``).
+
+    ``scale`` is the size of the terms that ``b`` sums (a weight is a difference of R_t and
+    Psi R_s): an exactly zero or cancelling reference is then judged against the numbers it is
+    made of, not against itself."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    scale = np.max(np.abs(b))
+    scale = max(float(np.max(np.abs(b))), float(scale))
     diff = np.max(np.abs(a - b))
+    if not np.isfinite(diff):
+        return float("inf"), float("inf")
     if scale == 0:
         return (0.0 if diff == 0 else float("inf")), (0.0 if diff == 0 else float("inf"))
     return float(diff / scale), float(diff / np.spacing(scale))
+
+
+def _err_coords(a, b, scale=None):
+    """Worst over the leading coordinate axis of per-coordinate ``_err`` (scale: [P] or None)."""
+    out = (0.0, 0.0)
+    for p in range(a.shape[0]):
+        e = _err(a[p], b[p], 0.0 if scale is None else scale[p])
+        if not e[0] <= out[0]:
+            out = e
+    return out
+
+
+def _amax(A):
+    """max |A| over the trailing matrix axes: [P, k, k] -> [P]."""
+    return np.max(np.abs(A), axis=(-2, -1))
 
 
 def _np(M):
     return np.array(M.tolist(), dtype=float) if isinstance(M, mpmath.matrix) else np.asarray(M, dtype=float)
 
 
-def _err_mp(a, ref):
-    """Relative error of float64 ``a`` against a high-precision mpmath matrix ``ref``."""
+def _err_mp(a, ref, terms=0):
+    """Relative error of float64 ``a`` against a high-precision mpmath matrix ``ref`` (relative to
+    max(|ref|, ``terms``), the size of what ``ref`` sums; see ``_err``)."""
     ref_f = np.array([[float(ref[i, j]) for j in range(ref.cols)] for i in range(ref.rows)])
-    scale = max(abs(ref[i, j]) for i in range(ref.rows) for j in range(ref.cols))
+    scale = max([abs(ref[i, j]) for i in range(ref.rows) for j in range(ref.cols)] + [abs(terms)])
+    ref_f = np.append(ref_f, float(abs(terms)))
     diff = max(abs(mpmath.mpf(float(a[i, j])) - ref[i, j]) for i in range(ref.rows) for j in range(ref.cols))
     if scale == 0:
         return (0.0, 0.0) if diff == 0 else (float("inf"), float("inf"))
@@ -122,23 +146,30 @@ def identities(report, tensors, meta):
     """Checks that need nothing but the table."""
     psi, R, S, L, W = (tensors[n] for n in ("psi", "R", "sigma", "L", "eps_weights"))
     N, q = W.shape[0], W.shape[1]
+    T = lambda A: np.swapaxes(A, -1, -2)
+    # per coordinate, relative to the terms summed: R_t and Psi R_s (a huge Psi at one frequency
+    # must not hide the others, an exactly zero difference must not divide by itself)
     errs = []
     for i in range(N):
-        lhs = W[i].sum(axis=0)
-        rhs = R[i + 1] - psi[i] @ R[i]
-        errs.append((i, *_err(lhs, rhs)))
+        PR = psi[i] @ R[i]
+        terms = np.maximum(_amax(R[i + 1]), _amax(PR))
+        errs.append((i, *_err_coords(W[i].sum(axis=0), R[i + 1] - PR, terms)))
     report.add("sum_j eps_weights", errs, "identity R_t - Psi R_s", TOL_IDENTITY)
     unused = [(i, float(np.max(np.abs(W[i, min(q, i + 1):]))) if min(q, i + 1) < q else 0.0, 0.0) for i in range(N)]
     report.add("unused lags == 0", unused, "identity (exact zeros)", 0.0)
-    report.add("R R^T vs sigma", [(i, *_err(R[i] @ np.swapaxes(R[i], -1, -2), S[i])) for i in range(len(R))],
+    report.add("R R^T vs sigma", [(i, *_err_coords(R[i] @ T(R[i]), S[i], _amax(R[i]) ** 2)) for i in range(len(R))],
                "identity R R^T = Sigma", TOL_IDENTITY)
-    report.add("L L^T vs sigma", [(i, *_err(L[i] @ np.swapaxes(L[i], -1, -2), S[i])) for i in range(len(L))],
+    report.add("L L^T vs sigma", [(i, *_err_coords(L[i] @ T(L[i]), S[i], _amax(L[i]) ** 2)) for i in range(len(L))],
                "identity L L^T = Sigma", TOL_IDENTITY)
     upper = [(i, float(np.max(np.abs(np.triu(L[i], 1)))), 0.0) for i in range(len(L))]
     report.add("L lower triangular", upper, "identity (exact zeros)", 0.0)
     if "corrector_weights" in tensors:
         C = tensors["corrector_weights"]
-        errs = [(i, *_err(C[i].sum(axis=0), R[i + 1] - psi[i] @ R[i])) for i in range(N)]
+        errs = []
+        for i in range(N):
+            PR = psi[i] @ R[i]
+            terms = np.maximum(_amax(R[i + 1]), _amax(PR))
+            errs.append((i, *_err_coords(C[i].sum(axis=0), R[i + 1] - PR, terms)))
         report.add("sum_j corrector_weights", errs, "identity R_t - Psi R_s", TOL_IDENTITY)
     if "noise_chol" in tensors:
         upper = [(i, float(np.max(np.abs(np.triu(tensors["noise_chol"][i], 1)))), 0.0) for i in range(N)]
@@ -149,8 +180,36 @@ def _coord_value(spec, p):
     return spec.basis.values()[p]
 
 
-def check_table(spec, tensors, meta, level="fast", n_coords=None):
-    """Verify a table (float64 tensors + meta) for ``spec``; returns a Report."""
+BUDGET_S = {"fast": 60.0, "full": 110.0}    # per table; a 5-step full check stays under 120 s
+
+
+class OutOfTime(Exception):
+    pass
+
+
+class Budget:
+    """Wall-clock budget of one table check; ``where`` names the quantity, coordinate and step."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.deadline = time.perf_counter() + seconds
+        self.where = "start"
+
+    def at(self, quantity, p, step=None):
+        self.where = f"{quantity}, coordinate {p}" + ("" if step is None else f", step {step}")
+        self.tick()
+
+    def tick(self):
+        """Called from the references' integrands and ODE right-hand sides."""
+        if time.perf_counter() > self.deadline:
+            raise OutOfTime(self.where)
+
+
+def check_table(spec, tensors, meta, level="fast", n_coords=None, budget_s=None):
+    """Verify a table (float64 tensors + meta) for ``spec``; returns a Report.
+
+    The check has a time budget (``budget_s``, default BUDGET_S[level]); when it runs out the
+    report fails with one row naming the quantity, coordinate and step it was computing."""
     start = time.perf_counter()
     report = Report(f"{meta['spec']['name']} nfe{meta['nfe']} q{meta['order']}", level)
     if meta["spec"]["sha256"] != spec.sha256:
@@ -163,72 +222,102 @@ def check_table(spec, tensors, meta, level="fast", n_coords=None):
     P = tensors["psi"].shape[1]
     coords = pick_coords(P, n_coords or (2 if level == "fast" else 6))
     report.coords = coords
-    for p in coords:
-        lam = _coord_value(spec, p)
-        if level == "fast":
-            _fast(report, spec, tensors, meta, p, lam)
-        else:
-            _full(report, spec, tensors, meta, p, lam)
+    budget = Budget(BUDGET_S[level] if budget_s is None else budget_s)
+    try:
+        for p in coords:
+            lam = _coord_value(spec, p)
+            if level == "fast":
+                _fast(report, spec, tensors, meta, p, lam, budget)
+            else:
+                _full(report, spec, tensors, meta, p, lam, budget)
+    except OutOfTime as exc:
+        report.add("time budget", [(0, float("inf"), float("inf"))],
+                   f"ran out of {budget.seconds:g} s at {exc}", 0.0)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _fast(report, spec, tensors, meta, p, lam):
+def _fast(report, spec, tensors, meta, p, lam, budget):
     t = tensors["t"]
     N = len(t) - 1
     q = meta["order"]
-    ref = ScipyReference(spec, t, lam)
+    budget.at("reference ODEs", p)
+    ref = ScipyReference(spec, t, lam, tick=budget.tick)
     how = "scipy solve_ivp float64"
-    report.add("psi", [(i, *_err(tensors["psi"][i, p], ref.psi(t[i + 1], t[i]))) for i in range(N)], how, TOL_FAST)
+    errs = []
+    for i in range(N):
+        budget.at("psi", p, i)
+        errs.append((i, *_err(tensors["psi"][i, p], ref.psi(t[i + 1], t[i]))))
+    report.add("psi", errs, how, TOL_FAST)
     report.add("sigma", [(i, *_err(tensors["sigma"][i, p], ref.sigma(t[i]))) for i in range(N + 1)], how, TOL_FAST)
     report.add("R", [(i, *_err(tensors["R"][i, p], ref.R(t[i]))) for i in range(N + 1)], how, TOL_FAST)
     errs = []
     for i in sorted({0, min(1, N - 1), N // 2, N - 1}):
+        budget.at("eps_weights", p, i)
         qi = min(q, i + 1)
-        C = ref.weights(t[i], t[i + 1], [t[i - j] for j in range(qi)])
-        errs.append((i, *_err(tensors["eps_weights"][i, :qi, p], C)))
+        C, terms = ref.weights(t[i], t[i + 1], [t[i - j] for j in range(qi)], with_terms=True)
+        errs.append((i, *_err(tensors["eps_weights"][i, :qi, p], C, terms)))
     report.add("eps_weights", errs, "scipy quad_vec float64", TOL_FAST)
 
 
-def _full(report, spec, tensors, meta, p, lam):
+def _full(report, spec, tensors, meta, p, lam, budget):
     t = tensors["t"]
     N = len(t) - 1
     q = meta["order"]
     how = f"mpmath odefun/GL, {DPS} digits"
     with mpmath.workdps(DPS):
-        ref = MpReference(spec, lam)
+        budget.at("reference ODEs", p)
+        ref = MpReference(spec, lam, tick=budget.tick)
         tm = [mpmath.mpf(float(v)) for v in t]
-        Rs = [ref.R(x) for x in tm]
-        Ss = [ref.sigma(x) for x in tm]
-        report.add("psi", [(i, *_err_mp(tensors["psi"][i, p], ref.psi(tm[i + 1], tm[i]))) for i in range(N)], how, TOL_FULL)
+        Rs, Ss = [], []
+        for i, x in enumerate(tm):
+            budget.at("R and sigma", p, i)
+            Rs.append(ref.R(x))
+            Ss.append(ref.sigma(x))
+        Ps = []
+        for i in range(N):
+            budget.at("psi", p, i)
+            Ps.append(ref.psi(tm[i + 1], tm[i]))
+        report.add("psi", [(i, *_err_mp(tensors["psi"][i, p], Ps[i])) for i in range(N)], how, TOL_FULL)
         report.add("sigma", [(i, *_err_mp(tensors["sigma"][i, p], Ss[i])) for i in range(N + 1)], how, TOL_FULL)
         report.add("R", [(i, *_err_mp(tensors["R"][i, p], Rs[i])) for i in range(N + 1)], how, TOL_FULL)
         report.add("L", [(i, *_err_mp(tensors["L"][i, p], _chol(Ss[i]))) for i in range(N + 1)], how, TOL_FULL)
         errs, errs_c = [], []
         for i in range(N):
             qi = min(q, i + 1)
+            # the weights sum to R_t - Psi R_s: judged relative to those terms
+            terms = max(_mp_amax(Rs[i + 1]), _mp_amax(Ps[i] * Rs[i]))
+            budget.at("eps_weights", p, i)
             C = ref.weights(tm[i], tm[i + 1], [tm[i - j] for j in range(qi)])
-            errs += [(i, *_err_mp(tensors["eps_weights"][i, j, p], C[j])) for j in range(qi)]
+            errs += [(i, *_err_mp(tensors["eps_weights"][i, j, p], C[j], terms)) for j in range(qi)]
             if "corrector_weights" in tensors:
+                budget.at("corrector_weights", p, i)
                 qc = min(q + 1, i + 2)
                 C = ref.weights(tm[i], tm[i + 1], [tm[i + 1 - j] for j in range(qc)])
-                errs_c += [(i, *_err_mp(tensors["corrector_weights"][i, j, p], C[j])) for j in range(qc)]
+                errs_c += [(i, *_err_mp(tensors["corrector_weights"][i, j, p], C[j], terms)) for j in range(qc)]
         report.add("eps_weights", errs, how, TOL_FULL)
         report.add("corrector_weights", errs_c, how, TOL_FULL)
         if "eps_weights_sde" in tensors:
             e1, e2 = [], []
             for i in range(N):
+                budget.at("eps_weights_sde", p, i)
                 w, Pst = ref.stochastic(tm[i], tm[i + 1], sp.Rational(meta["lam"]))
-                e1.append((i, *_err_mp(tensors["eps_weights_sde"][i, p], w)))
+                terms = max(_mp_amax(Rs[i + 1]), _mp_amax(Ps[i] * Rs[i]))
+                e1.append((i, *_err_mp(tensors["eps_weights_sde"][i, p], w, terms)))
                 Lc = tensors["noise_chol"][i, p]
-                e2.append((i, *_err_mp(Lc @ Lc.T, Pst)))
+                e2.append((i, *_err_mp(Lc @ Lc.T, Pst, max(_mp_amax(Ss[i + 1]), _mp_amax(Ps[i] * Ss[i] * Ps[i].T)))))
             report.add("eps_weights_sde", e1, how + " (P ODE)", TOL_FULL)
             report.add("noise_chol (as L L^T)", e2, how + " (P ODE)", TOL_FULL)
         D = ref.data_to_state(tm[-1])
         Dinv = mpmath.inverse(D)
         report.add("x0_weights", [(0, *_err_mp(tensors["x0_weights"][0, p], Dinv)),
                                   (1, *_err_mp(tensors["x0_weights"][1, p], -Dinv * Rs[-1]))], how, TOL_FULL)
+        budget.at("closed forms", p)
         _closed_forms(report, spec, meta, tm, p, ref, Ss)
+
+
+def _mp_amax(M):
+    return max(abs(M[i, j]) for i in range(M.rows) for j in range(M.cols))
 
 
 def _chol(S):

@@ -12,7 +12,7 @@ import mpmath
 import numpy as np
 import sympy as sp
 
-from ._evaluate import mp_matrix, np_matrix
+from ._evaluate import _compiled, mp_matrix, np_matrix
 
 DPS = 45          # >= 40 significant digits in every reference value
 
@@ -46,6 +46,25 @@ def R0_of(spec, Sigma0):
     return Q * mpmath.diag([mpmath.sqrt(max(e, 0)) for e in E]) * Q.T
 
 
+class _Compiled:
+    """A sympy matrix compiled once (the references evaluate F, G, mean, std millions of times):
+    env -> mpmath matrix at the precision it was compiled at (recompiled at another precision),
+    or -> float64 array."""
+
+    def __init__(self, M, kind):
+        self.M = M if isinstance(M, sp.MatrixBase) else sp.Matrix([[M]])
+        self.kind = kind
+        self.prec = mpmath.mp.prec
+        self.rows = _compiled(self.M, kind)
+
+    def __call__(self, env):
+        if self.kind == "np":
+            return np.array([[f(env) for f in row] for row in self.rows], dtype=float)
+        if mpmath.mp.prec != self.prec:
+            self.prec, self.rows = mpmath.mp.prec, _compiled(self.M, "mp")
+        return mpmath.matrix([[f(env) for f in row] for row in self.rows])
+
+
 def _basis_env(spec, lam):
     return {} if spec.basis.symbol is None else {spec.basis.symbol.name: lam}
 
@@ -53,8 +72,9 @@ def _basis_env(spec, lam):
 class MpReference:
     """High-precision reference for one coordinate (``lam`` = its basis value, or None)."""
 
-    def __init__(self, spec, lam=None, dps=DPS):
+    def __init__(self, spec, lam=None, dps=DPS, tick=None):
         self.spec, self.k, self.dps = spec, spec.k, dps
+        self.tick = tick or (lambda: None)      # called in every right-hand side and integrand
         # A marginal-form spec with a per-coordinate basis (BDM: 1024 frequencies) is checked
         # against its defining formulas (Psi = mean_t / mean_s, Sigma = std^2, R = std) instead of
         # ODE solves, which cost minutes per frequency there; weights still by direct quadrature.
@@ -63,30 +83,39 @@ class MpReference:
             self.lam = None if lam is None else mpmath.mpf(sp.N(lam, dps + 10))
             self.env = _basis_env(spec, self.lam)
             k = self.k
+            self._Fc, self._Gc = _Compiled(spec.F, "mp"), _Compiled(spec.G, "mp")
+            if spec.form == "marginal":
+                self._mc = {"mean": _Compiled(spec.mean, "mp"), "std": _Compiled(spec.std, "mp")}
             if self.direct:
                 self.Sigma0 = mp_matrix(spec.Sigma0, t=mpmath.mpf(0), **self.env)
                 return
-            self._phi = mpmath.odefun(lambda t, y: _vec(self.F(t) * _mat(k, y)), 0, _vec(mpmath.eye(k)))
+            self._phi = mpmath.odefun(lambda t, y: self._ticked(_vec(self.F(t) * _mat(k, y))), 0, _vec(mpmath.eye(k)))
             self.Sigma0 = mp_matrix(spec.Sigma0, t=mpmath.mpf(0), **self.env)
 
             def lyap(t, y):
+                self.tick()
                 S, F, G = _mat(k, y), self.F(t), self.G(t)
                 return _vec(F * S + S * F.T + G * G.T)
             self._sigma = mpmath.odefun(lyap, 0, _vec(self.Sigma0))
             if k > 1:
                 def rode(t, y):
+                    self.tick()
                     R, F, G = _mat(k, y), self.F(t), self.G(t)
                     return _vec(F * R + G * G.T * mpmath.inverse(R).T / 2)
                 self._R = mpmath.odefun(rode, 0, _vec(R0_of(spec, self.Sigma0)))
 
+    def _ticked(self, value):
+        self.tick()
+        return value
+
     def F(self, t):
-        return mp_matrix(self.spec.F, t=t, **self.env)
+        return self._Fc(dict(self.env, t=t))
 
     def G(self, t):
-        return mp_matrix(self.spec.G, t=t, **self.env)
+        return self._Gc(dict(self.env, t=t))
 
     def _marginal(self, which, t):
-        return mp_matrix(sp.Matrix([[getattr(self.spec, which)]]), t=t, **self.env)
+        return self._mc[which](dict(self.env, t=t))
 
     def phi(self, t):
         if self.direct:
@@ -108,7 +137,7 @@ class MpReference:
 
     def data_to_state(self, t):
         if self.spec.form == "marginal":
-            return mp_matrix(sp.Matrix([[self.spec.mean]]), t=t, **self.env)
+            return self._marginal("mean", t)
         return self.phi(t)
 
     def weights(self, s, t, node_times):
@@ -117,8 +146,13 @@ class MpReference:
         Phi_t = self.phi(t)
 
         def integrand(r):
+            self.tick()
             G = self.G(r)
-            W = Phi_t * mpmath.inverse(self.phi(r)) * G * G.T * mpmath.inverse(self.R(r)).T / 2
+            if k == 1:                          # scalars: the same formula without matrix overhead
+                g2 = sum(G[0, j] ** 2 for j in range(G.cols))
+                W = mpmath.matrix([[Phi_t[0, 0] / self.phi(r)[0, 0] * g2 / self.R(r)[0, 0] / 2]])
+            else:
+                W = Phi_t * mpmath.inverse(self.phi(r)) * G * G.T * mpmath.inverse(self.R(r)).T / 2
             return [W * l for l in lagrange_weights_at(r, node_times)]
         return _gl_vector(integrand, s, t, len(node_times), k)
 
@@ -131,6 +165,7 @@ class MpReference:
         n = k * k
 
         def rhs(tau, y):                   # y = [PsiHat(s - tau, s), P, Sigma(s - tau)], all backwards
+            self.tick()
             r = s - tau
             F, G = self.F(r), self.G(r)
             GG = G * G.T
@@ -145,7 +180,11 @@ class MpReference:
 
 
 def _gl_vector(integrand, a, b, n_out, k, degree=4):
-    """Vector Gauss-Legendre quadrature with an error check (degree vs degree+1), bisecting."""
+    """Vector Gauss-Legendre quadrature with an error check (degree vs degree+1), bisecting.
+
+    |coarse - fine| estimates the coarse rule's error; the fine rule (twice the nodes) is
+    accepted when that estimate to the power 1.5 (QUADPACK's rule of thumb for the better rule's
+    error; Gauss rules converge faster still) is below the target 10^-(dps-8)."""
     from mpmath.calculus.quadrature import GaussLegendre
     gl = GaussLegendre(mpmath.mp)
 
@@ -163,7 +202,7 @@ def _gl_vector(integrand, a, b, n_out, k, degree=4):
         coarse, fine = rule(lo, hi, degree), rule(lo, hi, degree + 1)
         err = max(mpmath.mnorm(c - f, 1) for c, f in zip(coarse, fine))
         scale = max(max(mpmath.mnorm(f, 1) for f in fine), mpmath.mpf(10) ** (-300))
-        if err <= scale * mpmath.mpf(10) ** (-(mpmath.mp.dps - 8)) or depth > 12:
+        if err <= scale * mpmath.mpf(10) ** (-(mpmath.mp.dps - 8) / mpmath.mpf(1.5)) or depth > 12:
             return fine
         m = (lo + hi) / 2
         left, right = recurse(lo, m, depth + 1), recurse(m, hi, depth + 1)
@@ -174,16 +213,19 @@ def _gl_vector(integrand, a, b, n_out, k, degree=4):
 class ScipyReference:
     """Float64 references with scipy (one coordinate)."""
 
-    def __init__(self, spec, times, lam=None):
+    def __init__(self, spec, times, lam=None, tick=None):
         from scipy.integrate import solve_ivp
         self.spec, self.k = spec, spec.k
+        self.tick = tick or (lambda: None)      # called in every right-hand side and integrand
         self.env = {} if spec.basis.symbol is None else {spec.basis.symbol.name: float(sp.N(lam))}
+        self._Fc, self._Gc = _Compiled(spec.F, "np"), _Compiled(spec.G, "np")
         k = self.k
         S0 = np_matrix(spec.Sigma0, t=0.0, **self.env)
         with mpmath.workdps(30):
             R0 = np.array(R0_of(spec, mpmath.matrix(S0.tolist())).tolist(), dtype=float)
 
         def rhs(t, y):                         # y = [Sigma, Phi, R (k > 1)]
+            self.tick()
             F, G = self.F(t), self.G(t)
             S = y[:k * k].reshape(k, k)
             Phi = y[k * k:2 * k * k].reshape(k, k)
@@ -201,10 +243,10 @@ class ScipyReference:
         self._parts = [(0.0, t_stiff, first.sol), (t_stiff, ts[-1], second.sol)]
 
     def F(self, t):
-        return np_matrix(self.spec.F, t=float(t), **self.env)
+        return self._Fc(dict(self.env, t=float(t)))
 
     def G(self, t):
-        return np_matrix(self.spec.G, t=float(t), **self.env)
+        return self._Gc(dict(self.env, t=float(t)))
 
     def _y(self, t):
         for lo, hi, sol in self._parts[::-1]:
@@ -238,18 +280,28 @@ class ScipyReference:
                         np.eye(k).ravel(), method="DOP853", rtol=1e-13, atol=1e-16)
         return sol.y[:, -1].reshape(k, k)
 
-    def weights(self, s, t, node_times, factor="R"):
-        """Weights int_s^t 1/2 Psi(t,r) G G^T K_r^-T l_j(r) dr with K = R (gDDIM) or K = L (Cholesky)."""
+    def weights(self, s, t, node_times, factor="R", with_terms=False):
+        """Weights int_s^t 1/2 Psi(t,r) G G^T K_r^-T l_j(r) dr with K = R (gDDIM) or K = L (Cholesky).
+
+        The weights sum to K_t - Psi(t,s) K_s; the quadrature's absolute tolerance is relative to
+        the size of those two terms (never 0: an integrand that is identically zero, a coordinate
+        without noise, would otherwise be subdivided forever). With ``with_terms`` returns
+        (weights, that size)."""
         from scipy.integrate import quad_vec, solve_ivp
         k = self.k
         K = self.R if factor == "R" else (lambda r: np.linalg.cholesky(self.sigma(r)))
-        # Psi(t, r) for r in [t, s] from one backward solve of d/dr Psi(t,r) = -Psi(t,r) F(r)
-        back = solve_ivp(lambda r, y: -(y.reshape(k, k) @ self.F(r)).ravel(), (float(t), float(s)),
-                         np.eye(k).ravel(), method="DOP853", rtol=1e-13, atol=1e-16, dense_output=True)
+
+        def back_rhs(r, y):                    # d/dr Psi(t,r) = -Psi(t,r) F(r), r from t to s
+            self.tick()
+            return -(y.reshape(k, k) @ self.F(r)).ravel()
+        back = solve_ivp(back_rhs, (float(t), float(s)), np.eye(k).ravel(), method="DOP853",
+                         rtol=1e-13, atol=1e-16, dense_output=True)
+        terms = max(np.max(np.abs(K(t))), np.max(np.abs(back.sol(float(s)).reshape(k, k) @ K(s))))
 
         def integrand(r):
+            self.tick()
             G = self.G(r)
             W = back.sol(r).reshape(k, k) @ G @ G.T @ np.linalg.inv(K(r)).T / 2
             return np.stack([W * l for l in lagrange_weights_at(r, node_times)])
-        val, _ = quad_vec(integrand, float(s), float(t), epsabs=0, epsrel=1e-12)
-        return val
+        val, _ = quad_vec(integrand, float(s), float(t), epsabs=1e-14 * terms, epsrel=1e-12, norm="max")
+        return (val, terms) if with_terms else val

@@ -1,0 +1,200 @@
+"""Degenerate coordinates (issue 10, class 3): zero drift and zero noise, huge Psi, the check's budget.
+
+Specs of the class, written here: inverse heat dissipation (Rissanen et al. 2022: the heat
+equation blurs the image, u_t = exp(-lam tau(t)) x_0 + sigma eps per DCT frequency, so the DC
+frequency lam = 0 has zero drift and zero noise and the top frequency a Psi of 1e100 and more
+on the first step), a process with F = 0 and G = 0 entirely, a k = 2 process with one component
+without noise, and closed forms that are singular at one frequency value only. For each: derive
+finishes within a time limit, the fast and the full check pass, and a corrupted weight at the
+degenerate or huge coordinate is still caught.
+"""
+
+import time
+
+import numpy as np
+import pytest
+
+from derive import derive
+from derive._spec import build_spec
+from validation._check import check_table
+
+# sigma_blur(t) = sigma_blur_max t, tau = sigma_blur^2 / 2 (the heat equation's time)
+IHD = """\
+name: ihd{size}
+description: inverse heat dissipation, blur by the heat equation plus small constant noise
+basis: {{kind: dct2d, frequency: lam, size: [{size}, {size}]}}
+parameters: {{sigma_blur_max: {blur}, sigma: {sigma}}}
+definitions:
+  tau: sigma_blur_max**2 * t**2 / 2
+marginal:
+  mean: exp(-lam * tau)
+  std: sigma
+time: {{t_min: 1e-3, T: 1}}
+"""
+
+ZERO_FG = """\
+name: still
+state: [x, v]
+drift: [[0, 0], [0, 0]]
+diffusion: [[0], [0]]
+initial_covariance: [[1, 0], [0, 1/4]]
+time: {t_min: 1e-3, T: 1}
+"""
+
+ONE_QUIET_COMPONENT = """\
+name: half_quiet
+state: [x, v]
+parameters: {a: 1, b: 2}
+drift: [[-a, 0], [0, -b]]
+diffusion: [[0], [sqrt(2 * b)]]
+initial_covariance: [[1, 0], [0, 1/100]]
+time: {t_min: 1e-3, T: 1}
+"""
+
+# closed forms valid for a generic frequency but 0 * inf at lam = 0 (A = F / f with f = -lam/4)
+# or holding a real power of a negative number (a log branch sympy chose)
+SINGULAR_AT_DC = """\
+name: singular_dc
+state: [rho, x]
+basis: {kind: dct2d, frequency: lam, size: [1, 2]}
+drift: [[-lam / 4, 0], [0, 1]]
+diffusion: [[1], [0]]
+initial_covariance: [[1/4, 0], [0, 1/4]]
+time: {t_min: 1/20, T: 1/2}
+"""
+LOG_BRANCH = """\
+name: log_branch
+basis: {kind: dct2d, frequency: nu, size: [2, 2]}
+drift: [[-nu + t / ((6/5) * (0.375 - t) + 7/5)]]
+diffusion: [[((7/5) * t + 17/40) * sqrt(1 + nu / 10)]]
+initial_covariance: [[1/4]]
+time: {t_min: 1e-3, T: 1}
+"""
+
+DERIVE_LIMIT_S = 60
+
+
+def _table(text, nfe=6, order=3, **kw):
+    start = time.perf_counter()
+    d = derive(text)
+    tab = d.table(nfe=nfe, order=order, grid="uniform", verify="none", **kw)
+    seconds = time.perf_counter() - start
+    assert seconds < DERIVE_LIMIT_S, f"derive took {seconds:.0f} s"
+    return d, tab
+
+
+def _passes(spec, tensors, meta, level, n_coords=None):
+    report = check_table(spec, tensors, meta, level=level, n_coords=n_coords)
+    assert report.passed, report.text()
+    return report
+
+
+@pytest.fixture(scope="module")
+def ihd():
+    return _table(IHD.format(size=4, blur=12, sigma="0.01"))
+
+
+def test_ihd_dc_is_exact_and_top_is_huge(ihd):
+    d, tab = ihd
+    deriv = d.derivation
+    assert deriv.noise_free.tolist() == [True] + [False] * (deriv.Pu - 1)
+    W, psi = tab.tensors["eps_weights"], tab.tensors["psi"]
+    assert np.all(W[:, :, 0] == 0) and np.all(psi[:, 0] == 1)        # DC: no drift, no noise
+    assert all(np.all(W[i, :min(3, i + 1), 1:] != 0) for i in range(len(W)))   # lags in use
+    assert psi[0, -1, 0, 0] > 1e100                                   # top frequency, first step
+    # the first step's single weight is R_t - Psi R_s = sigma (1 - Psi) exactly
+    sigma = 0.01
+    np.testing.assert_allclose(W[0, 0, -1, 0, 0], sigma * (1 - psi[0, -1, 0, 0]), rtol=1e-14)
+
+
+def test_ihd_fast_and_full_checks_pass(ihd):
+    d, tab = ihd
+    _passes(d.spec, tab.tensors, tab.meta, "fast")
+    full = _passes(d.spec, tab.tensors, tab.meta, "full", n_coords=2)     # DC and the top frequency
+    assert full.coords == [0, 15]
+
+
+@pytest.mark.parametrize("level, rel", [("fast", 1e-5), pytest.param("full", 1e-11, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("where", ["dc", "top"])
+def test_ihd_corrupted_weight_is_caught(ihd, level, rel, where):
+    """A relative change of ``rel`` (well above each level's tolerance) at the degenerate or the
+    huge coordinate fails the check."""
+    d, tab = ihd
+    tensors = {k: v.copy() for k, v in tab.tensors.items()}
+    W = tensors["eps_weights"]
+    if where == "dc":                           # exact zero: perturb by rel times the terms' size
+        W[2, 1, 0, 0, 0] = rel * 0.01
+    else:
+        W[0, 0, -1, 0, 0] *= 1 + rel
+    report = check_table(d.spec, tensors, tab.meta, level=level, n_coords=2)
+    assert not report.passed, report.text()
+    assert any(r.quantity.startswith("eps_weights") or r.quantity.startswith("sum_j") for r in report.rows if not r.passed)
+
+
+@pytest.mark.slow
+def test_ihd_8x8_full_within_two_minutes():
+    d, tab = _table(IHD.format(size=8, blur=12, sigma="0.01"))
+    report = _passes(d.spec, tab.tensors, tab.meta, "full")
+    assert report.seconds < 120, report.seconds
+
+
+@pytest.mark.parametrize("text", [ZERO_FG, ONE_QUIET_COMPONENT], ids=["zero_F_and_G", "one_quiet_component"])
+def test_zero_noise_processes(text):
+    d, tab = _table(text, nfe=5, order=2)
+    W = tab.tensors["eps_weights"]
+    if "still" in text:
+        assert d.derivation.noise_free.all() and np.all(W == 0)
+    else:
+        assert not d.derivation.noise_free.any()
+        assert np.all(np.abs(W[:, :, 0, 0, :]) <= 1e-40 * np.abs(tab.tensors["R"]).max())   # quiet x row
+    _passes(d.spec, tab.tensors, tab.meta, "fast")
+    _passes(d.spec, tab.tensors, tab.meta, "full")
+
+
+@pytest.mark.parametrize("text", [SINGULAR_AT_DC, LOG_BRANCH], ids=["one_over_lam", "log_branch"])
+def test_closed_forms_singular_at_one_value_fall_back(text):
+    d, tab = _table(text, nfe=4, order=2)
+    assert all(np.all(np.isfinite(v)) for v in tab.tensors.values())
+    _passes(d.spec, tab.tensors, tab.meta, "fast")
+
+
+def test_budget_names_quantity_coordinate_and_step(ihd):
+    d, tab = ihd
+    report = check_table(d.spec, tab.tensors, tab.meta, level="full", n_coords=2, budget_s=0.5)
+    assert not report.passed
+    (row,) = [r for r in report.rows if not r.passed]
+    assert row.quantity == "time budget" and "ran out of 0.5 s at" in row.method
+    assert "coordinate" in row.method
+    assert len([line for line in report.text().splitlines() if "time budget" in line]) == 1
+
+
+# ----- coefficients not smooth at t = 0 (issue 10, class 4a) ----------------------------------------
+# beta(t) ~ t^a with a root of t: Psi, Sigma and R's ODEs start at t = 0, where the panels cannot
+# resolve t^(1/2); derive solves them in u with t = u^m instead. k = 1 and k = 2 (R's ODE).
+ROUGH_K1 = """\
+name: rough1
+parameters: {{c: {c}}}
+drift: [[-c * {f} / 2]]
+diffusion: [[sqrt(c * {f})]]
+time: {{t_min: 1e-2, T: 1}}
+"""
+ROUGH_K2 = """\
+name: rough2
+state: [x, v]
+parameters: {{c: {c}, eps: 1e-4}}
+definitions:
+  beta: c * {f}
+drift: [[0, beta], [-beta, -2 * beta]]
+diffusion: [[0], [sqrt(4 * beta)]]
+initial_covariance: [[eps, 0], [0, eps]]
+time: {{t_min: 1e-2, T: 1}}
+"""
+
+
+@pytest.mark.parametrize("template, c, f", [
+    (ROUGH_K1, 10, "sqrt(t)"), (ROUGH_K2, 4, "sqrt(t)"),
+    pytest.param(ROUGH_K1, 3, "t**(3/2)", marks=pytest.mark.slow),
+    pytest.param(ROUGH_K2, 2, "t**(1/3)", marks=pytest.mark.slow)])
+def test_coefficients_rough_at_zero(template, c, f):
+    d, tab = _table(template.format(c=c, f=f), nfe=5, order=3)
+    _passes(d.spec, tab.tensors, tab.meta, "fast")
