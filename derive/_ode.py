@@ -81,6 +81,7 @@ class Dense:
             sel = np.nonzero(idx == p)[0]
             a, b = self.edges[p], self.edges[p + 1]
             Y = self.panels[p]
+            rows, cs = [], []
             for q in sel:
                 x = 2 * (tq[q] - a) / (b - a) - 1
                 d = x - xs
@@ -88,8 +89,13 @@ class Dense:
                 if hit:
                     out[q] = Y[hit[0]]
                     continue
-                c = w / d
-                out[q] = np.tensordot(c, Y, axes=(0, 0)) / np.sum(c)
+                rows.append(q)
+                cs.append(w / d)
+            if rows:                           # one product for every query of the panel
+                C = np.array(cs, dtype=object)                        # [Q, n+1]
+                num = np.tensordot(C, Y, axes=(1, 0))                 # [Q, ...]
+                den = np.array([np.sum(c) for c in cs], dtype=object)
+                out[rows] = num / den.reshape((-1,) + (1,) * (num.ndim - 1))
         return out
 
 
