@@ -5,7 +5,6 @@ validation's mpmath / scipy references (check_variant_table, MpReference), and a
 probability-flow solution for Gaussian data (scipy, from the spec's F, G, Sigma_0).
 """
 
-import math
 
 import mpmath
 import numpy as np
