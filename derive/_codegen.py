@@ -15,7 +15,7 @@ from ._spec import t
 _MODULE_NAMES = {"functools", "acos", "asin", "atan", "cos", "cosh", "e", "exp", "expm1", "inverse", "log",
                  "log1p", "matrix", "mp", "mpf", "odefun", "pi", "sin", "sinh", "sqrt", "tan", "tanh",
                  "K", "STATE", "T_MIN", "T", "F", "G", "Sigma0", "Psi", "Sigma", "R", "t", "s", "y", "A", "B",
-                 "S", "p", "Phi", "rhs", "x"}
+                 "S", "p", "Phi", "rhs", "x", "MP"}
 
 
 def _readable(deriv, code=False):
@@ -102,6 +102,14 @@ class _Printer(MpmathPrinter):
         return ""
 
 
+# functions MpmathPrinter cannot print but derive's evaluators accept (sympy name -> mpmath name);
+# printed as MP.<name>, with `import mpmath as MP` added to the module only when used
+for _sym, _name in {"erfi": "erfi", "Ei": "ei", "li": "li", "Si": "si", "Ci": "ci", "Shi": "shi",
+                    "Chi": "chi", "LambertW": "lambertw", "re": "re", "im": "im", "expint": "expint"}.items():
+    setattr(_Printer, f"_print_{_sym}", (lambda n: lambda self, e:
+            f"MP.{n}({', '.join(self._print(a) for a in e.args)})")(_name))
+
+
 def _code(expr):
     text = _Printer({"fully_qualified_modules": False}).doprint(expr)
     return text.replace("mpmath.", "")
@@ -168,7 +176,10 @@ def python_module(deriv, versions):
                 f"def R(t{arg}" + (", p=0" if lam is not None else "") + "):",
                 f'    """gDDIM factor R_t: {deriv.R_kind} (dR/dt = (F + 1/2 G G^T Sigma^-1) R from R_0)."""',
                 "    return _square(_R_solution(" + (f"p, {lam}" if lam is not None else "") + ")(t))", ""]
-    return "\n".join(out).rstrip() + "\n"
+    text = "\n".join(out).rstrip() + "\n"
+    if "MP." in text:
+        text = text.replace("import functools\n", "import functools\n\nimport mpmath as MP\n", 1)
+    return text
 
 
 def _float_text(M):
