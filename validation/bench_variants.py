@@ -15,7 +15,6 @@ denoising evaluation. Samplers: ``gddim`` (eps form, weights in the table's vari
 import argparse
 import math
 import time
-from pathlib import Path
 
 import torch
 
@@ -27,7 +26,6 @@ from gddim_runtime._variants import gddim_x0, gddim_x0_pc
 from . import bench
 from .exact import DenseModel, MixtureScore, TableModel
 
-ROOT = Path(__file__).resolve().parents[1]
 NFES = (5, 10, 20)
 VARIABLES = ("t", "rho", "logsnr")
 SAMPLERS = {"gddim": "eps", "gddim_pc": "eps+pc", "gddim_x0": "x0", "gddim_x0_pc": "x0+pc"}
