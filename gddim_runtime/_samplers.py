@@ -106,9 +106,9 @@ class _Plan:
         self.t = T["t"]
         self.device = self.t.device
         t_model = self.t.to(model_dtype or dtype).unsqueeze(1).expand(self.N + 1, batch)
-        self.t_model = [t_model[i] for i in range(self.N + 1)]                # views, one per grid time
+        self.t_model = t_model.unbind(0)                                       # views, one per grid time
         self.ok = torch.ones(self.N + 1, dtype=torch.bool, device=self.device)
-        self.ok_at = [self.ok[i] for i in range(self.N + 1)]
+        self.ok_at = self.ok.unbind(0)
         A, B = _conversion(parametrization, T["R"], T["L"], T["data_to_state"])
         self.A = A                                                            # float64 [N+1, P, k, k] or None
         self.B = _pad(B, self.k)
@@ -185,10 +185,11 @@ class _Lin:
         if P == 1 and k > 1:
             self.mode = "bmm"
             flat = W[:, :, 0].permute(0, 2, 1, 3).reshape(N, k, S * k)     # row a, column (slot, component)
+            mats = flat.unsqueeze(1).expand(N, B, k, S * k).unbind(0)
             flat_buf = buf.view(B, buf.shape[1] * k, -1)
-            for i in range(N):
-                self.steps.append((flat[i].expand(B, k, S * k), flat_buf[:, first[i] * k:(first[i] + S) * k],
-                                   flat_buf[:, out[i] * k:(out[i] + 1) * k]))
+            runs = {f: flat_buf[:, f * k:(f + S) * k] for f in set(first)}  # two layouts: views made once
+            outs = {o: flat_buf[:, o * k:(o + 1) * k] for o in set(out)}
+            self.steps = [(mats[i], runs[first[i]], outs[out[i]]) for i in range(N)]
         else:
             self.mode = "scalar" if k == 1 else "blocks"
             if P > 1:
@@ -196,13 +197,14 @@ class _Lin:
                 W = W.reshape(N, S, H, Wd, k, k)
             else:
                 W = W[:, :, 0]
-            for i in range(N):
-                xs = [run.slots[first[i] + s] for s in range(S)]
-                if k == 1:
-                    self.steps.append(([W[i, s, ..., 0, 0] for s in range(S)], xs, run.slots[out[i]]))
-                else:
+            runs = {f: run.slots[f:f + S] for f in set(first)}
+            if k == 1:
+                coef = [row.unbind(0) for row in W[..., 0, 0].unbind(0)]     # one unbind per step, not per slot
+                self.steps = [(coef[i], runs[first[i]], run.slots[out[i]]) for i in range(N)]
+            else:
+                for i in range(N):
                     self.steps.append(([[[W[i, s, ..., a, b] for b in range(k)] for a in range(k)] for s in range(S)],
-                                       xs, run.slots[out[i]]))
+                                       runs[first[i]], run.slots[out[i]]))
 
     def __call__(self, i):
         if self.mode == "bmm":
