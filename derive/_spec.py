@@ -436,6 +436,8 @@ def _check_sigma0(Sigma0, basis, where, t_min):
     singular = False
     for S in samples:
         if k > 1:
+            if not _positive_definite(S) and sp.N(S.det(), 50) == 0:
+                raise SpecError(where, "initial_covariance", "singular Sigma_0 is not supported for k > 1: Sigma_0^-1 does not exist, so the R ODE dR/dt = (F + 1/2 G G^T Sigma^-1) R is singular at t = 0 (R_0 = 0 when Sigma_0 = 0); add a small eps on the diagonal, as CLD does (e.g. [[eps, 0], [0, gamma * M + eps]] with eps: 1e-6)")
             if not _positive_definite(S):
                 raise SpecError(where, "initial_covariance", "must be positive definite when the state has more than one component")
         else:

@@ -571,6 +571,9 @@ def _gddim_compiled(run, mode):
 SAMPLERS = {"gddim": gddim, "gddim_pc": gddim_pc, "gddim_sde": gddim_sde, "euler_maruyama": euler_maruyama,
             "heun": heun, "ancestral": ancestral, "probability_flow_rk45": probability_flow_rk45}
 
+from ._variants import gddim_x0, gddim_x0_pc  # noqa: E402  (data-prediction form; uses this module's loop)
+SAMPLERS.update(gddim_x0=gddim_x0, gddim_x0_pc=gddim_x0_pc)
+
 
 def _sampler_options(name):
     """The keyword options a sampler takes beyond ``run`` (e.g. RK45: dense, rtol, atol)."""

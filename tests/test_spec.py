@@ -203,3 +203,18 @@ def test_marginal_with_noiseless_dc_coordinate_is_accepted(tmp_path):
             "marginal: {mean: exp(-lam * t**2), std: 1/100}\ntime: {t_min: 1e-3, T: 1}\n")
     spec = load_spec(write(tmp_path, text))
     assert spec.G[0, 0].subs(spec.basis.symbol, 0) == 0
+
+
+def test_singular_sigma0_says_why_and_what_to_write(tmp_path):
+    """k > 1 with a singular Sigma_0 (R_0 = 0): the refusal names the R ODE and the eps workaround."""
+    import yaml
+    from derive import SpecError, load_spec
+    for sigma0 in ("[[0, 0], [0, 0]]", "[[0, 0], [0, 1]]", "[[1, 1], [1, 1]]"):
+        spec = GOOD.replace("[[eps, 0], [0, gamma * M + eps]]", sigma0)
+        path = tmp_path / "s.yaml"
+        path.write_text(spec)
+        with pytest.raises(SpecError) as err:
+            load_spec(path)
+        msg = str(err.value)
+        assert "initial_covariance" in msg and "singular" in msg and "small eps on the diagonal" in msg
+        assert "\n" not in msg

@@ -210,6 +210,9 @@ def check_table(spec, tensors, meta, level="fast", n_coords=None, budget_s=None)
 
     The check has a time budget (``budget_s``, default BUDGET_S[level]); when it runs out the
     report fails with one row naming the quantity, coordinate and step it was computing."""
+    if meta.get("variable", "t") != "t" or meta.get("form", "eps") != "eps":
+        from ._check_variants import check_variant_table       # tau-variable / data-prediction tables
+        return check_variant_table(spec, tensors, meta, level=level, n_coords=n_coords)
     start = time.perf_counter()
     report = Report(f"{meta['spec']['name']} nfe{meta['nfe']} q{meta['order']}", level)
     if meta["spec"]["sha256"] != spec.sha256:
