@@ -239,16 +239,21 @@ def _stage(spec, what, fn):
         raise InternalError(what, f"{type(exc).__name__}: {exc}") from exc
 
 
+def _spec_meta(spec):
+    """What a reader of a table or dense file needs to know of the spec (layout, basis, times)."""
+    return {"name": spec.name, "sha256": spec.sha256, "state": list(spec.state), "form": spec.form,
+            "basis": {"kind": spec.basis.kind, "size": list(spec.basis.size),
+                      "symbol": None if spec.basis.symbol is None else spec.basis.symbol.name},
+            "t_min": str(spec.t_min), "T": str(spec.T)}
+
+
 def _table_meta(deriv, request, spec_arg, versions, verify, identities, steps):
     spec = deriv.spec
     kind = request.grid_kind
     return {
         "generated": GENERATED,
         "command": request.command(spec_arg),
-        "spec": {"name": spec.name, "sha256": spec.sha256, "state": list(spec.state), "form": spec.form,
-                 "basis": {"kind": spec.basis.kind, "size": list(spec.basis.size),
-                           "symbol": None if spec.basis.symbol is None else spec.basis.symbol.name},
-                 "t_min": str(spec.t_min), "T": str(spec.T)},
+        "spec": _spec_meta(spec),
         "k": spec.k, "P": spec.basis.n_coords,
         "grid": {"name": request.grid if kind[0] != "file" else "file", "kind": kind[0],
                  "param": kind[1] if kind[0] != "file" else None},
@@ -388,6 +393,6 @@ def dense_table(deriv, versions):
     """(tensors, meta) of the dense file: Chebyshev interpolants of F, G G^T, R, L, D."""
     spec = deriv.spec
     tensors = _stage(spec, "dense", lambda: _tables.dense(deriv))
-    meta = {"generated": GENERATED, "spec": {"name": spec.name, "sha256": spec.sha256}, "tolerance": 1e-14,
+    meta = {"generated": GENERATED, "spec": _spec_meta(spec), "tolerance": 1e-14,
             "panels": int(len(tensors["edges"]) - 1), "tools": versions}
     return tensors, meta
