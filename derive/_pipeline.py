@@ -205,13 +205,6 @@ class TableOptions:
         return out
 
 
-def table_configs(spec, options):
-    """TableRequests for ``options`` (TableOptions, or any object with its attributes; missing ones: None)."""
-    if not isinstance(options, TableOptions):
-        options = TableOptions(**{f.name: getattr(options, f.name, None) for f in dataclasses.fields(TableOptions)})
-    return options.requests(spec)
-
-
 def find_verifier():
     """The installed verifier (entry point group ``gddim_toolkit.verifiers``; first by name)."""
     found = sorted(importlib.metadata.entry_points(group=VERIFIER_GROUP), key=lambda ep: ep.name)

@@ -263,6 +263,18 @@ def _basis(draw, taken):
     return {"kind": "dct2d", "frequency": name, "size": size}, name
 
 
+def _spec_head(name, state, basis, params, defs):
+    """The keys every generated spec starts with; optional sections only when drawn."""
+    spec = {"name": name, "state": state}
+    if basis:
+        spec["basis"] = basis
+    if params:
+        spec["parameters"] = params
+    if defs:
+        spec["definitions"] = defs
+    return spec
+
+
 @st.composite
 def scalar_sde(draw):
     """k = 1: du = F(t) u dt + G(t) dw with G^2 > 0 (optionally a dct2d basis)."""
@@ -279,13 +291,7 @@ def scalar_sde(draw):
     if lam:   # frequency-dependent drift and noise; lam = 0 (DC) is one of the coordinates
         drift = f"-({draw(st.sampled_from(['1', '1/4', '1/10']))}) * {lam} + ({drift})"
         diffusion = f"({diffusion}) * sqrt(1 + {lam} / 10)"
-    spec = {"name": "gen_scalar", "state": state}
-    if basis:
-        spec["basis"] = basis
-    if params:
-        spec["parameters"] = params
-    if defs:
-        spec["definitions"] = defs
+    spec = _spec_head("gen_scalar", state, basis, params, defs)
     spec.update({"drift": [[drift]], "diffusion": [[diffusion]]})
     if sigma0 is not None:
         spec["initial_covariance"] = [[sigma0]]
@@ -330,13 +336,7 @@ def marginal(draw):
         mean = f"({mean}) * ({draw(st.sampled_from(['exp(-' + lam + ' * t)', '(1 + ' + lam + ' * t)**(-1)', '1']))})"
         if family in ("vp", "vp_cosine_sqrt", "ve"):   # keep std/mean increasing: std scales too
             std = f"({std}) * sqrt(1 + {lam})"
-    spec = {"name": "gen_marginal", "state": state}
-    if basis:
-        spec["basis"] = basis
-    if params:
-        spec["parameters"] = params
-    if defs:
-        spec["definitions"] = defs
+    spec = _spec_head("gen_marginal", state, basis, params, defs)
     spec["marginal"] = {"mean": mean, "std": std}
     spec["time"] = time
     spec["tables"] = draw(table_options(allow_snr=family != "heat"))
@@ -400,13 +400,7 @@ def matrix_sde(draw, max_k=6):
                 row.append(fit(draw(expressions(T, env, depth=1)), -1, 1).text)
         diffusion.append(row)
     S = _pd_matrix(draw, k)
-    spec = {"name": "gen_matrix", "state": state}
-    if basis:
-        spec["basis"] = basis
-    if params:
-        spec["parameters"] = params
-    if defs:
-        spec["definitions"] = defs
+    spec = _spec_head("gen_matrix", state, basis, params, defs)
     spec.update({"drift": drift, "diffusion": diffusion,
                  "initial_covariance": [[_num(x).strip("()") if x >= 0 else _num(x) for x in row] for row in S]})
     R0 = draw(st.sampled_from(["sqrtm", "cholesky", None]))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gddim_runtime as gr
+from conftest import forbid_host_reads
 from derive import _grids, _tables
 from validation.exact import MixtureScore, TableModel
 
@@ -335,19 +336,12 @@ def test_loop_never_reads_the_host(derivations, monkeypatch, sampler, parametriz
     """The CPU stand-in for the GPU sync check: every way Python code can read a tensor's value on
     the host (bool, item, int, float, tolist) or build a tensor from host data (torch.tensor) raises
     inside ``sample``, except the one check after the loop."""
-    from gddim_runtime import _samplers
     d = derivations("vp_linear" if sampler == "ancestral" else "cld")
     tab = make_table(d, 6, 2, lam=1, corrector=True)
     x_T = apply_np(tab.tensors["R"][0, 0], torch.randn((3, d.k, 2), generator=torch.Generator().manual_seed(0),
                                                        dtype=torch.float64))
     model = lambda x, t: 0.1 * x * t.view(-1, 1, 1)             # a model that itself reads nothing on the host
-
-    def boom(*a, **k):
-        raise AssertionError("host read inside sample")
-    for name in ("__bool__", "item", "__int__", "__float__", "tolist"):
-        monkeypatch.setattr(torch.Tensor, name, boom)
-    monkeypatch.setattr(torch, "tensor", boom)
-    monkeypatch.setattr(_samplers, "_first_bad", lambda plan: -1)
+    forbid_host_reads(monkeypatch)
     u, info = gr.sample(model, tab, x_T=x_T, sampler=sampler, parametrization=parametrization, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(1), denoise=True, return_info=True)
     monkeypatch.undo()

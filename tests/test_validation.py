@@ -1,21 +1,23 @@
 """The checker: passes sound tables, fails on each planted defect (mutation tests)."""
 
-import argparse
-
 import numpy as np
 import pytest
 
 from conftest import ROOT, SDES
-from derive._pipeline import build_table, table_configs, tool_versions
+from derive._pipeline import TableOptions, build_table, tool_versions
 from validation import check_table
 
 
 @pytest.fixture(scope="module")
 def cld_table(derivations):
-    d = derivations("cld")
-    ns = argparse.Namespace(nfe=[4], order=2, grid="quadratic", lam=["1"], corrector=True, denoise=False)
-    cfg = table_configs(d.spec, ns)[0]
-    tensors, meta = build_table(d, cfg, "cld", tool_versions(), verify="none")
+    return _unverified_table(derivations("cld"), "cld", nfe=4)
+
+
+def _unverified_table(d, name, nfe):
+    """(spec, tensors, meta) of an order-2 quadratic table with lam = 1 and the corrector, unchecked."""
+    request = TableOptions(nfe=(nfe,), order=2, grid="quadratic", lam=("1",), corrector=True,
+                           denoise=False).requests(d.spec)[0]
+    tensors, meta = build_table(d, request, name, tool_versions(), verify="none")
     return d.spec, tensors, meta
 
 
@@ -52,11 +54,7 @@ def test_full_check_passes_sound_table(cld_table):
 def vp_small(derivations):
     """VP, 3 steps, order 2, lam = 1, corrector: every tensor kind a table can hold, small enough for
     the full 45-digit check in the default run (about 8 s of CPU)."""
-    d = derivations("vp_linear")
-    ns = argparse.Namespace(nfe=[3], order=2, grid="quadratic", lam=["1"], corrector=True, denoise=False)
-    cfg = table_configs(d.spec, ns)[0]
-    tensors, meta = build_table(d, cfg, "vp_linear", tool_versions(), verify="none")
-    return d.spec, tensors, meta
+    return _unverified_table(derivations("vp_linear"), "vp_linear", nfe=3)
 
 
 def test_full_check_of_every_quantity(vp_small):
