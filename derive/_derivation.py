@@ -51,7 +51,9 @@ def _time_limit(seconds):
         raise TimeoutError
 
     old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # re-fire every 0.5 s after the deadline: sympy swallows some exceptions internally (a single
+    # TimeoutError raised inside such a try block was lost and integrate() ran on for > 10 min)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.5)
     try:
         yield
     finally:
