@@ -8,6 +8,9 @@ Kinds:
   logsnr                             uniform in log rho_t (rho = noise-to-signal ratio, below)
   edm[:<rho>]                        rho_t^(1/r) uniform, r = 7 by default (Karras et al. 2022)
   <path> or file:<path>              explicit times, whitespace separated, strictly decreasing
+  auto[:<q>]                         equidistributes the measured local error of the order-q sampler
+                                     on Gaussian data proxies (derive/_autogrid.py); q defaults to
+                                     the ``order`` passed to make_grid, else the spec's tables order
 
 rho_t for logsnr/edm: std_t / |mean_t| for scalar families; for k > 1 the geometric-mean
 ratio det(Sigma_t)^(1/2k) / |det Psi(t,0)|^(1/k). With a per-coordinate basis it is taken at
@@ -40,6 +43,13 @@ def parse_kind(text, where="--grid"):
         return ("power", kappa)
     if text == "logsnr":
         return ("logsnr", None)
+    if text == "auto" or text.startswith("auto:"):
+        if text == "auto":
+            return ("auto", None)
+        q = text.split(":", 1)[1]
+        if q not in ("1", "2", "3", "4"):
+            raise SpecError(where, "grid", f"auto:<q> needs an order q in 1..4, got {text!r}")
+        return ("auto", int(q))
     if text == "edm" or text.startswith("edm:"):
         try:
             rho = float(text.split(":", 1)[1]) if ":" in text else 7.0
@@ -52,7 +62,7 @@ def parse_kind(text, where="--grid"):
     if Path(path).is_file():
         return ("file", path)
     raise SpecError(where, "grid", f"unknown grid {text!r}: use uniform, quadratic, power:<kappa>, "
-                                   "logsnr, edm[:<rho>] or a file of times")
+                                   "logsnr, edm[:<rho>], auto[:<q>] or a file of times")
 
 
 def read_times(path):
@@ -82,8 +92,11 @@ def _check(times, where, t_min, T):
     return times
 
 
-def make_grid(kind, n_steps, deriv, where="--grid"):
-    """Float64 times [N+1], decreasing; N = n_steps (ignored for a file grid)."""
+def make_grid(kind, n_steps, deriv, where="--grid", order=None):
+    """Float64 times [N+1], decreasing; N = n_steps (ignored for a file grid).
+
+    order: the sampler's order, used by the auto grid only (``auto:<q>`` overrides it; neither
+    given: the spec's ``tables`` order)."""
     kind_name, param = kind
     spec = deriv.spec
     T, t_min = float(_hp.mpf(spec.T)), float(_hp.mpf(spec.t_min))
@@ -91,6 +104,10 @@ def make_grid(kind, n_steps, deriv, where="--grid"):
         return _check(read_times(param), param, t_min, T)
     if n_steps < 1:
         raise SpecError(where, "nfe", "needs at least one sampling step")
+    if kind_name == "auto":
+        from ._autogrid import make_auto_grid
+        q = param or order or deriv.spec.tables.order
+        return _check(make_auto_grid(deriv, n_steps, q), where, t_min, T)
     if kind_name == "power":
         kappa = gmpy2.mpfr(param)
         a = _hp.mpf(spec.T) ** (1 / kappa)
