@@ -220,43 +220,76 @@ def _canonical(value):
 
 
 def build_spec(data, where="<spec>"):
-    """Validate the parsed YAML mapping ``data`` and build a Spec."""
+    """Validate the parsed YAML mapping ``data`` and build a Spec (one helper per section, in
+    the order the errors are reported)."""
     _check_keys(data, TOP_KEYS, where, "", REQUIRED)
     try:
         normalized = _canonical(data)
     except ExprError as exc:
         raise SpecError(where, "number", str(exc)) from None
+    name, description = _name(data, where)
+    claim = _NameClaims(where)
+    state = _state(data, where, claim)
+    basis = _basis(data.get("basis"), where, claim)
+    names = {} if basis.symbol is None else {basis.symbol.name: basis.symbol}
+    _parameters(data, where, claim, names)
+    names["t"] = t
+    _definitions(data, where, claim, names)
+    t_min, T = _time(data, where)
+    if "marginal" in data:
+        form, (F, G, Sigma0, mean, std) = "marginal", _marginal(data, where, state, names, basis, t_min, T)
+    else:
+        form, (F, G, Sigma0), mean, std = "sde", _sde(data, where, state, names), None, None
+    _check_dynamics(where, form, F, G, Sigma0, mean, std)
+    _check_sigma0(Sigma0, basis, where, t_min)
+    R0 = _R0(data.get("R0", "sqrtm"), Sigma0, where, names)
+    tables = _tables(data.get("tables", {}), where)
+    digest = hashlib.sha256(json.dumps(normalized, sort_keys=True).encode()).hexdigest()
+    return Spec(path=where, name=name, description=description.strip(), state=tuple(state), form=form,
+                F=F, G=G, Sigma0=Sigma0, mean=mean, std=std, basis=basis, R0=R0, t_min=t_min, T=T,
+                tables=tables, normalized=normalized, sha256=digest)
 
+
+def _name(data, where):
+    """``name`` and ``description``."""
     name = data["name"]
     if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > 64:
         raise SpecError(where, "name", f"{name!r} must match [a-z0-9_]+ (at most 64 characters)")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise SpecError(where, "description", "must be a string")
+    return name, description
 
-    # Names: state components, parameters, definitions, basis symbol; all distinct and safe.
-    used = {}
 
-    def claim(n, key):
+class _NameClaims:
+    """The spec's names (state components, parameters, definitions, basis symbol): each safe and
+    used once; calling ``claim(name, key)`` records that ``key`` defines ``name``."""
+
+    def __init__(self, where):
+        self.where, self.used = where, {}
+
+    def __call__(self, n, key):
         try:
             check_name(n)
         except ExprError as exc:
-            raise SpecError(where, key, str(exc)) from None
-        if n in used:
-            raise SpecError(where, key, f"name {n!r} already used by {used[n]}")
-        used[n] = key
+            raise SpecError(self.where, key, str(exc)) from None
+        if n in self.used:
+            raise SpecError(self.where, key, f"name {n!r} already used by {self.used[n]}")
+        self.used[n] = key
 
+
+def _state(data, where, claim):
+    """``state``: the component names (default one component, x)."""
     state = data.get("state", ["x"])
     if not isinstance(state, list) or not state or len(state) > MAX_STATE:
         raise SpecError(where, "state", f"expected a list of 1 to {MAX_STATE} component names")
     for i, s in enumerate(state):
         claim(s, f"state[{i}]")
+    return state
 
-    basis = _basis(data.get("basis"), where, claim)
-    names = {}
-    if basis.symbol is not None:
-        names[basis.symbol.name] = basis.symbol
 
+def _parameters(data, where, claim, names):
+    """``parameters``: exact numbers, each may use the ones before it; added to ``names``."""
     params = data.get("parameters", {}) or {}
     if not isinstance(params, dict):
         raise SpecError(where, "parameters", "must be a mapping name: value")
@@ -264,7 +297,9 @@ def build_spec(data, where="<spec>"):
         claim(pname, f"parameters.{pname}")
         names[pname] = _number(pvalue, where, f"parameters.{pname}", dict(names))
 
-    names["t"] = t
+
+def _definitions(data, where, claim, names):
+    """``definitions``: expressions in t and the names before them; added to ``names``."""
     defs = data.get("definitions", {}) or {}
     if not isinstance(defs, dict):
         raise SpecError(where, "definitions", "must be a mapping name: expression")
@@ -272,6 +307,9 @@ def build_spec(data, where="<spec>"):
         claim(dname, f"definitions.{dname}")
         names[dname] = _expression(dvalue, where, f"definitions.{dname}", names)
 
+
+def _time(data, where):
+    """``time``: (t_min, T) exact, 0 <= t_min < T."""
     time = data["time"]
     if not isinstance(time, dict):
         raise SpecError(where, "time", "must be a mapping {t_min: ..., T: ...}")
@@ -282,51 +320,59 @@ def build_spec(data, where="<spec>"):
         raise SpecError(where, "time.t_min", f"must be >= 0, got {t_min}")
     if T <= t_min:
         raise SpecError(where, "time.T", f"T = {T} must be greater than t_min = {t_min}")
+    return t_min, T
 
-    if "marginal" in data:
-        form = "marginal"
-        for key in ("drift", "diffusion", "initial_covariance"):
-            if key in data:
-                raise SpecError(where, key, "not allowed together with 'marginal' (F, G, Sigma_0 follow from it)")
-        if len(state) != 1:
-            raise SpecError(where, "marginal", "the marginal form is scalar: state must have one component")
-        marg = data["marginal"]
-        if not isinstance(marg, dict):
-            raise SpecError(where, "marginal", "must be a mapping {mean: ..., std: ...}")
-        _check_keys(marg, {"mean", "std"}, where, "marginal.", ("mean", "std"))
-        mean = _expression(marg["mean"], where, "marginal.mean", names)
-        std = _expression(marg["std"], where, "marginal.std", names)
-        if mean.is_zero:
-            raise SpecError(where, "marginal.mean", "must not be zero (Psi(t, s) = mean_t / mean_s)")
-        if std.is_zero:
-            raise SpecError(where, "marginal.std", "must not be zero (Sigma_t = std_t^2 must be positive for t > 0)")
-        f = sp.diff(mean, t) / mean
-        dstd2, drift_part = sp.diff(std ** 2, t), 2 * f * std ** 2
-        g2 = dstd2 - drift_part
-        _check_marginal(where, mean, g2, dstd2, drift_part, basis, t_min, T)
-        F, G = sp.Matrix([[f]]), sp.Matrix([[sp.sqrt(g2)]])
-        Sigma0 = sp.Matrix([[std.subs(t, 0) ** 2]])
+
+def _marginal(data, where, state, names, basis, t_min, T):
+    """``marginal: {mean, std}`` (scalar family) -> (F, G, Sigma0, mean, std):
+    F = d log mean / dt, G^2 = d std^2 / dt - 2 F std^2, Sigma0 = std(0)^2."""
+    for key in ("drift", "diffusion", "initial_covariance"):
+        if key in data:
+            raise SpecError(where, key, "not allowed together with 'marginal' (F, G, Sigma_0 follow from it)")
+    if len(state) != 1:
+        raise SpecError(where, "marginal", "the marginal form is scalar: state must have one component")
+    marg = data["marginal"]
+    if not isinstance(marg, dict):
+        raise SpecError(where, "marginal", "must be a mapping {mean: ..., std: ...}")
+    _check_keys(marg, {"mean", "std"}, where, "marginal.", ("mean", "std"))
+    mean = _expression(marg["mean"], where, "marginal.mean", names)
+    std = _expression(marg["std"], where, "marginal.std", names)
+    if mean.is_zero:
+        raise SpecError(where, "marginal.mean", "must not be zero (Psi(t, s) = mean_t / mean_s)")
+    if std.is_zero:
+        raise SpecError(where, "marginal.std", "must not be zero (Sigma_t = std_t^2 must be positive for t > 0)")
+    f = sp.diff(mean, t) / mean
+    dstd2, drift_part = sp.diff(std ** 2, t), 2 * f * std ** 2
+    g2 = dstd2 - drift_part
+    _check_marginal(where, mean, g2, dstd2, drift_part, basis, t_min, T)
+    return sp.Matrix([[f]]), sp.Matrix([[sp.sqrt(g2)]]), sp.Matrix([[std.subs(t, 0) ** 2]]), mean, std
+
+
+def _sde(data, where, state, names):
+    """``drift``, ``diffusion``, ``initial_covariance`` -> (F [k, k], G [k, m], Sigma0 [k, k])."""
+    for key in ("drift", "diffusion"):
+        if key not in data:
+            raise SpecError(where, key, "missing (or give 'marginal: {mean, std}' for a scalar family)")
+    k = len(state)
+    F = _matrix(data["drift"], where, "drift", names)
+    if F.shape[0] != F.shape[1]:
+        raise SpecError(where, "drift", f"must be square, got {F.shape[0]} x {F.shape[1]}")
+    if F.shape[0] != k:
+        raise SpecError(where, "drift", f"is {F.shape[0]} x {F.shape[1]} but state has {k} components")
+    G = _matrix(data["diffusion"], where, "diffusion", names, rows=k)
+    if "initial_covariance" in data:
+        Sigma0 = _matrix(data["initial_covariance"], where, "initial_covariance", names, rows=k, cols=k)
+    elif k == 1:
+        Sigma0 = sp.zeros(1, 1)
     else:
-        form, mean, std = "sde", None, None
-        for key in ("drift", "diffusion"):
-            if key not in data:
-                raise SpecError(where, key, "missing (or give 'marginal: {mean, std}' for a scalar family)")
-        k = len(state)
-        F = _matrix(data["drift"], where, "drift", names)
-        if F.shape[0] != F.shape[1]:
-            raise SpecError(where, "drift", f"must be square, got {F.shape[0]} x {F.shape[1]}")
-        if F.shape[0] != k:
-            raise SpecError(where, "drift", f"is {F.shape[0]} x {F.shape[1]} but state has {k} components")
-        G = _matrix(data["diffusion"], where, "diffusion", names, rows=k)
-        if "initial_covariance" in data:
-            Sigma0 = _matrix(data["initial_covariance"], where, "initial_covariance", names, rows=k, cols=k)
-        elif k == 1:
-            Sigma0 = sp.zeros(1, 1)
-        else:
-            raise SpecError(where, "initial_covariance", "missing (required when the state has more than one component)")
-        if Sigma0.has(t):
-            raise SpecError(where, "initial_covariance", "must not depend on t")
+        raise SpecError(where, "initial_covariance", "missing (required when the state has more than one component)")
+    if Sigma0.has(t):
+        raise SpecError(where, "initial_covariance", "must not depend on t")
+    return F, G, Sigma0
 
+
+def _check_dynamics(where, form, F, G, Sigma0, mean, std):
+    """Every entry of the dynamics is evaluable after sympy's rewriting (``_check_evaluable``), named by its key."""
     if form == "marginal":
         _check_evaluable(where, [("marginal.mean", mean), ("marginal.mean (its log-derivative, the drift F)", F[0, 0]),
                                  ("marginal.std", std), ("marginal.std (the diffusion G)", G[0, 0])])
@@ -334,14 +380,6 @@ def build_spec(data, where="<spec>"):
         _check_evaluable(where, [(f"{key}[{i}][{j}]", M[i, j]) for key, M in
                                  (("drift", F), ("diffusion", G), ("initial_covariance", Sigma0))
                                  for i in range(M.shape[0]) for j in range(M.shape[1])])
-    _check_sigma0(Sigma0, basis, where, t_min)
-    R0 = _R0(data.get("R0", "sqrtm"), Sigma0, where, names)
-    tables = _tables(data.get("tables", {}), where)
-
-    digest = hashlib.sha256(json.dumps(normalized, sort_keys=True).encode()).hexdigest()
-    return Spec(path=where, name=name, description=description.strip(), state=tuple(state), form=form,
-                F=F, G=G, Sigma0=Sigma0, mean=mean, std=std, basis=basis, R0=R0, t_min=t_min, T=T,
-                tables=tables, normalized=normalized, sha256=digest)
 
 
 def _basis(value, where, claim):
