@@ -355,10 +355,33 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
             raise TableError(f"nfe: needs at least {2 if denoise else 1} (one sampling step), got {nfe!r}")
     steps = None if explicit else nfe - (1 if denoise else 0)
     times = make_times(ip, grid, steps)
-    N, P, k = len(times) - 1, ip.P, ip.k
     lam = _parse_lam(lam, ip)
+    tensors = _tensors(ip, times, order, corrector, lam)
+    basis = _table_basis(ip, basis)
+    N = len(times) - 1
+    grid_meta = ({"kind": "file", "name": "<times>", "param": None} if explicit else
+                 {"kind": _parse_grid(grid)[0], "name": grid, "param": _parse_grid(grid)[1]})
+    dmeta = ip.meta.get("spec", {})
+    meta = {
+        "generated": "gddim_runtime.table_from_dense: float64 quadrature of the dense interpolants",
+        "source": ip.path, "spec": {"name": dmeta.get("name"), "sha256": dmeta.get("sha256"),
+                                    "basis": {"kind": basis[0], "size": basis[1], "symbol": None},
+                                    "T": repr(ip.T), "t_min": repr(ip.t_min)},
+        "grid": grid_meta, "order": order, "nfe": N + (1 if denoise else 0), "steps": N,
+        "denoise": bool(denoise), "corrector": bool(corrector), "lam": None if lam is None else str(lam),
+        "k": ip.k, "P": ip.P,
+    }
+    tensors = {name: np.ascontiguousarray(v, dtype=np.float64) for name, v in tensors.items()}
+    return from_tensors(tensors, meta, device=device, path=f"{ip.path or '<dense>'}[{meta['grid']['name']}, N={N}, q={order}]")
+
+
+def _lag_nodes(times, order, corrector, lam):
+    """Lagrange x-nodes per step [N, J] (NaN where a lag is not yet reached) and their column groups:
+    predictor lags t_i, t_{i-1}, ...; with ``corrector`` the Adams-Moulton lags t_{i+1}, t_i, ...;
+    with ``lam`` one node x = 0 (l = 1: the weight R_t - Psi R_s itself)."""
+    N = len(times) - 1
     J = 2 * order + 1 if corrector else order
-    nodes = np.full((N, J), np.nan)                            # x-nodes per step: predictor lags, then corrector
+    nodes = np.full((N, J), np.nan)
     for i in range(N):
         s, h = times[i], times[i + 1] - times[i]
         q = min(order, i + 1)
@@ -367,9 +390,16 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
             qc = min(order + 1, i + 2)
             nodes[i, order:order + qc] = (times[i + 1 - np.arange(qc)] - s) / h
     groups = [(0, order)] + ([(order, J)] if corrector else [])
-    if lam is not None:                                        # one node: l = 1, the weight R_t - Psi R_s itself
+    if lam is not None:
         nodes = np.concatenate([nodes, np.zeros((N, 1))], axis=1)
         groups.append((J, J + 1))
+    return nodes, groups
+
+
+def _tensors(ip, times, order, corrector, lam):
+    """The table's arrays (float64 numpy, derive's names and shapes) on the grid ``times``."""
+    J = 2 * order + 1 if corrector else order
+    nodes, groups = _lag_nodes(times, order, corrector, lam)
     psi, W = _step_weights(ip, times, nodes, groups)
     at = ip(("F", "GGT", "R", "L", "D"), times)
     L = at["L"]
@@ -383,6 +413,13 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
         tensors["corrector_weights"] = W[:, order:J]
     if lam is not None:
         tensors["eps_weights_sde"], tensors["noise_chol"] = _stochastic(psi, at["R"], W[:, J], float(lam) ** 2, ip)
+    return tensors
+
+
+def _table_basis(ip, basis):
+    """(basis name, [H, W] or []) of the table: as given, else the dense file's spec.basis if it
+    records one, else identity for P = 1 and a square dct2d otherwise; checked against P."""
+    P = ip.P
     dmeta = ip.meta.get("spec", {})
     if basis is None and isinstance(dmeta.get("basis"), dict):               # dense files that record it
         basis = (dmeta["basis"]["kind"], dmeta["basis"]["size"])
@@ -391,18 +428,7 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
         basis = ("identity", ()) if P == 1 else ("dct2d", (side, side))
         if P > 1 and side * side != P:
             raise TableError(f"{ip.path}: P = {P} coordinates: give basis=('dct2d', (H, W))")
-    kind, size = basis[0], [int(v) for v in basis[1]]
-    if (kind == "dct2d" and size[0] * size[1] != P) or (kind != "dct2d" and P != 1):
+    name, size = basis[0], [int(v) for v in basis[1]]
+    if (name == "dct2d" and size[0] * size[1] != P) or (name != "dct2d" and P != 1):
         raise TableError(f"{ip.path}: basis {basis!r} does not match the dense file's P = {P} coordinates")
-    grid_meta = ({"kind": "file", "name": "<times>", "param": None} if explicit else
-                 {"kind": _parse_grid(grid)[0], "name": grid, "param": _parse_grid(grid)[1]})
-    meta = {
-        "generated": "gddim_runtime.table_from_dense: float64 quadrature of the dense interpolants",
-        "source": ip.path, "spec": {"name": dmeta.get("name"), "sha256": dmeta.get("sha256"),
-                                    "basis": {"kind": kind, "size": size, "symbol": None},
-                                    "T": repr(ip.T), "t_min": repr(ip.t_min)},
-        "grid": grid_meta, "order": order, "nfe": N + (1 if denoise else 0), "steps": N,
-        "denoise": bool(denoise), "corrector": bool(corrector), "lam": None if lam is None else str(lam), "k": k, "P": P,
-    }
-    tensors = {name: np.ascontiguousarray(v, dtype=np.float64) for name, v in tensors.items()}
-    return from_tensors(tensors, meta, device=device, path=f"{ip.path or '<dense>'}[{meta['grid']['name']}, N={N}, q={order}]")
+    return name, size
