@@ -657,18 +657,28 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     when ``denoise``); with ``return_info`` also {"nfe": ...}. The loop never waits for the host;
     one read after it checks that every model output was finite (SamplingError naming the step).
     """
+    noise, batch, data_shape, denoise = _checked_request(
+        table, sampler, parametrization, compile, options, generator, x_T, batch, data_shape, denoise)
+    plan = _Plan(table, dtype, parametrization, batch, data_shape, model_dtype)
+    run = _Run(plan, _Evaluator(model, plan), noise, None)
+    run.u0 = _initial_state(plan, noise, x_T)
+    run.lam = lam if lam is not None else (None if table.meta.get("lam") is None else _lam(table))
+    with _Progress(plan, sampler, progress, callback) as run.notify:
+        u = _integrate(run, sampler, compile, denoise, options)
+    _raise_if_not_finite(plan)
+    out = plan.to_data(u).contiguous()
+    return (out, {"nfe": run.ev.nfe}) if return_info else out
+
+
+def _checked_request(table, sampler, parametrization, compile, options, generator, x_T, batch, data_shape, denoise):
+    """``sample``'s arguments checked once before dispatch (SamplingError saying what is wrong and
+    what to give): returns the noise source, batch, data_shape and whether to denoise."""
     if not isinstance(table, Table):
         raise SamplingError(f"expected a Table from gddim_runtime.load, got {type(table).__name__}")
     if sampler not in SAMPLERS:
         raise SamplingError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     noise = options.pop("_noise", None) or _Noise(generator)            # the distributed CLI's per-sample noise
-    valid = _sampler_options(sampler)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        named = list(inspect.signature(sample).parameters)[2:-1]
-        raise SamplingError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
-                            f"sampler {sampler!r}; sample() takes {', '.join(named)}"
-                            + (f" and {sampler}'s {', '.join(valid)}" if valid else f" ({sampler} has no options)"))
+    _check_options(sampler, options)
     if parametrization not in PARAMETRIZATIONS:
         raise SamplingError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
     if compile and (sampler != "gddim" or parametrization == "x0"):
@@ -680,6 +690,28 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
         raise SamplingError(f"{table.path}: no stochastic weights; derive with --lam L")
     if parametrization == "eps_L_v" and not table.noise_on_last_only():
         raise SamplingError("eps_L_v needs k > 1 and noise on the last state component only (as CLD)")
+    batch, data_shape = _batch_shape(table, x_T, batch, data_shape)
+    if denoise is None:
+        denoise = bool(table.meta.get("denoise", True)) and parametrization != "eps_L_v"
+    if denoise and parametrization == "eps_L_v":
+        raise SamplingError("eps_L_v cannot take the final denoising step (it needs the x half of the score); "
+                            "pass denoise=False")
+    return noise, batch, data_shape, denoise
+
+
+def _check_options(sampler, options):
+    """Refuse keyword options the sampler does not take, listing what sample() and it take."""
+    valid = _sampler_options(sampler)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        named = list(inspect.signature(sample).parameters)[2:-1]
+        raise SamplingError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
+                            f"sampler {sampler!r}; sample() takes {', '.join(named)}"
+                            + (f" and {sampler}'s {', '.join(valid)}" if valid else f" ({sampler} has no options)"))
+
+
+def _batch_shape(table, x_T, batch, data_shape):
+    """(batch, data_shape as a tuple of ints), from x_T when given; checked against the table's basis."""
     k = table.k
     if x_T is not None:
         if x_T.ndim < 3 or x_T.shape[1] != k:
@@ -688,52 +720,62 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     if batch is None or data_shape is None:
         raise SamplingError("give batch and data_shape (or x_T)")
     data_shape = tuple(int(n) for n in data_shape)
-    kind, size = table.basis
-    if kind == "dct2d" and (len(data_shape) < 2 or data_shape[-2:] != size):
+    basis_name, size = table.basis
+    if basis_name == "dct2d" and (len(data_shape) < 2 or data_shape[-2:] != size):
         raise SamplingError(f"data_shape {data_shape} does not match the table's dct2d basis: last two axes must be {size}")
-    if denoise is None:
-        denoise = bool(table.meta.get("denoise", True)) and parametrization != "eps_L_v"
-    if denoise and parametrization == "eps_L_v":
-        raise SamplingError("eps_L_v cannot take the final denoising step (it needs the x half of the score); "
-                            "pass denoise=False")
-    plan = _Plan(table, dtype, parametrization, batch, data_shape, model_dtype)
-    ev = _Evaluator(model, plan)
-    if x_T is None:
-        z = noise.fill(torch.empty((batch, k) + data_shape, device=plan.device, dtype=dtype))
-        u0 = block_apply(plan.cast(table.tensors["R"][0]), z, plan.basis)   # u_T = R_T z ~ N(0, Sigma_T)
+    return batch, data_shape
+
+
+def _initial_state(plan, noise, x_T):
+    """u_T in coefficient space: x_T as given, else R_T z for fresh standard noise z (~ N(0, Sigma_T))."""
+    if x_T is not None:
+        return plan.to_coef(x_T.to(device=plan.device, dtype=plan.dtype))
+    z = noise.fill(torch.empty((plan.batch, plan.k) + plan.data_shape, device=plan.device, dtype=plan.dtype))
+    return block_apply(plan.cast(plan.table.tensors["R"][0]), z, plan.basis)
+
+
+class _Progress:
+    """The per-step notification (``with ... as notify``): advances the progress bar and calls the
+    user's callback with {"i", "t": t_{i+1}, "u": a copy of the state}; closes the bar on exit."""
+
+    def __init__(self, plan, sampler, progress, callback):
+        self.t, self.callback = plan.t, callback
+        if progress is None:
+            progress = sys.stderr.isatty() and plan.N >= 50
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=plan.N, desc=sampler)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __call__(self, i, u):
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.callback is not None:
+            self.callback({"i": i, "t": self.t[i + 1], "u": u.clone()})
+
+
+def _integrate(run, sampler, compile, denoise, options):
+    """The sampler's loop from u_T to t_N, then the shared ending: the final denoising step."""
+    if compile:
+        mode = compile if isinstance(compile, str) else ("reduce-overhead" if run.plan.device.type == "cuda" else "default")
+        u, o = _gddim_compiled(run, mode)
     else:
-        u0 = plan.to_coef(x_T.to(device=plan.device, dtype=dtype))
-    if progress is None:
-        progress = sys.stderr.isatty() and table.steps >= 50
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=table.steps, desc=sampler)
+        u, o = SAMPLERS[sampler](run, **options)
+    return _denoise(run, u, o) if denoise else u
 
-    def notify(i, u):
-        if bar is not None:
-            bar.update(1)
-        if callback is not None:
-            callback({"i": i, "t": plan.t[i + 1], "u": u.clone()})
 
-    run = _Run(plan, ev, noise, notify)
-    run.u0, run.lam = u0, lam if lam is not None else (None if table.meta.get("lam") is None else _lam(table))
-    try:
-        if compile:
-            mode = compile if isinstance(compile, str) else ("reduce-overhead" if plan.device.type == "cuda" else "default")
-            u, o = _gddim_compiled(run, mode)
-        else:
-            u, o = SAMPLERS[sampler](run, **options)
-        if denoise:
-            u = _denoise(run, u, o)
-    finally:
-        if bar is not None:
-            bar.close()
+def _raise_if_not_finite(plan):
+    """SamplingError naming the first step whose model output was NaN/inf (one host read, after the loop)."""
     step = _first_bad(plan)
     if step >= 0:
         raise SamplingError(f"model output is not finite (NaN/inf) at step {step} (t = {float(plan.t[step]):.6g})")
-    out = plan.to_data(u).contiguous()
-    return (out, {"nfe": ev.nfe}) if return_info else out
 
 
 def _lam(table):
