@@ -1,0 +1,181 @@
+"""Measure ``--grid auto`` against every other grid and order on exact-score data (issue 12 item 4).
+
+    python -m validation.bench_auto [--setups vp cld bdm] [--nfe 5 10 20] [--out validation/results/auto.md]
+
+Data, prior noise, reference and metrics as ``validation.bench`` (its data builders: the 2-D
+rings for VP and CLD, the 4-mode image mixture for BDM in its DCT basis; exact mixture score,
+validation.exact): endpoint error = mean |x - x_ref| / sqrt(dim) against an adaptive dopri5
+probability-flow solution from the same noise (rtol = atol = 1e-8) followed by the same final
+denoising step; CFD = component Frechet distance with its two-sample noise floor. Sampler:
+deterministic gDDIM (eps form, polynomial in t), orders 1-4, NFE - 1 steps + the final
+denoising evaluation. Grids: derive's times (``derive._grids.make_grid``: auto designed for the
+table's order, uniform, quadratic, power:3, logsnr, edm); weights from the grid times by
+``gddim_runtime.table_from_dense`` (float64, within 1e-12 of derive's tables; README "Any NFE at
+run time"), so only the grid and the order differ between rows.
+"""
+
+import argparse
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import gddim_runtime as gr
+from derive import _grids
+
+from . import bench
+from .exact import DenseModel, MixtureScore, TableModel
+
+ROOT = Path(__file__).resolve().parents[1]
+NFES = (5, 10, 20)
+ORDERS = (1, 2, 3, 4)
+GRIDS = ("auto", "uniform", "quadratic", "power:3", "logsnr", "edm")
+REF_TOL = 1e-8
+# setup -> (spec, data builder, samples, dct basis size)
+SETUPS = {"vp": ("vp_linear", bench.rings, 1000, None), "cld": ("cld", bench.rings, 1000, None),
+          "bdm": ("bdm", lambda: bench.images(16), 64, (16, 16))}
+
+
+def run(setup, nfes, rows, log, grids=GRIDS, orders=ORDERS, batch=None):
+    spec_name, data_fn, n, basis_size = SETUPS[setup]
+    batch = batch or n
+    means, stds = data_fn()
+    data_shape = tuple(means.shape[1:])
+    tabs = bench.Tables(spec_name, basis_size)
+    basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
+    mix = MixtureScore(means, stds, basis=basis)
+    k = tabs.spec.k
+    start = time.perf_counter()
+    dense = tabs.dense_coeffs()
+    t_ref = tabs.table(1, order=1)
+    z = torch.randn((batch, k) + data_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    to_coef, from_coef = (gr.dct2, gr.idct2) if basis[0] == "dct2d" else ((lambda x: x),) * 2
+    x_T = from_coef(gr.block_apply(t_ref.tensors["R"][0], to_coef(z), basis))
+    ref, info = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
+                          rtol=REF_TOL, atol=REF_TOL, dtype=torch.float64, denoise=False, return_info=True)
+    ref = bench.denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch)))
+    floor = bench.component_fd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)), means, stds)[0]
+    label = "rings" if data_shape == (2,) else "images " + "x".join(map(str, data_shape))
+    log(f"{setup} ({label}, {batch} samples): reference dopri5 NFE {info['nfe']}, "
+        f"{time.perf_counter() - start:.0f} s; CFD floor {floor:.2e}")
+    dim = math.prod(data_shape)
+    for nfe in nfes:
+        for grid in grids:
+            for q in orders:
+                if nfe - 1 < 1:
+                    continue
+                t0 = time.perf_counter()
+                times = _grids.make_grid(_grids.parse_kind(grid), nfe - 1, tabs.deriv, order=q)
+                tgrid = time.perf_counter() - t0
+                tab = gr.table_from_dense(dense, order=q, grid=times, basis=basis)
+                u, inf = gr.sample(TableModel(mix, tab), tab, x_T=x_T, sampler="gddim", dtype=torch.float64,
+                                   return_info=True)
+                x = u[:, 0]
+                err = float((x - ref[:, 0]).reshape(batch, -1).norm(dim=1).mean() / math.sqrt(dim))
+                cfd = bench.component_fd(x, means, stds)[0]
+                rows.append({"setup": setup, "process": spec_name, "data": label, "nfe": nfe, "calls": inf["nfe"],
+                             "grid": grid, "order": q, "endpoint_error": err, "cfd": cfd, "cfd_floor": floor,
+                             "grid_seconds": tgrid})
+            log(f"  NFE {nfe} {grid}: " + ", ".join(f"q{r['order']} {r['endpoint_error']:.3e}/{r['cfd']:.1e}"
+                                                    for r in rows[-len(orders):]))
+
+
+def summary(rows):
+    """Per setup and NFE: auto (best order, and order 3) vs the best other grid x order, both metrics."""
+    out = ["| data (process) | NFE | metric | auto, best order | auto q3 | best other (grid, order) | "
+           "quadratic q3 (default) | auto best / best other | CFD floor |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for setup in dict.fromkeys(r["setup"] for r in rows):
+        for nfe in sorted({r["nfe"] for r in rows if r["setup"] == setup}):
+            sel = [r for r in rows if (r["setup"], r["nfe"]) == (setup, nfe)]
+            for metric, name in (("endpoint_error", "endpoint"), ("cfd", "CFD")):
+                auto = [r for r in sel if r["grid"] == "auto"]
+                other = [r for r in sel if r["grid"] != "auto"]
+                a = min(auto, key=lambda r: r[metric])
+                a3 = [r for r in auto if r["order"] == 3]
+                b = min(other, key=lambda r: r[metric])
+                d3 = [r for r in sel if (r["grid"], r["order"]) == ("quadratic", 3)]
+                cell = lambda rs: f"{rs[0][metric]:.2e}" if rs else "-"
+                out.append(f"| {sel[0]['data']} ({sel[0]['process']}) | {nfe} | {name} | {a[metric]:.2e} (q{a['order']}) | "
+                           f"{cell(a3)} | {b[metric]:.2e} ({b['grid']} q{b['order']}) | {cell(d3)} | "
+                           f"{a[metric] / b[metric]:.2f} | {sel[0]['cfd_floor']:.1e} |")
+    return "\n".join(out)
+
+
+def full_table(rows, setup):
+    sel = [r for r in rows if r["setup"] == setup]
+    nfes = sorted({r["nfe"] for r in sel})
+    out = [f"### {sel[0]['process']} ({sel[0]['data']}), endpoint error / CFD", "",
+           "| grid | order | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
+    for grid in dict.fromkeys(r["grid"] for r in sel):
+        for q in sorted({r["order"] for r in sel}):
+            cells = []
+            for n in nfes:
+                hit = [r for r in sel if (r["grid"], r["order"], r["nfe"]) == (grid, q, n)]
+                cells.append(f"{hit[0]['endpoint_error']:.2e} / {hit[0]['cfd']:.1e}" if hit else "")
+            out.append(f"| {grid} | {q} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def read_csv(paths):
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                for key in ("nfe", "calls", "order"):
+                    r[key] = int(r[key])
+                for key in ("endpoint_error", "cfd", "cfd_floor", "grid_seconds"):
+                    r[key] = float(r[key])
+                rows.append(r)
+    return rows
+
+
+def markdown(rows, command, seconds=None):
+    setups = list(dict.fromkeys(r["setup"] for r in rows))
+    batch = {s: SETUPS[s][2] for s in setups}
+    return "\n".join([
+        "# `--grid auto` vs every other grid and order (exact-score data)", "",
+        __doc__.split("\n\n", 2)[2].strip(), "",
+        f"Command: `{command}`" + (f" ({seconds:.0f} s)" if seconds else "") + "; samples per setup: "
+        + ", ".join(f"{s} {batch[s]}" for s in setups) + " (fewer than validation.bench's 4000 / 128 to keep "
+        "the run short on this shared 2-core machine; the CFD floor column is the two-sample noise at that size).", "",
+        "## auto vs the best other configuration", "",
+        "auto, best order: the best of auto's four orders; best other: the best of the 5 other grids x 4 orders "
+        "(20 configurations) for that metric; ratio < 1: auto leads.", "",
+        summary(rows), "",
+        "## Every configuration", ""] + [full_table(rows, s) + "\n" for s in setups]) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m validation.bench_auto", description=__doc__.split("\n")[0])
+    p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
+    p.add_argument("--grids", nargs="+", default=list(GRIDS))
+    p.add_argument("--batch", type=int, default=None, help="samples per setup (default: per setup, see SETUPS)")
+    p.add_argument("--csv", default=None, help="write every row to this CSV file")
+    p.add_argument("--out", default=None, help="write the markdown report here (e.g. validation/results/auto.md)")
+    p.add_argument("--from-csv", nargs="+", default=None, help="render the report from these CSV files, run nothing")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    if args.from_csv:
+        rows = read_csv(args.from_csv)
+    else:
+        rows = []
+        for setup in args.setups:
+            run(setup, args.nfe, rows, lambda *a: print(*a, flush=True), grids=args.grids, batch=args.batch)
+    seconds = None if args.from_csv else time.perf_counter() - start
+    print(summary(rows))
+    if args.csv and not args.from_csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    if args.out:
+        Path(args.out).write_text(markdown(rows, "python -m validation.bench_auto", seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
