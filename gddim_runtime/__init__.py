@@ -16,7 +16,7 @@ _LAZY = {
     "read_samples": "._distributed",
     "load": "._table", "Table": "._table", "split": "._table", "merge": "._table", "block_apply": "._table",
     "sample": "._samplers", "SAMPLERS": "._samplers", "PARAMETRIZATIONS": "._samplers",
-    "SamplingError": "._samplers", "dct2": "._dct", "idct2": "._dct",
+    "SamplingError": "._samplers", "dct2": "._dct", "idct2": "._dct", "final_denoise": "._samplers",
     "load_dense": "._dense", "DenseCoefficients": "._dense",
     "table_from_dense": "._weights", "GDDIMScheduler": ".diffusers",
     "add_noise": "._training", "training_target": "._training", "diffusion_loss": "._training", "sample_times": "._training",

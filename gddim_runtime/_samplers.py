@@ -582,17 +582,36 @@ def _sampler_options(name):
 
 def _denoise(run, u, o):
     """E[u_0 | u_{t_N}] = D^-1 (u - R eps): the final denoising step at t_min (reuses o if evaluated)."""
-    plan = run.plan
-    N = plan.N
     if o is None:
         o = torch.zeros_like(u)
-        run.ev(u, N, o)
+        run.ev(u, run.plan.N, o)
+    return _apply_denoise(run.plan, u, o)
+
+
+def _apply_denoise(plan, u, o):
+    """x0_weights applied to the state u and the slot content o at t_N (coefficient space)."""
     X0, X1 = plan.table.tensors["x0_weights"]
-    if plan.raw:
-        W_u, W_o = X0, (X1 if plan.B is None else X1 @ plan.B[N])
-    else:
-        W_u, W_o = X0, X1                                            # the slot already holds eps_R
-    return block_apply(plan.cast(W_u), u, plan.basis) + block_apply(plan.cast(W_o), o, plan.basis)
+    if plan.raw and plan.B is not None:
+        X1 = X1 @ plan.B[plan.N]                                      # the slot holds the raw model output
+    return block_apply(plan.cast(X0), u, plan.basis) + block_apply(plan.cast(X1), o, plan.basis)
+
+
+def final_denoise(table, x, out, parametrization="eps_R"):
+    """The final denoising step that ``sample`` takes, on its own: E[u_0 | u_{t_N}] = D^-1 (u - R eps_R)
+    at the table's last grid time t_N = t_min, with the table's x0_weights.
+
+    x: the state at t_N [B, k, *data] (data space, as ``sample(..., denoise=False)`` returns it);
+    out: the model's output at (x, t_N) in ``parametrization`` (not "eps_L_v": its eps has no x half).
+    Returns E[u_0 | u_{t_N}] in data space, in x's dtype.
+    """
+    if parametrization == "eps_L_v":
+        raise SamplingError("eps_L_v cannot take the final denoising step (it needs the x half of the score)")
+    plan = _Plan(table, x.dtype, parametrization, x.shape[0], x.shape[2:], None)
+    u, o = plan.to_coef(x), plan.to_coef(out.to(x.dtype))
+    if not plan.raw:                                                   # what the evaluator stores: eps_R
+        A, B = plan.cast(plan.A[plan.N]), plan.cast(plan.B[plan.N])
+        o = block_apply(A, u, plan.basis) + block_apply(B, o, plan.basis)
+    return plan.to_data(_apply_denoise(plan, u, o))
 
 
 def _first_bad(plan):

@@ -362,3 +362,38 @@ def test_compile_equals_eager():
             assert ia == ib and (a - b).abs().max() <= 1e-13 * a.abs().max(), (file, parametrization)
     with pytest.raises(gr.SamplingError, match="compile= is available for sampler 'gddim'"):
         gr.sample(model, tab, batch=3, data_shape=shape, sampler="heun", compile=True)
+
+
+@pytest.mark.parametrize("name,data_shape", [("cld", (2,)), ("bdm", (1, 32, 32))])
+def test_final_denoise_is_the_samplers_ending(name, data_shape):
+    """gr.final_denoise (the step the benchmarks apply to their references) is sample()'s ending
+    (bit for bit; with a dct2d basis up to the DCT round trip of the data-space state), and equals D^-1 (u - R eps_R) solved from the table's D and R at t_N (not from
+    x0_weights) for every parametrization that has a state estimate."""
+    tab = gr.load(_coeffs(name, f"{name}_nfe10_quadratic_q3.safetensors"))
+    T = tab.tensors
+    size = tab.basis[1]
+    means = torch.linspace(-1, 1, 2 * int(np.prod(data_shape)), dtype=torch.float64).reshape((2,) + data_shape)
+    mix = MixtureScore(means, [0.3, 0.5], basis=(tab.basis[0], tuple(size)))
+    model = TableModel(mix, tab)
+    x_T = torch.randn((5, tab.k) + data_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u = gr.sample(model, tab, x_T=x_T, dtype=torch.float64, denoise=False)
+    t_N = T["t"][-1:].expand(5)
+    whole = gr.sample(model, tab, x_T=x_T, dtype=torch.float64, denoise=True)
+    dct = tab.basis[0] == "dct2d"
+    alone = gr.final_denoise(tab, u, model(u, t_N))
+    if dct:                                            # idct then dct of u: rounding of a 32 x 32 transform pair
+        assert torch.allclose(whole, alone, rtol=0, atol=1e-13 * float(whole.abs().max()))
+    else:
+        assert torch.equal(whole, alone)
+    coef = gr.dct2(u) if dct else u
+    rhs = coef - gr.block_apply(T["R"][-1], gr.dct2(model(u, t_N)) if dct else model(u, t_N), tab.basis)
+    D = T["data_to_state"][-1]
+    flat = rhs.reshape(5, tab.k, -1).transpose(1, 2)                         # [B, coords, k]
+    Dp = D[0].expand(flat.shape[1], -1, -1) if D.shape[0] == 1 else D.reshape(-1, tab.k, tab.k)
+    expected = torch.linalg.solve(Dp, flat[..., None])[..., 0].transpose(1, 2).reshape(coef.shape)
+    expected = gr.idct2(expected) if dct else expected
+    for p in ("eps_R", "eps_L", "score", "x0"):
+        got = gr.final_denoise(tab, u, TableModel(mix, tab, p)(u, t_N), p)
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12 * float(expected.abs().max())), p
+    with pytest.raises(gr.SamplingError, match="eps_L_v"):
+        gr.final_denoise(tab, u, u[:, 1:], "eps_L_v")
