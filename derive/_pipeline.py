@@ -63,14 +63,14 @@ def decade(x):
     return "0" if x == 0 else f"<= 1e{int(np.ceil(np.log10(x) - 1e-9))}"
 
 
-def _grid_label(kind, param):
-    if kind == "power":
+def _grid_label(grid_name, param):
+    if grid_name == "power":
         return {1.0: "uniform", 2.0: "quadratic"}.get(param, f"power{param:g}")
-    if kind == "file":
+    if grid_name == "file":
         return "file-" + re.sub(r"[^a-z0-9]+", "-", Path(param).stem.lower()).strip("-")
-    if kind == "edm":
+    if grid_name == "edm":
         return f"edm{param:g}"
-    return kind
+    return grid_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +108,11 @@ class TableRequest:
                             f"must be one of {', '.join(_variants.VARIABLES)}, got {self.variable!r}")
         if self.form not in _variants.FORMS:
             raise SpecError("--form", "form", f"must be one of {', '.join(_variants.FORMS)}, got {self.form!r}")
-        kind = _grids.parse_kind(self.grid)
-        if kind[0] == "file":
-            steps = len(_grids.read_times(kind[1])) - 1
+        grid_name, grid_param = _grids.parse_kind(self.grid)
+        if grid_name == "file":
+            steps = len(_grids.read_times(grid_param)) - 1
             if steps + int(self.denoise) != nfe:
-                raise SpecError(kind[1], "grid", f"{steps} steps + {int(self.denoise)} denoise != --nfe {nfe}")
+                raise SpecError(grid_param, "grid", f"{steps} steps + {int(self.denoise)} denoise != --nfe {nfe}")
         if self.lam is not None:
             text = str(self.lam)
             lam = _number(text, "--lam", "lam")
@@ -192,9 +192,9 @@ class TableOptions:
         corrector, denoise = pick(self.corrector, d.corrector), pick(self.denoise, d.denoise)
         lams = list(pick(self.lam, d.lam)) or [None]
         nfes = list(pick(self.nfe, d.nfe))
-        kind = _grids.parse_kind(grid)
-        if kind[0] == "file" and self.nfe is None:          # the file's steps decide; one table
-            nfes = [len(_grids.read_times(kind[1])) - 1 + int(denoise)]
+        grid_name, grid_param = _grids.parse_kind(grid)
+        if grid_name == "file" and self.nfe is None:        # the file's steps decide; one table
+            nfes = [len(_grids.read_times(grid_param)) - 1 + int(denoise)]
         out = []
         for nfe in nfes:
             for lam in lams:
@@ -242,14 +242,14 @@ def _spec_meta(spec):
 
 def _table_meta(deriv, request, spec_arg, versions, verify, identities, steps):
     spec = deriv.spec
-    kind = request.grid_kind
+    grid_name, grid_param = request.grid_kind
     return {
         "generated": GENERATED,
         "command": request.command(spec_arg),
         "spec": _spec_meta(spec),
         "k": spec.k, "P": spec.basis.n_coords,
-        "grid": {"name": request.grid if kind[0] != "file" else "file", "kind": kind[0],
-                 "param": kind[1] if kind[0] != "file" else None},
+        "grid": {"name": request.grid if grid_name != "file" else "file", "kind": grid_name,
+                 "param": grid_param if grid_name != "file" else None},
         "order": request.order, "lam": request.lam,
         "corrector": request.corrector, "denoise": request.denoise, "steps": steps,
         "nfe": steps + int(request.denoise),
@@ -297,8 +297,8 @@ def _require_variant_rows(spec, request, summary, corrector):
     """A variant table passes only if the verifier checked its own tensors (validation's
     check_variant_table does; a verifier that ignores them must not let them through unchecked)."""
     keys = " | ".join(summary.get("max_rel", {}))
-    need = (["x0_psi", "x0_weights_ms"] + (["x0_corrector_weights"] if corrector else [])) if request.form == "x0" else []
-    missing = [n for n in need if f"{n} / " not in keys]
+    required = ["x0_psi", "x0_weights_ms"] + (["x0_corrector_weights"] if corrector else []) if request.form == "x0" else []
+    missing = [n for n in required if f"{n} / " not in keys]
     if request.variable != "t" and f"in {request.variable}" not in keys:
         missing.append(f"eps_weights in {request.variable}")
     if missing:

@@ -60,7 +60,7 @@ def world():
 
 def init(device):
     """Join the process group when launched by torchrun with several ranks; returns the rank's device."""
-    rank, size, local = world()
+    _, size, local = world()
     if size == 1:
         return device
     import torch.distributed as dist

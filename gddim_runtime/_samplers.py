@@ -97,19 +97,19 @@ class _Plan:
     conversions, the step's NaN flags. Built without a single host synchronisation."""
 
     def __init__(self, table, dtype, parametrization, batch, data_shape, model_dtype):
-        T = table.tensors
+        tensors = table.tensors
         self.table, self.dtype, self.basis, self.parametrization = table, dtype, table.basis, parametrization
         self.batch, self.data_shape, self.model_dtype = batch, tuple(data_shape), model_dtype
         self.N, self.q, self.k, self.P = table.steps, table.order, table.k, table.P
         self.k_out = 1 if parametrization == "eps_L_v" else self.k
         self.dct = self.basis[0] == "dct2d"
-        self.t = T["t"]
+        self.t = tensors["t"]
         self.device = self.t.device
         t_model = self.t.to(model_dtype or dtype).unsqueeze(1).expand(self.N + 1, batch)
         self.t_model = t_model.unbind(0)                                       # views, one per grid time
         self.ok = torch.ones(self.N + 1, dtype=torch.bool, device=self.device)
         self.ok_at = self.ok.unbind(0)
-        A, B = _conversion(parametrization, T["R"], T["L"], T["data_to_state"])
+        A, B = _conversion(parametrization, tensors["R"], tensors["L"], tensors["data_to_state"])
         self.A = A                                                            # float64 [N+1, P, k, k] or None
         self.B = _pad(B, self.k)
         # raw slots hold the model output itself (converted into each weight); with A (x0) they hold eps_R
@@ -253,8 +253,8 @@ class _Noise:
 class _Run:
     """One call's state: plan, evaluator, slot buffer, noise, and the per-step notification."""
 
-    def __init__(self, plan, ev, noise, notify):
-        self.plan, self.ev, self.noise, self.notify = plan, ev, noise, notify
+    def __init__(self, plan, evaluate, noise, notify):
+        self.plan, self.evaluate, self.noise, self.notify = plan, evaluate, noise, notify
         self.buf = None
         self.z = None
 
@@ -301,7 +301,7 @@ def _alternating(N, n_slots):
 
 def _two_slot_step(run, M_u, M_o, noise=None):
     """Shared loop for u_{i+1} = M_u[i] u_i + M_o[i] o_i (+ noise[i] z): slots [u_a, o, u_b]."""
-    plan, ev = run.plan, run.ev
+    plan, evaluate = run.plan, run.evaluate
     N = plan.N
     slots = run.slots
     cur, nxt = _alternating(N, 3)
@@ -311,7 +311,7 @@ def _two_slot_step(run, M_u, M_o, noise=None):
     lin = _Lin(W, run, [0 if i % 2 == 0 else 1 for i in range(N)], nxt)
     add_noise = run.noise_op(noise, nxt) if noise is not None else None
     for i in range(N):
-        ev(slots[cur[i]], i, slots[1])
+        evaluate(slots[cur[i]], i, slots[1])
         lin(i)
         if add_noise is not None:
             run.draw()
@@ -323,8 +323,8 @@ def _two_slot_step(run, M_u, M_o, noise=None):
 def _multistep(run, corrector):
     """Exponential multistep (Adams-Bashforth in t) on the probability flow, optional Adams-Moulton
     corrector whose evaluation at the predicted point is the next step's history (no extra NFE)."""
-    plan, ev = run.plan, run.ev
-    T = plan.table.tensors
+    plan, evaluate = run.plan, run.evaluate
+    tensors = plan.table.tensors
     N, q, P, k = plan.N, plan.q, plan.P, plan.k
     S = q + 1 if corrector else q                                   # ring of model outputs
     n_slots = S + 2
@@ -344,19 +344,19 @@ def _multistep(run, corrector):
         col = 1 + idx % S - first[:, None]
         W = torch.zeros((N, S + 1, P, k, k), dtype=torch.float64, device=dev)
         W[i_[:, None].expand(N, n_lags), col] = Cf
-        W[i_, first * S] = T["psi"]
+        W[i_, first * S] = tensors["psi"]
         return W
 
     firsts = [i % 2 for i in range(N)]
-    pred = _Lin(weights(T["eps_weights"], 0), run, firsts, nxt)
-    corr = _Lin(weights(T["corrector_weights"], 1), run, firsts, nxt) if corrector else None
+    pred = _Lin(weights(tensors["eps_weights"], 0), run, firsts, nxt)
+    corr = _Lin(weights(tensors["corrector_weights"], 1), run, firsts, nxt) if corrector else None
     ring = [1 + m % S for m in range(N + 1)]
     for i in range(N):
         if not (corrector and i > 0):
-            ev(slots[cur[i]], i, slots[ring[i]])
+            evaluate(slots[cur[i]], i, slots[ring[i]])
         pred(i)
         if corrector:
-            ev(slots[nxt[i]], i + 1, slots[ring[i + 1]])
+            evaluate(slots[nxt[i]], i + 1, slots[ring[i + 1]])
             corr(i)
         run.notify(i, slots[nxt[i]])
     return slots[cur[N]], (slots[ring[N]] if corrector else None)
@@ -377,19 +377,20 @@ def gddim_pc(run):
 def gddim_sde(run):
     """Stochastic gDDIM (order 1, lam from the table): u' = Psi u + (PsiHat - Psi) R eps + chol(P) z."""
     plan = run.plan
-    T = plan.table.tensors
+    tensors = plan.table.tensors
     run.allocate(3, run.u0)
     steps = torch.arange(plan.N, device=plan.device)
-    return _two_slot_step(run, T["psi"], plan.fold(T["eps_weights_sde"], steps), noise=T["noise_chol"])
+    return _two_slot_step(run, tensors["psi"], plan.fold(tensors["eps_weights_sde"], steps), noise=tensors["noise_chol"])
 
 
 def _drift(plan, c):
     """Probability-flow drift F u - c G G^T s as (on u, on the slot content): the score conversion
     and G G^T fused into one matrix per grid time (float64)."""
-    T = plan.table.tensors
-    Sx, So = _score_conversion(plan.parametrization if plan.raw else "eps_R", T["R"], T["L"], T["data_to_state"])
-    GGT = T["GGT"]
-    D_u = T["F"] if Sx is None else T["F"] - c * GGT @ Sx
+    tensors = plan.table.tensors
+    Sx, So = _score_conversion(plan.parametrization if plan.raw else "eps_R", tensors["R"], tensors["L"],
+                               tensors["data_to_state"])
+    GGT = tensors["GGT"]
+    D_u = tensors["F"] if Sx is None else tensors["F"] - c * GGT @ Sx
     return D_u, -c * GGT @ _pad(So, plan.k)
 
 
@@ -408,7 +409,7 @@ def euler_maruyama(run):
 
 def heun(run):
     """Heun's 2nd-order method in t on the probability flow du/dt = F u - 1/2 G G^T s (Euler last step)."""
-    plan, ev = run.plan, run.ev
+    plan, evaluate = run.plan, run.evaluate
     N, k = plan.N, plan.k
     t = plan.t
     dt = (t[1:] - t[:-1])[:, None, None, None]
@@ -429,10 +430,10 @@ def heun(run):
     W_f = torch.stack([torch.stack(cols if i % 2 == 0 else cols[::-1])[:, i] for i in range(N)])
     final = _Lin(W_f, run, [0 if i % 2 == 0 else 1 for i in range(N)], nxt)
     for i in range(N):
-        ev(slots[cur[i]], i, slots[o1[i]])
+        evaluate(slots[cur[i]], i, slots[o1[i]])
         to_ue(i)
         if i < last:
-            ev(slots[2], i + 1, slots[o2[i]])
+            evaluate(slots[2], i + 1, slots[o2[i]])
             final(i)
         run.notify(i, slots[nxt[i]])
     return slots[cur[N]], None
@@ -445,8 +446,8 @@ def ancestral(run):
     plan = run.plan
     if plan.k != 1:
         raise SamplingError("ancestral sampling is defined for scalar / diagonal families (k = 1)")
-    T = plan.table.tensors
-    psi, S, D, R = T["psi"], T["sigma"], T["data_to_state"], T["R"]
+    tensors = plan.table.tensors
+    psi, S, D, R = tensors["psi"], tensors["sigma"], tensors["data_to_state"], tensors["R"]
     a = 1 / psi                                                           # Psi(s, t) for s = t_i > t = t_{i+1}
     var_st = S[:-1] - a ** 2 * S[1:]                                      # Var[u_s | u_t]
     post_var = 1 / (1 / S[1:] + a ** 2 / var_st)
@@ -469,9 +470,9 @@ def probability_flow_rk45(run, *, dense=None, rtol=1e-5, atol=1e-5):
     if dense is None:
         raise SamplingError("probability_flow_rk45 needs dense=gddim_runtime.load_dense(<name>_dense.safetensors)")
     from torchdiffeq import odeint
-    plan, ev = run.plan, run.ev
+    plan, evaluate = run.plan, run.evaluate
     lo, hi = plan.t[-1], plan.t[0]
-    basis, k = plan.basis, plan.k
+    basis = plan.basis
 
     def flow(t, x):
         t = torch.minimum(torch.maximum(t.to(lo.dtype), lo), hi)   # dopri5's first-step probe may leave [t_min, T]
@@ -479,7 +480,7 @@ def probability_flow_rk45(run, *, dense=None, rtol=1e-5, atol=1e-5):
         Sx, So = _score_conversion(plan.parametrization, c["R"], c["L"], c["D"])
         D_u = c["F"] if Sx is None else c["F"] - 0.5 * c["GGT"] @ Sx
         D_o = -0.5 * c["GGT"] @ So
-        out = ev.output(x, t.to(plan.model_dtype or plan.dtype).expand(plan.batch), lambda: f"t = {float(t):.6g}")
+        out = evaluate.output(x, t.to(plan.model_dtype or plan.dtype).expand(plan.batch), lambda: f"t = {float(t):.6g}")
         o = plan.to_coef(out.to(plan.dtype))
         return block_apply(plan.cast(D_u), x, basis) + block_apply(plan.cast(D_o), o, basis)
 
@@ -504,7 +505,6 @@ def _compiled_step(model, plan, mode):
         return hit[1]
     dct, P, k, k_out, dtype, md = plan.dct, plan.P, plan.k, plan.k_out, plan.dtype, plan.model_dtype
     expected = (plan.batch, k_out) + plan.data_shape
-    n_data = len(plan.data_shape)
     H, Wd = plan.basis[1] if dct else (1, 1)
 
     def step(u, hist, W, t):
@@ -539,18 +539,18 @@ def _compiled_step(model, plan, mode):
 
 def _gddim_compiled(run, mode):
     """gDDIM (predictor) through the compiled step; the same arithmetic as ``gddim`` up to rounding."""
-    plan, ev = run.plan, run.ev
-    T = plan.table.tensors
-    N, q, P, k = plan.N, plan.q, plan.P, plan.k
+    plan, evaluate = run.plan, run.evaluate
+    tensors = plan.table.tensors
+    N, q = plan.N, plan.q
     dev = plan.device
     i_ = torch.arange(N, device=dev)
     j_ = torch.arange(q, device=dev)
     idx = i_[:, None] - j_[None, :]
     valid = (idx >= 0).to(torch.float64)[..., None, None, None]
-    C = plan.fold(T["eps_weights"], idx.clamp_min(0)) * valid              # [N, q, P, k, k] in lag order
-    W = plan.cast(torch.cat([T["psi"][:, None], C], 1))                   # [N, q+1, P, k, k]: psi, lag 0..q-1
+    C = plan.fold(tensors["eps_weights"], idx.clamp_min(0)) * valid              # [N, q, P, k, k] in lag order
+    W = plan.cast(torch.cat([tensors["psi"][:, None], C], 1))                   # [N, q+1, P, k, k]: psi, lag 0..q-1
     Ws = [W[i] for i in range(N)]
-    step = _compiled_step(ev.model, plan, mode)
+    step = _compiled_step(evaluate.model, plan, mode)
     cudagraphs = mode == "reduce-overhead" and plan.device.type == "cuda"
     u = run.u0.contiguous()
     zero = torch.zeros_like(u)
@@ -559,7 +559,7 @@ def _gddim_compiled(run, mode):
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         u, o, finite = step(u, hist, Ws[i], plan.t_model[i])
-        ev.nfe += 1
+        evaluate.nfe += 1
         plan.ok_at[i].logical_and_(finite)
         if cudagraphs:                                                     # the next replay reuses output memory
             u, o = u.clone(), o.clone()
@@ -584,7 +584,7 @@ def _denoise(run, u, o):
     """E[u_0 | u_{t_N}] = D^-1 (u - R eps): the final denoising step at t_min (reuses o if evaluated)."""
     if o is None:
         o = torch.zeros_like(u)
-        run.ev(u, run.plan.N, o)
+        run.evaluate(u, run.plan.N, o)
     return _apply_denoise(run.plan, u, o)
 
 
@@ -686,7 +686,7 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
         u = _integrate(run, sampler, compile, denoise, options)
     _raise_if_not_finite(plan)
     out = plan.to_data(u).contiguous()
-    return (out, {"nfe": run.ev.nfe}) if return_info else out
+    return (out, {"nfe": run.evaluate.nfe}) if return_info else out
 
 
 def _checked_request(table, sampler, parametrization, compile, options, generator, x_T, batch, data_shape, denoise):

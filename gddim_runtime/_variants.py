@@ -31,16 +31,17 @@ def x0_conversion(plan):
     """(Cu, Co) float64 [N+1, P, k, k]: x0hat_i = Cu[i] u_i + Co[i] (slot content at i).
 
     Cu = D^-1, Co = -D^-1 R folded into whatever the evaluator stores (raw output or eps_R)."""
-    T = plan.table.tensors
-    D = T["data_to_state"]
+    tensors = plan.table.tensors
+    D = tensors["data_to_state"]
     Dinv = torch.linalg.inv_ex(D, check_errors=False).inverse
     idx = torch.arange(D.shape[0], device=D.device)
-    return Dinv, plan.fold(-(Dinv @ T["R"]), idx)
+    return Dinv, plan.fold(-(Dinv @ tensors["R"]), idx)
 
 
-def _need(plan, names, option):
-    T = plan.table.tensors
-    if any(n not in T for n in names):
+def _require_weights(plan, names, option):
+    """SamplingError unless the table holds ``names`` (the data-prediction weights derive's ``option`` writes)."""
+    tensors = plan.table.tensors
+    if any(n not in tensors for n in names):
         from ._samplers import SamplingError
         raise SamplingError(f"{plan.table.path}: no data-prediction {'corrector ' if 'corr' in option else ''}"
                             f"weights; derive with {option}")
@@ -56,19 +57,19 @@ def _lin(M, parts, basis):
 
 def gddim_x0(run):
     """Deterministic data-prediction multistep (exponential integrator in R_t R_s^-1, x0 extrapolated)."""
-    plan, ev = run.plan, run.ev
-    T = plan.table.tensors
-    _need(plan, ("x0_weights_ms", "x0_psi"), "--form x0")
+    plan, evaluate = run.plan, run.evaluate
+    tensors = plan.table.tensors
+    _require_weights(plan, ("x0_weights_ms", "x0_psi"), "--form x0")
     N = plan.N
-    q = T["x0_weights_ms"].shape[1]
+    q = tensors["x0_weights_ms"].shape[1]
     basis = plan.basis
     slots = run.allocate(q + 2, run.u0)          # 0: state, 1: model output, 2..q+1: ring of x0hat
     Cu, Co = (plan.cast(c) for c in x0_conversion(plan))
-    psi, X = plan.cast(T["x0_psi"]), plan.cast(T["x0_weights_ms"])
+    psi, X = plan.cast(tensors["x0_psi"]), plan.cast(tensors["x0_weights_ms"])
     u, out = slots[0], slots[1]
     ring = [slots[2 + m % q] for m in range(N)]
     for i in range(N):
-        ev(u, i, out)
+        evaluate(u, i, out)
         ring[i].copy_(block_apply(Cu[i], u, basis)).add_(block_apply(Co[i], out, basis))
         new = block_apply(psi[i], u, basis)
         for j in range(min(q, i + 1)):
@@ -80,24 +81,24 @@ def gddim_x0(run):
 
 def gddim_x0_pc(run):
     """Data-prediction predictor-corrector (UniC-style: the corrector reuses the next step's model call)."""
-    plan, ev = run.plan, run.ev
-    T = plan.table.tensors
-    _need(plan, ("x0_weights_ms", "x0_psi", "x0_corrector_weights"), "--form x0 --corrector")
+    plan, evaluate = run.plan, run.evaluate
+    tensors = plan.table.tensors
+    _require_weights(plan, ("x0_weights_ms", "x0_psi", "x0_corrector_weights"), "--form x0 --corrector")
     N = plan.N
-    q = T["x0_weights_ms"].shape[1]
+    q = tensors["x0_weights_ms"].shape[1]
     S = q + 1                                     # ring: the corrector reaches one lag further
     basis = plan.basis
     slots = run.allocate(S + 3, run.u0)           # 0: state, 1: model output, 2: predicted state, 3..: ring
     Cu, Co = (plan.cast(c) for c in x0_conversion(plan))
-    psi, X, Xc = (plan.cast(T[n]) for n in ("x0_psi", "x0_weights_ms", "x0_corrector_weights"))
+    psi, X, Xc = (plan.cast(tensors[n]) for n in ("x0_psi", "x0_weights_ms", "x0_corrector_weights"))
     u, out, pred = slots[0], slots[1], slots[2]
     ring = [slots[3 + m % S] for m in range(N + 1)]
-    ev(u, 0, out)
+    evaluate(u, 0, out)
     ring[0].copy_(block_apply(Cu[0], u, basis)).add_(block_apply(Co[0], out, basis))
     for i in range(N):
         qi = min(q, i + 1)
         pred.copy_(_lin([psi[i]] + [X[i, j] for j in range(qi)], [u] + [ring[i - j] for j in range(qi)], basis))
-        ev(pred, i + 1, out)
+        evaluate(pred, i + 1, out)
         ring[i + 1].copy_(block_apply(Cu[i + 1], pred, basis)).add_(block_apply(Co[i + 1], out, basis))
         if i < N - 1:
             qc = min(q + 1, i + 2)

@@ -26,7 +26,6 @@ import decimal
 import math
 
 import numpy as np
-import torch
 
 from ._format import TableError
 
@@ -156,9 +155,9 @@ def _log_rho(ip, t):
 
 def make_times(ip, grid, steps):
     """Float64 grid [steps + 1], decreasing from T to t_min, as derive/_grids.py defines it."""
-    kind, param = _parse_grid(grid)
+    grid_name, param = _parse_grid(grid)
     T, t_min = ip.T, ip.t_min
-    if kind == "times":
+    if grid_name == "times":
         times = [float(v) for v in (grid.tolist() if hasattr(grid, "tolist") else grid)]
         if len(times) < 2 or any(not math.isfinite(v) for v in times):
             raise TableError("grid: needs at least two finite times")
@@ -168,7 +167,7 @@ def make_times(ip, grid, steps):
             raise TableError(f"grid: times must lie in the dense file's [t_min, T] = [{t_min!r}, {T!r}]")
         return np.array(times)
     i = np.arange(steps + 1) / steps
-    if kind == "power":                                        # at 40 digits, rounded once (as derive's)
+    if grid_name == "power":                                        # at 40 digits, rounded once (as derive's)
         with decimal.localcontext(decimal.Context(prec=40)):
             kappa = decimal.Decimal(param)
             a, b = (decimal.Decimal(v) ** (1 / kappa) for v in (T, t_min))
@@ -176,8 +175,8 @@ def make_times(ip, grid, steps):
     else:
         lo, hi = _log_rho(ip, np.array([t_min, T]))
         if not lo < hi:
-            raise TableError(f"grid: {kind} grid needs a noise-to-signal ratio increasing in t")
-        if kind == "logsnr":
+            raise TableError(f"grid: {grid_name} grid needs a noise-to-signal ratio increasing in t")
+        if grid_name == "logsnr":
             targets = hi + (lo - hi) * i
         else:
             a, b = np.exp(hi / param), np.exp(lo / param)
@@ -189,7 +188,7 @@ def make_times(ip, grid, steps):
             lo_t, hi_t = np.where(below, mid, lo_t), np.where(below, hi_t, mid)
         times = np.concatenate([[T], (lo_t + hi_t) / 2, [t_min]])
         if np.any(np.diff(_log_rho(ip, times)) >= 0):
-            raise TableError(f"grid: {kind} grid: the noise-to-signal ratio is not monotone in t")
+            raise TableError(f"grid: {grid_name} grid: the noise-to-signal ratio is not monotone in t")
     times[0], times[-1] = T, t_min
     if np.any(np.diff(times) >= 0):
         raise TableError("grid: repeated times (too many steps for this interval)")

@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 import gddim_runtime as gr
-from gddim_runtime._samplers import _Plan
 from gddim_runtime._table import block_apply
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,14 +55,14 @@ class _Bare:
     operations as the runtime's, no plan, evaluator, callbacks, checks of shapes or options."""
 
     def __init__(self, table, batch, dtype=torch.float32):
-        T = table.tensors
+        tensors = table.tensors
         self.N, self.q, self.k, self.P = table.steps, table.order, table.k, table.P
         self.dct = table.basis[0] == "dct2d"
         self.basis = table.basis
         N, q, k = self.N, self.q, self.k
         S = q
         self.S = S
-        self.t = [T["t"][i].to(dtype).expand(batch) for i in range(N + 1)]
+        self.t = [tensors["t"][i].to(dtype).expand(batch) for i in range(N + 1)]
         self.ring = [1 + m % S for m in range(N + 1)]
         self.cur = [0 if i % 2 == 0 else S + 1 for i in range(N + 1)]
         # fused weights per step, columns in slot order of the step's run (built by plain loops)
@@ -71,11 +70,11 @@ class _Bare:
         for i in range(N):
             first = i % 2
             cols = [None] * (S + 1)
-            cols[self.cur[i] - first] = T["psi"][i]
+            cols[self.cur[i] - first] = tensors["psi"][i]
             for j in range(q):
                 if i - j >= 0:
-                    cols[self.ring[i - j] - first] = T["eps_weights"][i, j]
-            cols = [torch.zeros_like(T["psi"][i]) if c is None else c for c in cols]
+                    cols[self.ring[i - j] - first] = tensors["eps_weights"][i, j]
+            cols = [torch.zeros_like(tensors["psi"][i]) if c is None else c for c in cols]
             W = torch.stack(cols).to(dtype)                                # [S+1, P, k, k]
             if self.P == 1 and k > 1:
                 self.W.append(W[:, 0].permute(1, 0, 2).reshape(k, (S + 1) * k).expand(batch, k, (S + 1) * k))
@@ -83,7 +82,7 @@ class _Bare:
                 self.W.append(list(W[:, :, 0, 0].reshape((S + 1,) + table.basis[1])))
             else:
                 self.W.append(list(W[:, 0, 0, 0]))
-        self.x0w = T["x0_weights"].to(dtype)
+        self.x0w = tensors["x0_weights"].to(dtype)
         self.batch, self.dtype = batch, dtype
 
     def __call__(self, model, x_T):

@@ -146,7 +146,7 @@ def identities(report, tensors, meta):
     """Checks that need nothing but the table."""
     psi, R, S, L, W = (tensors[n] for n in ("psi", "R", "sigma", "L", "eps_weights"))
     N, q = W.shape[0], W.shape[1]
-    T = lambda A: np.swapaxes(A, -1, -2)
+    transpose = lambda A: np.swapaxes(A, -1, -2)
     # per coordinate, relative to the terms summed: R_t and Psi R_s (a huge Psi at one frequency
     # must not hide the others, an exactly zero difference must not divide by itself)
     errs = []
@@ -157,9 +157,9 @@ def identities(report, tensors, meta):
     report.add("sum_j eps_weights", errs, "identity R_t - Psi R_s", TOL_IDENTITY)
     unused = [(i, float(np.max(np.abs(W[i, min(q, i + 1):]))) if min(q, i + 1) < q else 0.0, 0.0) for i in range(N)]
     report.add("unused lags == 0", unused, "identity (exact zeros)", 0.0)
-    report.add("R R^T vs sigma", [(i, *_err_coords(R[i] @ T(R[i]), S[i], _amax(R[i]) ** 2)) for i in range(len(R))],
+    report.add("R R^T vs sigma", [(i, *_err_coords(R[i] @ transpose(R[i]), S[i], _amax(R[i]) ** 2)) for i in range(len(R))],
                "identity R R^T = Sigma", TOL_IDENTITY)
-    report.add("L L^T vs sigma", [(i, *_err_coords(L[i] @ T(L[i]), S[i], _amax(L[i]) ** 2)) for i in range(len(L))],
+    report.add("L L^T vs sigma", [(i, *_err_coords(L[i] @ transpose(L[i]), S[i], _amax(L[i]) ** 2)) for i in range(len(L))],
                "identity L L^T = Sigma", TOL_IDENTITY)
     upper = [(i, float(np.max(np.abs(np.triu(L[i], 1)))), 0.0) for i in range(len(L))]
     report.add("L lower triangular", upper, "identity (exact zeros)", 0.0)
@@ -219,20 +219,17 @@ def check_table(spec, tensors, meta, level="fast", n_coords=None, budget_s=None)
         report.add("spec hash", [(0, float("inf"), float("inf"))], "table built from another spec", 0.0)
         return report
     identities(report, tensors, meta)
-    t = tensors["t"]
-    N = len(t) - 1
-    q = meta["order"]
     P = tensors["psi"].shape[1]
     coords = pick_coords(P, n_coords or (2 if level == "fast" else 6))
     report.coords = coords
     budget = Budget(BUDGET_S[level] if budget_s is None else budget_s)
     try:
         for p in coords:
-            lam = _coord_value(spec, p)
+            coord_value = _coord_value(spec, p)             # the basis symbol's value (dct2d: frequency)
             if level == "fast":
-                _fast(report, spec, tensors, meta, p, lam, budget)
+                _fast(report, spec, tensors, meta, p, coord_value, budget)
             else:
-                _full(report, spec, tensors, meta, p, lam, budget)
+                _full(report, spec, tensors, meta, p, coord_value, budget)
     except OutOfTime as exc:
         report.add("time budget", [(0, float("inf"), float("inf"))],
                    f"ran out of {budget.seconds:g} s at {exc}", 0.0)
@@ -240,12 +237,12 @@ def check_table(spec, tensors, meta, level="fast", n_coords=None, budget_s=None)
     return report
 
 
-def _fast(report, spec, tensors, meta, p, lam, budget):
+def _fast(report, spec, tensors, meta, p, coord_value, budget):
     t = tensors["t"]
     N = len(t) - 1
     q = meta["order"]
     budget.at("reference ODEs", p)
-    ref = ScipyReference(spec, t, lam, tick=budget.tick)
+    ref = ScipyReference(spec, t, coord_value, tick=budget.tick)
     how = "scipy solve_ivp float64"
     errs = []
     for i in range(N):
@@ -263,14 +260,14 @@ def _fast(report, spec, tensors, meta, p, lam, budget):
     report.add("eps_weights", errs, "scipy quad_vec float64", TOL_FAST)
 
 
-def _full(report, spec, tensors, meta, p, lam, budget):
+def _full(report, spec, tensors, meta, p, coord_value, budget):
     t = tensors["t"]
     N = len(t) - 1
     q = meta["order"]
     how = f"mpmath odefun/GL, {DPS} digits"
     with mpmath.workdps(DPS):
         budget.at("reference ODEs", p)
-        ref = MpReference(spec, lam, tick=budget.tick)
+        ref = MpReference(spec, coord_value, tick=budget.tick)
         tm = [mpmath.mpf(float(v)) for v in t]
         Rs, Ss = [], []
         for i, x in enumerate(tm):
