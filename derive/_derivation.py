@@ -207,46 +207,67 @@ class Derivation:
         if F.is_zero_matrix:
             self.psi_expr, self.psi_kind, self._psi_mode = sp.eye(k), CLOSED, "identity"
             return
-        # F = f(t) A with A constant in t; f free of the basis symbol (else A = F / f divides by
-        # it and Psi is 0 * inf where the frequency vanishes)
-        f = next(e for e in F if not e.is_zero)
-        if spec.basis.symbol is not None and f.has(spec.basis.symbol):
-            f = f.as_independent(t, as_Add=False)[1]
-        A = F.applyfunc(lambda e: sp.cancel(e / f))
-        if not A.has(t):
-            I = _antiderivative(f)
-            E = _try_sympy(lambda: _real_expm(A)) if k > 1 else sp.Matrix([[sp.exp(A[0, 0] * B)]])
-            compiled = None
-            if I is not None and E is not None and not any(e.has(sp.I) for e in E):
-                try:
-                    compiled = _hp.compile_expr(I), _hp.compile_matrix(E)
-                except _hp.Unsupported:            # a function MPFR cannot evaluate: go numerical
-                    compiled = None
-            if compiled is not None:
-                self._I, self._E = compiled
-                self.psi_expr = E.subs(B, I - I.subs(t, s))
-                self.psi_kind, self._psi_mode = CLOSED, "expm"
-                self.psi_structure = (f, A, I, E)
-                if self._finite(lambda tt: self.psi(tt, tt * 0)):
-                    return
-                self.psi_expr = None
-        if F.is_diagonal():
-            Is = [_antiderivative(F[i, i]) for i in range(k)]
-            try:
-                diag = _hp.compile_matrix(sp.diag(*Is)) if all(I is not None for I in Is) else None
-            except _hp.Unsupported:
-                diag = None
-            if diag is not None:
-                E = sp.diag(*[sp.exp(I - I.subs(t, s)) for I in Is])
-                self._Ediag = diag
-                self.psi_expr = E
-                self.psi_kind, self._psi_mode = CLOSED, "diagonal"
-                if self._finite(lambda tt: self.psi(tt, tt * 0)):
-                    return
-                self.psi_expr = None
+        self._linear = _drift_factor(spec)             # (f, A, I) when F = f(t) A, else None
+        if self._linear is not None and self._psi_expm_closed():
+            return
+        if F.is_diagonal() and self._psi_diagonal():
+            return
+        if self._linear is not None and self._psi_expm_numeric():
+            return
         self.psi_kind, self._psi_mode = NUMERICAL, "ode"
         self.notes.append("Psi: no closed form found; dPhi/dt = F Phi integrated at high precision, "
                           "Psi(t,s) = Phi(t) Phi(s)^-1.")
+
+    def _psi_expm_closed(self):
+        """Psi = exp(A (I(t) - I(s))) with sympy's matrix exponential (when it has a real form)."""
+        f, A, I, _ = self._linear
+        if self.k > 1 and not _eigenvalues_closed(A):
+            return False      # roots of a cubic or worse: no usable closed form, skip sympy's exp
+        if self.k == 1:
+            E = sp.Matrix([[sp.exp(A[0, 0] * B)]])
+        else:
+            E = _expm_2x2(A) if self.k == 2 else None
+            E = E if E is not None else _try_sympy(lambda: _real_expm(A))
+        if E is None or any(e.has(sp.I) for e in E):
+            return False
+        try:
+            self._E = _hp.compile_matrix(E)
+        except _hp.Unsupported:                    # a function MPFR cannot evaluate: go numerical
+            return False
+        self.psi_expr = E.subs(B, I - I.subs(t, s))
+        self.psi_kind, self._psi_mode = CLOSED, "expm"
+        if self._finite(lambda tt: self.psi(tt, tt * 0)):
+            return True
+        self.psi_expr = None
+        return False
+
+    def _psi_diagonal(self):
+        spec, k = self.spec, self.k
+        Is = [_antiderivative(spec.F[i, i]) for i in range(k)]
+        try:
+            diag = _hp.compile_matrix(sp.diag(*Is)) if all(I is not None for I in Is) else None
+        except _hp.Unsupported:
+            diag = None
+        if diag is None:
+            return False
+        self._Ediag = diag
+        self.psi_expr = sp.diag(*[sp.exp(I - I.subs(t, s)) for I in Is])
+        self.psi_kind, self._psi_mode = CLOSED, "diagonal"
+        if self._finite(lambda tt: self.psi(tt, tt * 0)):
+            return True
+        self.psi_expr = None
+        return False
+
+    def _psi_expm_numeric(self):
+        """Psi = expm(A (I(t) - I(s))) evaluated numerically at high precision (no ODE)."""
+        self._A = _hp.compile_matrix(self._linear[1])(self._env(_hp.zeros((1,))), (1, self.Pu))[0]
+        self.psi_kind, self._psi_mode = NUMERICAL, "expm numeric"
+        if not self._finite(lambda tt: self.psi(tt, tt * 0)):
+            return False
+        self.notes.append("Psi: F = f(t) A with A constant and no closed-form exponential; "
+                          "Psi(t,s) = expm(A (I(t) - I(s))), I = int f, evaluated at high precision "
+                          "(scaling and squaring).")
+        return True
 
     def psi(self, tt, ss, coords=None):
         """Psi(t, s) [M, Pu, k, k] for paired arrays tt, ss (coords: subset of the Pu axis)."""
@@ -259,10 +280,13 @@ class Derivation:
             return (m_t / m_s)[..., None, None]
         if mode == "identity":
             return _hp.eye(self.k, shape)
-        if mode == "expm":
-            Bv = self._I(self._env(tt, coords)) - self._I(self._env(ss, coords))
-            Bv = np.broadcast_to(Bv, shape)
-            return self._E(self._env(tt, coords, extra={B.name: Bv}), shape)
+        if mode in ("expm", "expm numeric"):
+            I = self._linear[3]
+            Bv = np.broadcast_to(I(self._env(tt, coords)) - I(self._env(ss, coords)), shape)
+            if mode == "expm":
+                return self._E(self._env(tt, coords, extra={B.name: Bv}), shape)
+            A = _select(self._A[None], coords)
+            return _hp.expm(A * Bv[..., None, None])
         if mode == "diagonal":
             D = self._Ediag(self._env(tt, coords), shape) - self._Ediag(self._env(ss, coords), shape)
             out = _hp.zeros(shape + (self.k, self.k))
@@ -281,27 +305,79 @@ class Derivation:
 
     # ----- Sigma ---------------------------------------------------------------------------
     def _derive_sigma(self):
-        spec, k = self.spec, self.k
-        self.sigma_expr = None
+        spec = self.spec
+        self.sigma_expr, self._sigma_mode = None, "closed"
         if spec.form == "marginal":
             self.sigma_expr = sp.Matrix([[spec.std ** 2]])
         elif self.psi_kind == CLOSED and self._psi_mode in ("expm", "identity", "diagonal"):
-            self.sigma_expr = _try_sympy(self._sigma_closed_form)
+            # sympy integrates polynomials times exponentials with rational rates quickly; with
+            # square roots in the rates it may take minutes, so the algebraic identity goes first
+            routes = [self._sigma_closed_form, self._sigma_lyapunov_closed]
+            if self._psi_mode == "expm" and not _eigenvalues_closed(self._linear[1], rational=True):
+                routes.reverse()
+            for route in routes:
+                self.sigma_expr = _try_sympy(route)
+                if self.sigma_expr is not None:
+                    break
         if self.sigma_expr is not None:
             try:
                 self._sigma = _hp.compile_matrix(self.sigma_expr)
             except _hp.Unsupported:                # e.g. a special function sympy chose
                 self.sigma_expr = None
-        if self.sigma_expr is not None:
+        if self.sigma_expr is not None and self._finite(self.sigma):
             self.sigma_kind = CLOSED
-            if not self._finite(self.sigma):
-                self.sigma_expr = None
-        if self.sigma_expr is not None:
-            self.sigma_kind = CLOSED
-        else:
-            self.sigma_kind = NUMERICAL
-            self.notes.append("Sigma: no closed form found; Lyapunov ODE dSigma/dt = F Sigma + Sigma F^T "
-                              "+ G G^T integrated at high precision.")
+            return
+        self.sigma_expr, self.sigma_kind = None, NUMERICAL
+        if self._sigma_lyapunov_numeric():
+            self.notes.append("Sigma: G G^T = f(t) B with F = f(t) A; Sigma = Psi(t,0) Sigma_0 Psi(t,0)^T "
+                              "+ X with A X + X A^T = Psi(t,0) B Psi(t,0)^T - B, solved at high precision.")
+            return
+        self._sigma_mode = "ode"
+        self.notes.append("Sigma: no closed form found; Lyapunov ODE dSigma/dt = F Sigma + Sigma F^T "
+                          "+ G G^T integrated at high precision.")
+
+    def _noise_factor(self):
+        """B with G G^T = f(t) B, B constant in t, when F = f(t) A; else None.
+
+        Then in u = int f, dSigma/du = A Sigma + Sigma A^T + B has constant coefficients and
+        Sigma = E Sigma_0 E^T + X, E = exp(A u), where A X + X A^T = E B E^T - B (differentiate
+        both sides: an exact identity, no integral), whenever the Lyapunov operator is invertible
+        (no two eigenvalues of A sum to zero)."""
+        if self._linear is None:
+            return None
+        GG = self.spec.G * self.spec.G.T
+        Bm = GG.applyfunc(lambda e: sp.cancel(e / self._linear[0]))
+        return None if Bm.has(t) else Bm
+
+    def _sigma_lyapunov_closed(self):
+        Bm = self._noise_factor() if self._psi_mode == "expm" else None
+        if Bm is None:
+            return None
+        L = _lyapunov_matrix(self._linear[1])
+        if sp.simplify(L.det()) == 0:
+            return None
+        E = self.psi_expr.subs(s, 0)
+        X = _unvech_sympy(L.LUsolve(_vech_sympy(E * Bm * E.T - Bm)), self.k)
+        return (E * self.spec.Sigma0 * E.T + X).applyfunc(sp.expand)
+
+    def _sigma_lyapunov_numeric(self):
+        """Sigma from the algebraic Lyapunov identity (see _noise_factor) with Psi evaluated
+        numerically or in closed form; False when it does not apply or is not finite."""
+        Bm = self._noise_factor()
+        if Bm is None or self._psi_mode not in ("expm", "expm numeric"):
+            return False
+        one = self._env(_hp.zeros((1,)))
+        A = _hp.compile_matrix(self._linear[1])(one, (1, self.Pu))[0]
+        L = _lyapunov_system(A, _hp.zeros(A.shape), gmpy2.mpfr(1))[..., :-1, :-1]
+        try:
+            self._lyap = (_hp.compile_matrix(Bm)(one, (1, self.Pu))[0], _hp.inv(L))
+        except _hp.EvaluationError:                # singular Lyapunov operator
+            return False
+        self._sigma_mode = "lyapunov"
+        if self._finite(self.sigma):
+            return True
+        self._sigma_mode = "ode"
+        return False
 
     def _sigma_closed_form(self):
         spec, k = self.spec, self.k
@@ -324,8 +400,14 @@ class Derivation:
 
     def sigma(self, tt, coords=None):
         tt = np.asarray(tt, dtype=object)
-        if self.sigma_kind == CLOSED:
+        if self._sigma_mode == "closed":
             return self._sigma(self._env(tt, coords), self._shape(tt, coords))
+        if self._sigma_mode == "lyapunov":
+            Bm, Linv = (_select(v[None], coords) for v in self._lyap)
+            E = self.psi(tt, _hp.zeros(tt.shape), coords)
+            Q = E @ Bm @ _hp.T(E) - Bm
+            X = _unvech((Linv @ _vech(Q)[..., None])[..., 0], self.k)
+            return E @ _select(self._sigma0()[None], coords) @ _hp.T(E) + X
         return _select(self._dense_solution("sigma")(tt), coords)
 
     # ----- R -------------------------------------------------------------------------------
@@ -394,17 +476,18 @@ class Derivation:
         if which == "phi":                     # Phi' = F Phi, Phi(0) = I
             sol = _from_zero(lambda A, end: _ode.solve_linear(A, _hp.eye(k, (self.Pu,)), zero, end, end / 64),
                              lambda tn: self.F(tn), T)
-        elif which == "sigma":                 # Sigma = Phi [Sigma_0 + int_0^t Phi^-1 G G^T Phi^-T] Phi^T
-            def integrand(tn):
-                Pinv = _hp.inv(self.psi(tn, _hp.zeros(tn.shape)))
-                Gn = self.G(tn)
-                return Pinv @ Gn @ _hp.T(Pinv @ Gn)
-            J = _from_zero(lambda fn, end: _ode.cumulative(fn, zero, end, end / 64), integrand, T)
+        elif which == "sigma":                 # Lyapunov ODE, vectorised (see _lyapunov_system)
             S0 = self._sigma0()
+            scale = _hp.abs_max(S0) if _hp.abs_max(S0) > 0 else gmpy2.mpfr(1)
+            y0 = _vech_augmented(S0, scale)
+
+            def make_L(tn):
+                Gn = self.G(tn)
+                return _lyapunov_system(self.F(tn), Gn @ _hp.T(Gn), scale)
+            Y = _from_zero(lambda A, end: _ode.solve_linear(A, y0, zero, end, end / 64), make_L, T)
 
             def sol(tt):
-                Phi = self.psi(tt, _hp.zeros(tt.shape))
-                return Phi @ (S0 + J(tt)) @ _hp.T(Phi)
+                return _unvech(Y(tt)[..., :-1, 0], k)
         elif which == "R":                     # R' = (F + 1/2 G G^T Sigma^-1) R, R(0) = R_0
             def make_A(tn):
                 Gn = self.G(tn)
@@ -422,26 +505,177 @@ class Derivation:
 def _from_zero(solve, rate, T):
     """``solve(rate, end)`` for an ODE or integral from t = 0 to ``end`` = T, where the rate (A(t) of
     Y' = A Y, or the integrand) may be smooth only in a root of t (beta(t) ~ sqrt(t) or 1/sqrt(t)):
-    when the panels cannot resolve it near t = 0, solve again in u with t = u^m (m = 2, then 6),
-    where dY/du = m u^(m-1) A(u^m) Y is smooth, and read the solution at u = t^(1/m)."""
+    when the panels cannot resolve it near t = 0, or it is infinite there, solve again in u with
+    t = u^m (m = 2, then 6), where dY/du = m u^(m-1) A(u^m) Y is smooth, and read the solution at
+    u = t^(1/m). The smooth rate in u is evaluated at u = 1e-50 u(T) in place of its node u = 0
+    (0 * inf there in floating point; the change is 1e-50 relative, below every tolerance)."""
+    first = None
     try:
-        return solve(rate, T)
-    except _hp.EvaluationError as exc:
-        if "near t = 0" not in str(exc):
-            raise
-        first = exc
-    for m in (2, 6):
-        def rate_u(un, m=m):
-            jac = m * un ** (m - 1)
-            return rate(un ** m) * jac.reshape((-1, 1, 1, 1))
+        at_zero = rate(np.array([_hp.mpf(0)], dtype=object))
+    except (ArithmeticError, ValueError):      # EvaluationError included
+        at_zero = None
+    if at_zero is not None and _finite(at_zero):
         try:
-            sol_u = solve(rate_u, _root(np.array([T], dtype=object), m)[0])
+            return solve(rate, T)
+        except _hp.EvaluationError as exc:
+            if "near t = 0" not in str(exc):
+                raise
+            first = exc
+    for m in (2, 6):
+        u_end = _root(np.array([T], dtype=object), m)[0]
+        tiny = u_end * gmpy2.mpfr("1e-50")
+
+        def rate_u(un, m=m, tiny=tiny):
+            un = np.where(un == 0, tiny, un)
+            jac = m * un ** (m - 1)
+            return rate(un ** m) * jac.reshape((-1,) + (1,) * 3)
+        try:
+            sol_u = solve(rate_u, u_end)
         except _hp.EvaluationError:
             continue
         return lambda tt, sol_u=sol_u, m=m: sol_u(_root(np.asarray(tt, dtype=object), m))
-    raise _hp.EvaluationError(f"{first} (also with t = u^2 and t = u^6: a coefficient is not smooth in "
+    why = f"{first} (also" if first is not None else "a coefficient is infinite at t = 0 (tried"
+    raise _hp.EvaluationError(f"{why} with t = u^2 and t = u^6: a coefficient is not smooth in "
                               "any root of t at t = 0; write the process so that it starts where it "
                               "is smooth, e.g. shift t)")
+
+
+def _finite(values):
+    try:
+        return all(gmpy2.is_finite(v) for v in np.ravel(values))
+    except TypeError:
+        return False
+
+
+def _pairs(k):
+    return [(i, j) for i in range(k) for j in range(i, k)]
+
+
+def _vech(S):
+    """[..., N]: the upper triangle of S [..., k, k] in the order of _pairs."""
+    return np.stack([S[..., i, j] for i, j in _pairs(S.shape[-1])], axis=-1)
+
+
+def _vech_sympy(S):
+    return sp.Matrix([S[i, j] for i, j in _pairs(S.shape[0])])
+
+
+def _unvech_sympy(y, k):
+    out = sp.zeros(k, k)
+    for q, (i, j) in enumerate(_pairs(k)):
+        out[i, j] = out[j, i] = y[q]
+    return out
+
+
+def _lyapunov_terms(k):
+    """(row, column, a, b): the Lyapunov operator Sigma -> A Sigma + Sigma A^T on vech Sigma has
+    A[a, b] added at (row, column) for each term."""
+    index = {p: q for q, p in enumerate(_pairs(k))}
+    pos = lambda a, b: index[(min(a, b), max(a, b))]
+    out = []
+    for q, (i, j) in enumerate(_pairs(k)):
+        for m in range(k):
+            out += [(q, pos(m, j), i, m), (q, pos(i, m), j, m)]
+    return out
+
+
+def _lyapunov_matrix(A):
+    k = A.shape[0]
+    N = k * (k + 1) // 2
+    L = sp.zeros(N, N)
+    for q, col, a, b in _lyapunov_terms(k):
+        L[q, col] += A[a, b]
+    return L
+
+
+def _vech_augmented(S, scale):
+    """[P, N+1, 1]: the upper triangle of each S [P, k, k] (N = k(k+1)/2 entries), then ``scale``."""
+    k = S.shape[-1]
+    cols = [S[:, i, j] for i, j in _pairs(k)] + [_hp.const(scale, (S.shape[0],))]
+    return np.stack(cols, axis=1)[..., None]
+
+
+def _unvech(y, k):
+    """Symmetric [..., k, k] from the upper-triangle vector y [..., N]."""
+    out = _hp.zeros(y.shape[:-1] + (k, k))
+    for q, (i, j) in enumerate(_pairs(k)):
+        out[..., i, j] = out[..., j, i] = y[..., q]
+    return out
+
+
+def _lyapunov_system(F, GG, scale):
+    """A [..., N+1, N+1] with d/dt [vech Sigma; c] = A [vech Sigma; c] for the Lyapunov equation
+    dSigma/dt = F Sigma + Sigma F^T + G G^T (c = ``scale`` constant: its column carries G G^T / c).
+
+    Solved directly (stable: no Psi(0, r) = Psi(r, 0)^-1, whose entries grow like exp(|lambda| r)
+    for a stiff F and cancel in Psi(t,0) [Sigma_0 + int Psi(0,r) G G^T Psi(0,r)^T] Psi(t,0)^T).
+    """
+    k = F.shape[-1]
+    pairs = _pairs(k)
+    N = len(pairs)
+    out = _hp.zeros(F.shape[:-2] + (N + 1, N + 1))
+    for q, col, a, b in _lyapunov_terms(k):
+        out[..., q, col] += F[..., a, b]
+    for q, (i, j) in enumerate(pairs):
+        out[..., q, N] = GG[..., i, j] / scale
+    return out
+
+
+def _drift_factor(spec):
+    """(f, A, I, compiled I) when F = f(t) A with A constant in t and I = int f dt closed; else None.
+
+    f is the first nonzero entry of F with any factor of the basis symbol removed (else A = F / f
+    divides by it and Psi is 0 * inf where the frequency vanishes).
+    """
+    F = spec.F
+    f = next(e for e in F if not e.is_zero)
+    if spec.basis.symbol is not None and f.has(spec.basis.symbol):
+        f = f.as_independent(t, as_Add=False)[1]
+    A = F.applyfunc(lambda e: sp.cancel(e / f))
+    if A.has(t):
+        return None
+    I = _antiderivative(f)
+    if I is None:
+        return None
+    try:
+        return f, A, I, _hp.compile_expr(I)
+    except _hp.Unsupported:
+        return None
+
+
+def _eigenvalues_closed(A, rational=False):
+    """True when the characteristic polynomial of A factors (over the rationals, with the basis
+    symbol as a parameter) into linear pieces, or k = 2 (roots in square roots). Quadratic pieces of
+    a larger matrix, cubics and quartics have radical roots too, but sympy's exponential of them
+    takes minutes (nested radicals in the Jordan basis) and is unusable; a structural test instead
+    of a time budget keeps the closed/numerical choice independent of machine load."""
+    top = 1 if rational or A.shape[0] > 2 else 2
+    if top == 2:
+        return True
+    try:
+        cp = A.charpoly(sp.Dummy("x"))
+        factors = sp.Poly(cp.as_expr(), cp.gen, extension=True).factor_list()[1]
+    except (TypeError, ValueError, NotImplementedError, sp.PolynomialError):
+        return False
+    return all(q.degree() <= top for q, _ in factors)
+
+
+def _expm_2x2(A):
+    """exp(A B) for a real 2 x 2 A whose eigenvalues are distinct numbers, in real form:
+    exp(m B) [cosh(d B) I + sinh(d B) / d (A - m I)], m = tr A / 2, d^2 = m^2 - det A (cos and
+    sin of sqrt(-d^2) B when the eigenvalues are complex). None otherwise (sympy's route)."""
+    m = A.trace() / 2
+    d2 = sp.expand(m ** 2 - A.det())
+    if not d2.is_number or d2 == 0:
+        return None
+    N = A - m * sp.eye(2)
+    if d2 > 0:
+        d = sp.sqrt(d2)
+        E = sp.cosh(d * B) * sp.eye(2) + sp.sinh(d * B) / d * N
+    else:
+        w = sp.sqrt(-d2)
+        E = sp.cos(w * B) * sp.eye(2) + sp.sin(w * B) / w * N
+    return (sp.exp(m * B) * E).applyfunc(sp.expand)
 
 
 def _root(tt, m):

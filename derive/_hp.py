@@ -378,6 +378,30 @@ def inv(A):
     return M[:, :, k:].reshape(shape)
 
 
+EXPM_TAYLOR = 22           # terms after scaling to norm <= 2^-8: truncation 2^-184/23! ~ 1e-78
+
+
+def expm(X):
+    """exp(X) for a batch [..., k, k] at PREC_BITS: scaling and squaring with a Taylor polynomial.
+
+    Every matrix is scaled by the same 2^-q so that the largest norm is <= 2^-8, the polynomial
+    of degree EXPM_TAYLOR is evaluated by Horner's rule, and the result squared q times (the
+    truncation error is below 2^-PREC_BITS relative to the norm of the result).
+    """
+    X = np.asarray(X, dtype=object)
+    k = X.shape[-1]
+    norm = max((float(v) for v in np.ravel(np.sum(np.abs(X), axis=-1))), default=0.0)
+    q = max(0, int(np.ceil(np.log2(norm))) + 8) if norm > 0 else 0
+    Xs = X / gmpy2.mpfr(2) ** q
+    I = eye(k, X.shape[:-2])
+    E = I.copy()
+    for j in range(EXPM_TAYLOR, 0, -1):
+        E = I + (Xs @ E) / j
+    for _ in range(q):
+        E = E @ E
+    return E
+
+
 def cholesky(S, semidefinite=False):
     """Lower Cholesky factor of symmetric PSD batches [..., k, k]; zero columns where singular."""
     k = S.shape[-1]

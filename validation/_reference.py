@@ -15,6 +15,8 @@ import sympy as sp
 from ._evaluate import _compiled, mp_matrix, np_matrix
 
 DPS = 45          # >= 40 significant digits in every reference value
+ROOT_POWER = 6    # float64 solves in u = t^(1/6) when a coefficient is infinite at t = 0
+U0 = 1e-12        # ... starting at u = U0 u(t_min) (t = 1e-72 t_min for t_min = 1e-3)
 
 
 def _mat(k, y):
@@ -236,11 +238,30 @@ class ScipyReference:
             return np.concatenate(out)
         y0 = np.concatenate([S0.ravel(), np.eye(k).ravel()] + ([R0.ravel()] if k > 1 else []))
         ts = np.sort(np.asarray(times, dtype=float))
-        t_stiff = ts[0]
-        first = solve_ivp(rhs, (0.0, t_stiff), y0, method="Radau", rtol=1e-12, atol=1e-16, dense_output=True)
-        second = solve_ivp(rhs, (t_stiff, ts[-1]), first.y[:, -1], method="DOP853", rtol=1e-13, atol=1e-16,
+        self._m = 1 if self._finite_at_zero() else ROOT_POWER
+        m = self._m
+        if m > 1:                              # in u with t = u^m: dy/du = m u^(m-1) rhs(u^m, y)
+            inner = rhs
+
+            def rhs(u, y):
+                return m * u ** (m - 1) * inner(u ** m, y)
+        u_end = ts[-1] ** (1.0 / m)
+        u_stiff = ts[0] ** (1.0 / m)
+        # t = u^m starts at u0 > 0: the state moves by O(u0) there (an integrable coefficient
+        # ~ t^-a, a <= 1 - 1/m, is bounded in u), far below the float64 tolerances
+        u0 = 0.0 if m == 1 else U0 * u_stiff
+        first = solve_ivp(rhs, (u0, u_stiff), y0, method="Radau", rtol=1e-12, atol=1e-16, dense_output=True)
+        second = solve_ivp(rhs, (u_stiff, u_end), first.y[:, -1], method="DOP853", rtol=1e-13, atol=1e-16,
                            dense_output=True)
-        self._parts = [(0.0, t_stiff, first.sol), (t_stiff, ts[-1], second.sol)]
+        self._parts = [(0.0, u_stiff, first.sol), (u_stiff, u_end, second.sol)]
+
+    def _finite_at_zero(self):
+        """F(0) and G(0) finite: the solves start at t = 0; else (a coefficient like 1/sqrt(t),
+        integrable but infinite at 0) they run in u = t^(1/ROOT_POWER)."""
+        try:
+            return bool(np.all(np.isfinite(self.F(0.0))) and np.all(np.isfinite(self.G(0.0))))
+        except (ZeroDivisionError, OverflowError, ValueError, FloatingPointError):
+            return False
 
     def F(self, t):
         return self._Fc(dict(self.env, t=float(t)))
@@ -249,10 +270,11 @@ class ScipyReference:
         return self._Gc(dict(self.env, t=float(t)))
 
     def _y(self, t):
+        u = float(t) ** (1.0 / self._m)
         for lo, hi, sol in self._parts[::-1]:
-            if t >= lo:
-                return sol(t)
-        return self._parts[0][2](t)
+            if u >= lo:
+                return sol(u)
+        return self._parts[0][2](u)
 
     def sigma(self, t):
         k = self.k
