@@ -150,10 +150,10 @@ def check_variant_table(spec, tensors, meta, level="fast", n_coords=None):
              ([("x0_corrector_weights", "x0", 1)] if "x0_corrector_weights" in tensors else [])
     steps = _steps_to_check(meta, N, level)
     for p in report.coords:
-        lam = _coord_value(spec, p)
+        coord_value = _coord_value(spec, p)          # the basis symbol's value (dct2d: frequency)
         if level == "full":
             with mpmath.workdps(DPS):
-                ref = MpReference(spec, lam)
+                ref = MpReference(spec, coord_value)
                 tm = [mpmath.mpf(float(v)) for v in t]
                 how = f"mpmath GL in {variable}, {DPS} digits"
                 for name, f, shift in checks:
@@ -168,7 +168,7 @@ def check_variant_table(spec, tensors, meta, level="fast", n_coords=None):
                     report.add("x0_psi", [(i, *_err_mp(tensors["x0_psi"][i, p], Rs[i + 1] * mpmath.inverse(Rs[i])))
                                           for i in range(N)], f"mpmath odefun, {DPS} digits", TOL_FULL)
         else:
-            ref = ScipyReference(spec, t, lam)
+            ref = ScipyReference(spec, t, coord_value)
             how = f"scipy quad_vec in {variable} float64"
             for name, f, shift in checks:
                 errs = []
