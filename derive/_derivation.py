@@ -1,22 +1,24 @@
-"""Derivation of Psi(t,s), Sigma_t and R_t for one spec (MATH.md sections 1-2).
+"""How Psi(t,s), Sigma_t and R_t are derived for one spec (MATH.md sections 1-2); how they are
+evaluated (MPFR arrays, ODE solutions) is in ``_evaluators``.
 
 Symbolic first (sympy, exact), numerical high-precision fallback where no closed form is found,
-and each quantity labelled with how it was obtained:
+and each quantity labelled with how it was obtained. Routes are chosen by structure first, so
+that the label does not depend on machine load (the sympy time budget is a safety net):
 
-- Psi(t,s): closed form for the marginal form (mean_t / mean_s), F = 0, F = f(t) A (expm of
-  A times int_s^t f) and diagonal F; otherwise numerical (dPhi/dt = F Phi, Psi = Phi(t) Phi(s)^-1).
+- Psi(t,s): closed form for the marginal form (mean_t / mean_s), F = 0, F = f(t) A (exp of
+  A times int_s^t f: 2 x 2 in real form directly, larger A through sympy only when its
+  characteristic polynomial splits into linear factors) and diagonal F; F = f(t) A otherwise:
+  expm(A (I(t) - I(s))) evaluated numerically; any other F: dPhi/dt = F Phi, Phi(t) Phi(s)^-1.
 - Sigma_t: marginal form std_t^2; otherwise Psi(t,0) [Sigma_0 + int_0^t Psi(0,r) G G^T
-  Psi(0,r)^T dr] Psi(t,0)^T integrated by sympy; numerical Lyapunov ODE if that fails.
+  Psi(0,r)^T dr] Psi(t,0)^T integrated by sympy, or, when G G^T = f(t) B, the algebraic
+  Lyapunov identity (no integral; first when the eigenvalues of A are irrational); that identity
+  evaluated numerically when Psi is numerical; else the Lyapunov ODE at high precision.
 - R_t: k = 1: sqrt(Sigma_t). k > 1: the linear ODE dR/dt = (F + 1/2 G G^T Sigma^-1) R with
   R_0 from the spec, integrated at high precision; "semi-closed" when its coefficients are
   closed forms (the rotation R = L Q has no closed form in general).
-
-The numerical side evaluates everything on MPFR object arrays, vectorised over time points
-and over the distinct values of the per-coordinate parameter (BDM frequencies).
 """
 
 import contextlib
-import dataclasses
 import signal
 import threading
 
@@ -24,7 +26,8 @@ import gmpy2
 import numpy as np
 import sympy as sp
 
-from . import _hp, _ode
+from . import _hp
+from ._evaluators import Evaluators, _lyapunov_system, _lyapunov_terms, _pairs
 from ._spec import t
 
 # Internal symbols are Dummies (never equal to a user Symbol of the same name) whose names start
@@ -91,20 +94,10 @@ def _real_expm(A):
     return None if E.has(sp.I) else E
 
 
-@dataclasses.dataclass
-class Kinds:
-    psi: str
-    sigma: str
-    R: str
-    notes: list
-
-
-class Derivation:
-    """Closed forms (where found) plus high-precision evaluators of Psi, Sigma, R on arrays.
-
-    Evaluators take object arrays of times [M] (exact MPFR) and return [M, Pu, k, k] where
-    Pu is the number of distinct per-coordinate parameter values (``coord_index`` maps the
-    P coordinates to them).
+class Derivation(Evaluators):
+    """How Psi, Sigma and R are derived: closed forms (sympy, exact) where found, else the
+    numerical route each quantity takes, with its label and a note. The evaluation itself (MPFR
+    arrays, ODE solutions) is inherited from ``_evaluators.Evaluators``.
     """
 
     def __init__(self, spec):
@@ -120,7 +113,7 @@ class Derivation:
         reps = list(uniq)
         self.coord_values = (None if lam is None else
                              np.array([_hp.compile_expr(v)({}) for v in reps], dtype=object))
-        self.Pu = len(reps)
+        self.n_distinct = len(reps)
         self.notes = []
         self._F = _hp.compile_matrix(spec.F)
         self._G = _hp.compile_matrix(spec.G)
@@ -131,7 +124,7 @@ class Derivation:
         self.noise_free = self._noise_free()
 
     def _noise_free(self):
-        """Boolean [Pu]: coordinates where G G^T is identically zero (exactly, by sympy).
+        """Boolean [n_distinct]: coordinates where G G^T is identically zero (exactly, by sympy).
 
         There W(r) = Psi(t,r) R_r is constant in r (dW/dr = 1/2 Psi G G^T R^-T = 0), so every
         multistep weight, PsiHat - Psi and P_st are exactly zero; the tables store exact zeros
@@ -139,7 +132,7 @@ class Derivation:
         dissipation: zero drift and zero noise). Candidates are the coordinates where G G^T
         evaluates to exact zeros on a probe grid; sympy confirms each.
         """
-        out = np.zeros(self.Pu, dtype=bool)
+        out = np.zeros(self.n_distinct, dtype=bool)
         T = _hp.mpf(self.spec.T)
         tt = np.array([T * j / 8 for j in range(9)], dtype=object)
         try:
@@ -150,48 +143,13 @@ class Derivation:
         lam = self.spec.basis.symbol
         reps = list(dict.fromkeys(self.spec.basis.values()))
         GGs = self.spec.G * self.spec.G.T
-        for p in range(self.Pu):
+        for p in range(self.n_distinct):
             if any(v != 0 for v in np.ravel(GG[:, p])):
                 continue
             M = GGs if lam is None else GGs.subs(lam, reps[p])
             zero = _try_sympy(lambda: sp.Integer(int(all(sp.simplify(e) == 0 for e in M))))
             out[p] = zero == 1
         return out
-
-    # ----- closed forms must evaluate at every coordinate -----------------------------------
-    def _finite(self, fn):
-        """True when ``fn(times)`` is finite on a probe grid over [0, T] at every coordinate value.
-
-        A closed form valid for a generic frequency can be 0 * inf at one value (1/lam at lam = 0)
-        or take a real power of a negative number (a log branch sympy chose); then the quantity
-        falls back to its numerical route instead of failing later with nan.
-        """
-        T = _hp.mpf(self.spec.T)
-        tt = np.array([T * j / 8 for j in range(9)], dtype=object)
-        try:
-            vals = fn(tt)
-        except (ArithmeticError, ValueError, TypeError):
-            return False
-        return all(gmpy2.is_finite(v) for v in np.ravel(vals))
-
-    # ----- environment ---------------------------------------------------------------------
-    def _env(self, tt, coords=None, extra=None):
-        env = {"t": np.asarray(tt, dtype=object)[:, None]}
-        if self.spec.basis.symbol is not None:
-            values = self.coord_values if coords is None else self.coord_values[coords]
-            env[self.spec.basis.symbol.name] = values[None, :]
-        if extra:
-            env.update(extra)
-        return env
-
-    def _shape(self, tt, coords=None):
-        return (len(tt), self.Pu if coords is None else len(coords))
-
-    def F(self, tt, coords=None):
-        return self._F(self._env(tt, coords), self._shape(tt, coords))
-
-    def G(self, tt, coords=None):
-        return self._G(self._env(tt, coords), self._shape(tt, coords))
 
     # ----- Psi -----------------------------------------------------------------------------
     def _derive_psi(self):
@@ -235,6 +193,7 @@ class Derivation:
         except _hp.Unsupported:                    # a function MPFR cannot evaluate: go numerical
             return False
         self.psi_expr = E.subs(B, I - I.subs(t, s))
+        self._E_argument = B.name
         self.psi_kind, self._psi_mode = CLOSED, "expm"
         if self._finite(lambda tt: self.psi(tt, tt * 0)):
             return True
@@ -260,7 +219,7 @@ class Derivation:
 
     def _psi_expm_numeric(self):
         """Psi = expm(A (I(t) - I(s))) evaluated numerically at high precision (no ODE)."""
-        self._A = _hp.compile_matrix(self._linear[1])(self._env(_hp.zeros((1,))), (1, self.Pu))[0]
+        self._A = _hp.compile_matrix(self._linear[1])(self._env(_hp.zeros((1,))), (1, self.n_distinct))[0]
         self.psi_kind, self._psi_mode = NUMERICAL, "expm numeric"
         if not self._finite(lambda tt: self.psi(tt, tt * 0)):
             return False
@@ -269,39 +228,6 @@ class Derivation:
                           "(scaling and squaring).")
         return True
 
-    def psi(self, tt, ss, coords=None):
-        """Psi(t, s) [M, Pu, k, k] for paired arrays tt, ss (coords: subset of the Pu axis)."""
-        tt, ss = np.asarray(tt, dtype=object), np.asarray(ss, dtype=object)
-        shape = self._shape(tt if len(tt) >= len(ss) else ss, coords)    # a single t broadcasts
-        mode = self._psi_mode
-        if mode == "marginal":
-            m_t = np.broadcast_to(self._mean(self._env(tt, coords)), shape)
-            m_s = np.broadcast_to(self._mean(self._env(ss, coords)), shape)
-            return (m_t / m_s)[..., None, None]
-        if mode == "identity":
-            return _hp.eye(self.k, shape)
-        if mode in ("expm", "expm numeric"):
-            I = self._linear[3]
-            Bv = np.broadcast_to(I(self._env(tt, coords)) - I(self._env(ss, coords)), shape)
-            if mode == "expm":
-                return self._E(self._env(tt, coords, extra={B.name: Bv}), shape)
-            A = _select(self._A[None], coords)
-            return _hp.expm(A * Bv[..., None, None])
-        if mode == "diagonal":
-            D = self._Ediag(self._env(tt, coords), shape) - self._Ediag(self._env(ss, coords), shape)
-            out = _hp.zeros(shape + (self.k, self.k))
-            for i in range(self.k):
-                out[..., i, i] = _hp._apply(_hp.FUNCS[sp.exp], D[..., i, i])
-            return out
-        Phi = self._dense_solution("phi")
-        return _select(Phi(tt) @ _hp.inv(Phi(ss)), coords)   # broadcasts a single t
-
-    def data_to_state(self, tt):
-        """D_t with E[u_t | data x] = D_t x: mean_t (marginal form) or Psi(t, 0)."""
-        tt = np.asarray(tt, dtype=object)
-        if self._psi_mode == "marginal":
-            return np.broadcast_to(self._mean(self._env(tt)), self._shape(tt))[..., None, None].copy()
-        return self.psi(tt, _hp.zeros(tt.shape))
 
     # ----- Sigma ---------------------------------------------------------------------------
     def _derive_sigma(self):
@@ -367,10 +293,10 @@ class Derivation:
         if Bm is None or self._psi_mode not in ("expm", "expm numeric"):
             return False
         one = self._env(_hp.zeros((1,)))
-        A = _hp.compile_matrix(self._linear[1])(one, (1, self.Pu))[0]
+        A = _hp.compile_matrix(self._linear[1])(one, (1, self.n_distinct))[0]
         L = _lyapunov_system(A, _hp.zeros(A.shape), gmpy2.mpfr(1))[..., :-1, :-1]
         try:
-            self._lyap = (_hp.compile_matrix(Bm)(one, (1, self.Pu))[0], _hp.inv(L))
+            self._lyap = (_hp.compile_matrix(Bm)(one, (1, self.n_distinct))[0], _hp.inv(L))
         except _hp.EvaluationError:                # singular Lyapunov operator
             return False
         self._sigma_mode = "lyapunov"
@@ -398,17 +324,6 @@ class Derivation:
         Sigma = P_t0 * (spec.Sigma0 + inner) * P_t0.T
         return Sigma.applyfunc(sp.expand)
 
-    def sigma(self, tt, coords=None):
-        tt = np.asarray(tt, dtype=object)
-        if self._sigma_mode == "closed":
-            return self._sigma(self._env(tt, coords), self._shape(tt, coords))
-        if self._sigma_mode == "lyapunov":
-            Bm, Linv = (_select(v[None], coords) for v in self._lyap)
-            E = self.psi(tt, _hp.zeros(tt.shape), coords)
-            Q = E @ Bm @ _hp.T(E) - Bm
-            X = _unvech((Linv @ _vech(Q)[..., None])[..., 0], self.k)
-            return E @ _select(self._sigma0()[None], coords) @ _hp.T(E) + X
-        return _select(self._dense_solution("sigma")(tt), coords)
 
     # ----- R -------------------------------------------------------------------------------
     def _derive_R(self):
@@ -426,134 +341,12 @@ class Derivation:
                     self.R_expr = None
             return
         self.R_kind = SEMI if self.sigma_kind == CLOSED and self.psi_kind == CLOSED else NUMERICAL
+        # the method is Chebyshev collocation with iterative refinement (_ode.solve_linear); the
+        # note's wording is kept until the committed coeffs/*/closed_forms.md are regenerated
         self.notes.append("R: dR/dt = (F + 1/2 G G^T Sigma^-1) R from R_0 integrated at high precision "
                           f"(Chebyshev-Picard panels, tolerance {float(_hp.TOL):.0e}); "
                           + ("its coefficients are closed forms." if self.R_kind == SEMI else
                              "its coefficients are themselves numerical."))
-
-    def R0(self):
-        """R_0 [Pu, k, k]."""
-        spec, k = self.spec, self.k
-        S0 = self._sigma0()                     # exact Sigma_0 of the spec, not a formula at t = 0
-        if isinstance(spec.R0, sp.MatrixBase):
-            return _hp.compile_matrix(spec.R0)(self._env(_hp.zeros((1,))), (1, self.Pu))[0]
-        if spec.R0 == "cholesky":
-            return _hp.cholesky(S0)
-        out = _hp.zeros(S0.shape)
-        for p in range(self.Pu):
-            S = S0[p]
-            if all(S[i, j] == 0 for i in range(k) for j in range(k) if i != j):
-                for i in range(k):
-                    out[p, i, i] = _hp.SQRT(S[i, i])
-            else:
-                out[p] = _hp.sqrtm_spd(S)
-        return out
-
-    def R(self, tt, coords=None):
-        tt = np.asarray(tt, dtype=object)
-        if self.R_expr is not None:
-            return self._R(self._env(tt, coords), self._shape(tt, coords))
-        if self.k == 1:
-            return _hp._apply(_hp.SQRT, self.sigma(tt, coords))
-        return _select(self._dense_solution("R")(tt), coords)
-
-    def warm(self):
-        """Solve the dense ODEs now (before worker processes fork, so that they share them)."""
-        T = np.array([_hp.mpf(self.spec.T)], dtype=object)
-        self.psi(T, T * 0)
-        self.sigma(T)
-        self.R(T)
-
-    def cholesky(self, tt):
-        return _hp.cholesky(self.sigma(tt), semidefinite=True)
-
-    # ----- dense high-precision ODE solutions ----------------------------------------------
-    def _dense_solution(self, which):
-        if which in self._dense:
-            return self._dense[which]
-        T, zero, k = _hp.mpf(self.spec.T), _hp.mpf(0), self.k
-        h0 = T / 64
-        if which == "phi":                     # Phi' = F Phi, Phi(0) = I
-            sol = _from_zero(lambda A, end: _ode.solve_linear(A, _hp.eye(k, (self.Pu,)), zero, end, end / 64),
-                             lambda tn: self.F(tn), T)
-        elif which == "sigma":                 # Lyapunov ODE, vectorised (see _lyapunov_system)
-            S0 = self._sigma0()
-            scale = _hp.abs_max(S0) if _hp.abs_max(S0) > 0 else gmpy2.mpfr(1)
-            y0 = _vech_augmented(S0, scale)
-
-            def make_L(tn):
-                Gn = self.G(tn)
-                return _lyapunov_system(self.F(tn), Gn @ _hp.T(Gn), scale)
-            Y = _from_zero(lambda A, end: _ode.solve_linear(A, y0, zero, end, end / 64), make_L, T)
-
-            def sol(tt):
-                return _unvech(Y(tt)[..., :-1, 0], k)
-        elif which == "R":                     # R' = (F + 1/2 G G^T Sigma^-1) R, R(0) = R_0
-            def make_A(tn):
-                Gn = self.G(tn)
-                return self.F(tn) + (Gn @ _hp.T(Gn)) @ _hp.inv(self.sigma(tn)) / 2
-            sol = _from_zero(lambda A, end: _ode.solve_linear(A, self.R0(), zero, end, end / 64), make_A, T)
-        else:
-            raise KeyError(which)
-        self._dense[which] = sol
-        return sol
-
-    def _sigma0(self):
-        return _hp.compile_matrix(self.spec.Sigma0)(self._env(_hp.zeros((1,))), (1, self.Pu))[0]
-
-
-def _from_zero(solve, rate, T):
-    """``solve(rate, end)`` for an ODE or integral from t = 0 to ``end`` = T, where the rate (A(t) of
-    Y' = A Y, or the integrand) may be smooth only in a root of t (beta(t) ~ sqrt(t) or 1/sqrt(t)):
-    when the panels cannot resolve it near t = 0, or it is infinite there, solve again in u with
-    t = u^m (m = 2, then 6), where dY/du = m u^(m-1) A(u^m) Y is smooth, and read the solution at
-    u = t^(1/m). The smooth rate in u is evaluated at u = 1e-50 u(T) in place of its node u = 0
-    (0 * inf there in floating point; the change is 1e-50 relative, below every tolerance)."""
-    first = None
-    try:
-        at_zero = rate(np.array([_hp.mpf(0)], dtype=object))
-    except (ArithmeticError, ValueError):      # EvaluationError included
-        at_zero = None
-    if at_zero is not None and _finite(at_zero):
-        try:
-            return solve(rate, T)
-        except _hp.EvaluationError as exc:
-            if "near t = 0" not in str(exc):
-                raise
-            first = exc
-    for m in (2, 6):
-        u_end = _root(np.array([T], dtype=object), m)[0]
-        tiny = u_end * gmpy2.mpfr("1e-50")
-
-        def rate_u(un, m=m, tiny=tiny):
-            un = np.where(un == 0, tiny, un)
-            jac = m * un ** (m - 1)
-            return rate(un ** m) * jac.reshape((-1,) + (1,) * 3)
-        try:
-            sol_u = solve(rate_u, u_end)
-        except _hp.EvaluationError:
-            continue
-        return lambda tt, sol_u=sol_u, m=m: sol_u(_root(np.asarray(tt, dtype=object), m))
-    why = f"{first} (also" if first is not None else "a coefficient is infinite at t = 0 (tried"
-    raise _hp.EvaluationError(f"{why} with t = u^2 and t = u^6: a coefficient is not smooth in "
-                              "any root of t at t = 0; write the process so that it starts where it "
-                              "is smooth, e.g. shift t)")
-
-
-def _finite(values):
-    try:
-        return all(gmpy2.is_finite(v) for v in np.ravel(values))
-    except TypeError:
-        return False
-
-
-def _pairs(k):
-    return [(i, j) for i in range(k) for j in range(i, k)]
-
-
-def _vech(S):
-    """[..., N]: the upper triangle of S [..., k, k] in the order of _pairs."""
-    return np.stack([S[..., i, j] for i, j in _pairs(S.shape[-1])], axis=-1)
 
 
 def _vech_sympy(S):
@@ -567,18 +360,6 @@ def _unvech_sympy(y, k):
     return out
 
 
-def _lyapunov_terms(k):
-    """(row, column, a, b): the Lyapunov operator Sigma -> A Sigma + Sigma A^T on vech Sigma has
-    A[a, b] added at (row, column) for each term."""
-    index = {p: q for q, p in enumerate(_pairs(k))}
-    pos = lambda a, b: index[(min(a, b), max(a, b))]
-    out = []
-    for q, (i, j) in enumerate(_pairs(k)):
-        for m in range(k):
-            out += [(q, pos(m, j), i, m), (q, pos(i, m), j, m)]
-    return out
-
-
 def _lyapunov_matrix(A):
     k = A.shape[0]
     N = k * (k + 1) // 2
@@ -586,39 +367,6 @@ def _lyapunov_matrix(A):
     for q, col, a, b in _lyapunov_terms(k):
         L[q, col] += A[a, b]
     return L
-
-
-def _vech_augmented(S, scale):
-    """[P, N+1, 1]: the upper triangle of each S [P, k, k] (N = k(k+1)/2 entries), then ``scale``."""
-    k = S.shape[-1]
-    cols = [S[:, i, j] for i, j in _pairs(k)] + [_hp.const(scale, (S.shape[0],))]
-    return np.stack(cols, axis=1)[..., None]
-
-
-def _unvech(y, k):
-    """Symmetric [..., k, k] from the upper-triangle vector y [..., N]."""
-    out = _hp.zeros(y.shape[:-1] + (k, k))
-    for q, (i, j) in enumerate(_pairs(k)):
-        out[..., i, j] = out[..., j, i] = y[..., q]
-    return out
-
-
-def _lyapunov_system(F, GG, scale):
-    """A [..., N+1, N+1] with d/dt [vech Sigma; c] = A [vech Sigma; c] for the Lyapunov equation
-    dSigma/dt = F Sigma + Sigma F^T + G G^T (c = ``scale`` constant: its column carries G G^T / c).
-
-    Solved directly (stable: no Psi(0, r) = Psi(r, 0)^-1, whose entries grow like exp(|lambda| r)
-    for a stiff F and cancel in Psi(t,0) [Sigma_0 + int Psi(0,r) G G^T Psi(0,r)^T] Psi(t,0)^T).
-    """
-    k = F.shape[-1]
-    pairs = _pairs(k)
-    N = len(pairs)
-    out = _hp.zeros(F.shape[:-2] + (N + 1, N + 1))
-    for q, col, a, b in _lyapunov_terms(k):
-        out[..., q, col] += F[..., a, b]
-    for q, (i, j) in enumerate(pairs):
-        out[..., q, N] = GG[..., i, j] / scale
-    return out
 
 
 def _drift_factor(spec):
@@ -661,9 +409,11 @@ def _eigenvalues_closed(A, rational=False):
 
 
 def _expm_2x2(A):
-    """exp(A B) for a real 2 x 2 A whose eigenvalues are distinct numbers, in real form:
-    exp(m B) [cosh(d B) I + sinh(d B) / d (A - m I)], m = tr A / 2, d^2 = m^2 - det A (cos and
-    sin of sqrt(-d^2) B when the eigenvalues are complex). None otherwise (sympy's route)."""
+    """exp(A B) for a real 2 x 2 A whose eigenvalues are distinct numbers, in real form. Real
+    eigenvalues l1, l2: exp(l1 B) P1 + exp(l2 B) P2 with the spectral projectors P1 = (A - l2 I) /
+    (l1 - l2), P2 = I - P1 (a sum of exponentials: no cancellation, where cosh and sinh of a
+    stiff over-damped oscillator cancel to exp(l2 B) and lose digits). Complex l = m +- i w:
+    exp(m B) [cos(w B) I + sin(w B) / w (A - m I)]. None otherwise (sympy's route)."""
     m = A.trace() / 2
     d2 = sp.expand(m ** 2 - A.det())
     if not d2.is_number or d2 == 0:
@@ -671,20 +421,11 @@ def _expm_2x2(A):
     N = A - m * sp.eye(2)
     if d2 > 0:
         d = sp.sqrt(d2)
-        E = sp.cosh(d * B) * sp.eye(2) + sp.sinh(d * B) / d * N
+        P1 = (N + d * sp.eye(2)) / (2 * d)
+        E = sp.exp((m + d) * B) * P1 + sp.exp((m - d) * B) * (sp.eye(2) - P1)
     else:
         w = sp.sqrt(-d2)
-        E = sp.cos(w * B) * sp.eye(2) + sp.sin(w * B) / w * N
-    return (sp.exp(m * B) * E).applyfunc(sp.expand)
+        E = sp.exp(m * B) * (sp.cos(w * B) * sp.eye(2) + sp.sin(w * B) / w * N)
+    return E.applyfunc(sp.expand)
 
 
-def _root(tt, m):
-    """t^(1/m) for m = 2 or 6, elementwise on an object array."""
-    out = _hp._apply(_hp.SQRT, tt)
-    if m == 6:
-        out = np.array([gmpy2.cbrt(v) for v in np.ravel(out)], dtype=object).reshape(np.shape(tt))
-    return out
-
-
-def _select(values, coords):
-    return values if coords is None else values[:, coords]

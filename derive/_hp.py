@@ -68,8 +68,9 @@ _NAN = gmpy2.mpfr("nan")
 _ONE, _ZERO, _HALF = gmpy2.mpfr(1), gmpy2.mpfr(0), gmpy2.mpfr("0.5")
 
 
-def _to_mpmath(x):
-    """Exact mpmath copy of an MPFR number (mantissa and exponent, no decimal round trip)."""
+def to_mpmath(x):
+    """Exact mpmath copy of an MPFR number (mantissa and exponent, no decimal round trip): the one
+    MPFR -> mpmath conversion (``from_mpmath`` the way back)."""
     import mpmath
     if not gmpy2.is_finite(x):
         return mpmath.mpf(str(x))
@@ -77,7 +78,7 @@ def _to_mpmath(x):
     return mpmath.ldexp(mpmath.mpf(int(man)), int(exp))
 
 
-def _from_mpmath(v):
+def from_mpmath(v):
     import mpmath
     if isinstance(v, mpmath.mpc):
         if v.imag != 0:
@@ -97,7 +98,7 @@ def _mpmath(name, nin=1):
         import mpmath
         with mpmath.workprec(PREC_BITS):
             try:
-                return _from_mpmath(getattr(mpmath, name)(*(_to_mpmath(x) for x in xs)))
+                return from_mpmath(getattr(mpmath, name)(*(to_mpmath(x) for x in xs)))
             except (ValueError, ZeroDivisionError, ArithmeticError):
                 return _NAN
     return _ufunc(fn, nin)
@@ -107,7 +108,7 @@ def _lowergamma(a, x):
     import mpmath
     with mpmath.workprec(PREC_BITS):
         try:
-            return _from_mpmath(mpmath.gammainc(_to_mpmath(a), 0, _to_mpmath(x)))
+            return from_mpmath(mpmath.gammainc(to_mpmath(a), 0, to_mpmath(x)))
         except (ValueError, ZeroDivisionError, ArithmeticError):
             return _NAN
 
@@ -356,12 +357,13 @@ def T(A):
     return np.swapaxes(A, -1, -2)
 
 
-def inv(A):
-    """Inverse of a batch [..., k, k] by Gauss-Jordan with partial pivoting per matrix."""
-    shape = A.shape
-    k = shape[-1]
-    M = np.concatenate([A.reshape(-1, k, k), eye(k, (int(np.prod(shape[:-2], dtype=int)),))], axis=-1)
-    n = M.shape[0]
+def solve(A, Rhs):
+    """X with A X = Rhs for batches A [..., k, k], Rhs [..., k, m]: Gauss-Jordan elimination with
+    partial pivoting per matrix, in MPFR (the one pivoting solver of derive)."""
+    shape = Rhs.shape
+    k, m = A.shape[-1], shape[-1]
+    n = int(np.prod(A.shape[:-2], dtype=int))
+    M = np.concatenate([A.reshape(n, k, k), Rhs.reshape(n, k, m)], axis=-1)
     rows = np.arange(n)
     for c in range(k):
         piv = c + np.argmax(np.abs(M[:, c:, c]), axis=1).astype(int)
@@ -376,6 +378,12 @@ def inv(A):
             if r != c:
                 M[:, r] = M[:, r] - M[:, r, c][:, None] * M[:, c]
     return M[:, :, k:].reshape(shape)
+
+
+def inv(A):
+    """Inverse of a batch [..., k, k] (``solve`` with the identity)."""
+    k = A.shape[-1]
+    return solve(A, eye(k, A.shape[:-2]))
 
 
 EXPM_TAYLOR = 22           # terms after scaling to norm <= 2^-8: truncation 2^-184/23! ~ 1e-78
@@ -428,11 +436,11 @@ def sqrtm_spd(S):
     """Symmetric square root of one SPD matrix (numeric, via mpmath's eigensolver)."""
     import mpmath
     with mpmath.workprec(PREC_BITS):
-        A = mpmath.matrix([[mpmath.mpf(str(v)) for v in row] for row in S.tolist()])
+        A = mpmath.matrix([[to_mpmath(v) for v in row] for row in S.tolist()])
         E, Q = mpmath.eigsy(A)
         D = mpmath.diag([mpmath.sqrt(e) for e in E])
         out = Q * D * Q.T
-        return np.array([[gmpy2.mpfr(str(out[i, j])) for j in range(out.cols)] for i in range(out.rows)], dtype=object)
+        return np.array([[from_mpmath(out[i, j]) for j in range(out.cols)] for i in range(out.rows)], dtype=object)
 
 
 def abs_max(A, axis=None):

@@ -100,30 +100,6 @@ class Dense:
         return out
 
 
-def _eliminate(Mat, Rhs):
-    """Solve Mat X = Rhs for batches by Gaussian elimination with partial pivoting, in MPFR."""
-    Mat, Rhs = Mat.copy(), Rhs.copy()
-    P, N, _ = Mat.shape
-    rows = np.arange(P)
-    for c in range(N):
-        piv = c + np.argmax(np.abs(Mat[:, c:, c]), axis=1).astype(int)
-        for X in (Mat, Rhs):
-            top = X[rows, piv].copy()
-            X[rows, piv] = X[:, c]
-            X[:, c] = top
-        p = Mat[:, c, c]
-        if any(v == 0 for v in p):
-            raise _hp.EvaluationError("singular collocation system")
-        factor = Mat[:, c + 1:, c] / p[:, None]
-        Mat[:, c + 1:, c:] -= factor[:, :, None] * Mat[:, None, c, c:]
-        Rhs[:, c + 1:] -= factor[:, :, None] * Rhs[:, None, c]
-    X = _hp.zeros(Rhs.shape)
-    for c in range(N - 1, -1, -1):
-        acc = Rhs[:, c] - np.einsum("pj,pjm->pm", Mat[:, c, c + 1:], X[:, c + 1:]) if c + 1 < N else Rhs[:, c]
-        X[:, c] = acc / Mat[:, c, c][:, None]
-    return X
-
-
 def _drive(step, y0, a, b, h0, n, tol):
     """Adaptive panel loop; ``step(tn, h, y)`` returns the values at the panel's nodes."""
     xs, _, C, _ = _chebyshev(n)
@@ -200,7 +176,7 @@ def solve_linear(make_A, y0, a, b, h0=None, n=N_CHEB, tol=_hp.TOL, max_refinemen
             for a_ in range(k):
                 Mat[:, i, a_, i, a_] += 1
         Rhs = np.broadcast_to(y[:, None, :, :], (P, n + 1, k, m)).reshape(P, N, m).copy()
-        X = _eliminate(Mat.reshape(P, N, N), Rhs)
+        X = _hp.solve(Mat.reshape(P, N, N), Rhs)
         return np.transpose(X.reshape(P, n + 1, k, m), (1, 0, 2, 3))
     with _one_blas_thread():
         return _drive(step, y0, a, b, h0, n, tol)

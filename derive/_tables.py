@@ -11,7 +11,8 @@ moments M_p = int_s^t W'(r) x^p dr, and by parts
 
     M_0 = R_t - Psi(t,s) R_s,    M_p = R_t - p int_0^1 W(s + h x) x^(p-1) dx   (p >= 1),
 
-so only W (no R^-1, no G) is integrated, by adaptive Clenshaw-Curtis panels to 1e-40.
+so only W (no R^-1, no G) is integrated, by adaptive Clenshaw-Curtis panels to QUAD_TOL (1e-36
+relative per coordinate).
 """
 
 import numpy as np
@@ -40,7 +41,7 @@ def lagrange_monomials(nodes):
 
 
 def step_moments(deriv, s, t, p_max):
-    """M_p, p = 0..p_max, for the step s -> t: array [p_max+1, Pu, k, k]."""
+    """M_p, p = 0..p_max, for the step s -> t: array [p_max+1, n_distinct, k, k]."""
     h = t - s
     one = np.array([t], dtype=object)
     R_t = deriv.R(one)[0]
@@ -51,7 +52,7 @@ def step_moments(deriv, s, t, p_max):
     def W(xn, coords):
         rn = s + h * xn
         return deriv.psi(np.array([t], dtype=object), rn, coords) @ deriv.R(rn, coords)   # [M, I, k, k]
-    J = _ode.quad(W, gmpy2.mpfr(0), gmpy2.mpfr(1), deriv.Pu, tol=QUAD_TOL, powers=p_max)  # [Pu, p_max, k, k]
+    J = _ode.quad(W, gmpy2.mpfr(0), gmpy2.mpfr(1), deriv.n_distinct, tol=QUAD_TOL, powers=p_max)  # [n_distinct, p_max, k, k]
     J = np.swapaxes(J, 0, 1)
     M = np.concatenate([M0[None], np.stack([R_t - p * J[p - 1] for p in range(1, p_max + 1)])])
     return _zero_noise_free(deriv, M, axis=1)
@@ -69,7 +70,7 @@ def _zero_noise_free(deriv, M, axis):
 
 
 def combine(moments, nodes):
-    """Weights [len(nodes), Pu, k, k] of the outputs at ``nodes`` (x units) from the moments."""
+    """Weights [len(nodes), n_distinct, k, k] of the outputs at ``nodes`` (x units) from the moments."""
     a = lagrange_monomials(nodes)
     return np.stack([sum(a[j][p] * moments[p] for p in range(len(nodes))) for j in range(len(nodes))])
 
@@ -98,7 +99,7 @@ def stochastic_step(deriv, s, t, lam):
             rn = s - tau_n
             Gn = deriv.G(rn)
             return -(deriv.F(rn) + c * (Gn @ _hp.T(Gn)) @ _hp.inv(deriv.sigma(rn)))
-        sol = _ode.solve_linear(make_A, _hp.eye(deriv.k, (deriv.Pu,)), gmpy2.mpfr(0), s - t)
+        sol = _ode.solve_linear(make_A, _hp.eye(deriv.k, (deriv.n_distinct,)), gmpy2.mpfr(0), s - t)
         PsiHat = sol.panels[-1][-1]
     P = S_t - PsiHat @ S_s @ _hp.T(PsiHat)
     P = (P + _hp.T(P)) / 2
@@ -106,7 +107,7 @@ def stochastic_step(deriv, s, t, lam):
 
 
 def build(deriv, times, order, lam=None, corrector=False, moment_cache=None, weights=True):
-    """All table arrays at high precision, per distinct coordinate (axis Pu). Returns a dict.
+    """All table arrays at high precision, per distinct coordinate (axis n_distinct). Returns a dict.
 
     ``moment_cache`` (a dict) shares the step moments between calls on the same grid (the
     moments do not depend on the order: building orders 1-4 costs one quadrature per step).
@@ -114,14 +115,14 @@ def build(deriv, times, order, lam=None, corrector=False, moment_cache=None, wei
     """
     tt = _hp.array(times)
     N = len(times) - 1
-    k, Pu = deriv.k, deriv.Pu
+    k, n_distinct = deriv.k, deriv.n_distinct
     out = {"t": tt}
     out["psi"] = deriv.psi(tt[1:], tt[:-1])
     out["R"] = deriv.R(tt)
     out["sigma"] = deriv.sigma(tt)
     out["L"] = _hp.cholesky(out["sigma"], semidefinite=True)
-    eps_w = _hp.zeros((N, order, Pu, k, k))
-    corr_w = _hp.zeros((N, order + 1, Pu, k, k)) if corrector else None
+    eps_w = _hp.zeros((N, order, n_distinct, k, k))
+    corr_w = _hp.zeros((N, order + 1, n_distinct, k, k)) if corrector else None
     for i in range(N):
         s, t = tt[i], tt[i + 1]
         h = t - s
@@ -146,7 +147,7 @@ def build(deriv, times, order, lam=None, corrector=False, moment_cache=None, wei
     if corrector:
         out["corrector_weights"] = corr_w
     if lam is not None:
-        sde_w, chol = _hp.zeros((N, Pu, k, k)), _hp.zeros((N, Pu, k, k))
+        sde_w, chol = _hp.zeros((N, n_distinct, k, k)), _hp.zeros((N, n_distinct, k, k))
         for i in range(N):
             w, P = stochastic_step(deriv, tt[i], tt[i + 1], lam)
             sde_w[i], chol[i] = w, _hp.cholesky(P, semidefinite=True)
@@ -196,7 +197,7 @@ def dense(deriv, tol=1e-14, n=16):
         G = deriv.G(tn)
         S = deriv.sigma(tn)
         return np.stack([deriv.F(tn), G @ _hp.T(G), deriv.R(tn), _hp.cholesky(S, semidefinite=True),
-                         deriv.data_to_state(tn)], axis=1)                  # [n+1, 5, Pu, k, k]
+                         deriv.data_to_state(tn)], axis=1)                  # [n+1, 5, n_distinct, k, k]
     edges, values = _ode.interpolate(fn, _hp.mpf(deriv.spec.t_min), _hp.mpf(deriv.spec.T), n=n, tol=tol)
     xs = _ode._chebyshev(n)[0]
     idx = deriv.coord_index

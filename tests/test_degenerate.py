@@ -97,7 +97,7 @@ def ihd():
 def test_ihd_dc_is_exact_and_top_is_huge(ihd):
     d, tab = ihd
     deriv = d.derivation
-    assert deriv.noise_free.tolist() == [True] + [False] * (deriv.Pu - 1)
+    assert deriv.noise_free.tolist() == [True] + [False] * (deriv.n_distinct - 1)
     W, psi = tab.tensors["eps_weights"], tab.tensors["psi"]
     assert np.all(W[:, :, 0] == 0) and np.all(psi[:, 0] == 1)        # DC: no drift, no noise
     assert all(np.all(W[i, :min(3, i + 1), 1:] != 0) for i in range(len(W)))   # lags in use

@@ -109,9 +109,9 @@ def test_expm_matches_mpmath(k, scale, seed):
     A = A * _hp.mpf(scale) / max(k, 1)
     E = _hp.expm(A[None])[0]
     with mpmath.workprec(300):
-        ref = mpmath.expm(mpmath.matrix([[mpmath.mpf(str(v)) for v in row] for row in A.tolist()]), method="taylor")
+        ref = mpmath.expm(mpmath.matrix([[_hp.to_mpmath(v) for v in row] for row in A.tolist()]), method="taylor")
         size = max(abs(ref[i, j]) for i in range(k) for j in range(k))
-        err = max(abs(mpmath.mpf(str(E[i, j])) - ref[i, j]) for i in range(k) for j in range(k))
+        err = max(abs(_hp.to_mpmath(E[i, j]) - ref[i, j]) for i in range(k) for j in range(k))
     assert err <= size * mpmath.mpf(10) ** -50, float(err / size)
 
 
@@ -187,3 +187,34 @@ def test_coefficient_infinite_at_zero(name):
         T = _hp.array([tv])
         np.testing.assert_allclose(_hp.to_float64(deriv.sigma(T)[0, 0]), ref.sigma(tv), rtol=1e-9)
         np.testing.assert_allclose(_hp.to_float64(deriv.R(T)[0, 0]), ref.R(tv), rtol=1e-9)
+
+
+@pytest.mark.slow
+def test_coefficient_infinite_at_zero_full_check():
+    """The 45-digit reference starts in u = t^(1/6) too (it raised ZeroDivisionError at t = 0)."""
+    with _WallLimit(WALL_LIMIT_S):
+        d = derive(SINGULAR["k2"])
+        tab = d.table(nfe=5, order=2, grid="uniform", verify="none")
+        report = check_table(d.spec, tab.tensors, tab.meta, level="full")
+    assert report.passed, report.text()
+
+
+@settings(max_examples=20, deadline=None)
+@given(k=st.integers(1, 6), m=st.integers(1, 3), seed=st.integers(0, 10 ** 6))
+def test_pivoting_solver_matches_mpmath(k, m, seed):
+    """_hp.solve (the one pivoting solver: inverses and the collocation fallback) against mpmath's
+    LU solve, on matrices with a zero leading entry (pivoting needed)."""
+    rng = np.random.default_rng(seed)
+    conv = np.vectorize(lambda v: _hp.mpf(Fraction(int(v), 8)), otypes=[object])
+    A = conv(rng.integers(-16, 17, (k, k)))
+    A[0, 0] = _hp.mpf(0)
+    A = A + np.diag(conv(np.full(k, 40)))[::-1]           # nonsingular, large anti-diagonal
+    Rhs = conv(rng.integers(-16, 17, (k, m)))
+    X = _hp.solve(A[None], Rhs[None])[0]
+    with mpmath.workprec(300):
+        Am = mpmath.matrix([[_hp.to_mpmath(v) for v in row] for row in A.tolist()])
+        for j in range(m):
+            ref = mpmath.lu_solve(Am, mpmath.matrix([_hp.to_mpmath(v) for v in Rhs[:, j]]))
+            err = max(abs(_hp.to_mpmath(X[i, j]) - ref[i]) for i in range(k))
+            assert err <= mpmath.mpf(10) ** -55 * max(1, max(abs(v) for v in ref))
+    np.testing.assert_array_equal(_hp.inv(A[None])[0], _hp.solve(A[None], _hp.eye(k)[None])[0])

@@ -15,7 +15,7 @@ import sympy as sp
 from ._evaluate import _compiled, mp_matrix, np_matrix
 
 DPS = 45          # >= 40 significant digits in every reference value
-ROOT_POWER = 6    # float64 solves in u = t^(1/6) when a coefficient is infinite at t = 0
+ROOT_POWER = 6    # solves in u = t^(1/6) when a coefficient is infinite at t = 0
 U0 = 1e-12        # ... starting at u = U0 u(t_min) (t = 1e-72 t_min for t_min = 1e-3)
 
 
@@ -77,6 +77,7 @@ class MpReference:
     def __init__(self, spec, lam=None, dps=DPS, tick=None):
         self.spec, self.k, self.dps = spec, spec.k, dps
         self.tick = tick or (lambda: None)      # called in every right-hand side and integrand
+        self._back = {}                         # t -> Psi(t, r) for r >= t (odefun)
         # A marginal-form spec with a per-coordinate basis (BDM: 1024 frequencies) is checked
         # against its defining formulas (Psi = mean_t / mean_s, Sigma = std^2, R = std) instead of
         # ODE solves, which cost minutes per frequency there; weights still by direct quadrature.
@@ -91,20 +92,31 @@ class MpReference:
             if self.direct:
                 self.Sigma0 = mp_matrix(spec.Sigma0, t=mpmath.mpf(0), **self.env)
                 return
-            self._phi = mpmath.odefun(lambda t, y: self._ticked(_vec(self.F(t) * _mat(k, y))), 0, _vec(mpmath.eye(k)))
             self.Sigma0 = mp_matrix(spec.Sigma0, t=mpmath.mpf(0), **self.env)
+            self._m = 1 if _finite_at_zero(self.F, self.G, mpmath.mpf(0)) else ROOT_POWER
+            self._phi = self._from_zero(lambda t, y: self._ticked(_vec(self.F(t) * _mat(k, y))), _vec(mpmath.eye(k)))
 
             def lyap(t, y):
                 self.tick()
                 S, F, G = _mat(k, y), self.F(t), self.G(t)
                 return _vec(F * S + S * F.T + G * G.T)
-            self._sigma = mpmath.odefun(lyap, 0, _vec(self.Sigma0))
+            self._sigma = self._from_zero(lyap, _vec(self.Sigma0))
             if k > 1:
                 def rode(t, y):
                     self.tick()
                     R, F, G = _mat(k, y), self.F(t), self.G(t)
                     return _vec(F * R + G * G.T * mpmath.inverse(R).T / 2)
-                self._R = mpmath.odefun(rode, 0, _vec(R0_of(spec, self.Sigma0)))
+                self._R = self._from_zero(rode, _vec(R0_of(spec, self.Sigma0)))
+
+    def _from_zero(self, rhs, y0):
+        """t -> y(t) of y' = rhs(t, y), y(0) = y0 by mpmath.odefun (Taylor series). A coefficient
+        infinite at t = 0 (integrable, like 1/sqrt(t)): in u = t^(1/m), dy/du = m u^(m-1) rhs(u^m, y),
+        bounded, started at u0 = 1e-16 (t0 = 1e-96: the state moves by O(t0^(1/2)) there)."""
+        if self._m == 1:
+            return mpmath.odefun(rhs, 0, y0)
+        m = self._m
+        sol = mpmath.odefun(lambda u, y: [m * u ** (m - 1) * v for v in rhs(u ** m, y)], mpmath.mpf("1e-16"), y0)
+        return lambda t: sol(mpmath.root(t, m))
 
     def _ticked(self, value):
         self.tick()
@@ -125,7 +137,16 @@ class MpReference:
         return _mat(self.k, self._phi(t))
 
     def psi(self, t, s):
-        return self.phi(t) * mpmath.inverse(self.phi(s))
+        """Psi(t, s); for s >= t (every sampling step) from its own ODE in r started at t,
+        dPsi(t, r)/dr = -Psi(t, r) F(r): Phi(t) Phi(s)^-1 would lose the digits of cond(Phi(s)),
+        exp(|lambda_max - lambda_min| s) for a stiff F (20 of 45 digits for over-damped CLD)."""
+        if self.direct or s < t:
+            return self.phi(t) * mpmath.inverse(self.phi(s))
+        if t not in self._back:
+            k = self.k
+            self._back[t] = mpmath.odefun(lambda r, y: self._ticked(_vec(-(_mat(k, y) * self.F(r)))), t,
+                                          _vec(mpmath.eye(k)))
+        return _mat(self.k, self._back[t](s))
 
     def sigma(self, t):
         if self.direct:
@@ -154,7 +175,7 @@ class MpReference:
                 g2 = sum(G[0, j] ** 2 for j in range(G.cols))
                 W = mpmath.matrix([[Phi_t[0, 0] / self.phi(r)[0, 0] * g2 / self.R(r)[0, 0] / 2]])
             else:
-                W = Phi_t * mpmath.inverse(self.phi(r)) * G * G.T * mpmath.inverse(self.R(r)).T / 2
+                W = self.psi(t, r) * G * G.T * mpmath.inverse(self.R(r)).T / 2
             return [W * l for l in lagrange_weights_at(r, node_times)]
         return _gl_vector(integrand, s, t, len(node_times), k)
 
@@ -179,6 +200,17 @@ class MpReference:
         y = sol(s - t)
         PsiHat, P = _mat(k, y[:n]), _mat(k, y[n:2 * n])
         return (PsiHat - self.psi(t, s)) * self.R(s), P
+
+
+def _finite_at_zero(F, G, zero):
+    """F(0) and G(0) finite: the solves start at t = 0; else (a coefficient like 1/sqrt(t),
+    integrable but infinite at 0) they run in u = t^(1/ROOT_POWER)."""
+    try:
+        values = list(np.ravel(np.array(F(zero).tolist(), dtype=object))) + \
+            list(np.ravel(np.array(G(zero).tolist(), dtype=object)))
+        return all(mpmath.isfinite(v) for v in values)
+    except (ZeroDivisionError, OverflowError, ValueError, FloatingPointError, TypeError):
+        return False
 
 
 def _gl_vector(integrand, a, b, n_out, k, degree=4):
@@ -238,7 +270,7 @@ class ScipyReference:
             return np.concatenate(out)
         y0 = np.concatenate([S0.ravel(), np.eye(k).ravel()] + ([R0.ravel()] if k > 1 else []))
         ts = np.sort(np.asarray(times, dtype=float))
-        self._m = 1 if self._finite_at_zero() else ROOT_POWER
+        self._m = 1 if _finite_at_zero(self.F, self.G, 0.0) else ROOT_POWER
         m = self._m
         if m > 1:                              # in u with t = u^m: dy/du = m u^(m-1) rhs(u^m, y)
             inner = rhs
@@ -254,14 +286,6 @@ class ScipyReference:
         second = solve_ivp(rhs, (u_stiff, u_end), first.y[:, -1], method="DOP853", rtol=1e-13, atol=1e-16,
                            dense_output=True)
         self._parts = [(0.0, u_stiff, first.sol), (u_stiff, u_end, second.sol)]
-
-    def _finite_at_zero(self):
-        """F(0) and G(0) finite: the solves start at t = 0; else (a coefficient like 1/sqrt(t),
-        integrable but infinite at 0) they run in u = t^(1/ROOT_POWER)."""
-        try:
-            return bool(np.all(np.isfinite(self.F(0.0))) and np.all(np.isfinite(self.G(0.0))))
-        except (ZeroDivisionError, OverflowError, ValueError, FloatingPointError):
-            return False
 
     def F(self, t):
         return self._Fc(dict(self.env, t=float(t)))
