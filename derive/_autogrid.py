@@ -19,9 +19,17 @@ e_0^T D^-1 (I - Sigma S^-1)), one proxy's error density is
     g(t) = | e_0^T D^-1 (I - Sigma S^-1) |_{t_min} Phi_S(t_min, t) K_t d^q/dt^q [R^T S^-1 Phi_S(t, T)] R_T |
 
 (Frobenius norm over the k prior directions), summed over the proxies and over a spread of
-basis coordinates. Minimising sum_i g(t_i) h_i^(q+1) with N steps gives h ~ g^(-1/(q+1)):
+basis coordinates (up to 8, both ends of the spectrum). With a basis the proxies' variance at
+frequency lam_p is c^2 lam_1 / (lam_1 + lam_p) (``spectral_prior``: the 1/f^2 spectrum of
+natural images; equal variance at every frequency would hand the steps to high frequencies
+whose errors the un-blurring flow amplifies, for data that has no power there). Minimising sum_i g(t_i) h_i^(q+1) with N steps gives h ~ g^(-1/(q+1)):
 the grid equidistributes the density g^(1/(q+1)) (floored at 1e-3 of its mean, so that no
-stretch of [t_min, T] is left without steps).
+stretch of [t_min, T] is left without steps), normalised and averaged half and half with the
+quadratic grid's density 1/sqrt(t) (QUADRATIC_SHARE). Why the half: Gaussian proxies have one
+mode, so they see nothing of the decisions between the modes of multimodal data, which in
+many dimensions happen at high noise (large t); with the proxies alone the first step from T
+was too long and BDM images (3 x 8 x 8) ended 1.4-2x behind the quadratic grid at NFE 10-20,
+VP rings 1.5x (validation/results/auto.md). Shares 0.3 and 0.5 were measured; 0.5 kept.
 
 Computation: on a fine candidate grid (768 intervals uniform in log t + 4 t / T) in MPFR (``_hp``): Phi_S in closed form for k = 1 (sqrt(S_t / S_s)), for k > 1 by
 the trapezoid rule on u_t = Psi(t,s) u_s + int_s^t Psi(t,r) 1/2 G G^T S^-1 u_r dr with
@@ -42,6 +50,8 @@ PROXY_VARIANCES = ("1e-4", "1e-3", "1e-2", "1e-1", "1")      # data variance c^2
 N_CANDIDATE = 768            # intervals of the candidate grid
 SLOPE = 4                    # w(t) = log t + SLOPE t / T: the candidate grid's variable
 MAX_COORDS = 8               # basis coordinates used (spread over the sorted frequency values)
+COMBINE = "sum"              # basis coordinates: "sum" of absolute errors | "normalised" equal shares
+QUADRATIC_SHARE = gmpy2.mpfr(1) / 2   # of the steps placed by the quadratic grid's density (see docstring)
 DENSITY_FLOOR = gmpy2.mpfr("1e-3")   # relative to the mean density
 
 
@@ -79,6 +89,19 @@ def _coords(deriv):
     return np.array(pick)
 
 
+def spectral_prior(deriv, coords):
+    """Relative data variance per basis coordinate: lam_1 / (lam_1 + lam_p), lam_1 the smallest
+    non-zero frequency value (1 without a basis): the 1/f^2 power spectrum of natural images,
+    which blurring processes (dct2d bases) are built for."""
+    if deriv.coord_values is None:
+        return np.array([gmpy2.mpfr(1)] * len(coords), dtype=object)
+    vals = [v for v in deriv.coord_values if v > 0]
+    if not vals:
+        return np.array([gmpy2.mpfr(1)] * len(coords), dtype=object)
+    lam1 = min(vals)
+    return np.array([lam1 / (lam1 + abs(deriv.coord_values[p])) for p in coords], dtype=object)
+
+
 def proxy_paths(deriv, tt, coords):
     """The proxies along the candidate times ``tt`` (increasing): a dict of [M, B, k, k] arrays
     (batch B = proxy-major over (variance, coordinate)): Sigma, S, S^-1, R, D, G G^T and
@@ -94,7 +117,7 @@ def proxy_paths(deriv, tt, coords):
     V = len(variances)
     rep = lambda X: np.concatenate([X] * V, axis=1)
     Sig, R, D, GG = rep(Sig), rep(R), rep(D), rep(GG)
-    cvec = np.repeat(np.array(variances, dtype=object), n_c)            # [B]
+    cvec = np.repeat(np.array(variances, dtype=object), n_c) * np.tile(spectral_prior(deriv, coords), V)   # [B]
     d = D[..., :, :1]                                                    # [M, B, k, 1]
     S = Sig + cvec[None, :, None, None] * (d @ _hp.T(d))
     Sinv = _hp.inv(S)
@@ -114,8 +137,9 @@ def proxy_paths(deriv, tt, coords):
     return {"Sigma": Sig, "S": S, "Sinv": Sinv, "R": R, "D": D, "GG": GG, "Y": Y, "variance": cvec}
 
 
-def error_density(deriv, order, tt=None):
-    """(times [M] increasing, density [M]): the summed proxy error density g(t) at each time."""
+def error_density(deriv, order, tt=None, per_coord=False):
+    """(times [M] increasing, density [M]): the summed proxy error density g(t) at each time
+    (per_coord: [M, C], summed over the proxies of each of the C basis coordinates used)."""
     spec = deriv.spec
     tt = candidate_grid(spec.t_min, spec.T) if tt is None else tt
     k, M = deriv.k, len(tt)
@@ -134,8 +158,11 @@ def error_density(deriv, order, tt=None):
     idx = np.arange(lo, lo + M - q)
     g = out_map[idx] @ K[idx] @ deriv_q                                  # [M - q, B, 1, k]
     norm2 = np.sum(g * g, axis=(2, 3))                                   # [M - q, B]
-    dens = np.array([sum((_hp.SQRT(v) for v in row), gmpy2.mpfr(0)) for row in norm2], dtype=object)
-    full = np.empty(M, dtype=object)
+    norm = _hp._apply(_hp.SQRT, norm2)                                   # [M - q, B]
+    n_c = norm.shape[1] // len(PROXY_VARIANCES)
+    by_coord = norm.reshape(len(norm), len(PROXY_VARIANCES), n_c).sum(axis=1)          # [M - q, C]
+    dens = by_coord if per_coord else by_coord.sum(axis=1)
+    full = np.empty((M,) + dens.shape[1:], dtype=object)
     full[idx] = dens
     full[:lo] = dens[0]
     full[lo + M - q:] = dens[-1]
@@ -150,13 +177,39 @@ def _divided(Yv, tt, q):
     return np.array(cur, dtype=object).reshape((len(cur),) + Yv.shape[1:]) * math.factorial(q)
 
 
+def _root(dens, order):
+    return np.array([gmpy2.root(v, order + 1) if v > 0 else gmpy2.mpfr(0) for v in np.ravel(dens)],
+                    dtype=object).reshape(np.shape(dens))
+
+
 def grid_from_density(tt, dens, order, n_steps):
     """Float64 times [N+1] decreasing from T to t_min equidistributing dens^(1/(order+1))."""
-    w = np.array([gmpy2.root(v, order + 1) if v > 0 else gmpy2.mpfr(0) for v in dens], dtype=object)
+    return grid_from_weights(tt, _root(dens, order), n_steps)
+
+
+def coordinate_weights(tt, dens, order):
+    """Each basis coordinate's optimal step density g_p^(1/(q+1)), normalised to unit integral, summed:
+    every coordinate gets an equal share of the steps, where its own proxies need them."""
+    w = _root(dens, order)                                               # [M, C]
+    out = np.array([gmpy2.mpfr(0)] * len(tt), dtype=object)
+    for p in range(w.shape[1]):
+        col = w[:, p]
+        total = _cumulative(tt, col)[-1]
+        if total > 0:
+            out = out + col / total
+    return out
+
+
+def grid_from_weights(tt, w, n_steps):
+    """Float64 times [N+1] decreasing from T to t_min equidistributing the step density w [M] on tt."""
+    w = np.asarray(w, dtype=object)
     mean = sum(w, gmpy2.mpfr(0)) / len(w)
     if not mean > 0:
         raise SpecError("--grid", "grid", "auto grid: zero local-error estimate (no noise on any coordinate?)")
     w = np.array([max(v, mean * DENSITY_FLOOR) for v in w], dtype=object)
+    if QUADRATIC_SHARE > 0:                  # a share of the steps on the quadratic grid's density 1/sqrt(t)
+        quad = np.array([1 / gmpy2.sqrt(v) for v in tt], dtype=object)
+        w = w / _cumulative(tt, w)[-1] * (1 - QUADRATIC_SHARE) + quad / _cumulative(tt, quad)[-1] * QUADRATIC_SHARE
     cum = [gmpy2.mpfr(0)]
     for m in range(len(tt) - 1):
         cum.append(cum[-1] + (w[m] + w[m + 1]) / 2 * (tt[m + 1] - tt[m]))
@@ -176,9 +229,17 @@ def grid_from_density(tt, dens, order, n_steps):
 
 
 def make_auto_grid(deriv, n_steps, order):
-    """The auto grid for ``n_steps`` steps of the order-``order`` sampler (float64, decreasing)."""
-    tt, dens = error_density(deriv, order)
-    return grid_from_density(tt, dens, order, n_steps)
+    """The auto grid for ``n_steps`` steps of the order-``order`` sampler (float64, decreasing).
+
+    One coordinate (no basis): equidistribute g^(1/(q+1)). Several basis coordinates: their own
+    optimal densities, each normalised, summed (``coordinate_weights``): the proxies' data variance is
+    the same at every frequency, which no real data set has (images: power falling with frequency),
+    so summing absolute errors would hand every step to the frequencies where the un-blurring
+    flow amplifies errors of data that is not there."""
+    tt, dens = error_density(deriv, order, per_coord=COMBINE == "normalised")
+    if COMBINE == "sum" or dens.shape[1] == 1:
+        return grid_from_density(tt, dens if COMBINE == "sum" else dens[:, 0], order, n_steps)
+    return grid_from_weights(tt, coordinate_weights(tt, dens, order), n_steps)
 
 
 def _cumulative(tt, dens):
@@ -186,42 +247,3 @@ def _cumulative(tt, dens):
     for m in range(len(tt) - 1):
         cum.append(cum[-1] + (dens[m] + dens[m + 1]) / 2 * (tt[m + 1] - tt[m]))
     return cum
-
-
-def _at(tt, cum, x):
-    """Piecewise-linear interpolation of ``cum`` (on increasing ``tt``) at x."""
-    x = _hp.mpf(x)
-    lo, hi = 0, len(tt) - 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if tt[mid] <= x:
-            lo = mid
-        else:
-            hi = mid
-    return cum[lo] + (cum[hi] - cum[lo]) * (x - tt[lo]) / (tt[hi] - tt[lo])
-
-
-def _node_integral(nodes):
-    """|int_0^1 prod_j (x - x_j) dx| for the step's nodes x_j (in units of its step)."""
-    poly = [gmpy2.mpfr(1)]
-    for xj in nodes:
-        poly = [(poly[p - 1] if p > 0 else 0) - xj * (poly[p] if p < len(poly) else 0) for p in range(len(poly) + 1)]
-    return abs(sum((c / (p + 1) for p, c in enumerate(poly)), gmpy2.mpfr(0)))
-
-
-def predicted_error(densities, times, order):
-    """Sum over steps of the modelled local error, propagated to the data (see module docstring):
-    step i of order q_i = min(order, i + 1) errs by mean_step(g_{q_i}) / q_i! |int prod (r - t_{i-j}) dr|.
-
-    densities: {q: (tt, g_q)} from ``error_density``; times: the grid, decreasing."""
-    total = gmpy2.mpfr(0)
-    cums = {q: (tt, _cumulative(tt, g)) for q, (tt, g) in densities.items()}
-    for i in range(len(times) - 1):
-        q = min(order, i + 1)
-        tt, cum = cums[q]
-        s, t = _hp.mpf(times[i]), _hp.mpf(times[i + 1])
-        h = t - s
-        mean_g = (_at(tt, cum, s) - _at(tt, cum, t)) / (s - t)
-        nodes = [(_hp.mpf(times[i - j]) - s) / h for j in range(q)]
-        total += mean_g / math.factorial(q) * abs(h) ** (q + 1) * _node_integral(nodes)
-    return total

@@ -146,4 +146,6 @@ def test_proxy_flow_matches_dopri5(derived, name):
     mix = MixtureScore(torch.zeros((1, 1), dtype=torch.float64), [float(c2) ** 0.5])
     ref = gr.sample(DenseModel(mix, dense), base, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
                     rtol=1e-11, atol=1e-11, dtype=torch.float64, denoise=False)[:, :, 0].T    # column j: from e_j
-    assert torch.allclose(Y0, ref, rtol=0, atol=1e-4 * float(ref.abs().max())), (Y0, ref)
+    # 1e-2: the trapezoid's O(h^2) error on the 768 candidate intervals (2e-3 measured on CLD); the grid
+    # needs the error density to a few per cent, a wrong flow (a dropped or sign-flipped term) is off by O(1)
+    assert torch.allclose(Y0, ref, rtol=0, atol=1e-2 * float(ref.abs().max())), (Y0, ref)

@@ -35,10 +35,10 @@ GRIDS = ("auto", "uniform", "quadratic", "power:3", "logsnr", "edm")
 REF_TOL = 1e-8
 # setup -> (spec, data builder, samples, dct basis size)
 SETUPS = {"vp": ("vp_linear", bench.rings, 1000, None), "cld": ("cld", bench.rings, 1000, None),
-          "bdm": ("bdm", lambda: bench.images(16), 64, (16, 16))}
+          "bdm": ("bdm", lambda: bench.images(16), 64, (16, 16)), "bdm8": ("bdm", lambda: bench.images(8), 64, (8, 8))}
 
 
-def run(setup, nfes, rows, log, grids=GRIDS, orders=ORDERS, batch=None):
+def run(setup, nfes, rows, log, grids=GRIDS, orders=ORDERS, batch=None, cache=None):
     spec_name, data_fn, n, basis_size = SETUPS[setup]
     batch = batch or n
     means, stds = data_fn()
@@ -53,9 +53,16 @@ def run(setup, nfes, rows, log, grids=GRIDS, orders=ORDERS, batch=None):
     z = torch.randn((batch, k) + data_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     to_coef, from_coef = (gr.dct2, gr.idct2) if basis[0] == "dct2d" else ((lambda x: x),) * 2
     x_T = from_coef(gr.block_apply(t_ref.tensors["R"][0], to_coef(z), basis))
-    ref, info = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
-                          rtol=REF_TOL, atol=REF_TOL, dtype=torch.float64, denoise=False, return_info=True)
-    ref = bench.denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch)))
+    path = None if cache is None else Path(cache) / f"bench_auto_ref_{setup}_{batch}.pt"
+    if path is not None and path.is_file():                 # the reference of an earlier run (same noise)
+        ref, info = torch.load(path), {"nfe": "cached"}
+    else:
+        ref, info = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
+                              rtol=REF_TOL, atol=REF_TOL, dtype=torch.float64, denoise=False, return_info=True)
+        ref = bench.denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch)))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(ref, path)
     floor = bench.component_fd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)), means, stds)[0]
     label = "rings" if data_shape == (2,) else "images " + "x".join(map(str, data_shape))
     log(f"{setup} ({label}, {batch} samples): reference dopri5 NFE {info['nfe']}, "
@@ -120,7 +127,8 @@ def full_table(rows, setup):
 
 
 def read_csv(paths):
-    rows = []
+    """Rows of earlier runs; a (setup, NFE, grid, order) row of a later file replaces an earlier one."""
+    rows = {}
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
@@ -128,8 +136,8 @@ def read_csv(paths):
                     r[key] = int(r[key])
                 for key in ("endpoint_error", "cfd", "cfd_floor", "grid_seconds"):
                     r[key] = float(r[key])
-                rows.append(r)
-    return rows
+                rows[(r["setup"], r["nfe"], r["grid"], r["order"])] = r
+    return list(rows.values())
 
 
 def markdown(rows, command, seconds=None):
@@ -156,6 +164,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="samples per setup (default: per setup, see SETUPS)")
     p.add_argument("--csv", default=None, help="write every row to this CSV file")
     p.add_argument("--out", default=None, help="write the markdown report here (e.g. validation/results/auto.md)")
+    p.add_argument("--cache", default=None, help="folder for the dopri5 references (reused by later runs)")
     p.add_argument("--from-csv", nargs="+", default=None, help="render the report from these CSV files, run nothing")
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -164,7 +173,8 @@ def main(argv=None):
     else:
         rows = []
         for setup in args.setups:
-            run(setup, args.nfe, rows, lambda *a: print(*a, flush=True), grids=args.grids, batch=args.batch)
+            run(setup, args.nfe, rows, lambda *a: print(*a, flush=True), grids=args.grids, batch=args.batch,
+                cache=args.cache)
     seconds = None if args.from_csv else time.perf_counter() - start
     print(summary(rows))
     if args.csv and not args.from_csv:
