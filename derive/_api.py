@@ -118,7 +118,7 @@ class DenseTable:
         return f"{self.spec.name}_dense.safetensors"
 
     def to_bytes(self):
-        return table_bytes(self.tensors, self.meta, kind=DENSE_FORMAT)
+        return table_bytes(self.tensors, self.meta, file_format=DENSE_FORMAT)
 
     def save(self, folder):
         write_folder(folder, {self.filename: self.to_bytes()})

@@ -38,12 +38,12 @@ def atomic_write(path, data):
         raise
 
 
-def table_bytes(tensors, meta, kind=FORMAT):
+def table_bytes(tensors, meta, file_format=FORMAT):
     """Serialise float64 tensors + metadata (deterministic: sorted keys, fixed separators)."""
     from safetensors.numpy import save
     tensors = {name: np.ascontiguousarray(a, dtype=np.float64).copy() for name, a in tensors.items()}
     meta_json = json.dumps(meta, sort_keys=True, separators=(",", ":"))
-    header = {"format": kind, "format_version": str(FORMAT_VERSION), "meta": meta_json,
+    header = {"format": file_format, "format_version": str(FORMAT_VERSION), "meta": meta_json,
               "content_sha256": content_hash(tensors, meta_json)}
     return save(dict(sorted(tensors.items())), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
 
@@ -58,9 +58,9 @@ def _file_entry(path, data):
     name = path.name
     if name.endswith(".safetensors"):
         problems = []
-        for kind, label in ((FORMAT, "table"), (DENSE_FORMAT, "dense")):
+        for file_format, label in ((FORMAT, "table"), (DENSE_FORMAT, "dense")):
             try:
-                _, meta = read_table(path, kind=kind)
+                _, meta = read_table(path, kind=file_format)
             except TableError as exc:
                 problems.append(str(exc).split(": ", 1)[-1])
                 continue
