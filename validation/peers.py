@@ -1,18 +1,36 @@
 """Peers for VP inside the benchmark: diffusers' schedulers on the same continuous process as gDDIM.
 
-    python -m validation.bench --peers          # -> validation/results/peers.md and peers.csv
+    python -m validation.peers            # every configuration -> validation/results/peers.md, peers.csv
+    python -m validation.peers --quick    # the decisive ones of the committed run, fewer samples -> peers_quick.*
+    python -m validation.bench --peers [--quick]   # the same
 
 Process: a VP spec (default ``vp_linear``: alpha_bar(t) = mean_t^2, t from T = 1 down to t_min = 1e-3).
 Diffusers works on 1000 discrete steps; they are put on the same continuous process by
 ``trained_betas`` such that alphas_cumprod[i] = alpha_bar((i + 1) / 1000) (from the spec's own
 mean, MPFR rounded once; diffusers keeps betas in float32, so its alphas_cumprod differ from these
 by ~1e-7 relative) and a model that maps timestep tau to t = (tau + 1) / 1000 (tau = 0 is t_min,
-tau = 999 is T, fractional tau of Karras/Lu/exponential schedules likewise). The model is the
-exact eps of the data at that t (``validation.exact.MixtureScore`` with the spec's D_t, Sigma_t),
-so every difference is discretisation error. Same prior noise x_T = sqrt(1 - alpha_bar(T)) z for
-every sampler; the model calls are counted, not assumed (NFE = calls; gDDIM's NFE includes its
-final denoising evaluation, diffusers' multistep schedulers jump to clean data in their last step
-without an extra call).
+tau = 999 is T; Karras/Lu/exponential schedules round or truncate tau to integers, their sigmas
+stay fractional: diffusers' own behaviour). The model is the exact eps of the data at that t
+(``validation.exact.MixtureScore`` with the spec's D_t, Sigma_t), so every difference is
+discretisation error. Same prior noise x_T = sqrt(1 - alpha_bar(T)) z for every sampler; the model
+calls are counted, not assumed (NFE = calls).
+
+What each sampler's output is compared with (the endpoint error): the exact probability-flow solution
+from the same noise to t_min (dopri5 at 1e-9), then
+  - for a clean output, E[x_0 | u_t_min] (the final denoising every gDDIM table takes as its NFE-th
+    call; diffusers' final_sigmas_type="zero" jumps to clean data in its last step; DDIM with
+    set_alpha_to_one ends at alpha = 1);
+  - for a noisy output, u_t_min itself. final_sigmas_type="sigma_min" and every DEIS schedule end on
+    the noisy state at sigma(t_min) (Karras/exponential sigmas with a zero-length last step
+    sigma_min -> sigma_min). Until this run they were compared with E[x_0 | u_t_min], which is
+    ~1.1e-3 per coordinate away from u_t_min on these data (mode std 0.1, sigma(t_min) = 0.0105):
+    UniPC-2 (default spacing, sigma_min) on the images at NFE 20 scored 1.9e-4 there because its
+    last, long data-prediction step (t 0.051 -> 0.001) shrinks the deviation from the mode by about
+    what the denoising does; against the state it actually approximates its error is 1.05e-3.
+  - "+denoise" variants: the noisy ending turned into clean data inside the same budget, like gDDIM:
+    x_0 = (x - sigma eps(x, t_min)) / alpha; where the last step has zero length its call (already
+    at t_min) is reused, otherwise the scheduler gets NFE - 1 steps and the denoising is the NFE-th
+    call. Both are reported; the best of all is taken.
 
 Peers (diffusers 0.42.1), each with every variant below, the best variant per metric reported:
   DDIM                 timestep_spacing leading (diffusers' default) / trailing / linspace;
@@ -23,13 +41,15 @@ Peers (diffusers 0.42.1), each with every variant below, the best variant per me
                        final_sigmas_type
   DEIS 3               sigmas default (3 spacings), Karras, exponential; lower_order_final (DEIS
                        lowers the order of its last step only below 15 steps)
-Ours: deterministic gDDIM, orders 1-4 on the grids quadratic, logsnr and edm (rho = 7), the
-configurations the toolkit offers today; NFE = steps + the final denoising evaluation.
+Ours: deterministic gDDIM from derive's API tables (``derive.derive(spec).table``) and the runtime:
+form eps (``gddim``), eps + Adams-Moulton corrector (``gddim_pc``), data prediction (``gddim_x0``,
+for VP with variable logsnr = DPM-Solver++) and its UniC-style corrector (``gddim_x0_pc``); the
+multistep variable t, rho or logsnr; orders 1-4; grids quadratic, logsnr, edm (rho = 7) and auto
+(derive/_autogrid.py); NFE = steps + the final denoising evaluation, correctors reuse the next call.
 
 Data: the 2-D rings, the 4-mode image mixture (3 x 16 x 16) and a 64-D mixture of 10 components
 with unequal weights and spreads (``mixture64``). Metrics as in validation.bench: endpoint error
-against the exact probability-flow solution from the same noise followed by E[x_0 | u_t_min]
-(dopri5 at 1e-9), and the component Frechet distance (CFD) with its Monte-Carlo floor.
+(above) and the component Frechet distance (CFD) with its Monte-Carlo floor.
 """
 
 import csv
@@ -48,9 +68,13 @@ from .bench import Tables, component_fd, denoise, images, rings
 from .exact import DenseModel, MixtureScore, TableModel
 
 NFES = (5, 10, 20)
-GRIDS = ("quadratic", "logsnr", "edm")
+GRIDS = ("quadratic", "logsnr", "edm", "auto")
 ORDERS = (1, 2, 3, 4)
+VARIABLES = ("t", "rho", "logsnr")
+FORMS = {"gddim": "eps", "gddim_pc": "eps+pc", "gddim_x0": "x0", "gddim_x0_pc": "x0+pc"}
+OUR_DEFAULT = "eps t q3 quadratic"                          # the paper's sampler, the toolkit's default table
 N_TRAIN = 1000
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def mixture64(dim=64, C=10, seed=7):
@@ -72,7 +96,11 @@ class VPModel:
     """eps(x, tau) for diffusers: the exact eps of the data at t = (tau + 1) / 1000; counts calls."""
 
     def __init__(self, mix, deriv):
-        self.mix, self.deriv, self.calls, self._c = mix, deriv, 0, {}
+        self.mix, self.deriv, self.calls = mix, deriv, 0
+        tt = [(i + 1) / N_TRAIN for i in range(N_TRAIN)]        # every integer tau at once (MPFR, rounded once)
+        D = torch.from_numpy(_hp.to_float64(deriv.data_to_state(_hp.array(tt)), "D"))
+        S = torch.from_numpy(_hp.to_float64(deriv.sigma(_hp.array(tt)), "sigma"))
+        self._c = {t: (D[i], S[i]) for i, t in enumerate(tt)}
 
     def coefficients(self, t):
         if t not in self._c:
@@ -132,34 +160,109 @@ DEFAULTS = {"DDIM": "spacing=leading", "DPM-Solver++ 2M": "default linspace lof=
             "UniPC-3": "bh2 default linspace lof=True final=zero", "DEIS-3": "default linspace lof=True"}
 
 
-def run_scheduler(cls_name, kw, betas, model, x_T, nfe):
+def _scheduler(cls_name, kw, betas, steps):
     import diffusers
-    cls = getattr(diffusers, cls_name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sched = cls(num_train_timesteps=N_TRAIN, trained_betas=betas, prediction_type="epsilon", **kw)
-        sched.set_timesteps(nfe)
-        x = x_T.clone() * sched.init_noise_sigma
-        model.calls = 0
+        sched = getattr(diffusers, cls_name)(num_train_timesteps=N_TRAIN, trained_betas=betas, prediction_type="epsilon",
+                                              **kw)
+        sched.set_timesteps(steps)
+    return sched
+
+
+def run_peer(cls_name, kw, betas, model, x_T, nfe, denoise=False):
+    """One diffusers run with exactly ``nfe`` counted model calls -> (x, calls, output).
+
+    output "x0": the scheduler ends on clean data (sigma = 0, or DDIM's alpha = 1); "u_tmin": it ends
+    on the noisy state at sigma(t_min) (every ``final_sigmas_type="sigma_min"`` schedule and every DEIS
+    schedule do), which is compared with the exact probability-flow state at t_min, not with
+    E[x_0 | u_t_min]. ``denoise=True`` turns a noisy ending into clean data inside the same budget,
+    as gDDIM does: x_0 = (x - sigma eps(x, t_min)) / alpha at t_min. Where the schedule's last step has
+    zero length (Karras / exponential sigmas end sigma_min -> sigma_min, so its last call is already at
+    t_min) that call's eps is reused; otherwise the scheduler gets nfe - 1 steps and the denoising
+    call is the nfe-th (counted like every other).
+    """
+    sched = _scheduler(cls_name, kw, betas, nfe)
+    sigmas = getattr(sched, "sigmas", None)
+    noisy = sigmas is not None and float(sigmas[-1]) > 0
+    if noisy:
+        alpha, sigma = (float(c.reshape(-1)[0]) for c in model.coefficients(1 / N_TRAIN))
+        sigma = math.sqrt(sigma)
+        if abs(float(sigmas[-1]) - sigma / alpha) > 1e-2 * sigma / alpha:    # diffusers' sigma = std / mean (float32)
+            raise ValueError(f"{cls_name} ends at sigma {float(sigmas[-1])}, not at t_min ({sigma / alpha})")
+    reuse = noisy and denoise and float(sigmas[-2]) == float(sigmas[-1])
+    if noisy and denoise and not reuse:
+        sched = _scheduler(cls_name, kw, betas, nfe - 1)
+    x = x_T.clone() * sched.init_noise_sigma
+    model.calls = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         for tau in sched.timesteps:
             eps = model(sched.scale_model_input(x, tau), tau)
             x = sched.step(eps, tau, x).prev_sample
-    return x, model.calls
+    if not (noisy and denoise):
+        return x, model.calls, "u_tmin" if noisy else "x0"
+    if reuse:
+        if float(sched.timesteps[-1]) != 0:
+            raise ValueError(f"{cls_name}: the zero-length last step is not at t_min (tau {float(sched.timesteps[-1])})")
+    else:
+        eps = model(x, torch.tensor(0))
+    return (x - sigma * eps) / alpha, model.calls, "x0"
 
 
-def datasets(quick=False):
+def run_scheduler(cls_name, kw, betas, model, x_T, nfe):
+    """(x, model calls) of one diffusers run as its configuration ends it (see ``run_peer``)."""
+    x, calls, _ = run_peer(cls_name, kw, betas, model, x_T, nfe)
+    return x, calls
+
+
+SAMPLES = {"full": (2000, 128, 1000), "quick": (300, 16, 200)}      # rings, images, 64-D mixture
+
+
+def datasets(samples=SAMPLES["full"]):
+    n_rings, n_images, n_mix = samples
     m, s = rings()
-    out = [("rings (2-D)", m, s, torch.full((12,), 1 / 12, dtype=torch.float64), 1000 if quick else 2000)]
+    out = [("rings (2-D)", m, s, torch.full((12,), 1 / 12, dtype=torch.float64), n_rings)]
     m, s = images(16)
-    out.append(("images 3x16x16", m, s, torch.full((4,), 0.25, dtype=torch.float64), 64 if quick else 128))
+    out.append(("images 3x16x16", m, s, torch.full((4,), 0.25, dtype=torch.float64), n_images))
     m, s, w = mixture64()
-    out.append(("mixture 64-D", m, s, w, 500 if quick else 1000))
+    out.append(("mixture 64-D", m, s, w, n_mix))
     return out
 
 
-def run_dataset(label, means, stds, weights, batch, spec_name, nfes, rows, log):
+def ours_variants():
+    """(config label, sampler, table options) for every gDDIM configuration: form x variable x order x grid.
+
+    Order 1 has one polynomial whatever the variable, so only ``t`` is run there."""
+    out = []
+    for grid in GRIDS:
+        for q in ORDERS:
+            for variable in (("t",) if q == 1 else VARIABLES):
+                for sampler, form in FORMS.items():
+                    out.append((f"{form} {variable} q{q} {grid}", sampler, dict(order=q, grid=grid, variable=variable)))
+    return out
+
+
+class OurTables:
+    """derive's API tables (form x0 + corrector weights: every sampler reads its part), shared by the data sets."""
+
+    def __init__(self, spec_name):
+        import derive
+        self.derived, self.cache = derive.derive(spec_name), {}
+
+    def get(self, nfe, order, grid, variable):
+        key = (nfe, order, grid, variable)
+        if key not in self.cache:
+            self.cache[key] = self.derived.table(nfe=nfe, order=order, grid=grid, variable=variable, form="x0",
+                                                 corrector=True, verify="none").to_runtime()
+        return self.cache[key]
+
+
+def run_dataset(label, means, stds, weights, batch, spec_name, nfes, rows, log, configs, our_tables=None):
+    """configs(label, nfe) -> (ours: [(label, sampler, options)], peers: [(peer, label, class, kwargs, denoise)])."""
     tabs = Tables(spec_name)
     deriv = tabs.deriv
+    our_tables = our_tables or OurTables(spec_name)
     mix = MixtureScore(means, stds, weights)
     data_shape = tuple(means.shape[1:])
     dim = math.prod(data_shape)
@@ -167,38 +270,74 @@ def run_dataset(label, means, stds, weights, batch, spec_name, nfes, rows, log):
     t_ref = tabs.table(1, order=1)
     x_T = t_ref.tensors["R"][0, 0, 0, 0] * z                                    # sqrt(1 - alpha_bar(T)) z
     dense = tabs.dense_coeffs()
-    ref = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T[:, None], sampler="probability_flow_rk45", dense=dense,
-                    rtol=1e-9, atol=1e-9, dtype=torch.float64, denoise=False)
-    ref = denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch)))[:, 0]
+    start = time.perf_counter()
+    ref_u = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T[:, None], sampler="probability_flow_rk45", dense=dense,
+                      rtol=1e-9, atol=1e-9, dtype=torch.float64, denoise=False)
+    refs = {"x0": denoise(t_ref, ref_u, TableModel(mix, t_ref)(ref_u, t_ref.tensors["t"][-1:].expand(batch)))[:, 0],
+            "u_tmin": ref_u[:, 0]}
     floor = component_fd(draw(means, stds, weights, batch, torch.Generator().manual_seed(2)), means, stds, weights)[0]
+    log(f"{label}: {batch} samples, reference {time.perf_counter() - start:.0f} s")
 
-    def record(who, config, nfe_target, x, calls):
+    def record(who, config, nfe_target, x, calls, output):
         if torch.isfinite(x).all():
-            err = float((x - ref).reshape(batch, -1).norm(dim=1).mean() / math.sqrt(dim))
+            err = float((x - refs[output]).reshape(batch, -1).norm(dim=1).mean() / math.sqrt(dim))
             cfd = component_fd(x, means, stds, weights)[0]
         else:                                     # diverged (diffusers' UniPC-3 / 3M at NFE 5 do): never the best
             err = cfd = float("inf")
         rows.append({"data": label, "who": who, "config": config, "nfe_target": nfe_target, "nfe": calls,
-                     "endpoint_error": err, "cfd": cfd, "cfd_floor": floor})
+                     "output": output, "endpoint_error": err, "cfd": cfd, "cfd_floor": floor})
 
     betas = trained_betas(deriv)
     model = VPModel(mix, deriv)
-    variants = peer_variants()
     for nfe in nfes:
         start = time.perf_counter()
-        for grid in GRIDS:
-            for q in ORDERS:
-                tab = tabs.table(nfe - 1, q, grid=grid)
-                u, info = gr.sample(TableModel(mix, tab), tab, x_T=x_T[:, None], dtype=torch.float64, return_info=True)
-                record("gDDIM", f"q{q} {grid}", nfe, u[:, 0], info["nfe"])
-        for peer, vlabel, cls_name, kw in variants:
+        ours, peers = configs(label, nfe)
+        for config, sampler, opts in ours:
+            if nfe < opts["order"]:
+                continue
+            tab = our_tables.get(nfe, **opts)
+            u, info = gr.sample(TableModel(mix, tab), tab, x_T=x_T[:, None], sampler=sampler, dtype=torch.float64,
+                                return_info=True)
+            record("gDDIM", config, nfe, u[:, 0], info["nfe"], "x0")
+        for peer, vlabel, cls_name, kw, den in peers:
             try:
-                x, calls = run_scheduler(cls_name, kw, betas, model, x_T, nfe)
+                x, calls, output = run_peer(cls_name, kw, betas, model, x_T, nfe, denoise=den)
             except Exception as exc:            # a combination diffusers refuses: recorded, not fatal
                 log(f"  {peer} {vlabel} NFE {nfe}: refused ({type(exc).__name__}: {exc})")
                 continue
-            record(peer, vlabel, nfe, x, calls)
+            record(peer, vlabel, nfe, x, calls, output)
         log(f"{label}: NFE {nfe} done ({time.perf_counter() - start:.0f} s)")
+
+
+def all_peers():
+    """Every peer configuration as diffusers ends it, and each noisy ending also with the counted denoising."""
+    out = []
+    for peer, label, cls_name, kw in peer_variants():
+        out.append((peer, label, cls_name, kw, False))
+        if peer == "DEIS-3" or kw.get("final_sigmas_type") == "sigma_min":
+            out.append((peer, label + " +denoise", cls_name, kw, True))
+    return out
+
+
+def quick_configs(csv_path):
+    """configs(data, nfe) for the decisive configurations of the full run (``csv_path``): at that data set
+    and NFE the best configuration of gDDIM and of each peer per metric, plus diffusers' defaults and
+    gDDIM's paper default."""
+    with open(csv_path, newline="") as f:
+        rows = [dict(r, nfe_target=int(r["nfe_target"]), nfe=int(r["nfe"]), endpoint_error=float(r["endpoint_error"]),
+                     cfd=float(r["cfd"])) for r in csv.DictReader(f)]
+    defaults = {(w, c) for w, c in DEFAULTS.items()} | {("gDDIM", OUR_DEFAULT)}
+
+    def configs(data, nfe):
+        keep = set(defaults)
+        for metric in ("endpoint_error", "cfd"):
+            for who in {r["who"] for r in rows}:
+                b = best(rows, data, nfe, metric, who=who)
+                if b is not None:
+                    keep.add((who, b["config"]))
+        return ([v for v in ours_variants() if ("gDDIM", v[0]) in keep],
+                [v for v in all_peers() if (v[0], v[1]) in keep])
+    return configs
 
 
 def best(rows, data, nfe, metric, who=None, peers=False):
@@ -217,8 +356,9 @@ def summary(rows, nfes):
                 o, p = best(rows, data, nfe, metric), best(rows, data, nfe, metric, peers=True)
                 if o is None or p is None:
                     continue
+                ends = " [ends noisy at t_min]" if p["output"] == "u_tmin" and metric == "endpoint_error" else ""
                 lines.append(f"| {data} | {nfe} | {'endpoint' if metric == 'endpoint_error' else 'CFD'} | "
-                             f"{o[metric]:.2e} ({o['config']}) | {p[metric]:.2e} ({p['who']}, {p['config']}) | "
+                             f"{o[metric]:.2e} ({o['config']}) | {p[metric]:.2e} ({p['who']}, {p['config']}{ends}) | "
                              f"{o[metric] / p[metric]:.2f} | {o['cfd_floor']:.1e} |")
     return "\n".join(lines)
 
@@ -236,24 +376,49 @@ def per_peer(rows, nfes, metric):
                 cells.append(f"{b[metric]:.2e}" if b else "-")
             for nfe in nfes:
                 d = [r for r in rows if r["data"] == data and r["who"] == who and r["nfe_target"] == nfe
-                     and r["config"] == DEFAULTS.get(who, "q3 quadratic")]
+                     and r["config"] == DEFAULTS.get(who, OUR_DEFAULT)]
                 cells.append(f"{d[0][metric]:.2e}" if d else "-")
             lines.append(f"| {data} | {who} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def run_all(quick=False, out=None, spec_name="vp_linear", log=print):
+def by_form(rows, nfes):
+    """gDDIM's best configuration per form (eps, eps+pc, x0, x0+pc), endpoint error, with its config."""
+    lines = ["| data | form | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
+    for data in dict.fromkeys(r["data"] for r in rows):
+        for form in FORMS.values():
+            cells = []
+            for nfe in nfes:
+                sel = [r for r in rows if r["data"] == data and r["who"] == "gDDIM" and r["nfe_target"] == nfe
+                       and r["config"].split()[0] == form]
+                b = min(sel, key=lambda r: r["endpoint_error"]) if sel else None
+                cells.append(f"{b['endpoint_error']:.2e} ({' '.join(b['config'].split()[1:])})" if b else "-")
+            lines.append(f"| {data} | {form} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_all(quick=False, out=None, spec_name="vp_linear", log=print, samples=None, configs=None):
+    """quick: the decisive configurations of the committed full run (``quick_configs``) on fewer samples."""
     start = time.perf_counter()
+    if configs is None:
+        every = (ours_variants(), all_peers())
+        configs = quick_configs(RESULTS / "peers.csv") if quick else (lambda data, nfe: every)
+    samples = samples or SAMPLES["quick" if quick else "full"]
     rows = []
-    for label, means, stds, weights, batch in datasets(quick):
-        run_dataset(label, means, stds, weights, batch, spec_name, NFES, rows, log)
-    result = {"rows": rows, "nfes": NFES, "seconds": time.perf_counter() - start, "quick": quick}
+    our_tables = OurTables(spec_name)
+    for label, means, stds, weights, batch in datasets(samples):
+        run_dataset(label, means, stds, weights, batch, spec_name, NFES, rows, log, configs, our_tables)
+    counts = {}
+    for r in rows:
+        counts.setdefault((r["data"], r["nfe_target"]), [set(), set()])[r["who"] != "gDDIM"].add((r["who"], r["config"]))
+    result = {"rows": rows, "nfes": NFES, "seconds": time.perf_counter() - start, "quick": quick, "samples": samples,
+              "n_ours": max(len(c[0]) for c in counts.values()), "n_peers": max(len(c[1]) for c in counts.values())}
     if out is not None:
         write(result, Path(out))
     return result
 
 
-def write(result, out):
+def write(result, out, command=None):
     import diffusers
     out.mkdir(parents=True, exist_ok=True)
     rows, nfes = result["rows"], result["nfes"]
@@ -262,20 +427,48 @@ def write(result, out):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    n_var = len(peer_variants())
+    n_r, n_i, n_m = result["samples"]
+    command = command or f"python -m validation.peers{' --quick' if result['quick'] else ''}"
     md = ["# gDDIM vs diffusers' schedulers on VP (exact-score data)", "",
           __doc__.split("\n\n", 2)[2].strip(), "",
-          f"Run: `python -m validation.bench --peers{' --quick' if result['quick'] else ''}` "
-          f"({result['seconds']:.0f} s on this machine; diffusers {diffusers.__version__}; {n_var} peer configurations "
-          f"and {len(GRIDS) * len(ORDERS)} gDDIM configurations per data set and NFE; rows with more model calls than "
-          "the NFE are excluded).", "",
-          "Best of many configurations on the same noise favours the side with more configurations (the peers).", "",
+          f"Run: `{command}` ({result['seconds']:.0f} s on this shared 2-core machine; diffusers {diffusers.__version__}; "
+          f"samples: rings {n_r}, images {n_i}, 64-D mixture {n_m}; up to {result['n_peers']} peer configurations and "
+          f"{result['n_ours']} gDDIM configurations per data set and NFE (refused ones not counted); rows with more model calls than the NFE are "
+          "excluded).", "",
+          "Best of many configurations on the same noise favours the side with more configurations.", "",
+          *(["Quick run: at each data set and NFE only the configurations that were best there in the committed "
+             "`peers.csv` (per sampler and metric) and the defaults, on fewer samples; the claims in "
+             "tests/test_peers.py are checked on it.", ""] if result["quick"] else []),
           "## Ours (best configuration) vs the best peer configuration", "",
-          "ours / peer < 1: gDDIM leads; > 1: gDDIM trails by that factor.", "",
+          "ours / peer < 1: gDDIM leads; > 1: gDDIM trails by that factor. gDDIM configs: form variable order grid.", "",
           summary(rows, nfes), "",
-          "## Best variant of each sampler, and its diffusers default (gDDIM: q3 quadratic), endpoint error", "",
+          f"## Best variant of each sampler, and its diffusers default (gDDIM: {OUR_DEFAULT}), endpoint error", "",
           per_peer(rows, nfes, "endpoint_error"), "",
           "## The same, component Frechet distance", "",
           per_peer(rows, nfes, "cfd"), "",
-          f"Every run: `peers{suffix}.csv`."]
+          "## gDDIM's best per form (endpoint error; config: variable order grid)", "",
+          by_form(rows, nfes), "",
+          f"Every run: `peers{suffix}.csv` (column output: x0 = compared with E[x_0 | u_t_min], u_tmin = compared "
+          "with the exact state at t_min)."]
     (out / f"peers{suffix}.md").write_text("\n".join(md) + "\n")
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m validation.peers", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the decisive configurations of the committed full run "
+                   "(best per peer and ours, defaults) on fewer samples: a few minutes -> peers_quick.*")
+    p.add_argument("--samples", type=int, nargs=3, metavar=("RINGS", "IMAGES", "MIX64"),
+                   help="samples per data set (default: %s full, %s quick)" % (SAMPLES["full"], SAMPLES["quick"]))
+    p.add_argument("--out", help="output folder (default validation/results)")
+    args = p.parse_args(argv)
+    res = run_all(args.quick, None, samples=tuple(args.samples) if args.samples else None)
+    cmd = "python -m validation.peers" + (" --quick" if args.quick else "") + \
+          (" --samples " + " ".join(map(str, args.samples)) if args.samples else "")
+    write(res, Path(args.out) if args.out else RESULTS, cmd)
+    print(summary(res["rows"], res["nfes"]))
+    print(f"({res['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
