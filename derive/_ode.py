@@ -7,6 +7,12 @@ quadrature uses the Clenshaw-Curtis weights. A panel is accepted when the last C
 coefficients are below the tolerance (so the interpolant, used for dense output, is accurate
 to that level too); the next panel's size follows from the observed coefficient decay.
 One machinery serves Psi, Sigma and R (ODEs), the weights (quadrature) and the dense files.
+
+Three panel loops remain because their refinement differs in kind: ``_drive`` marches (an ODE
+carries its state from panel to panel, the next size from the coefficient decay); ``quad``
+bisects independent panels per item (no state, so only the coordinates that fail are refined);
+``interpolate`` marches on float64 edges that the dense files store (its halving rule fixes the
+committed files' edges, which a shared step rule would move).
 """
 
 import contextlib
