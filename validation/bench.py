@@ -147,12 +147,9 @@ class Tables:
 
 # ----- one experiment -----------------------------------------------------------------------
 
-def denoise(tab, u, eps):
-    """The samplers' final step E[u_0 | u_t_min] = D^-1 (u - R eps) with the table's x0_weights [2, P, k, k];
-    u and eps (eps_R) in data space, as the runtime returns them."""
-    to_coef, from_coef = (gr.dct2, gr.idct2) if tab.basis[0] == "dct2d" else ((lambda x: x),) * 2
-    W = tab.tensors["x0_weights"]
-    return from_coef(gr.block_apply(W[0], to_coef(u), tab.basis) + gr.block_apply(W[1], to_coef(eps), tab.basis))
+# The samplers' final step E[u_0 | u_t_min] = D^-1 (u - R eps) on data-space u and eps (eps_R), the
+# runtime's own (kept under this name for bench_auto, bench_variants and peers).
+denoise = gr.final_denoise
 
 
 def run_process(name, data, nfes, batch, quick, rows, log):
@@ -229,38 +226,43 @@ def ablation_K(tabs, mix, x_T, ref, nfes, rows, log, orders=(1, 3)):
     """CLD: the exponential integrator with K = L (eps_L frozen / extrapolated) vs K = R, same grids.
 
     The K = L weights int 1/2 Psi G G^T L^-T l_j dr come from validation's scipy reference (the
-    toolkit emits only K = R tables); the final denoising step is the same for both."""
-    from ._reference import ScipyReference
-    spec = tabs.spec
+    toolkit emits only K = R tables); both sides run through the runtime's gDDIM sampler, and the
+    final denoising step is the same for both."""
     means, stds = mix.means, mix.stds
     for nfe in nfes:
         steps = nfe - 1
         for q in orders:
             tab = tabs.table(steps, q)
-            T = tab.tensors
-            times = [float(v) for v in T["t"]]
-            sref = ScipyReference(spec, times)
-            u = x_T.clone()
-            model = TableModel(mix, tab, "eps_L")
-            history = []
-            for i in range(steps):
-                history = [model(u, T["t"][i].expand(u.shape[0]))] + history[:q - 1]
-                nodes = times[i::-1][:len(history)]                       # t_i, t_{i-1}, ... (newest first)
-                C = sref.weights(times[i], times[i + 1], nodes, factor="L")
-                u = gr.block_apply(T["psi"][i], u, tab.basis)
-                for j, e in enumerate(history):
-                    u = u + gr.block_apply(torch.from_numpy(C[j])[None], e, tab.basis)
-            eps_L = model(u, T["t"][-1].expand(u.shape[0]))
-            eps_R = gr.block_apply(T["R"][-1].transpose(-1, -2) @ torch.linalg.inv(T["L"][-1]).transpose(-1, -2), eps_L,
-                                   tab.basis)
-            u = denoise(tab, u, eps_R)
+            # the K = L table's weights act on eps_L itself: the runtime applies them to the model's
+            # output unconverted (parametrization "eps_R", i.e. "the table's eps")
+            u_L = gr.sample(TableModel(mix, tab, "eps_L"), _table_K_L(tabs.spec, tab), x_T=x_T, dtype=torch.float64)
             u_R = gr.sample(TableModel(mix, tab), tab, x_T=x_T, dtype=torch.float64)
-            for K, out in (("L", u), ("R", u_R)):
+            for K, out in (("L", u_L), ("R", u_R)):
                 err = float((out[:, 0] - ref[:, 0]).reshape(out.shape[0], -1).norm(dim=1).mean()
                             / math.sqrt(out[0, 0].numel()))
                 rows.append({"nfe": nfe, "order": q, "K": K, "endpoint_error": err,
                              "cfd": component_fd(out[:, 0], means, stds)[0]})
             log(f"K ablation NFE {nfe} q{q}: K=L {rows[-2]['endpoint_error']:.3e}, K=R {rows[-1]['endpoint_error']:.3e}")
+
+
+def _table_K_L(spec, tab):
+    """``tab`` (identity basis) with the K = L multistep weights from validation's scipy reference in
+    place of eps_weights (lag j of step i at node t_{i-j}, the first steps at the order their history
+    allows), and the final denoising's eps column taking eps_L: x0_weights[1] R^T L^-T at t_N."""
+    from ._reference import ScipyReference
+    tensors = tab.tensors
+    times = [float(v) for v in tensors["t"]]
+    sref = ScipyReference(spec, times)
+    W = torch.zeros_like(tensors["eps_weights"])                            # [N, q, 1, k, k]
+    for i in range(len(times) - 1):
+        nodes = times[i::-1][:tab.order]                                    # t_i, t_{i-1}, ... (newest first)
+        C = sref.weights(times[i], times[i + 1], nodes, factor="L")
+        for j in range(len(nodes)):
+            W[i, j, 0] = torch.from_numpy(C[j])
+    R_N, L_N = tensors["R"][-1], tensors["L"][-1]
+    eps_L_to_R = R_N.transpose(-1, -2) @ torch.linalg.inv(L_N).transpose(-1, -2)   # eps_R = R^T L^-T eps_L
+    x0_weights = torch.stack([tensors["x0_weights"][0], tensors["x0_weights"][1] @ eps_L_to_R])
+    return gr.Table(dict(tensors, eps_weights=W, x0_weights=x0_weights), tab.meta, f"{tab.path} (K = L)")
 
 
 def eps_paths(tabs, mix, x_T, path):
