@@ -109,7 +109,7 @@ def from_tensors(tensors, meta, device="cpu", path="<memory>"):
             raise TableError(f"{path}: tensor {name} is {a.dtype}, expected float64")
         out[name] = a.to(device)
     try:
-        kind, size = meta["spec"]["basis"]["kind"], tuple(meta["spec"]["basis"]["size"])
+        basis_name, size = meta["spec"]["basis"]["kind"], tuple(meta["spec"]["basis"]["size"])
     except (KeyError, TypeError):
         raise TableError(f"{path}: meta has no spec.basis (kind, size)") from None
     table = Table(out, meta, str(path))
@@ -122,7 +122,7 @@ def from_tensors(tensors, meta, device="cpu", path="<memory>"):
     for name, a in out.items():
         if name in shapes and tuple(a.shape) != shapes[name]:
             raise TableError(f"{path}: tensor {name} has shape {tuple(a.shape)}, expected {shapes[name]}")
-    if kind == "dct2d" and P != size[0] * size[1]:
+    if basis_name == "dct2d" and P != size[0] * size[1]:
         raise TableError(f"{path}: basis {size} does not match P = {P}")
     if torch.device(device).type != "cpu":
         # what samplers derive from the table with host decisions (eigh, structure checks), done here
