@@ -37,15 +37,17 @@ s = sp.Dummy("_s", real=True, nonnegative=True)      # start time of Psi(t, s)
 r = sp.Dummy("_r", real=True, nonnegative=True)      # integration variable of Sigma
 B = sp.Dummy("_B", real=True)                        # argument of expm(A B), B = int_s^t f
 INTERNAL = {s: "s", r: "r", B: "B"}                  # readable names for the printed formulas
-SYMPY_SECONDS = 20         # budget for each sympy attempt before the numerical fallback (generous,
-                           # so that the closed/numerical choice does not depend on machine load)
+SYMPY_SECONDS = 20         # CPU-time budget for each sympy attempt before the numerical fallback
+                           # (CPU time, generous: the closed/numerical choice must not depend on load)
 
 CLOSED, SEMI, NUMERICAL = "closed form", "semi-closed", "numerical"
 
 
 @contextlib.contextmanager
 def _time_limit(seconds):
-    """Raise TimeoutError in the block after ``seconds`` (main thread only; else no limit)."""
+    """Raise TimeoutError in the block after ``seconds`` of this process's CPU time (main thread
+    only; else no limit). CPU time, not wall time: on a busy machine the block waits for a core
+    without spending its budget, so whether a closed form is found does not depend on the load."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
@@ -53,15 +55,15 @@ def _time_limit(seconds):
     def _raise(signum, frame):
         raise TimeoutError
 
-    old = signal.signal(signal.SIGALRM, _raise)
+    old = signal.signal(signal.SIGPROF, _raise)
     # re-fire every 0.5 s after the deadline: sympy swallows some exceptions internally (a single
     # TimeoutError raised inside such a try block was lost and integrate() ran on for > 10 min)
-    signal.setitimer(signal.ITIMER_REAL, seconds, 0.5)
+    signal.setitimer(signal.ITIMER_PROF, seconds, 0.5)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, old)
 
 
 def _try_sympy(fn):

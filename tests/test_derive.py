@@ -366,3 +366,13 @@ def test_sympy_time_limit_survives_a_swallowed_timeout():
             while True:
                 pass
     assert time.perf_counter() - start < 5
+
+
+def test_sympy_budget_counts_cpu_time_not_waiting():
+    """The budget is CPU time: a block that waits (as on a machine busy with other processes)
+    longer than the budget, without computing, is not stopped, so the closed/numerical choice
+    does not depend on the machine's load."""
+    import time
+    from derive._derivation import _time_limit
+    with _time_limit(0.2):
+        time.sleep(0.6)
