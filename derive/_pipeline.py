@@ -352,7 +352,7 @@ def build_tables(deriv, requests, spec_arg, versions, verify="fast", verifier=No
             key = (times[i], times[i + 1])
             p_max_of_step[key] = max(p_max_of_step.get(key, 0), _p_max(request, i))
     tasks = [(s, t, p) for (s, t), p in p_max_of_step.items()]
-    _stage(spec, "derivation", deriv.warm)              # R's ODE once, in the parent, before the fork
+    _stage(spec, "derivation", deriv.prepare_ode_solutions)    # R's ODE once, in the parent, before the fork
     jobs = jobs or os.cpu_count() or 1
     can_fork = "fork" in multiprocessing.get_all_start_methods()
     _FORKED["deriv"] = deriv

@@ -52,7 +52,7 @@ def _det(A):
 def tau(deriv, tt, variable, coords=None):
     """tau at times ``tt`` [M] for the coordinates ``coords`` (default all): object array [M, I]."""
     tt = np.asarray(tt, dtype=object)
-    n = deriv.Pu if coords is None else len(coords)
+    n = deriv.n_distinct if coords is None else len(coords)
     if variable == "t":
         return np.repeat(tt[:, None], n, axis=1)
     k = deriv.k
@@ -90,9 +90,9 @@ def _integrands(deriv, t, rn, coords, forms):
 def step_moments(deriv, s, t, p_max, variable, forms):
     """Moments M_p = int_s^t integrand(r) y(r)^p dr, y = (tau(r) - tau(s)) / (tau(t) - tau(s)).
 
-    Returns dict form -> [p_max + 1, Pu, k, k] (tau per coordinate)."""
+    Returns dict form -> [p_max + 1, n_distinct, k, k] (tau per coordinate)."""
     h = t - s
-    ends = tau(deriv, np.array([s, t], dtype=object), variable)              # [2, Pu]
+    ends = tau(deriv, np.array([s, t], dtype=object), variable)              # [2, n_distinct]
     t0, dtau = ends[0], ends[1] - ends[0]
     forms = tuple(forms)
 
@@ -102,19 +102,20 @@ def step_moments(deriv, s, t, p_max, variable, forms):
         vals = _integrands(deriv, t, rn, items, forms)
         pw = np.stack([y ** p for p in range(p_max + 1)], axis=2)[..., None, None]    # [M, I, p, 1, 1]
         return np.stack([vals[f][:, :, None] * pw for f in forms], axis=2)           # [M, I, F, p, k, k]
-    J = _ode.quad(fn, gmpy2.mpfr(0), gmpy2.mpfr(1), deriv.Pu, tol=QUAD_TOL)          # [Pu, F, p, k, k]
+    J = _ode.quad(fn, gmpy2.mpfr(0), gmpy2.mpfr(1), deriv.n_distinct, tol=QUAD_TOL)   # [n_distinct, F, p, k, k]
     J = J * h
     return {f: np.moveaxis(J[:, m], 1, 0) for m, f in enumerate(forms)}
 
 
 def lagrange_weights(moments, nodes):
-    """Weights [len(nodes), Pu, k, k] from moments [p, Pu, k, k]; nodes: list of [Pu] arrays (y units)."""
+    """Weights [len(nodes), n_distinct, k, k] from moments [p, n_distinct, k, k]; nodes: list of
+    [n_distinct] arrays (y units)."""
     q = len(nodes)
-    Pu = moments.shape[1]
+    n_distinct = moments.shape[1]
     out = []
     for j in range(q):
-        poly = [np.full(Pu, gmpy2.mpfr(1), dtype=object)]                 # coefficients of y^p
-        denom = np.full(Pu, gmpy2.mpfr(1), dtype=object)
+        poly = [np.full(n_distinct, gmpy2.mpfr(1), dtype=object)]                 # coefficients of y^p
+        denom = np.full(n_distinct, gmpy2.mpfr(1), dtype=object)
         for m in range(q):
             if m == j:
                 continue
@@ -126,30 +127,30 @@ def lagrange_weights(moments, nodes):
 
 
 def build(deriv, times, order, variable, form, corrector=False):
-    """High-precision variant tensors for one grid: dict name -> array (distinct coordinates Pu).
+    """High-precision variant tensors for one grid: dict name -> array (n_distinct distinct coordinates).
 
     eps form with variable != t: ``eps_weights`` (and ``corrector_weights``) in tau, replacing
-    derive's t-weights; x0 form: ``x0_psi`` [N, Pu, k, k] and ``x0_weights_ms`` [N, q, Pu, k, k],
-    with ``corrector``: ``x0_corrector_weights`` [N, q+1, Pu, k, k] (nodes t_{i+1}, t_i, ...).
+    derive's t-weights; x0 form: ``x0_psi`` [N, n_distinct, k, k] and ``x0_weights_ms`` [N, q, n_distinct, k, k],
+    with ``corrector``: ``x0_corrector_weights`` [N, q+1, n_distinct, k, k] (nodes t_{i+1}, t_i, ...).
     """
     tt = _hp.array(times)
     N = len(times) - 1
-    k, Pu = deriv.k, deriv.Pu
+    k, n_distinct = deriv.k, deriv.n_distinct
     forms = (("eps",) if variable != "t" else ()) + (("x0",) if form == "x0" else ())
     out = {}
     if not forms:
         return out
-    taus = tau(deriv, tt, variable)                                         # [N+1, Pu]
+    taus = tau(deriv, tt, variable)                                         # [N+1, n_distinct]
     if "eps" in forms:
-        out["eps_weights"] = _hp.zeros((N, order, Pu, k, k))
+        out["eps_weights"] = _hp.zeros((N, order, n_distinct, k, k))
         if corrector:
-            out["corrector_weights"] = _hp.zeros((N, order + 1, Pu, k, k))
+            out["corrector_weights"] = _hp.zeros((N, order + 1, n_distinct, k, k))
     if "x0" in forms:
-        out["x0_weights_ms"] = _hp.zeros((N, order, Pu, k, k))
+        out["x0_weights_ms"] = _hp.zeros((N, order, n_distinct, k, k))
         R = deriv.R(tt)
         out["x0_psi"] = R[1:] @ _hp.inv(R[:-1])
         if corrector:
-            out["x0_corrector_weights"] = _hp.zeros((N, order + 1, Pu, k, k))
+            out["x0_corrector_weights"] = _hp.zeros((N, order + 1, n_distinct, k, k))
     for i in range(N):
         s, t = tt[i], tt[i + 1]
         q = min(order, i + 1)
