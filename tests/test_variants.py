@@ -16,8 +16,7 @@ import gddim_runtime as gr
 from conftest import forbid_host_reads
 from derive._errors import SpecError
 from derive._pipeline import TableRequest
-from gddim_runtime import _samplers
-from gddim_runtime._variants import gddim_x0
+from gddim_runtime._variants import gddim_x0, gddim_x0_pc
 from validation._check_variants import check_variant_table, integrand_mp, tau_mp
 from validation._reference import MpReference, _gl_vector
 from validation.exact import MixtureScore, TableModel
@@ -34,9 +33,9 @@ def cld():
 
 
 @pytest.fixture
-def x0_sampler(monkeypatch):
-    """Register the data-prediction sampler the way _samplers.py will (one line)."""
-    monkeypatch.setitem(_samplers.SAMPLERS, "gddim_x0", gddim_x0)
+def x0_sampler():
+    """The data-prediction sampler's name, as the runtime registers it (gddim_runtime/_samplers.py)."""
+    assert gr.SAMPLERS["gddim_x0"] is gddim_x0 and gr.SAMPLERS["gddim_x0_pc"] is gddim_x0_pc
     return "gddim_x0"
 
 
@@ -284,11 +283,9 @@ def test_x0_convergence_order_on_cld(cld, x0_sampler):
         assert lo <= slope <= q + 1, (q, errs, slope)
 
 
-def test_x0_corrector_table_and_sampler(vp, cld, x0_sampler, monkeypatch):
+def test_x0_corrector_table_and_sampler(vp, cld, x0_sampler):
     """--form x0 --corrector: x0_corrector_weights pass the independent check (VP, fast), and the
     UniC-style sampler is exact on Dirac data (CLD; any correct weights are) with N + 1 model calls."""
-    from gddim_runtime._variants import gddim_x0_pc
-    monkeypatch.setitem(_samplers.SAMPLERS, "gddim_x0_pc", gddim_x0_pc)
     tab = vp.table(nfe=7, order=2, grid="logsnr", variable="logsnr", form="x0", corrector=True)
     rep = tab.verify("fast", verifier=check_variant_table)
     assert rep.passed and "x0_corrector_weights" in {r.quantity for r in rep.rows}, rep.text()
@@ -325,11 +322,8 @@ def test_a_verifier_blind_to_variants_is_refused():
 
 
 @pytest.mark.parametrize("parametrization", ["eps_R", "eps_L", "x0"])
-def test_x0_samplers_never_read_the_host(cld, monkeypatch, parametrization):
+def test_x0_samplers_never_read_the_host(cld, x0_sampler, monkeypatch, parametrization):
     """As tests/test_runtime.py's check for the built-in samplers: every host read raises inside sample."""
-    from gddim_runtime._variants import gddim_x0_pc
-    monkeypatch.setitem(_samplers.SAMPLERS, "gddim_x0", gddim_x0)
-    monkeypatch.setitem(_samplers.SAMPLERS, "gddim_x0_pc", gddim_x0_pc)
     tab = cld.table(nfe=6, order=2, grid="quadratic", variable="rho", form="x0", corrector=True, verify="none").to_runtime()
     x_T = torch.randn((3, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     model = lambda x, t: 0.1 * x * t.view(-1, 1, 1)

@@ -20,8 +20,6 @@ import torch
 
 import derive
 import gddim_runtime as gr
-from gddim_runtime import _samplers
-from gddim_runtime._variants import gddim_x0, gddim_x0_pc
 
 from . import bench
 from .exact import DenseModel, MixtureScore, TableModel
@@ -136,8 +134,6 @@ def main(argv=None):
     p.add_argument("--variables", nargs="+", default=list(VARIABLES), choices=list(VARIABLES))
     p.add_argument("--out", default=None, help="append the markdown tables to this file")
     args = p.parse_args(argv)
-    _samplers.SAMPLERS.setdefault("gddim_x0", gddim_x0)
-    _samplers.SAMPLERS.setdefault("gddim_x0_pc", gddim_x0_pc)
     rows = []
     for name in args.procs:
         run(name, args.grids, args.nfe, rows, lambda *a: print(*a, flush=True), order=args.order,
