@@ -79,7 +79,7 @@ def test_parse_and_order(derived):
     assert _grids.parse_kind("auto") == ("auto", None)
     assert _grids.parse_kind("auto:2") == ("auto", 2)
     for bad in ("auto:0", "auto:5", "auto:x", "auto:"):
-        with pytest.raises(derive.SpecError if hasattr(derive, "SpecError") else Exception, match="auto"):
+        with pytest.raises(derive.SpecError, match="auto"):
             _grids.parse_kind(bad)
     d = derived("vp_linear").derivation
     # auto:<q> overrides the order argument; no order: the spec's tables order (3)
@@ -102,11 +102,13 @@ def _endpoint_error(d, grid, nfe, order, mix, x_T, ref):
     return float((u[:, 0] - ref[:, 0]).norm(dim=-1).mean())
 
 
-@pytest.mark.parametrize("name,slow", [("vp_linear", False), ("cld", False), ("chain3", True)])
-def test_auto_beats_uniform_on_gaussian_data(derived, name, slow, request):
-    """Endpoint error on N(0.5, c^2) data (c = 0.05, 0.3: between the proxies' scales), same noise."""
-    if slow and "slow" not in request.config.getoption("-m"):
-        pytest.skip("slow (run with -m slow)")
+@pytest.mark.parametrize("name", ["vp_linear", "cld", pytest.param("chain3", marks=pytest.mark.slow)])
+def test_auto_beats_uniform_on_gaussian_data(derived, name, monkeypatch):
+    """Endpoint error on N(0.5, c^2) data (c = 0.05, 0.3: between the proxies' scales), same noise.
+
+    Both the shipped auto grid and its error-equidistributing part alone (QUADRATIC_SHARE = 0, the part
+    the proxies decide) must beat the uniform grid; on the finer data (c = 0.05) the part alone must
+    also beat the quadratic grid (measured 1.3-2x on VP; at c = 0.3 it is level with it)."""
     d = derived(name)
     dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
     k = d.spec.k
@@ -118,12 +120,18 @@ def test_auto_beats_uniform_on_gaussian_data(derived, name, slow, request):
         ref = gr.sample(DenseModel(mix, dense), base, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
                         rtol=1e-10, atol=1e-10, dtype=torch.float64)
         for nfe, q in ((10, 3), (20, 3), (10, 2)):
-            auto = _endpoint_error(d, "auto", nfe, q, mix, x_T, ref)
             uniform = _endpoint_error(d, "uniform", nfe, q, mix, x_T, ref)
-            assert auto < uniform, (name, c, nfe, q, auto, uniform)
+            auto = _endpoint_error(d, "auto", nfe, q, mix, x_T, ref)
+            with monkeypatch.context() as m:
+                m.setattr(_autogrid, "QUADRATIC_SHARE", 0)
+                pure = _endpoint_error(d, "auto", nfe, q, mix, x_T, ref)
+            assert auto < uniform and pure < uniform, (name, c, nfe, q, auto, pure, uniform)
+            if c == 0.05:
+                quadratic = _endpoint_error(d, "quadratic", nfe, q, mix, x_T, ref)
+                assert pure < quadratic, (name, c, nfe, q, pure, quadratic)
 
 
-@pytest.mark.parametrize("name", ["cld", "chain3"])
+@pytest.mark.parametrize("name", ["cld", pytest.param("chain3", marks=pytest.mark.slow)])
 def test_proxy_flow_matches_dopri5(derived, name):
     """The estimate's core for k > 1: the proxy's probability-flow state Y(t_min) = Phi_S(t_min, T) R_T
     (trapezoid on the candidate grid, MPFR) against the runtime's dopri5 on the exact score of

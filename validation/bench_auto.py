@@ -100,6 +100,8 @@ def summary(rows):
             for metric, name in (("endpoint_error", "endpoint"), ("cfd", "CFD")):
                 auto = [r for r in sel if r["grid"] == "auto"]
                 other = [r for r in sel if r["grid"] != "auto"]
+                if not auto or not other:
+                    continue
                 a = min(auto, key=lambda r: r[metric])
                 a3 = [r for r in auto if r["order"] == 3]
                 b = min(other, key=lambda r: r[metric])
@@ -176,12 +178,12 @@ def main(argv=None):
             run(setup, args.nfe, rows, lambda *a: print(*a, flush=True), grids=args.grids, batch=args.batch,
                 cache=args.cache)
     seconds = None if args.from_csv else time.perf_counter() - start
-    print(summary(rows))
-    if args.csv and not args.from_csv:
+    if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+    print(summary(rows))
     if args.out:
         Path(args.out).write_text(markdown(rows, "python -m validation.bench_auto", seconds))
     return 0
