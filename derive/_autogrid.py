@@ -50,7 +50,6 @@ PROXY_VARIANCES = ("1e-4", "1e-3", "1e-2", "1e-1", "1")      # data variance c^2
 N_CANDIDATE = 768            # intervals of the candidate grid
 SLOPE = 4                    # w(t) = log t + SLOPE t / T: the candidate grid's variable
 MAX_COORDS = 8               # basis coordinates used (spread over the sorted frequency values)
-COMBINE = "sum"              # basis coordinates: "sum" of absolute errors | "normalised" equal shares
 QUADRATIC_SHARE = gmpy2.mpfr(1) / 2   # of the steps placed by the quadratic grid's density (see docstring)
 DENSITY_FLOOR = gmpy2.mpfr("1e-3")   # relative to the mean density
 
@@ -187,19 +186,6 @@ def grid_from_density(tt, dens, order, n_steps):
     return grid_from_weights(tt, _root(dens, order), n_steps)
 
 
-def coordinate_weights(tt, dens, order):
-    """Each basis coordinate's optimal step density g_p^(1/(q+1)), normalised to unit integral, summed:
-    every coordinate gets an equal share of the steps, where its own proxies need them."""
-    w = _root(dens, order)                                               # [M, C]
-    out = np.array([gmpy2.mpfr(0)] * len(tt), dtype=object)
-    for p in range(w.shape[1]):
-        col = w[:, p]
-        total = _cumulative(tt, col)[-1]
-        if total > 0:
-            out = out + col / total
-    return out
-
-
 def grid_from_weights(tt, w, n_steps):
     """Float64 times [N+1] decreasing from T to t_min equidistributing the step density w [M] on tt."""
     w = np.asarray(w, dtype=object)
@@ -229,17 +215,9 @@ def grid_from_weights(tt, w, n_steps):
 
 
 def make_auto_grid(deriv, n_steps, order):
-    """The auto grid for ``n_steps`` steps of the order-``order`` sampler (float64, decreasing).
-
-    One coordinate (no basis): equidistribute g^(1/(q+1)). Several basis coordinates: their own
-    optimal densities, each normalised, summed (``coordinate_weights``): the proxies' data variance is
-    the same at every frequency, which no real data set has (images: power falling with frequency),
-    so summing absolute errors would hand every step to the frequencies where the un-blurring
-    flow amplifies errors of data that is not there."""
-    tt, dens = error_density(deriv, order, per_coord=COMBINE == "normalised")
-    if COMBINE == "sum" or dens.shape[1] == 1:
-        return grid_from_density(tt, dens if COMBINE == "sum" else dens[:, 0], order, n_steps)
-    return grid_from_weights(tt, coordinate_weights(tt, dens, order), n_steps)
+    """The auto grid for ``n_steps`` steps of the order-``order`` sampler (float64, decreasing)."""
+    tt, dens = error_density(deriv, order)
+    return grid_from_density(tt, dens, order, n_steps)
 
 
 def _cumulative(tt, dens):
