@@ -28,8 +28,9 @@ density g^(1/(q+1)) (floored at 1e-3 of its mean, so that no stretch of [t_min, 
 without steps), normalised and averaged half and half with the quadratic grid's density 1/sqrt(t)
 (QUADRATIC_SHARE). Why the half: Gaussian proxies have one mode, so they see nothing of the
 decisions between the modes of multimodal data, which in many dimensions happen at high noise
-(large t); with the proxies alone the first step from T was too long and BDM images (3 x 8 x 8) ended 1.4-2x behind the quadratic grid at NFE 10-20,
-VP rings 1.5x (validation/results/auto.md). Shares 0.3 and 0.5 were measured; 0.5 kept.
+(large t); with the proxies alone the first step from T was too long and BDM images
+(3 x 8 x 8) ended 1.4-2x behind the quadratic grid at NFE 10-20, VP rings 1.5x
+(validation/results/auto.md). Shares 0.3 and 0.5 were measured; 0.5 kept.
 
 Computation: on a fine candidate grid (768 intervals uniform in log t + 4 t / T) in MPFR
 (``_hp``): Phi_S in closed form for k = 1 (sqrt(S_t / S_s)), for k > 1 by the trapezoid rule
