@@ -102,7 +102,8 @@ def _endpoint_error(d, grid, nfe, order, mix, x_T, ref):
     return float((u[:, 0] - ref[:, 0]).norm(dim=-1).mean())
 
 
-@pytest.mark.parametrize("name", ["vp_linear", "cld", pytest.param("chain3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["vp_linear", pytest.param("cld", marks=pytest.mark.slow),
+                                  pytest.param("chain3", marks=pytest.mark.slow)])
 def test_auto_beats_uniform_on_gaussian_data(derived, name, monkeypatch):
     """Endpoint error on N(0.5, c^2) data (c = 0.05, 0.3: between the proxies' scales), same noise.
 
