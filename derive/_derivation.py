@@ -117,12 +117,13 @@ class Derivation(Evaluators):
                              np.array([_hp.compile_expr(v)({}) for v in reps], dtype=object))
         self.n_distinct = len(reps)
         self.notes = []
+        self._dense, self._backward = {}, {}     # dense ODE solutions (see _evaluators)
         self._F = _hp.compile_matrix(spec.F)
         self._G = _hp.compile_matrix(spec.G)
         self._derive_psi()
         self._derive_sigma()
         self._derive_R()
-        self._dense = {}
+        self._dense, self._backward = {}, {}     # none computed by the probes above is kept
         self.noise_free = self._noise_free()
 
     def _noise_free(self):

@@ -92,7 +92,28 @@ class Evaluators:
                 out[..., i, i] = _hp._apply(_EXP, D[..., i, i])
             return out
         Phi = self._dense_solution("phi")
+        if all(v == 0 for v in ss):
+            return _select(Phi(tt), coords)
+        if all(a <= b for a, b in np.broadcast(tt, ss)):
+            return _select(self._psi_backward(tt, ss), coords)
         return _select(Phi(tt) @ _hp.inv(Phi(ss)), coords)   # broadcasts a single t
+
+    def _psi_backward(self, tt, ss):
+        """Psi(t, s) for s >= t from its own ODE in r started at t: Z(r) = Psi(t, r)^T solves
+        dZ/dr = -F(r)^T Z, Z(t) = I. Phi(t) Phi(s)^-1 would lose the digits of cond(Phi(s)),
+        exp(|lambda_max - lambda_min| s) for a stiff F, and the adaptive loops fed with it chase
+        that noise. One dense solution per t (a single t with many s: the weights' quadrature)."""
+        back = lambda rn: -_hp.T(self.F(rn))
+        k, out = self.k, []
+        for t_, group in _by_start(tt, ss):
+            end = max(group)
+            cached = self._backward.get(t_)
+            if end > t_ and (cached is None or cached[0] < end):
+                sol = _ode.solve_linear(back, _hp.eye(k, (self.n_distinct,)), t_, end, (end - t_) / 4)
+                cached = self._backward[t_] = (end, sol)
+            out.append(_hp.T(cached[1](np.array(group, dtype=object))) if end > t_ else
+                       _hp.eye(k, (len(group), self.n_distinct)))
+        return _ordered(out, tt, ss)
 
     def data_to_state(self, tt):
         """D_t with E[u_t | data x] = D_t x: mean_t (marginal form) or Psi(t, 0)."""
@@ -281,6 +302,25 @@ def _lyapunov_system(F, GG, scale):
     for q, (i, j) in enumerate(pairs):
         out[..., q, N] = GG[..., i, j] / scale
     return out
+
+
+def _by_start(tt, ss):
+    """Pairs (t, [s...]) grouping the paired arrays by t (a single t broadcasts)."""
+    groups = {}
+    for t_, s_ in np.broadcast(tt, ss):
+        groups.setdefault(t_, []).append(s_)
+    return list(groups.items())
+
+
+def _ordered(parts, tt, ss):
+    """The per-group results of _by_start back in the order of the pairs."""
+    pos, out = {}, []
+    for (t_, group), vals in zip(_by_start(tt, ss), parts):
+        for j, s_ in enumerate(group):
+            pos.setdefault((t_, s_), vals[j])
+    for t_, s_ in np.broadcast(tt, ss):
+        out.append(pos[(t_, s_)])
+    return np.stack(out)
 
 
 def _root(tt, m):
