@@ -35,6 +35,7 @@ GRIDS = ("auto", "uniform", "quadratic", "power:3", "logsnr", "edm")
 REF_TOL = 1e-8
 # setup -> (spec, data builder, samples, dct basis size)
 SETUPS = {"vp": ("vp_linear", bench.rings, 1000, None), "cld": ("cld", bench.rings, 1000, None),
+          "psld": ("psld", bench.rings, 1000, None),
           "bdm": ("bdm", lambda: bench.images(16), 64, (16, 16)), "bdm8": ("bdm", lambda: bench.images(8), 64, (8, 8))}
 
 
