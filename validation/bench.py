@@ -152,6 +152,21 @@ class Tables:
 denoise = gr.final_denoise
 
 
+def _prior_and_reference(mix, dense, t_ref, batch, data_shape):
+    """(x_T, reference endpoint, its dopri5 NFE): x_T = R_T z for z from seed 0 (data space), and the
+    probability flow from it (tight dopri5, exact score) followed by the same final denoising evaluation
+    E[u_0 | u_tmin] = D^-1 (u - R eps) with the exact eps that every sampler applies."""
+    basis = mix.basis
+    z = torch.randn((batch, t_ref.k) + data_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    to_coef = (lambda x: gr.dct2(x)) if basis[0] == "dct2d" else (lambda x: x)
+    x_T = gr.idct2(gr.block_apply(t_ref.tensors["R"][0], to_coef(z), basis)) if basis[0] == "dct2d" \
+        else gr.block_apply(t_ref.tensors["R"][0], z, basis)
+    ref, info = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
+                          rtol=1e-9, atol=1e-9, dtype=torch.float64, denoise=False, return_info=True)
+    ref = denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch)))
+    return x_T, ref, info["nfe"]
+
+
 def run_process(name, data, nfes, batch, quick, rows, log):
     means, stds = data
     data_shape = tuple(means.shape[1:])
@@ -160,23 +175,14 @@ def run_process(name, data, nfes, batch, quick, rows, log):
     basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
     mix = MixtureScore(means, stds, basis=basis)
     k = tabs.spec.k
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn((batch, k) + data_shape, generator=gen, dtype=torch.float64)
     truth = exact_samples(means, stds, batch, torch.Generator().manual_seed(1))
     other = exact_samples(means, stds, batch, torch.Generator().manual_seed(2))
     floor = sliced_w2(other, truth)
     cfd_floor = component_fd(other, means, stds)[0]
     dense = tabs.dense_coeffs()
     t_ref = tabs.table(1, order=1, weights=True)
-    to_coef = (lambda x: gr.dct2(x)) if basis[0] == "dct2d" else (lambda x: x)
-    x_T = gr.idct2(gr.block_apply(t_ref.tensors["R"][0], to_coef(z), basis)) if basis[0] == "dct2d" \
-        else gr.block_apply(t_ref.tensors["R"][0], z, basis)
-    # reference: probability flow from the same prior noise (tight dopri5), then the same final
-    # denoising evaluation E[u_0 | u_tmin] = D^-1 (u - R eps) with the exact eps that every sampler applies
-    ref, info = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
-                          rtol=1e-9, atol=1e-9, dtype=torch.float64, denoise=False, return_info=True)
-    ref = denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch)))
-    log(f"{name}: reference dopri5 NFE {info['nfe']}, SW2 noise floor {floor:.4f}")
+    x_T, ref, ref_nfe = _prior_and_reference(mix, dense, t_ref, batch, data_shape)
+    log(f"{name}: reference dopri5 NFE {ref_nfe}, SW2 noise floor {floor:.4f}")
     dim = math.prod(data_shape)
 
     def record(sampler, nfe_target, u, nfe, deterministic, extra=""):
