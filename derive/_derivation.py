@@ -198,7 +198,7 @@ class Derivation(Evaluators):
         self.psi_expr = E.subs(B, I - I.subs(t, s))
         self._E_argument = B.name
         self.psi_kind, self._psi_mode = CLOSED, "expm"
-        if self._finite(lambda tt: self.psi(tt, tt * 0)):
+        if self._finite(lambda tt: self.psi(tt, tt * 0), self._E):
             return True
         self.psi_expr = None
         return False
@@ -215,7 +215,7 @@ class Derivation(Evaluators):
         self._Ediag = diag
         self.psi_expr = sp.diag(*[sp.exp(I - I.subs(t, s)) for I in Is])
         self.psi_kind, self._psi_mode = CLOSED, "diagonal"
-        if self._finite(lambda tt: self.psi(tt, tt * 0)):
+        if self._finite(lambda tt: self.psi(tt, tt * 0), self._Ediag):
             return True
         self.psi_expr = None
         return False
@@ -253,7 +253,7 @@ class Derivation(Evaluators):
                 self._sigma = _hp.compile_matrix(self.sigma_expr)
             except _hp.Unsupported:                # e.g. a special function sympy chose
                 self.sigma_expr = None
-        if self.sigma_expr is not None and self._finite(self.sigma):
+        if self.sigma_expr is not None and self._finite(self.sigma, self._sigma):
             self.sigma_kind = CLOSED
             return
         self.sigma_expr, self.sigma_kind = None, NUMERICAL
@@ -340,7 +340,7 @@ class Derivation(Evaluators):
                     self._R = _hp.compile_matrix(self.R_expr)
                 except _hp.Unsupported:            # R = sqrt(Sigma) numerically instead
                     self.R_expr = None
-                if self.R_expr is not None and not self._finite(self.R):
+                if self.R_expr is not None and not self._finite(self.R, self._R):
                     self.R_expr = None
             return
         self.R_kind = SEMI if self.sigma_kind == CLOSED and self.psi_kind == CLOSED else NUMERICAL

@@ -33,12 +33,15 @@ class Evaluators:
     def warm(self):                            # old name of prepare_ode_solutions
         self.prepare_ode_solutions()
 
-    def _finite(self, fn):
-        """True when ``fn(times)`` is finite on a probe grid over [0, T] at every coordinate value.
+    def _finite(self, fn, compiled=None):
+        """True when ``fn(times)`` is finite on a probe grid over [0, T] at every coordinate value
+        and, for a closed form ``compiled``, accurate there.
 
         A closed form valid for a generic frequency can be 0 * inf at one value (1/lam at lam = 0)
         or take a real power of a negative number (a log branch sympy chose); then the quantity
-        falls back to its numerical route instead of failing later with nan.
+        falls back to its numerical route instead of failing later with nan. A closed form whose
+        terms cancel (huge terms, moderate result) is evaluated at a raised precision when the
+        probe shows fewer than ACCURATE_BITS good bits at PREC_BITS (``_precise``).
         """
         T = _hp.mpf(self.spec.T)
         tt = np.array([T * j / 8 for j in range(9)], dtype=object)
@@ -46,7 +49,9 @@ class Evaluators:
             vals = fn(tt)
         except (ArithmeticError, ValueError, TypeError):
             return False
-        return all(gmpy2.is_finite(v) for v in np.ravel(vals))
+        if not all(gmpy2.is_finite(v) for v in np.ravel(vals)):
+            return False
+        return compiled is None or _precise(fn, compiled, tt, vals)
 
     # ----- environment ---------------------------------------------------------------------
     def _env(self, tt, coords=None, extra=None):
@@ -241,6 +246,45 @@ def _from_zero(solve, rate, T):
     raise _hp.EvaluationError(f"{why} with t = u^2 and t = u^6: a coefficient is not smooth in "
                               "any root of t at t = 0; write the process so that it starts where it "
                               "is smooth, e.g. shift t)")
+
+
+ACCURATE_BITS = 140     # ~42 digits: the quadratures' QUAD_TOL (1e-36) with a margin
+
+
+def _precise(fn, compiled, tt, values):
+    """Raise ``compiled.precision`` (x2, x4) until two precisions agree to ACCURATE_BITS at the
+    probe times ``tt`` (relative to each time's and coordinate's largest entry, ``_agree``). When
+    even 4 x PREC_BITS does not settle it, the closed form stays at PREC_BITS as before (True)."""
+    base = compiled.precision
+    for precision in (base * 2, base * 4):
+        compiled.precision = precision
+        try:
+            finer = fn(tt)
+        except (ArithmeticError, ValueError, TypeError):
+            break
+        if _agree(values, finer):
+            compiled.precision = precision // 2
+            return True
+        values = finer
+    compiled.precision = base
+    return True
+
+
+def _agree(a, b):
+    """|a - b| <= 2^-ACCURATE_BITS max|b| per leading index (time, coordinate), entrywise; a scale
+    below 2^-40 of the coordinate's largest over the probe times counts as that floor (a value
+    that is exactly 0, Sigma at t = 0 of a marginal family, has no relative accuracy)."""
+    a, b = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
+    lead = a.shape[:2] if a.ndim >= 3 else a.shape[:1]
+    a, b = a.reshape(lead + (-1,)), b.reshape(lead + (-1,))
+    if not all(gmpy2.is_finite(v) for v in np.ravel(b)):
+        return False
+    scale = np.max(np.abs(b), axis=-1)                              # [times(, coordinates)]
+    floor = np.max(scale, axis=0, keepdims=True) * gmpy2.mpfr(2) ** -40
+    scale = np.maximum(scale, floor)
+    err = np.max(np.abs(a - b), axis=-1)
+    tol = gmpy2.mpfr(2) ** -ACCURATE_BITS
+    return all(e <= tol * s for e, s in zip(np.ravel(err), np.ravel(scale)))
 
 
 def _finite(values):

@@ -96,7 +96,7 @@ def _mpmath(name, nin=1):
     A domain error or a non-real result gives nan (EvaluationError where it is used)."""
     def fn(*xs):
         import mpmath
-        with mpmath.workprec(PREC_BITS):
+        with mpmath.workprec(gmpy2.get_context().precision):
             try:
                 return from_mpmath(getattr(mpmath, name)(*(to_mpmath(x) for x in xs)))
             except (ValueError, ZeroDivisionError, ArithmeticError):
@@ -106,7 +106,7 @@ def _mpmath(name, nin=1):
 
 def _lowergamma(a, x):
     import mpmath
-    with mpmath.workprec(PREC_BITS):
+    with mpmath.workprec(gmpy2.get_context().precision):
         try:
             return from_mpmath(mpmath.gammainc(to_mpmath(a), 0, to_mpmath(x)))
         except (ValueError, ZeroDivisionError, ArithmeticError):
@@ -278,7 +278,9 @@ def compile_expr(expr):
             raise Unsupported(f"non-real constant {expr}")
         if expr.has(*REFUSED):
             raise Unsupported(f"{expr}: " + next(v for k, v in REFUSED.items() if expr.has(k)))
-        value = mpf(expr) if expr.is_Rational else gmpy2.mpfr(str(sp.N(expr, 70)))
+        # constants to the working precision of the compile (higher in a precise evaluator)
+        digits = max(70, int(gmpy2.get_context().precision * 0.30103) + 12)
+        value = mpf(expr) if expr.is_Rational else gmpy2.mpfr(str(sp.N(expr, digits)))
         return lambda env: value
     if expr.is_Add:
         args = [compile_expr(a) for a in expr.args]
@@ -339,16 +341,47 @@ def _apply2(ufunc, x, y):
 
 
 def compile_matrix(M):
-    """Closure env, shape -> object array shape + (rows, cols) for a sympy Matrix."""
-    entries = [[compile_expr(M[i, j]) for j in range(M.shape[1])] for i in range(M.shape[0])]
+    """Evaluator env, shape -> object array shape + (rows, cols) for a sympy Matrix (a ``Compiled``)."""
+    return Compiled(M)
 
-    def evaluate(env, shape):
-        out = np.empty(shape + M.shape, dtype=object)
+
+class Compiled:
+    """A sympy Matrix compiled for MPFR evaluation at ``precision`` bits (PREC_BITS by default).
+
+    A closed form can cancel: sums of terms 1e12 times larger than their result lose 12 of the
+    ~60 digits, and the quadratures downstream need 36. ``precision`` is raised by the derivation
+    when a probe shows the loss (``Evaluators._finite``); the terms are then evaluated at that
+    precision, constants included, and each result is rounded once to PREC_BITS.
+    """
+
+    def __init__(self, M):
+        self.M, self.precision, self._entries = M, PREC_BITS, {}
+        self._compiled(PREC_BITS)                   # raises Unsupported now, not at first use
+
+    def _compiled(self, precision):
+        if precision not in self._entries:
+            with gmpy2.context(gmpy2.get_context(), precision=precision):
+                self._entries[precision] = [[compile_expr(self.M[i, j]) for j in range(self.M.shape[1])]
+                                            for i in range(self.M.shape[0])]
+        return self._entries[precision]
+
+    def __call__(self, env, shape):
+        entries = self._compiled(self.precision)
+        if self.precision == PREC_BITS:
+            return self._evaluate(entries, env, shape)
+        with gmpy2.context(gmpy2.get_context(), precision=self.precision):
+            out = self._evaluate(entries, env, shape)
+        return _ROUND(out)
+
+    def _evaluate(self, entries, env, shape):
+        out = np.empty(shape + self.M.shape, dtype=object)
         for i, row in enumerate(entries):
             for j, f in enumerate(row):
                 out[..., i, j] = np.broadcast_to(np.asarray(f(env), dtype=object), shape)
         return out
-    return evaluate
+
+
+_ROUND = np.frompyfunc(lambda v: gmpy2.mpfr(v, PREC_BITS), 1, 1)
 
 
 # ----- small dense linear algebra on batches [..., k, k] -----------------------------------

@@ -19,6 +19,7 @@ from fractions import Fraction
 
 import mpmath
 import numpy as np
+import sympy as sp
 import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings, strategies as st
@@ -245,3 +246,32 @@ def test_numerical_psi_keeps_its_digits_on_a_stiff_drift():
             scale = max(abs(R[a, b]) for a in range(2) for b in range(2))
             err = max(abs(_hp.to_mpmath(got[i, 0, a, b]) - R[a, b]) for a in range(2) for b in range(2))
             assert err <= scale * mpmath.mpf(10) ** -40, float(err / scale)
+
+
+# ----- closed forms that cancel: evaluated at a raised precision -------------------------------
+
+@settings(max_examples=4, deadline=None, derandomize=True, database=None)
+@given(digits=st.integers(3, 6), power=st.sampled_from([1, 3]), g2=st.sampled_from(["5/4", "2", "1/3"]))
+def test_cancelling_closed_form_is_evaluated_accurately(digits, power, g2):
+    """A drift c = (4 pi - r)^power with r a d-digit rational approximation of 4 pi (|c| 1e-30 ..
+    1e-3): sympy's Sigma is a sum of terms ~1/c that cancel to O(1), which lost more digits than
+    the 36 the quadratures need at 200 bits ("quadrature did not converge" from a valid spec,
+    found by the generated-spec survey). Sigma and R against mpmath at 100 digits from the
+    scalar OU formula Sigma = S0 e^(2ct) + g^2 (e^(2ct) - 1) / (2c)."""
+    import mpmath
+    from derive._api import _spec_from_text
+    r = sp.Rational(round(4 * float(sp.pi) * 10 ** digits), 10 ** digits)
+    text = (f"name: cancel\nstate: [x]\ndrift: [[(4 * pi - {r})**{power}]]\ndiffusion: [[sqrt({g2})]]\n"
+            "initial_covariance: [[1/25]]\ntime: {t_min: 0.01, T: 1/2}\n")
+    deriv = _derivation.Derivation(_spec_from_text(text, "cancel.yaml"))
+    assert deriv.sigma_kind == _derivation.CLOSED
+    tt = np.array([_hp.mpf(sp.Rational(j, 16)) for j in (1, 4, 8)], dtype=object)
+    got_sigma, got_R = deriv.sigma(tt)[:, 0, 0, 0], deriv.R(tt)[:, 0, 0, 0]
+    with mpmath.workdps(100):
+        c = (4 * mpmath.pi - mpmath.mpf(r.p) / r.q) ** power
+        g = mpmath.mpf(sp.Rational(g2).p) / sp.Rational(g2).q
+        for tv, s_got, r_got in zip(tt, got_sigma, got_R):
+            tm = _hp.to_mpmath(tv)
+            want = mpmath.mpf(1) / 25 * mpmath.exp(2 * c * tm) + g * mpmath.expm1(2 * c * tm) / (2 * c)
+            assert abs(_hp.to_mpmath(s_got) - want) <= mpmath.mpf("1e-40") * want
+            assert abs(_hp.to_mpmath(r_got) - mpmath.sqrt(want)) <= mpmath.mpf("1e-40") * mpmath.sqrt(want)
