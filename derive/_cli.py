@@ -32,7 +32,7 @@ def _parser():
                    help="write exactly these tables, one per NFE (default: the spec's tables.nfe)")
     p.add_argument("--order", type=int, default=None, help="multistep order q, 1-4 (default: spec, else 3)")
     p.add_argument("--grid", default=None,
-                   help="uniform | quadratic | power:<kappa> | logsnr | edm[:<rho>] | <file of times> "
+                   help="uniform | quadratic | power:<kappa> | logsnr | edm[:<rho>] | auto[:<q>] | <file of times> "
                         "(default: spec, else quadratic)")
     p.add_argument("--lam", type=str, nargs="+", default=None,
                    help="also write stochastic gDDIM weights for these lam > 0 (default: spec, else none)")

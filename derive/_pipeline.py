@@ -70,6 +70,8 @@ def _grid_label(grid_name, param):
         return "file-" + re.sub(r"[^a-z0-9]+", "-", Path(param).stem.lower()).strip("-")
     if grid_name == "edm":
         return f"edm{param:g}"
+    if grid_name == "auto":                      # auto:<q> designs for order q, whatever the table's
+        return "auto" if param is None else f"auto{param}"
     return grid_name
 
 
@@ -78,7 +80,7 @@ class TableRequest:
     """One sampler table: every option that changes its numbers (and its file name).
 
     nfe: model evaluations (steps = nfe - 1 with the final denoise, nfe without); order: multistep
-    order q, 1..4; grid: uniform | quadratic | power:<kappa> | logsnr | edm[:<rho>] | a file of
+    order q, 1..4; grid: uniform | quadratic | power:<kappa> | logsnr | edm[:<rho>] | auto[:<q>] | a file of
     times; lam: None for the deterministic table, else an exact number > 0 as text ("1/2",
     "0.5", "1") for the stochastic weights too; corrector: also Adams-Moulton weights;
     denoise: final denoising evaluation at t_min; variable: the variable of the multistep
@@ -267,7 +269,7 @@ def build_table(deriv, request, spec_arg, versions, verify="fast", times=None, m
     if verify not in VERIFY_LEVELS:
         raise SpecError("--verify", "verify", f"must be one of {', '.join(VERIFY_LEVELS)}, got {verify!r}")
     if times is None:
-        times = _stage(spec, "grid", lambda: _grids.make_grid(request.grid_kind, request.steps, deriv))
+        times = _stage(spec, "grid", lambda: _grids.make_grid(request.grid_kind, request.steps, deriv, order=request.order))
     lam = None if request.lam is None else _hp.mpf(_number(request.lam, "--lam", "lam"))
     hp = _stage(spec, "tables", lambda: _tables.build(deriv, times, request.order, lam, request.corrector,
                                                       moment_cache=moment_cache))
@@ -345,7 +347,7 @@ def build_tables(deriv, requests, spec_arg, versions, verify="fast", verifier=No
         raise SpecError("--jobs", "jobs", f"must be a positive integer, got {jobs!r}")
     if verify != "none" and verifier is None:
         verifier = find_verifier()          # once, in the parent
-    grids = [_stage(spec, "grid", lambda r=r: _grids.make_grid(r.grid_kind, r.steps, deriv)) for r in requests]
+    grids = [_stage(spec, "grid", lambda r=r: _grids.make_grid(r.grid_kind, r.steps, deriv, order=r.order)) for r in requests]
     p_max_of_step = {}
     for request, times in zip(requests, grids):
         for i in range(len(times) - 1):
