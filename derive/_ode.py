@@ -78,12 +78,24 @@ class Dense:
     def shape(self):
         return self.panels[0].shape[1:]
 
+    def _exact_panel(self, v, i):
+        """The panel holding v by exact comparison, from the float64 guess i: panels refined
+        towards a kink of the coefficients (|t - c|) can be narrower than a float64 step, and an
+        interpolant read outside its panel is garbage (Sigma -3.9e8 for a covariance of size 1)."""
+        last = len(self.panels) - 1
+        while i < last and v >= self.edges[i + 1]:
+            i += 1
+        while i > 0 and v < self.edges[i]:
+            i -= 1
+        return i
+
     def __call__(self, tq):
         tq = np.asarray(tq, dtype=object).reshape(-1)
         xs, _, _, w = _chebyshev(self.n)
         out = np.empty((len(tq),) + self.shape, dtype=object)
         idx = np.clip(np.searchsorted(self._edge_f, [float(v) for v in tq], side="right") - 1,
                       0, len(self.panels) - 1)
+        idx = np.array([self._exact_panel(v, i) for v, i in zip(tq, idx)], dtype=int)
         for p in np.unique(idx):
             sel = np.nonzero(idx == p)[0]
             a, b = self.edges[p], self.edges[p + 1]

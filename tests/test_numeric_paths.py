@@ -17,6 +17,7 @@ import signal
 import time
 from fractions import Fraction
 
+import gmpy2
 import mpmath
 import numpy as np
 import sympy as sp
@@ -275,3 +276,29 @@ def test_cancelling_closed_form_is_evaluated_accurately(digits, power, g2):
             want = mpmath.mpf(1) / 25 * mpmath.exp(2 * c * tm) + g * mpmath.expm1(2 * c * tm) / (2 * c)
             assert abs(_hp.to_mpmath(s_got) - want) <= mpmath.mpf("1e-40") * want
             assert abs(_hp.to_mpmath(r_got) - mpmath.sqrt(want)) <= mpmath.mpf("1e-40") * mpmath.sqrt(want)
+
+
+# ----- dense solutions with panels narrower than a float64 step ---------------------------------
+
+@settings(max_examples=6, deadline=None, derandomize=True, database=None)
+@given(c=st.floats(0.05, 0.95), width=st.sampled_from([1e-17, 1e-20, 1e-30]), n=st.sampled_from([8, 16]))
+def test_dense_reads_the_panel_that_holds_the_time(c, width, n):
+    """Near a kink of the coefficients (|t - c|: the survey's 6-state spec) the ODE panels shrink
+    below a float64 step; Dense located the panel with float64 edges and read an interpolant
+    outside its panel (Sigma -3.9e8 for a covariance of size 1; 'ODE coefficient is nan' later).
+    Panels of exp (the tiny panels interpolate it to ~1e-60, a wide panel read outside its range
+    to ~1e-20 at best), queried inside the tiny panels."""
+    from derive import _ode
+    xs, _, _, _ = _ode._chebyshev(n)
+    cm = _hp.mpf(c)
+    w = _hp.mpf(width)
+    edges = [_hp.mpf(0), cm - 2 * w, cm - w, cm, cm + w, cm + 2 * w, _hp.mpf(1)]
+    f = gmpy2.exp
+    panels = [np.array([[f(a + (x + 1) * (b - a) / 2)] for x in xs], dtype=object)
+              for a, b in zip(edges[:-1], edges[1:])]
+    dense = _ode.Dense(edges, panels, n)
+    queries = np.array([cm - w * gmpy2.mpfr("1.5"), cm - w / 3, cm + w / 7, cm + w * gmpy2.mpfr("1.25")],
+                       dtype=object)
+    got = dense(queries)[:, 0]
+    for q, g in zip(queries, got):
+        assert abs(g - f(q)) <= gmpy2.mpfr("1e-50") * abs(f(q)), (float(q), float(g), float(f(q)))
