@@ -359,10 +359,9 @@ class Derivation(Evaluators):
                     self.R_expr = None
             return
         self.R_kind = SEMI if self.sigma_kind == CLOSED and self.psi_kind == CLOSED else NUMERICAL
-        # the method is Chebyshev collocation with iterative refinement (_ode.solve_linear); the
-        # note's wording is kept until the committed coeffs/*/closed_forms.md are regenerated
         self.notes.append("R: dR/dt = (F + 1/2 G G^T Sigma^-1) R from R_0 integrated at high precision "
-                          f"(Chebyshev-Picard panels, tolerance {float(_hp.TOL):.0e}); "
+                          "(implicit Chebyshev collocation panels with iterative refinement, "
+                          f"tolerance {float(_hp.TOL):.0e}); "
                           + ("its coefficients are closed forms." if self.R_kind == SEMI else
                              "its coefficients are themselves numerical."))
 
