@@ -152,19 +152,23 @@ class Tables:
 denoise = gr.final_denoise
 
 
-def _prior_and_reference(mix, dense, t_ref, batch, data_shape):
-    """(x_T, reference endpoint, its dopri5 NFE): x_T = R_T z for z from seed 0 (data space), and the
-    probability flow from it (tight dopri5, exact score) followed by the same final denoising evaluation
-    E[u_0 | u_tmin] = D^-1 (u - R eps) with the exact eps that every sampler applies."""
-    basis = mix.basis
-    z = torch.randn((batch, t_ref.k) + data_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    to_coef = (lambda x: gr.dct2(x)) if basis[0] == "dct2d" else (lambda x: x)
-    x_T = gr.idct2(gr.block_apply(t_ref.tensors["R"][0], to_coef(z), basis)) if basis[0] == "dct2d" \
-        else gr.block_apply(t_ref.tensors["R"][0], z, basis)
+def prior(t_ref, batch, data_shape, basis):
+    """x_T = R_T z for z from seed 0 (data space; R_T applied per frequency for a dct2d basis): the
+    prior noise every sampler of the exact-score benchmarks starts from."""
+    z = torch.randn((batch, t_ref.k) + tuple(data_shape), generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    to_coef, from_coef = (gr.dct2, gr.idct2) if basis[0] == "dct2d" else ((lambda x: x),) * 2
+    return from_coef(gr.block_apply(t_ref.tensors["R"][0], to_coef(z), basis))
+
+
+def reference_endpoint(mix, dense, t_ref, x_T, tol=1e-9):
+    """(reference endpoint, its dopri5 NFE): the probability flow from x_T (dopri5 at rtol = atol =
+    tol, exact score) followed by the same final denoising evaluation E[u_0 | u_tmin] =
+    D^-1 (u - R eps) with the exact eps that every sampler applies."""
     ref, info = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
-                          rtol=1e-9, atol=1e-9, dtype=torch.float64, denoise=False, return_info=True)
-    ref = denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch)))
-    return x_T, ref, info["nfe"]
+                          rtol=tol, atol=tol, dtype=torch.float64, denoise=False, return_info=True)
+    ref = denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(x_T.shape[0])))
+    return ref, info["nfe"]
 
 
 def run_process(name, data, nfes, batch, quick, rows, log):
@@ -181,7 +185,8 @@ def run_process(name, data, nfes, batch, quick, rows, log):
     cfd_floor = component_fd(other, means, stds)[0]
     dense = tabs.dense_coeffs()
     t_ref = tabs.table(1, order=1, weights=True)
-    x_T, ref, ref_nfe = _prior_and_reference(mix, dense, t_ref, batch, data_shape)
+    x_T = prior(t_ref, batch, data_shape, mix.basis)
+    ref, ref_nfe = reference_endpoint(mix, dense, t_ref, x_T)
     log(f"{name}: reference dopri5 NFE {ref_nfe}, SW2 noise floor {floor:.4f}")
     dim = math.prod(data_shape)
 

@@ -26,7 +26,7 @@ import gddim_runtime as gr
 from derive import _grids
 
 from . import bench
-from .exact import DenseModel, MixtureScore, TableModel
+from .exact import MixtureScore, TableModel
 
 ROOT = Path(__file__).resolve().parents[1]
 NFES = (5, 10, 20)
@@ -47,26 +47,21 @@ def run(setup, nfes, rows, log, grids=GRIDS, orders=ORDERS, batch=None, cache=No
     tabs = bench.Tables(spec_name, basis_size)
     basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
     mix = MixtureScore(means, stds, basis=basis)
-    k = tabs.spec.k
     start = time.perf_counter()
     dense = tabs.dense_coeffs()
     t_ref = tabs.table(1, order=1)
-    z = torch.randn((batch, k) + data_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    to_coef, from_coef = (gr.dct2, gr.idct2) if basis[0] == "dct2d" else ((lambda x: x),) * 2
-    x_T = from_coef(gr.block_apply(t_ref.tensors["R"][0], to_coef(z), basis))
+    x_T = bench.prior(t_ref, batch, data_shape, basis)
     path = None if cache is None else Path(cache) / f"bench_auto_ref_{setup}_{batch}.pt"
     if path is not None and path.is_file():                 # the reference of an earlier run (same noise)
-        ref, info = torch.load(path), {"nfe": "cached"}
+        ref, ref_nfe = torch.load(path), "cached"
     else:
-        ref, info = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
-                              rtol=REF_TOL, atol=REF_TOL, dtype=torch.float64, denoise=False, return_info=True)
-        ref = bench.denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch)))
+        ref, ref_nfe = bench.reference_endpoint(mix, dense, t_ref, x_T, REF_TOL)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(ref, path)
     floor = bench.component_fd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)), means, stds)[0]
     label = "rings" if data_shape == (2,) else "images " + "x".join(map(str, data_shape))
-    log(f"{setup} ({label}, {batch} samples): reference dopri5 NFE {info['nfe']}, "
+    log(f"{setup} ({label}, {batch} samples): reference dopri5 NFE {ref_nfe}, "
         f"{time.perf_counter() - start:.0f} s; CFD floor {floor:.2e}")
     dim = math.prod(data_shape)
     for nfe in nfes:

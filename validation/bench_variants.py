@@ -22,7 +22,7 @@ import derive
 import gddim_runtime as gr
 
 from . import bench
-from .exact import DenseModel, MixtureScore, TableModel
+from .exact import MixtureScore, TableModel
 
 NFES = (5, 10, 20)
 VARIABLES = ("t", "rho", "logsnr")
@@ -57,21 +57,16 @@ def run(name, grids, nfes, rows, log, ref_tol=1e-7, order=3, variables=VARIABLES
     d = derive.derive(tabs.spec)
     basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
     mix = MixtureScore(means, stds, weights, basis=basis)
-    k = tabs.spec.k
-    z = torch.randn((batch, k) + data_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     dense = tabs.dense_coeffs()
     t_ref = d.table(nfe=2, order=1, verify="none").to_runtime()
-    to_coef, from_coef = (gr.dct2, gr.idct2) if basis[0] == "dct2d" else ((lambda x: x),) * 2
-    x_T = from_coef(gr.block_apply(t_ref.tensors["R"][0], to_coef(z), basis))
+    x_T = bench.prior(t_ref, batch, data_shape, basis)
     start = time.perf_counter()
-    ref, info = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
-                          rtol=ref_tol, atol=ref_tol, dtype=torch.float64, denoise=False, return_info=True)
-    ref = bench.denoise(t_ref, ref, TableModel(mix, t_ref)(ref, t_ref.tensors["t"][-1:].expand(batch)))
+    ref, ref_nfe = bench.reference_endpoint(mix, dense, t_ref, x_T, ref_tol)
     cfd_floor = bench.component_fd(_draw(means, stds, weights, batch, torch.Generator().manual_seed(2)),
                                    means, stds, weights)[0]
     label = ("rings" if data_shape == (2,) else f"mixture {data_shape[0]}-D") if len(data_shape) == 1 \
         else "images " + "x".join(map(str, data_shape))
-    log(f"{name} ({label}), order {order}: reference dopri5 rtol {ref_tol:g}, NFE {info['nfe']}, {time.perf_counter() - start:.0f} s; "
+    log(f"{name} ({label}), order {order}: reference dopri5 rtol {ref_tol:g}, NFE {ref_nfe}, {time.perf_counter() - start:.0f} s; "
         f"CFD floor {cfd_floor:.2e}")
     dim = math.prod(data_shape)
     for grid in grids:
