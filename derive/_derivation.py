@@ -210,13 +210,8 @@ class Derivation(Evaluators):
             self._E = _hp.compile_matrix(E)
         except _hp.Unsupported:                    # a function MPFR cannot evaluate: go numerical
             return False
-        self.psi_expr = E.subs(B, I - I.subs(t, s))
         self._E_argument = B.name
-        self.psi_kind, self._psi_mode = CLOSED, "expm"
-        if self._finite(lambda tt: self.psi(tt, tt * 0), self._E):
-            return True
-        self.psi_expr = None
-        return False
+        return self._accept_closed_psi(E.subs(B, I - I.subs(t, s)), "expm", self._E)
 
     def _psi_diagonal(self):
         spec, k = self.spec, self.k
@@ -228,9 +223,14 @@ class Derivation(Evaluators):
         if diag is None:
             return False
         self._Ediag = diag
-        self.psi_expr = sp.diag(*[sp.exp(I - I.subs(t, s)) for I in Is])
-        self.psi_kind, self._psi_mode = CLOSED, "diagonal"
-        if self._finite(lambda tt: self.psi(tt, tt * 0), self._Ediag):
+        return self._accept_closed_psi(sp.diag(*[sp.exp(I - I.subs(t, s)) for I in Is]), "diagonal", diag)
+
+    def _accept_closed_psi(self, expr, mode, compiled):
+        """Take the closed form ``expr`` of Psi (evaluated by ``compiled`` in ``mode``) when it is
+        finite and accurate on the probe grid (precision raised there if it cancels); else undo."""
+        self.psi_expr = expr
+        self.psi_kind, self._psi_mode = CLOSED, mode
+        if self._finite(lambda tt: self.psi(tt, tt * 0), compiled):
             return True
         self.psi_expr = None
         return False
