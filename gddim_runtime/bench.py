@@ -173,7 +173,7 @@ def _vp_table(order, folder, device):
     name = f"vp_linear_nfe50_quadratic_q{order}_nodenoise.safetensors"
     path = Path(folder) / "vp_linear" / name
     if not path.exists():
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         proc = subprocess.run([sys.executable, "-m", "derive", "vp_linear", "--nfe", "50", "--order", str(order),
                                "--no-denoise", "--no-verify", "--quiet", "--out", str(folder)],
                               capture_output=True, text=True, env=env, cwd=ROOT)

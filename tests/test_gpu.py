@@ -67,3 +67,83 @@ def test_graph_capture_equals_eager(file):
     for _ in range(2):                                                         # second call replays the graphs
         b = gr.sample(_model, table, x_T=x_T, compile=True)
         assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+# ----- the data-prediction samplers, training and torchrun on CUDA -------------------------------
+
+@pytest.fixture(scope="module")
+def x0_table():
+    """A CLD x0-form table with the corrector weights, derived here (derive needs no GPU)."""
+    from derive import derive
+    return derive("cld").table(nfe=10, order=3, form="x0", corrector=True, verify="fast")
+
+
+@pytest.mark.parametrize("sampler", ["gddim_x0", "gddim_x0_pc"])
+def test_x0_samplers_never_sync_and_equal_cpu(x0_table, sampler):
+    """The data-prediction samplers: no host synchronisation in the whole call, and the CPU's samples."""
+    cpu, gpu = x0_table.to_runtime("cpu"), x0_table.to_runtime("cuda")
+    x_T = torch.randn((4, 2, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    a = gr.sample(_model, cpu, x_T=x_T, dtype=torch.float64, sampler=sampler)
+    gr.sample(_model, gpu, x_T=x_T.cuda(), dtype=torch.float64, sampler=sampler)       # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        b = gr.sample(_model, gpu, x_T=x_T.cuda(), dtype=torch.float64, sampler=sampler)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert (a - b.cpu()).abs().max() <= 1e-12 * a.abs().max()
+
+
+def test_training_on_cuda_matches_cpu_and_add_noise_never_syncs():
+    """add_noise on CUDA: no host synchronisation, u_t = D_t [x0; 0] + R_t eps with the CPU's dense
+    coefficients; the eps_L target and loss equal the CPU's for the same eps (float64)."""
+    path = COEFFS / "cld" / "cld_dense.safetensors"
+    d_cpu, d_gpu = gr.load_dense(path), gr.load_dense(path, device="cuda")
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.randn((6, 3, 4, 4), generator=gen, dtype=torch.float64)
+    t = gr.sample_times(d_cpu, 6, generator=gen)
+    x0_g, t_g = x0.cuda(), t.cuda()
+    g = torch.Generator("cuda").manual_seed(0)
+    gr.add_noise(d_gpu, x0_g, t_g, generator=g)                                     # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        u_g, eps_g = gr.add_noise(d_gpu, x0_g, t_g, generator=g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    c = d_cpu.at(t)
+    eps = eps_g.cpu()
+    lifted = torch.stack([x0, torch.zeros_like(x0)], 1).flatten(2)
+    D, R = c["D"][:, 0], c["R"][:, 0]                                                 # identity basis: P = 1
+    want = torch.einsum("bij,bjn->bin", D, lifted) + torch.einsum("bij,bjn->bin", R, eps.flatten(2))
+    assert (u_g.cpu().flatten(2) - want).abs().max() <= 1e-12 * want.abs().max()
+    for p in ("eps_L", "score", "x0"):
+        a = gr.training_target(d_cpu, x0, t, eps, p)
+        b = gr.training_target(d_gpu, x0_g, t_g, eps_g, p).cpu()
+        assert (a - b).abs().max() <= 1e-12 * a.abs().max(), p
+    out = torch.randn(eps.shape, generator=gen, dtype=torch.float64)
+    la = gr.diffusion_loss(d_cpu, out, x0, t, eps, "eps_L")
+    lb = gr.diffusion_loss(d_gpu, out.cuda(), x0_g, t_g, eps_g, "eps_L").cpu()
+    assert abs(float(la) - float(lb)) <= 1e-12 * abs(float(la))
+
+
+def test_torchrun_nccl_equals_one_process(tmp_path):
+    """torchrun with nccl (one rank per GPU; here one GPU): the manifest and shard hold the samples
+    that a plain CUDA run with the same seed gives (noise per sample from (seed, index) on the device)."""
+    import os
+    import subprocess
+    import sys
+    root = COEFFS.parent
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{root / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    base = ["-m", "gddim_runtime", "sample", "--coeffs", str(COEFFS / "cld" / "cld_nfe10_quadratic_q3.safetensors"),
+            "--model", "toy_models:shrink", "--batch", "7", "--seed", "3", "--device", "cuda", "--dtype", "float64"]
+    plain = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "one.pt")], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                          *base[1:], "--out", str(tmp_path / "tr.pt")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    a, b = gr.read_samples(tmp_path / "one.pt"), gr.read_samples(tmp_path / "tr.pt")
+    assert a.shape == b.shape == (7, 2, 2, 4)
+    assert (a - b).abs().max() <= 1e-12 * a.abs().max()
