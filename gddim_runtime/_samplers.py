@@ -568,6 +568,61 @@ def _gddim_compiled(run, mode):
     return u, None
 
 
+GRAPH_SAMPLERS = ("gddim", "gddim_pc", "gddim_x0", "gddim_x0_pc", "heun")
+_GRAPHS = {}
+
+
+def _graph_call(model, table, sampler, parametrization, batch, data_shape, dtype, model_dtype, denoise, lam,
+                options, noise, x_T, **_):
+    """``sample`` as one CUDA graph: captured on the first call for this (model, table, sampler,
+    shapes, dtypes), replayed after. The initial state is drawn eagerly (it follows the generator)
+    and copied into the graph's input; the NaN flags are reset inside the graph; the result is a
+    copy of the graph's output. Returns (samples in data space, model evaluations)."""
+    key = (id(model), id(table), sampler, parametrization, batch, tuple(data_shape), dtype, model_dtype, denoise,
+           lam, tuple(sorted(options.items())))
+    hit = _GRAPHS.get(key)
+    if hit is None or hit["model"] is not model or hit["table"] is not table:
+        hit = _capture(model, table, sampler, parametrization, batch, data_shape, dtype, model_dtype, denoise, lam,
+                       options)
+        if len(_GRAPHS) >= 4:                                             # each graph keeps its memory pool
+            _GRAPHS.pop(next(iter(_GRAPHS)))
+        _GRAPHS[key] = hit
+    plan = hit["plan"]
+    hit["u0"].copy_(_initial_state(plan, noise, x_T))
+    hit["graph"].replay()
+    _raise_if_not_finite(plan)
+    return plan.to_data(hit["out"]).clone(), hit["nfe"]
+
+
+def _capture(model, table, sampler, parametrization, batch, data_shape, dtype, model_dtype, denoise, lam, options):
+    """Warm the call up twice on a side stream (lazy initialisation, workspaces), then capture it."""
+    plan = _Plan(table, dtype, parametrization, batch, data_shape, model_dtype)
+    run = _Run(plan, _Evaluator(model, plan), _Noise(None), lambda i, u: None)
+    run.lam = lam if lam is not None else (None if table.meta.get("lam") is None else _lam(table))
+    run.u0 = torch.zeros((batch, plan.k) + tuple(data_shape), dtype=dtype, device=plan.device)
+
+    def body():
+        plan.ok.fill_(True)
+        run.evaluate.nfe = 0
+        return _integrate(run, sampler, False, denoise, dict(options))
+
+    side = torch.cuda.Stream(device=plan.device)
+    side.wait_stream(torch.cuda.current_stream(plan.device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream(plan.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = body()
+    except RuntimeError as exc:
+        raise SamplingError(f"compile='graph': the call could not be captured as a CUDA graph "
+                            f"(the model must not read values on the host or change shapes): {exc}") from exc
+    return {"model": model, "table": table, "plan": plan, "graph": graph, "u0": run.u0, "out": out,
+            "nfe": run.evaluate.nfe}
+
+
 SAMPLERS = {"gddim": gddim, "gddim_pc": gddim_pc, "gddim_sde": gddim_sde, "euler_maruyama": euler_maruyama,
             "heun": heun, "ancestral": ancestral, "probability_flow_rk45": probability_flow_rk45}
 
@@ -668,7 +723,11 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
         conversion and fused update) as one compiled graph, compiled once per model and shapes
         and reused (mode "reduce-overhead" on CUDA by default: CUDA graphs; "default" on CPU,
         which needs a C++ compiler). Only for sampler "gddim" and model outputs without a
-        state term (not "x0"); the first call pays the compilation.
+        state term (not "x0"); the first call pays the compilation. "graph" (CUDA): the
+        whole call (every step, the conversions, the final denoising) captured once as one CUDA
+        graph per (model, table, sampler, shapes, dtypes) and replayed: the per-step launch cost
+        vanishes (README "GPU" has the figures). The model must be capturable (no host reads,
+        fixed shapes); samplers without noise and with a fixed step count only; no callback.
     options: the sampler's own options: probability_flow_rk45 takes dense= (a dense file from
         ``load_dense``), rtol=, atol=; the other samplers take none. Unknown names are refused.
 
@@ -677,7 +736,16 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     one read after it checks that every model output was finite (SamplingError naming the step).
     """
     noise, batch, data_shape, denoise = _checked_request(
-        table, sampler, parametrization, compile, options, generator, x_T, batch, data_shape, denoise)
+        table, sampler, parametrization, compile, options, generator, x_T, batch, data_shape, denoise, callback)
+    call = _graph_call if compile == "graph" else _eager_call
+    out, nfe = call(model, table, sampler, parametrization, batch, data_shape, dtype, model_dtype, denoise, lam,
+                    options, noise, x_T, compile=compile, callback=callback, progress=progress)
+    return (out, {"nfe": nfe}) if return_info else out
+
+
+def _eager_call(model, table, sampler, parametrization, batch, data_shape, dtype, model_dtype, denoise, lam, options,
+                noise, x_T, compile, callback, progress):
+    """``sample`` step by step on the host (eager, or with the compiled gDDIM step): (samples, nfe)."""
     plan = _Plan(table, dtype, parametrization, batch, data_shape, model_dtype)
     run = _Run(plan, _Evaluator(model, plan), noise, None)
     run.u0 = _initial_state(plan, noise, x_T)
@@ -685,11 +753,11 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     with _Progress(plan, sampler, progress, callback) as run.notify:
         u = _integrate(run, sampler, compile, denoise, options)
     _raise_if_not_finite(plan)
-    out = plan.to_data(u).contiguous()
-    return (out, {"nfe": run.evaluate.nfe}) if return_info else out
+    return plan.to_data(u).contiguous(), run.evaluate.nfe
 
 
-def _checked_request(table, sampler, parametrization, compile, options, generator, x_T, batch, data_shape, denoise):
+def _checked_request(table, sampler, parametrization, compile, options, generator, x_T, batch, data_shape, denoise,
+                     callback=None):
     """``sample``'s arguments checked once before dispatch (SamplingError saying what is wrong and
     what to give): returns the noise source, batch, data_shape and whether to denoise."""
     if not isinstance(table, Table):
@@ -700,7 +768,15 @@ def _checked_request(table, sampler, parametrization, compile, options, generato
     _check_options(sampler, options)
     if parametrization not in PARAMETRIZATIONS:
         raise SamplingError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
-    if compile and (sampler != "gddim" or parametrization == "x0"):
+    if compile == "graph":
+        if callback is not None:
+            raise SamplingError("compile='graph' replays the whole call on the device: no per-step callback")
+        if table.tensors["t"].device.type != "cuda":
+            raise SamplingError("compile='graph' captures the whole call as a CUDA graph: the table must be on CUDA")
+        if sampler not in GRAPH_SAMPLERS:
+            raise SamplingError(f"compile='graph' is available for the samplers that draw no noise and take a fixed "
+                                f"number of steps ({', '.join(GRAPH_SAMPLERS)}), not {sampler!r}")
+    elif compile and (sampler != "gddim" or parametrization == "x0"):
         raise SamplingError(f"compile= is available for sampler 'gddim' with outputs eps_R, eps_L, score or eps_L_v "
                             f"(got sampler {sampler!r}, parametrization {parametrization!r})")
     if sampler == "gddim_pc" and not table.has("corrector_weights"):

@@ -84,11 +84,12 @@ def test_x0_samplers_never_sync_and_equal_cpu(x0_table, sampler):
     cpu, gpu = x0_table.to_runtime("cpu"), x0_table.to_runtime("cuda")
     x_T = torch.randn((4, 2, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     a = gr.sample(_model, cpu, x_T=x_T, dtype=torch.float64, sampler=sampler)
-    gr.sample(_model, gpu, x_T=x_T.cuda(), dtype=torch.float64, sampler=sampler)       # warm-up
+    x_g = x_T.cuda()
+    gr.sample(_model, gpu, x_T=x_g, dtype=torch.float64, sampler=sampler)              # warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        b = gr.sample(_model, gpu, x_T=x_T.cuda(), dtype=torch.float64, sampler=sampler)
+        b = gr.sample(_model, gpu, x_T=x_g, dtype=torch.float64, sampler=sampler)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert (a - b.cpu()).abs().max() <= 1e-12 * a.abs().max()
@@ -147,3 +148,53 @@ def test_torchrun_nccl_equals_one_process(tmp_path):
     a, b = gr.read_samples(tmp_path / "one.pt"), gr.read_samples(tmp_path / "tr.pt")
     assert a.shape == b.shape == (7, 2, 2, 4)
     assert (a - b).abs().max() <= 1e-12 * a.abs().max()
+
+
+# ----- compile="graph": the whole call as one CUDA graph ------------------------------------------
+
+@pytest.mark.parametrize("file, sampler, parametrization", [
+    ("cld/cld_nfe50_quadratic_q3", "gddim", "eps_R"),
+    ("cld/cld_nfe20_quadratic_q3", "heun", "eps_L"),
+    ("cld/cld_nfe20_quadratic_q3", "gddim", "x0"),
+    ("bdm/bdm_nfe20_quadratic_q3", "gddim", "eps_R"),
+])
+def test_whole_call_graph_equals_eager(file, sampler, parametrization):
+    """compile="graph": captured on the first call, replayed after; every replay equals eager for
+    its own x_T (float64), counts the same model evaluations, and a replay never syncs."""
+    table = gr.load(COEFFS / f"{file}.safetensors", device="cuda")
+    gen = torch.Generator("cuda").manual_seed(0)
+    kw = dict(sampler=sampler, parametrization=parametrization, dtype=torch.float64, return_info=True)
+    for r in range(3):
+        x_T = torch.randn((8, table.k, 3, 32, 32), device="cuda", generator=gen, dtype=torch.float64)
+        a, ia = gr.sample(_model, table, x_T=x_T, **kw)
+        if r == 2:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            b, ib = gr.sample(_model, table, x_T=x_T, compile="graph", **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert (a - b).abs().max() <= 1e-12 * a.abs().max(), r
+        assert ia["nfe"] == ib["nfe"]
+
+
+def test_whole_call_graph_x0_corrector(x0_table):
+    table = x0_table.to_runtime("cuda")
+    x_T = torch.randn((4, 2, 3, 8, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(3),
+                      dtype=torch.float64)
+    a = gr.sample(_model, table, x_T=x_T, dtype=torch.float64, sampler="gddim_x0_pc")
+    for _ in range(2):
+        b = gr.sample(_model, table, x_T=x_T, dtype=torch.float64, sampler="gddim_x0_pc", compile="graph")
+        assert (a - b).abs().max() <= 1e-12 * a.abs().max()
+
+
+def test_whole_call_graph_reports_nan():
+    """The NaN flags are reset inside the graph: a clean replay after a bad one passes, a bad one raises."""
+    table = gr.load(COEFFS / "cld/cld_nfe10_quadratic_q3.safetensors", device="cuda")
+    x_T = torch.ones((2, 2, 3, 4, 4), device="cuda")
+    nan = x_T.clone()
+    nan[1, 0, 2, 3, 3] = float("nan")
+    assert torch.isfinite(gr.sample(_model, table, x_T=x_T, compile="graph")).all()      # captured here
+    with pytest.raises(gr.SamplingError, match=r"not finite \(NaN/inf\) at step 0"):
+        gr.sample(_model, table, x_T=nan, compile="graph")                             # replayed
+    assert torch.isfinite(gr.sample(_model, table, x_T=x_T, compile="graph")).all()   # flags reset in the graph

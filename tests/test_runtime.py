@@ -397,3 +397,16 @@ def test_final_denoise_is_the_samplers_ending(name, data_shape):
         assert torch.allclose(got, expected, rtol=0, atol=1e-12 * float(expected.abs().max())), p
     with pytest.raises(gr.SamplingError, match="eps_L_v"):
         gr.final_denoise(tab, u, u[:, 1:], "eps_L_v")
+
+
+def test_whole_call_graph_refusals():
+    """compile="graph" needs a CUDA table, a sampler without noise and a fixed step count, no callback
+    (tests/test_gpu.py checks the graph itself against eager)."""
+    from conftest import ROOT
+    tab = gr.load(ROOT / "coeffs" / "cld" / "cld_nfe10_quadratic_q3.safetensors")
+    with pytest.raises(gr.SamplingError, match="table must be on CUDA"):
+        gr.sample(lambda x, t: x, tab, batch=2, data_shape=(2,), compile="graph")
+    if torch.cuda.is_available():
+        tab = tab.to("cuda")
+        with pytest.raises(gr.SamplingError, match="draw no noise"):
+            gr.sample(lambda x, t: x, tab, batch=2, data_shape=(2,), compile="graph", sampler="euler_maruyama")
