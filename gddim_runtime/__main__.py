@@ -40,7 +40,7 @@ def _parser():
     s.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="state dtype (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="seed; sample i uses a generator seeded by (seed, i) (default: %(default)s)")
     s.add_argument("--no-denoise", action="store_true", help="skip the final denoising evaluation")
-    s.add_argument("--compile", action="store_true", help="compile the gDDIM step (torch.compile; CUDA graphs on CUDA)")
+    s.add_argument("--compile", action="store_true", help="on CUDA: capture the whole call as one CUDA graph (samplers without noise); on the CPU: torch.compile the gDDIM step")
     s.add_argument("--out", default="samples.pt", help="output file, torch.save of [B, k, *shape] (default: %(default)s)")
     s.add_argument("--png", default=None, help="also write a grid image of the data component (u[:, 0]) to this "
                                                "file; data shape must be (C, H, W) with C = 1 or 3, or (H, W)")

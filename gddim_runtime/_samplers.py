@@ -719,15 +719,15 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     model_dtype: the dtype the model runs in (e.g. torch.bfloat16); its input is cast to it and
         its output cast back to ``dtype``. Default: ``dtype``.
     return_info: also return {"nfe": model evaluations}.
-    compile: False (default, eager), True or a torch.compile mode: run gDDIM's step (model,
-        conversion and fused update) as one compiled graph, compiled once per model and shapes
-        and reused (mode "reduce-overhead" on CUDA by default: CUDA graphs; "default" on CPU,
-        which needs a C++ compiler). Only for sampler "gddim" and model outputs without a
-        state term (not "x0"); the first call pays the compilation. "graph" (CUDA): the
-        whole call (every step, the conversions, the final denoising) captured once as one CUDA
-        graph per (model, table, sampler, shapes, dtypes) and replayed: the per-step launch cost
-        vanishes (README "GPU" has the figures). The model must be capturable (no host reads,
-        fixed shapes); samplers without noise and with a fixed step count only; no callback.
+    compile: False (default, eager); "graph" (CUDA; what True means on CUDA): the whole call
+        (every step, the conversions, the final denoising) captured once as one CUDA graph per
+        (model, table, sampler, shapes, dtypes) and replayed, so the per-step launch cost vanishes
+        (README "GPU": 1.65x eager at batch 256, 5.8x at batch 1 on an H200); the model must be
+        capturable (no host reads, fixed shapes); samplers without noise and with a fixed step
+        count; no callback. True on the CPU, or a torch.compile mode string anywhere: gDDIM's
+        step (model, conversion, fused update) compiled with torch.compile once per model and
+        shapes ("default" on the CPU needs a C++ compiler; 2.36x eager here); sampler "gddim"
+        with outputs without a state term (not "x0"); the first call pays the compilation.
     options: the sampler's own options: probability_flow_rk45 takes dense= (a dense file from
         ``load_dense``), rtol=, atol=; the other samplers take none. Unknown names are refused.
 
@@ -735,6 +735,8 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     when ``denoise``); with ``return_info`` also {"nfe": ...}. The loop never waits for the host;
     one read after it checks that every model output was finite (SamplingError naming the step).
     """
+    if compile is True and table.tensors["t"].device.type == "cuda":
+        compile = "graph"                          # measured on an H200: 1.65-5.8x eager; the compiled step 0.64x
     noise, batch, data_shape, denoise = _checked_request(
         table, sampler, parametrization, compile, options, generator, x_T, batch, data_shape, denoise, callback)
     call = _graph_call if compile == "graph" else _eager_call
