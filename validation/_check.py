@@ -269,6 +269,8 @@ def _full(report, spec, tensors, meta, p, coord_value, budget):
         budget.at("reference ODEs", p)
         ref = MpReference(spec, coord_value, tick=budget.tick)
         tm = [mpmath.mpf(float(v)) for v in t]
+        budget.at("R and sigma", p)
+        ref.march(tm)                                   # one solve through every grid time
         Rs, Ss = [], []
         for i, x in enumerate(tm):
             budget.at("R and sigma", p, i)
@@ -287,14 +289,15 @@ def _full(report, spec, tensors, meta, p, coord_value, budget):
             qi = min(q, i + 1)
             # the weights sum to R_t - Psi R_s: judged relative to those terms
             terms = max(_mp_amax(Rs[i + 1]), _mp_amax(Ps[i] * Rs[i]))
-            budget.at("eps_weights", p, i)
-            C = ref.weights(tm[i], tm[i + 1], [tm[i - j] for j in range(qi)])
-            errs += [(i, *_err_mp(tensors["eps_weights"][i, j, p], C[j], terms)) for j in range(qi)]
+            budget.at("eps_weights" + (" and corrector_weights" if "corrector_weights" in tensors else ""), p, i)
+            node_sets = [[tm[i - j] for j in range(qi)]]
+            if "corrector_weights" in tensors:       # same step, same integrand: one quadrature
+                node_sets.append([tm[i + 1 - j] for j in range(min(q + 1, i + 2))])
+            C = ref.weights_sets(tm[i], tm[i + 1], node_sets)
+            errs += [(i, *_err_mp(tensors["eps_weights"][i, j, p], C[0][j], terms)) for j in range(qi)]
             if "corrector_weights" in tensors:
-                budget.at("corrector_weights", p, i)
-                qc = min(q + 1, i + 2)
-                C = ref.weights(tm[i], tm[i + 1], [tm[i + 1 - j] for j in range(qc)])
-                errs_c += [(i, *_err_mp(tensors["corrector_weights"][i, j, p], C[j], terms)) for j in range(qc)]
+                errs_c += [(i, *_err_mp(tensors["corrector_weights"][i, j, p], C[1][j], terms))
+                           for j in range(len(node_sets[1]))]
         report.add("eps_weights", errs, how, TOL_FULL)
         report.add("corrector_weights", errs_c, how, TOL_FULL)
         if "eps_weights_sde" in tensors:

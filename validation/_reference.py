@@ -8,6 +8,7 @@
   and scipy.integrate.quad_vec: the second, cheaper opinion a user would compute by hand.
 """
 
+import gmpy2
 import mpmath
 import numpy as np
 import sympy as sp
@@ -39,9 +40,9 @@ def lagrange_weights_at(r, nodes):
     return out
 
 
-def R0_of(spec, Sigma0):
+def R0_of(spec, Sigma0, coord_value=None):
     if isinstance(spec.R0, sp.MatrixBase):
-        return mp_matrix(spec.R0, **_basis_env(spec, None))
+        return mp_matrix(spec.R0, **_basis_env(spec, coord_value))
     if spec.R0 == "cholesky":
         return mpmath.cholesky(Sigma0)
     E, Q = mpmath.eigsy(Sigma0)
@@ -67,14 +68,15 @@ class _Compiled:
         return mpmath.matrix([[f(env) for f in row] for row in self.rows])
 
 
-def _basis_env(spec, lam):
-    return {} if spec.basis.symbol is None else {spec.basis.symbol.name: lam}
+def _basis_env(spec, coord_value):
+    return {} if spec.basis.symbol is None else {spec.basis.symbol.name: coord_value}
 
 
 class MpReference:
-    """High-precision reference for one coordinate (``lam`` = its basis value, or None)."""
+    """High-precision reference for one coordinate (``coord_value``: its basis value, e.g. the
+    dct2d frequency, or None without a basis)."""
 
-    def __init__(self, spec, lam=None, dps=DPS, tick=None):
+    def __init__(self, spec, coord_value=None, dps=DPS, tick=None):
         self.spec, self.k, self.dps = spec, spec.k, dps
         self.tick = tick or (lambda: None)      # called in every right-hand side and integrand
         self._back = {}                         # t -> Psi(t, r) for r >= t (odefun)
@@ -83,8 +85,8 @@ class MpReference:
         # ODE solves, which cost minutes per frequency there; weights still by direct quadrature.
         self.direct = spec.form == "marginal" and spec.basis.symbol is not None
         with mpmath.workdps(dps):
-            self.lam = None if lam is None else mpmath.mpf(sp.N(lam, dps + 10))
-            self.env = _basis_env(spec, self.lam)
+            self.coord_value = None if coord_value is None else mpmath.mpf(sp.N(coord_value, dps + 10))
+            self.env = _basis_env(spec, self.coord_value)
             k = self.k
             self._Fc, self._Gc = _Compiled(spec.F, "mp"), _Compiled(spec.G, "mp")
             if spec.form == "marginal":
@@ -94,19 +96,76 @@ class MpReference:
                 return
             self.Sigma0 = mp_matrix(spec.Sigma0, t=mpmath.mpf(0), **self.env)
             self._m = 1 if _finite_at_zero(self.F, self.G, mpmath.mpf(0)) else ROOT_POWER
-            self._phi = self._from_zero(lambda t, y: self._ticked(_vec(self.F(t) * _mat(k, y))), _vec(mpmath.eye(k)))
+            self._R0 = R0_of(spec, self.Sigma0, self.coord_value) if k > 1 else None
+        self._dense = {}                        # "phi" / "sigma" / "R" -> odefun, built when first read
+        self._at = {}                           # t -> {"phi", "sigma", "R"} from ``march``
 
-            def lyap(t, y):
+    def _forward(self, t, y):
+        """Right-hand side of the marched forward solve on gmpy2 arrays, y = [Phi, Sigma]:
+        Phi' = F Phi, Sigma' = F Sigma + Sigma F^T + G G^T."""
+        self.tick()
+        k, n = self.k, self.k * self.k
+        F, G = self._gF(t), self._gG(t)
+        Phi, S = y[:n].reshape(k, k), y[n:].reshape(k, k)
+        FS = F.dot(S)
+        return np.concatenate([F.dot(Phi).ravel(), (FS + FS.T + G.dot(G.T)).ravel()])
+
+    def _gF(self, t):
+        """F(t) as a gmpy2 array (t a gmpy2 number; evaluated by the compiled mpmath form)."""
+        return _gmat(self.F(_mpf(t)))
+
+    def _gG(self, t):
+        return _gmat(self.G(_mpf(t)))
+
+    def _y0(self):
+        return _vec(mpmath.eye(self.k)) + _vec(self.Sigma0) + (_vec(self._R0) if self.k > 1 else [])
+
+    def _solution(self, name):
+        """Dense solution t -> Phi / Sigma / R (odefun, for reads between the grid times: the
+        weights' quadrature nodes); each its own solve of its block of ``_forward``."""
+        if name not in self._dense:
+            k, n = self.k, self.k * self.k
+            block = {"phi": 0, "sigma": 1, "R": 2}[name]
+            y0 = self._y0()[block * n:(block + 1) * n]
+
+            def rhs(t, y):
                 self.tick()
-                S, F, G = _mat(k, y), self.F(t), self.G(t)
-                return _vec(F * S + S * F.T + G * G.T)
-            self._sigma = self._from_zero(lyap, _vec(self.Sigma0))
-            if k > 1:
-                def rode(t, y):
-                    self.tick()
-                    R, F, G = _mat(k, y), self.F(t), self.G(t)
-                    return _vec(F * R + G * G.T * mpmath.inverse(R).T / 2)
-                self._R = self._from_zero(rode, _vec(R0_of(spec, self.Sigma0)))
+                F, G = self.F(t), self.G(t)
+                Y = _mat(k, y)
+                if name == "phi":
+                    return _vec(F * Y)
+                if name == "sigma":
+                    return _vec(F * Y + Y * F.T + G * G.T)
+                return _vec(F * Y + G * G.T * mpmath.inverse(Y).T / 2)
+            with mpmath.workdps(self.dps):
+                self._dense[name] = self._from_zero(rhs, y0)
+        return self._dense[name]
+
+    def march(self, times):
+        """Phi and Sigma at ``times`` by one Bulirsch-Stoer solve of ``_forward`` from t = 0
+        through the sorted times (no dense solution needed there); later reads at these exact
+        times are served from it. R is not marched: the weights' quadrature reads it between
+        the grid times, so its dense solution is built anyway."""
+        new = sorted({mpmath.mpf(x) for x in times} - set(self._at))
+        if self.direct or not new:
+            return
+        k, n = self.k, self.k * self.k
+        m = self._m
+        with mpmath.workdps(self.dps):
+            y0 = self._y0()[:2 * n]
+            if m == 1:
+                ys = bulirsch_stoer(self._forward, 0, y0, new, [n, n])
+            else:                      # in u = t^(1/m), as ``_from_zero``
+                rhs = lambda u, y: m * u ** (m - 1) * self._forward(u ** m, y)
+                ys = bulirsch_stoer(rhs, mpmath.mpf("1e-16"), y0, [mpmath.root(x, m) for x in new], [n, n])
+        for x, y in zip(new, ys):
+            self._at[x] = {"phi": _mat(k, y[:n]), "sigma": _mat(k, y[n:2 * n]), "R": None}
+
+    def _read(self, name, t):
+        hit = self._at.get(t)
+        if hit is not None and hit[name] is not None:
+            return hit[name]
+        return _mat(self.k, self._solution(name)(t))
 
     def _from_zero(self, rhs, y0):
         """t -> y(t) of y' = rhs(t, y), y(0) = y0 by mpmath.odefun (Taylor series). A coefficient
@@ -134,7 +193,7 @@ class MpReference:
     def phi(self, t):
         if self.direct:
             return self._marginal("mean", t) / self._marginal("mean", mpmath.mpf(0))[0, 0]
-        return _mat(self.k, self._phi(t))
+        return self._read("phi", t)
 
     def psi(self, t, s):
         """Psi(t, s); for s >= t (every sampling step) from its own ODE in r started at t,
@@ -151,12 +210,12 @@ class MpReference:
     def sigma(self, t):
         if self.direct:
             return self._marginal("std", t) ** 2
-        return _mat(self.k, self._sigma(t))
+        return self._read("sigma", t)
 
     def R(self, t):
         if self.k == 1:
             return mpmath.matrix([[mpmath.sqrt(self.sigma(t)[0, 0])]])
-        return _mat(self.k, self._R(t))
+        return self._read("R", t)
 
     def data_to_state(self, t):
         if self.spec.form == "marginal":
@@ -165,6 +224,12 @@ class MpReference:
 
     def weights(self, s, t, node_times):
         """C_j = int_s^t 1/2 Psi(t,r) G G^T R_r^-T l_j(r) dr for the Lagrange nodes ``node_times``."""
+        return self.weights_sets(s, t, [node_times])[0]
+
+    def weights_sets(self, s, t, node_sets):
+        """``weights`` for several sets of Lagrange nodes on the same step (predictor and
+        corrector) from one quadrature: the integrand's matrix is computed once per point and
+        every set's panels must converge."""
         k = self.k
         Phi_t = self.phi(t)
 
@@ -176,30 +241,161 @@ class MpReference:
                 W = mpmath.matrix([[Phi_t[0, 0] / self.phi(r)[0, 0] * g2 / self.R(r)[0, 0] / 2]])
             else:
                 W = self.psi(t, r) * G * G.T * mpmath.inverse(self.R(r)).T / 2
-            return [W * l for l in lagrange_weights_at(r, node_times)]
-        return _gl_vector(integrand, s, t, len(node_times), k)
+            return [W * l for nodes in node_sets for l in lagrange_weights_at(r, nodes)]
+        flat = _gl_vector(integrand, s, t, sum(len(nodes) for nodes in node_sets), k)
+        out = []
+        for nodes in node_sets:
+            out.append(flat[:len(nodes)])
+            flat = flat[len(nodes):]
+        return out
 
     def stochastic(self, s, t, lam):
-        """(PsiHat - Psi) R_s and P_st by the backward ODE in tau = s - r (MATH.md section 5)."""
+        """(PsiHat - Psi) R_s and P_st by the backward ODE in tau = s - r (MATH.md section 5),
+        y = [PsiHat(s - tau, s), P, Sigma(s - tau)], solved by Bulirsch-Stoer to the one end point
+        it is needed at (mpmath.odefun's Taylor series cost 5-10 times more there: its
+        derivatives come from finite differences at ~70 times the working precision)."""
         k = self.k
-        lam2 = mpmath.mpf(sp.N(lam, self.dps + 10)) ** 2
-        c = (1 + lam2) / 2
-
         n = k * k
+        with mpmath.extradps(BS_EXTRA_DIGITS), _gmp_context():
+            lam2 = _gmp(mpmath.mpf(sp.N(lam, self.dps + 30))) ** 2
+            c = (1 + lam2) / 2
 
-        def rhs(tau, y):                   # y = [PsiHat(s - tau, s), P, Sigma(s - tau)], all backwards
+        s_g = _gmp(mpmath.mpf(s))
+
+        def rhs(tau, y):
             self.tick()
-            r = s - tau
-            F, G = self.F(r), self.G(r)
-            GG = G * G.T
-            S = _mat(k, y[2 * n:])
-            Fh = F + c * GG * mpmath.inverse(S)
-            Ph, P = _mat(k, y[:n]), _mat(k, y[n:2 * n])
-            return _vec(-Fh * Ph) + _vec(-Fh * P - P * Fh.T + lam2 * GG) + _vec(-(F * S + S * F.T + GG))
-        sol = mpmath.odefun(rhs, 0, _vec(mpmath.eye(k)) + [mpmath.mpf(0)] * n + _vec(self.sigma(s)))
-        y = sol(s - t)
+            r = s_g - tau
+            F, G = self._gF(r), self._gG(r)
+            GG = G.dot(G.T)
+            Ph, P, S = y[:n].reshape(k, k), y[n:2 * n].reshape(k, k), y[2 * n:].reshape(k, k)
+            Fh = F + c * GG.dot(_ginv(S))
+            FhP, FS = Fh.dot(P), F.dot(S)
+            return np.concatenate([-Fh.dot(Ph).ravel(), (lam2 * GG - FhP - FhP.T).ravel(), (-(FS + FS.T + GG)).ravel()])
+        y0 = _vec(mpmath.eye(k)) + [mpmath.mpf(0)] * n + _vec(self.sigma(s))
+        y = bulirsch_stoer(rhs, 0, y0, [s - t], [n, n, n])[0]
         PsiHat, P = _mat(k, y[:n]), _mat(k, y[n:2 * n])
         return (PsiHat - self.psi(t, s)) * self.R(s), P
+
+
+TARGET_COL = 18       # Bulirsch-Stoer: the column a step should converge at (cheapest per unit step)
+BS_EXTRA_DIGITS = 12  # ... and the digits it carries beyond the working precision
+
+
+def _gmp_context():
+    """gmpy2 arithmetic at mpmath's current precision."""
+    return gmpy2.context(gmpy2.get_context(), precision=mpmath.mp.prec)
+
+
+def _gmp(x):
+    """mpmath mpf -> gmpy2 mpfr, exactly (at a precision >= the mpf's)."""
+    sign, man, exp, bc = x._mpf_
+    if not man:
+        return gmpy2.mpfr(float(x))             # 0, inf, nan
+    v = gmpy2.mul_2exp(gmpy2.mpfr(man), exp)
+    return -v if sign else v
+
+
+def _mpf(v):
+    """gmpy2 mpfr -> mpmath mpf, exactly."""
+    if not gmpy2.is_finite(v):
+        return mpmath.mpf(float(v))
+    m, e = v.as_mantissa_exp()
+    return mpmath.mpf((int(m), int(e)))
+
+
+def _gmat(M):
+    return np.array([[_gmp(M[i, j]) for j in range(M.cols)] for i in range(M.rows)], dtype=object)
+
+
+def _ginv(A):
+    """Inverse of a small gmpy2 matrix (Gauss-Jordan, partial pivoting)."""
+    k = A.shape[0]
+    M = np.concatenate([A, np.array([[gmpy2.mpfr(int(i == j)) for j in range(k)] for i in range(k)], dtype=object)],
+                       axis=1)
+    for c in range(k):
+        p = max(range(c, k), key=lambda i: abs(M[i, c]))
+        if M[p, c] == 0:
+            raise ZeroDivisionError("singular matrix")
+        M[[c, p]] = M[[p, c]]
+        M[c] = M[c] / M[c, c]
+        for i in range(k):
+            if i != c:
+                M[i] = M[i] - M[i, c] * M[c]
+    return M[:, k:]
+
+
+def bulirsch_stoer(rhs, x0, y0, x_ends, blocks, max_col=24):
+    """[y(x) for x in ``x_ends``] (mpmath lists) of y' = rhs(x, y), y(x0) = y0, to the working
+    precision; ``rhs`` takes and returns gmpy2 arrays (the integrator's arithmetic).
+
+    Gragg's modified midpoint rule with n_j = 2j substeps, extrapolated in h^2 (Aitken-Neville),
+    carrying ``BS_EXTRA_DIGITS`` more digits; a step is accepted when the last two diagonal values
+    agree to 10^-(dps + 2) relative to each block of y (``blocks``: lengths of consecutive
+    blocks, each a matrix judged normwise on its own scale, so a small P beside a large PsiHat
+    keeps its digits). The step size is steered to converge near column ``TARGET_COL`` (at 45
+    digits high columns are cheaper per unit step than short steps), halved where the error
+    stops falling. ``x_ends`` are monotone, on one side of x0; steps end exactly on them (no
+    dense output)."""
+    out = []
+    cuts = [0]
+    for b in blocks:
+        cuts.append(cuts[-1] + b)
+    digits = mpmath.mp.dps
+    with mpmath.extradps(BS_EXTRA_DIGITS), _gmp_context():
+        tol = gmpy2.mpfr(10) ** (-(digits + 2))
+        x = _gmp(mpmath.mpf(x0))
+        y = np.array([_gmp(mpmath.mpf(v)) for v in y0], dtype=object)
+        H = abs(_gmp(mpmath.mpf(x_ends[0])) - x) if x_ends else 0
+        for xe in x_ends:
+            xe = _gmp(mpmath.mpf(xe))
+            sign = 1 if xe >= x else -1
+            while x != xe:
+                left = abs(xe - x)
+                if not H:
+                    H = left
+                h = left / int(gmpy2.ceil(left / H)) if H < left else left   # equal steps up to xe
+                ok, y_new, H_next = _bs_step(rhs, x, y, sign * h, tol, cuts, max_col)
+                if ok:
+                    y, x = y_new, (xe if h == left else x + sign * h)
+                elif H_next < left * tol:
+                    raise ArithmeticError(f"Bulirsch-Stoer: no convergence at x = {float(x):.17g} "
+                                          f"(step {float(H_next):.3g})")
+                H = H_next if (h == H or not ok) else max(H, H_next)   # a step cut short to land on xe keeps H
+            out.append([_mpf(v) for v in y])
+    return [[+v for v in row] for row in out]
+
+
+def _bs_step(rhs, x, y, h, tol, cuts, max_col):
+    """One extrapolated step: (accepted, y(x + h), the next step size)."""
+    T, errs = [], []
+    f0 = rhs(x, y)
+    for j in range(1, max_col + 1):
+        n = 2 * j
+        hs = h / n
+        z0, z1 = y, y + hs * f0
+        for m in range(1, n):
+            z0, z1 = z1, z0 + (2 * hs) * rhs(x + m * hs, z1)
+        row = [z1]
+        for c in range(1, j):
+            ratio = (gmpy2.mpfr(n) / (2 * (j - c))) ** 2 - 1
+            row.append(row[c - 1] + (row[c - 1] - T[j - 2][c - 1]) / ratio)
+        T.append(row)
+        if j < 2:
+            continue
+        err = gmpy2.mpfr(0)
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            diff = max(abs(v) for v in row[j - 1][lo:hi] - row[j - 2][lo:hi])
+            if diff:
+                scale = max(max(abs(v) for v in row[j - 1][lo:hi]), max(abs(v) for v in y[lo:hi]))
+                err = max(err, diff / scale)
+        errs.append(err)
+        if err <= tol:
+            # high columns pay at 45 digits: steer towards accepting near column TARGET_COL
+            grow = 2 if j < TARGET_COL - 4 else (1.3 if j < TARGET_COL else (0.8 if j > TARGET_COL + 2 else 1))
+            return True, row[j - 1], abs(h) * grow
+        if j >= 6 and not err <= errs[-2] / 2:   # the error stopped falling: the step is far too long
+            break
+    return False, None, abs(h) / 2
 
 
 def _finite_at_zero(F, G, zero):
@@ -247,11 +443,11 @@ def _gl_vector(integrand, a, b, n_out, k, degree=4):
 class ScipyReference:
     """Float64 references with scipy (one coordinate)."""
 
-    def __init__(self, spec, times, lam=None, tick=None):
+    def __init__(self, spec, times, coord_value=None, tick=None):
         from scipy.integrate import solve_ivp
         self.spec, self.k = spec, spec.k
         self.tick = tick or (lambda: None)      # called in every right-hand side and integrand
-        self.env = {} if spec.basis.symbol is None else {spec.basis.symbol.name: float(sp.N(lam))}
+        self.env = _basis_env(spec, None if coord_value is None else float(sp.N(coord_value)))
         self._Fc, self._Gc = _Compiled(spec.F, "np"), _Compiled(spec.G, "np")
         k = self.k
         S0 = np_matrix(spec.Sigma0, t=0.0, **self.env)
