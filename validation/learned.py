@@ -26,19 +26,15 @@ int 1/2 Psi G G^T L^-T l_j dr from validation's scipy reference; the runtime onl
 """
 
 import argparse
-import csv
-import json
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import gddim_runtime as gr
 
 from . import _nets
-from .bench import Tables, component_fd, exact_samples, rings
+from .bench import Tables, exact_samples, rings
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "validation" / "checkpoints"
@@ -121,7 +117,7 @@ def classifier(log, retrain=False):
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     start = time.perf_counter()
     g = torch.Generator().manual_seed(1)
-    for epoch in range(40):
+    for _ in range(40):
         for idx in tr[torch.randperm(len(tr), generator=g)].split(64):
             x = X[idx] + 0.05 * torch.randn(X[idx].shape, generator=g)       # light noise: robust features
             loss = torch.nn.functional.cross_entropy(net(x), y[idx])
