@@ -72,6 +72,114 @@ def _basis_env(spec, coord_value):
     return {} if spec.basis.symbol is None else {spec.basis.symbol.name: coord_value}
 
 
+class _TaylorSeries:
+    """Dense solution of a matrix ODE by Taylor series (the method of mpmath.odefun, a fraction of
+    its cost): mpmath.odefun finds the series of the whole solution from Euler steps at (n + 1)
+    times the working precision, n = 70 right-hand sides at ~11000 bits per segment. Here only
+    the coefficient functions (F, G G^T: explicit in t) are differenced at that precision; the
+    solution's series follows from its recurrence at the working precision (gmpy2):
+
+    - ``kind="R"``:   R' = A R + 1/2 B R^-T,  Q = R^-1:  Q_m = -Q_0 sum_{j=1..m} R_j Q_{m-j},
+                      (m+1) R_{m+1} = sum_j A_j R_{m-j} + 1/2 sum_j B_j Q_{m-j}^T
+    - ``kind="back"``: Y' = -Y A:  (m+1) Y_{m+1} = -sum_j Y_{m-j} A_j  (Y(r) = Psi(t, r), r >= t)
+
+    ``coeffs(x)`` returns (A(x), B(x)) as mpmath matrices. Segments as odefun's: a radius from the
+    last coefficient (tail below 2^-(prec+10) of the solution's scale, halved), at most 1/2."""
+
+    DEGREE = 70
+
+    def __init__(self, kind, coeffs, x0, Y0, tick):
+        self.kind, self.coeffs, self.tick = kind, coeffs, tick
+        self.prec = mpmath.mp.prec + 40
+        with mpmath.workprec(self.prec), _gmp_context():
+            self.segments = [self._segment(mpmath.mpf(x0), _gmat(Y0))]
+
+    def _coefficient_series(self, x0, n, tol_prec):
+        """[A_j], [B_j], j = 0..n (gmpy2, at self.prec): Taylor coefficients at x0 by forward
+        differences with step 2^-tol_prec at (n + 1) times the precision."""
+        big = self.prec * (n + 1)
+        with mpmath.workprec(big), gmpy2.context(gmpy2.get_context(), precision=big):
+            h = mpmath.ldexp(1, -tol_prec)
+            rows = []
+            for i in range(n + 1):
+                self.tick()
+                A, B = self.coeffs(x0 + i * h)
+                rows.append(np.concatenate([_gmat(A).ravel(), _gmat(B).ravel()]))
+            D = np.array(rows, dtype=object)
+            firsts = [D[0]]
+            for j in range(1, n + 1):
+                D = D[1:] - D[:-1]
+                firsts.append(D[0])
+            hg = _gmp(h)
+            scale = gmpy2.mpfr(1)
+            out = []
+            for j, f in enumerate(firsts):
+                if j:
+                    scale = scale * hg * j
+                out.append(f / scale)
+        k = self.k
+        with gmpy2.context(gmpy2.get_context(), precision=self.prec):
+            A = [np.array([+v for v in c[:k * k]], dtype=object).reshape(k, k) for c in out]
+            B = [np.array([+v for v in c[k * k:]], dtype=object).reshape(k, k) for c in out]
+        return A, B
+
+    def _segment(self, x0, Y0):
+        """(x0, x1, [Y_m]): the series at x0 and the end x1 of the interval it is trusted on."""
+        n = self.DEGREE
+        self.k = Y0.shape[0]
+        tol_prec = mpmath.mp.prec - 40 + 10
+        A, B = self._coefficient_series(x0, n, tol_prec)
+        Y = [Y0]
+        if self.kind == "R":
+            Q = [_ginv(Y0)]
+        for m in range(n):
+            self.tick()
+            if self.kind == "R":
+                if m:
+                    acc = Y[1].dot(Q[m - 1])
+                    for j in range(2, m + 1):
+                        acc = acc + Y[j].dot(Q[m - j])
+                    Q.append(-Q[0].dot(acc))
+                acc = A[0].dot(Y[m]) + B[0].dot(Q[m].T) / 2
+                for j in range(1, m + 1):
+                    acc = acc + A[j].dot(Y[m - j]) + B[j].dot(Q[m - j].T) / 2
+            else:
+                acc = -Y[m].dot(A[0])
+                for j in range(1, m + 1):
+                    acc = acc - Y[m - j].dot(A[j])
+            Y.append(acc / (m + 1))
+        scale = max(abs(v) for v in Y0.ravel())
+        radius = gmpy2.mpfr(1)
+        tol = gmpy2.mpfr(2) ** (-tol_prec)
+        for c in (Y[n], Y[n - 1]):
+            top = max(abs(v) for v in c.ravel())
+            if top:
+                radius = min(radius, gmpy2.root(tol * max(scale, tol) / top, n))
+        return x0, x0 + _mpf(radius / 2), Y
+
+    def __call__(self, x):
+        """Y(x) (mpmath matrix) for x >= x0."""
+        with mpmath.workprec(self.prec), _gmp_context():
+            x = mpmath.mpf(x)
+            if x < self.segments[0][0]:
+                raise ValueError("Taylor solution read before its start")
+            while x > self.segments[-1][1]:
+                x0, x1, Y = self.segments[-1]
+                self.segments.append(self._segment(x1, _horner(Y, _gmp(x1 - x0))))
+            for x0, x1, Y in self.segments:
+                if x <= x1:
+                    break
+            V = _horner(Y, _gmp(x - x0))
+            return mpmath.matrix([[_mpf(v) for v in row] for row in V])
+
+
+def _horner(Y, d):
+    acc = Y[-1]
+    for c in Y[-2::-1]:
+        acc = acc * d + c
+    return acc
+
+
 class MpReference:
     """High-precision reference for one coordinate (``coord_value``: its basis value, e.g. the
     dct2d frequency, or None without a basis)."""
@@ -79,7 +187,9 @@ class MpReference:
     def __init__(self, spec, coord_value=None, dps=DPS, tick=None):
         self.spec, self.k, self.dps = spec, spec.k, dps
         self.tick = tick or (lambda: None)      # called in every right-hand side and integrand
-        self._back = {}                         # t -> Psi(t, r) for r >= t (odefun)
+        self._back = {}                         # t -> Psi(t, r) for r >= t (Taylor series)
+        self._dense = {}                        # "phi" / "sigma" / "R" -> dense solution, built when first read
+        self._at = {}                           # t -> {"phi", "sigma", "R"} from ``march``
         # A marginal-form spec with a per-coordinate basis (BDM: 1024 frequencies) is checked
         # against its defining formulas (Psi = mean_t / mean_s, Sigma = std^2, R = std) instead of
         # ODE solves, which cost minutes per frequency there; weights still by direct quadrature.
@@ -97,8 +207,6 @@ class MpReference:
             self.Sigma0 = mp_matrix(spec.Sigma0, t=mpmath.mpf(0), **self.env)
             self._m = 1 if _finite_at_zero(self.F, self.G, mpmath.mpf(0)) else ROOT_POWER
             self._R0 = R0_of(spec, self.Sigma0, self.coord_value) if k > 1 else None
-        self._dense = {}                        # "phi" / "sigma" / "R" -> odefun, built when first read
-        self._at = {}                           # t -> {"phi", "sigma", "R"} from ``march``
 
     def _forward(self, t, y):
         """Right-hand side of the marched forward solve on gmpy2 arrays, y = [Phi, Sigma]:
@@ -121,25 +229,38 @@ class MpReference:
         return _vec(mpmath.eye(self.k)) + _vec(self.Sigma0) + (_vec(self._R0) if self.k > 1 else [])
 
     def _solution(self, name):
-        """Dense solution t -> Phi / Sigma / R (odefun, for reads between the grid times: the
-        weights' quadrature nodes); each its own solve of its block of ``_forward``."""
+        """Dense solution t -> Phi / Sigma / R, for reads between the grid times (the weights'
+        quadrature nodes). R: ``_TaylorSeries`` (R' = F R + 1/2 G G^T R^-T, the other form of the
+        R-ODE than derive's); Phi and Sigma (k = 1 weights, variant checks): mpmath.odefun."""
         if name not in self._dense:
             k, n = self.k, self.k * self.k
             block = {"phi": 0, "sigma": 1, "R": 2}[name]
             y0 = self._y0()[block * n:(block + 1) * n]
-
-            def rhs(t, y):
-                self.tick()
-                F, G = self.F(t), self.G(t)
-                Y = _mat(k, y)
-                if name == "phi":
-                    return _vec(F * Y)
-                if name == "sigma":
-                    return _vec(F * Y + Y * F.T + G * G.T)
-                return _vec(F * Y + G * G.T * mpmath.inverse(Y).T / 2)
             with mpmath.workdps(self.dps):
-                self._dense[name] = self._from_zero(rhs, y0)
+                if name == "R":
+                    self._dense[name] = self._taylor_R(_mat(k, y0))
+                    return self._dense[name]
+
+                def rhs(t, y):
+                    self.tick()
+                    F, G = self.F(t), self.G(t)
+                    Y = _mat(k, y)
+                    if name == "phi":
+                        return _vec(F * Y)
+                    return _vec(F * Y + Y * F.T + G * G.T)
+                sol = self._from_zero(rhs, y0)
+                self._dense[name] = lambda t: _mat(k, sol(t))
         return self._dense[name]
+
+    def _taylor_R(self, R0):
+        m = self._m
+
+        def coeffs(x):                 # in u = t^(1/m) when a coefficient is infinite at 0
+            t, d = (x, 1) if m == 1 else (x ** m, m * x ** (m - 1))
+            G = self.G(t)
+            return self.F(t) * d, G * G.T * d
+        sol = _TaylorSeries("R", coeffs, 0 if m == 1 else mpmath.mpf("1e-16"), R0, self.tick)
+        return sol if m == 1 else (lambda t: sol(mpmath.root(t, m)))
 
     def march(self, times):
         """Phi and Sigma at ``times`` by one Bulirsch-Stoer solve of ``_forward`` from t = 0
@@ -165,7 +286,7 @@ class MpReference:
         hit = self._at.get(t)
         if hit is not None and hit[name] is not None:
             return hit[name]
-        return _mat(self.k, self._solution(name)(t))
+        return self._solution(name)(t)
 
     def _from_zero(self, rhs, y0):
         """t -> y(t) of y' = rhs(t, y), y(0) = y0 by mpmath.odefun (Taylor series). A coefficient
@@ -203,9 +324,9 @@ class MpReference:
             return self.phi(t) * mpmath.inverse(self.phi(s))
         if t not in self._back:
             k = self.k
-            self._back[t] = mpmath.odefun(lambda r, y: self._ticked(_vec(-(_mat(k, y) * self.F(r)))), t,
-                                          _vec(mpmath.eye(k)))
-        return _mat(self.k, self._back[t](s))
+            self._back[t] = _TaylorSeries("back", lambda r: (self.F(r), mpmath.zeros(k, k)), t, mpmath.eye(k),
+                                          self.tick)
+        return self._back[t](s)
 
     def sigma(self, t):
         if self.direct:
