@@ -223,13 +223,14 @@ def check_table(spec, tensors, meta, level="fast", n_coords=None, budget_s=None)
     coords = pick_coords(P, n_coords or (2 if level == "fast" else 6))
     report.coords = coords
     budget = Budget(BUDGET_S[level] if budget_s is None else budget_s)
+    refs = {}      # coordinates with the same basis value (dct2d: (i, j) and (j, i)) share one reference
     try:
         for p in coords:
             coord_value = _coord_value(spec, p)             # the basis symbol's value (dct2d: frequency)
             if level == "fast":
                 _fast(report, spec, tensors, meta, p, coord_value, budget)
             else:
-                _full(report, spec, tensors, meta, p, coord_value, budget)
+                _full(report, spec, tensors, meta, p, coord_value, budget, refs)
     except OutOfTime as exc:
         report.add("time budget", [(0, float("inf"), float("inf"))],
                    f"ran out of {budget.seconds:g} s at {exc}", 0.0)
@@ -260,14 +261,17 @@ def _fast(report, spec, tensors, meta, p, coord_value, budget):
     report.add("eps_weights", errs, "scipy quad_vec float64", TOL_FAST)
 
 
-def _full(report, spec, tensors, meta, p, coord_value, budget):
+def _full(report, spec, tensors, meta, p, coord_value, budget, refs=None):
     t = tensors["t"]
     N = len(t) - 1
     q = meta["order"]
-    how = f"mpmath odefun/GL, {DPS} digits"
+    how = f"mpmath Taylor/BS/GL, {DPS} digits"
+    refs = {} if refs is None else refs
     with mpmath.workdps(DPS):
         budget.at("reference ODEs", p)
-        ref = MpReference(spec, coord_value, tick=budget.tick)
+        if coord_value not in refs:
+            refs[coord_value] = MpReference(spec, coord_value, tick=budget.tick)
+        ref = refs[coord_value]
         tm = [mpmath.mpf(float(v)) for v in t]
         budget.at("R and sigma", p)
         ref.march(tm)                                   # one solve through every grid time

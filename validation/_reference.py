@@ -83,7 +83,7 @@ class _TaylorSeries:
                       (m+1) R_{m+1} = sum_j A_j R_{m-j} + 1/2 sum_j B_j Q_{m-j}^T
     - ``kind="back"``: Y' = -Y A:  (m+1) Y_{m+1} = -sum_j Y_{m-j} A_j  (Y(r) = Psi(t, r), r >= t)
 
-    ``coeffs(x)`` returns (A(x), B(x)) as mpmath matrices. Segments as odefun's: a radius from the
+    ``coeffs(x)`` returns [A(x)] (back) or [A(x), G(x)] with B = G G^T (R) as mpmath matrices. Segments as odefun's: a radius from the
     last coefficient (tail below 2^-(prec+10) of the solution's scale, halved), at most 1/2."""
 
     DEGREE = 70
@@ -95,40 +95,52 @@ class _TaylorSeries:
             self.segments = [self._segment(mpmath.mpf(x0), _gmat(Y0))]
 
     def _coefficient_series(self, x0, n, tol_prec):
-        """[A_j], [B_j], j = 0..n (gmpy2, at self.prec): Taylor coefficients at x0 by forward
-        differences with step 2^-tol_prec at (n + 1) times the precision."""
+        """Taylor coefficients at x0, j = 0..n, of each matrix ``coeffs`` returns (gmpy2 arrays at
+        self.prec): forward differences with step 2^-tol_prec of values taken at (n + 1) times the
+        precision, in fixed point (exact integer differences; each entry in units of 2^-big of
+        its size at x0)."""
         big = self.prec * (n + 1)
-        with mpmath.workprec(big), gmpy2.context(gmpy2.get_context(), precision=big):
+        with mpmath.workprec(big):
             h = mpmath.ldexp(1, -tol_prec)
-            rows = []
+            rows, frac = [], None
             for i in range(n + 1):
                 self.tick()
-                A, B = self.coeffs(x0 + i * h)
-                rows.append(np.concatenate([_gmat(A).ravel(), _gmat(B).ravel()]))
-            D = np.array(rows, dtype=object)
-            firsts = [D[0]]
-            for j in range(1, n + 1):
-                D = D[1:] - D[:-1]
-                firsts.append(D[0])
-            hg = _gmp(h)
-            scale = gmpy2.mpfr(1)
-            out = []
-            for j, f in enumerate(firsts):
-                if j:
-                    scale = scale * hg * j
-                out.append(f / scale)
-        k = self.k
+                mats = self.coeffs(x0 + i * h)
+                vals = [M[a, b] for M in mats for a in range(M.rows) for b in range(M.cols)]
+                if frac is None:
+                    shapes = [(M.rows, M.cols) for M in mats]
+                    mags = [mpmath.mag(v) if v else None for v in vals]
+                    top = max([m for m in mags if m is not None], default=0)
+                    frac = [big - (top if m is None else m) for m in mags]
+                rows.append([_fixed(v, f) for v, f in zip(vals, frac)])
+        D = np.array(rows, dtype=object)
+        firsts = [D[0]]
+        for j in range(1, n + 1):
+            D = D[1:] - D[:-1]
+            firsts.append(D[0])
+        out = [[] for _ in shapes]
         with gmpy2.context(gmpy2.get_context(), precision=self.prec):
-            A = [np.array([+v for v in c[:k * k]], dtype=object).reshape(k, k) for c in out]
-            B = [np.array([+v for v in c[k * k:]], dtype=object).reshape(k, k) for c in out]
-        return A, B
+            fact = 1
+            for j, f in enumerate(firsts):
+                fact *= max(j, 1)
+                flat = [gmpy2.mul_2exp(gmpy2.mpfr(v), tol_prec * j - fc) / fact for v, fc in zip(f, frac)]
+                at = 0
+                for q, (r, c) in enumerate(shapes):
+                    out[q].append(np.array(flat[at:at + r * c], dtype=object).reshape(r, c))
+                    at += r * c
+        return out
 
     def _segment(self, x0, Y0):
         """(x0, x1, [Y_m]): the series at x0 and the end x1 of the interval it is trusted on."""
         n = self.DEGREE
         self.k = Y0.shape[0]
         tol_prec = mpmath.mp.prec - 40 + 10
-        A, B = self._coefficient_series(x0, n, tol_prec)
+        series = self._coefficient_series(x0, n, tol_prec)
+        A = series[0]
+        if self.kind == "R":               # B = G G^T by the Cauchy product of G's series
+            Gs = series[1]
+            B = [sum((Gs[i].dot(Gs[j - i].T) for i in range(1, j + 1)), Gs[0].dot(Gs[j].T)) for j in range(n + 1)]
+        a_nonzero = [any(v != 0 for v in Aj.ravel()) for Aj in A]    # F constant or polynomial: most are 0
         Y = [Y0]
         if self.kind == "R":
             Q = [_ginv(Y0)]
@@ -142,11 +154,14 @@ class _TaylorSeries:
                     Q.append(-Q[0].dot(acc))
                 acc = A[0].dot(Y[m]) + B[0].dot(Q[m].T) / 2
                 for j in range(1, m + 1):
-                    acc = acc + A[j].dot(Y[m - j]) + B[j].dot(Q[m - j].T) / 2
+                    if a_nonzero[j]:
+                        acc = acc + A[j].dot(Y[m - j])
+                    acc = acc + B[j].dot(Q[m - j].T) / 2
             else:
                 acc = -Y[m].dot(A[0])
                 for j in range(1, m + 1):
-                    acc = acc - Y[m - j].dot(A[j])
+                    if a_nonzero[j]:
+                        acc = acc - Y[m - j].dot(A[j])
             Y.append(acc / (m + 1))
         scale = max(abs(v) for v in Y0.ravel())
         radius = gmpy2.mpfr(1)
@@ -173,6 +188,18 @@ class _TaylorSeries:
             return mpmath.matrix([[_mpf(v) for v in row] for row in V])
 
 
+def _fixed(v, frac):
+    """The integer nearest below v * 2^frac (v a finite mpf)."""
+    sign, man, exp, bc = v._mpf_
+    if not man:
+        if bc:
+            raise ArithmeticError("coefficient is not finite")
+        return 0
+    shift = exp + frac
+    n = man << shift if shift >= 0 else man >> -shift
+    return -n if sign else n
+
+
 def _horner(Y, d):
     acc = Y[-1]
     for c in Y[-2::-1]:
@@ -190,6 +217,7 @@ class MpReference:
         self._back = {}                         # t -> Psi(t, r) for r >= t (Taylor series)
         self._dense = {}                        # "phi" / "sigma" / "R" -> dense solution, built when first read
         self._at = {}                           # t -> {"phi", "sigma", "R"} from ``march``
+        self._memo = {}                         # weights and stochastic results by their arguments
         # A marginal-form spec with a per-coordinate basis (BDM: 1024 frequencies) is checked
         # against its defining formulas (Psi = mean_t / mean_s, Sigma = std^2, R = std) instead of
         # ODE solves, which cost minutes per frequency there; weights still by direct quadrature.
@@ -257,8 +285,7 @@ class MpReference:
 
         def coeffs(x):                 # in u = t^(1/m) when a coefficient is infinite at 0
             t, d = (x, 1) if m == 1 else (x ** m, m * x ** (m - 1))
-            G = self.G(t)
-            return self.F(t) * d, G * G.T * d
+            return [self.F(t) * d, self.G(t) * mpmath.sqrt(d)]
         sol = _TaylorSeries("R", coeffs, 0 if m == 1 else mpmath.mpf("1e-16"), R0, self.tick)
         return sol if m == 1 else (lambda t: sol(mpmath.root(t, m)))
 
@@ -324,7 +351,7 @@ class MpReference:
             return self.phi(t) * mpmath.inverse(self.phi(s))
         if t not in self._back:
             k = self.k
-            self._back[t] = _TaylorSeries("back", lambda r: (self.F(r), mpmath.zeros(k, k)), t, mpmath.eye(k),
+            self._back[t] = _TaylorSeries("back", lambda r: [self.F(r)], t, mpmath.eye(k),
                                           self.tick)
         return self._back[t](s)
 
@@ -351,6 +378,12 @@ class MpReference:
         """``weights`` for several sets of Lagrange nodes on the same step (predictor and
         corrector) from one quadrature: the integrand's matrix is computed once per point and
         every set's panels must converge."""
+        key = ("weights", s, t, tuple(tuple(nodes) for nodes in node_sets))
+        if key not in self._memo:
+            self._memo[key] = self._weights_sets(s, t, node_sets)
+        return self._memo[key]
+
+    def _weights_sets(self, s, t, node_sets):
         k = self.k
         Phi_t = self.phi(t)
 
@@ -375,6 +408,12 @@ class MpReference:
         y = [PsiHat(s - tau, s), P, Sigma(s - tau)], solved by Bulirsch-Stoer to the one end point
         it is needed at (mpmath.odefun's Taylor series cost 5-10 times more there: its
         derivatives come from finite differences at ~70 times the working precision)."""
+        key = ("stochastic", s, t, lam)
+        if key not in self._memo:
+            self._memo[key] = self._stochastic(s, t, lam)
+        return self._memo[key]
+
+    def _stochastic(self, s, t, lam):
         k = self.k
         n = k * k
         with mpmath.extradps(BS_EXTRA_DIGITS), _gmp_context():
