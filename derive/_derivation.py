@@ -175,9 +175,12 @@ class Derivation(Evaluators):
         self.psi_expr = None
         if spec.form == "marginal":
             self.psi_expr = sp.Matrix([[spec.mean / spec.mean.subs(t, s)]])
-            self._mean = _hp.compile_expr(spec.mean)
+            self._mean = _hp.compile_matrix(sp.Matrix([[spec.mean]]))
             self.psi_kind = CLOSED
             self._psi_mode = "marginal"
+            # the mean is a closed form like any other: where its terms cancel (1 - exp(-c t)
+            # with a tiny c), the probe raises its evaluation precision
+            self._finite(lambda tt: self._mean(self._env(tt), self._shape(tt)), self._mean)
             return
         F = spec.F
         if F.is_zero_matrix:

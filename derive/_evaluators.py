@@ -78,8 +78,8 @@ class Evaluators:
         shape = self._shape(tt if len(tt) >= len(ss) else ss, coords)    # a single t broadcasts
         mode = self._psi_mode
         if mode == "marginal":
-            m_t = np.broadcast_to(self._mean(self._env(tt, coords)), shape)
-            m_s = np.broadcast_to(self._mean(self._env(ss, coords)), shape)
+            m_t = self._mean(self._env(tt, coords), shape)[..., 0, 0]
+            m_s = self._mean(self._env(ss, coords), shape)[..., 0, 0]
             return (m_t / m_s)[..., None, None]
         if mode == "identity":
             return _hp.eye(self.k, shape)
@@ -124,7 +124,7 @@ class Evaluators:
         """D_t with E[u_t | data x] = D_t x: mean_t (marginal form) or Psi(t, 0)."""
         tt = np.asarray(tt, dtype=object)
         if self._psi_mode == "marginal":
-            return np.broadcast_to(self._mean(self._env(tt)), self._shape(tt))[..., None, None].copy()
+            return self._mean(self._env(tt), self._shape(tt)).copy()
         return self.psi(tt, _hp.zeros(tt.shape))
 
     def sigma(self, tt, coords=None):

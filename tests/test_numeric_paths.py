@@ -278,6 +278,36 @@ def test_cancelling_closed_form_is_evaluated_accurately(digits, power, g2):
             assert abs(_hp.to_mpmath(r_got) - mpmath.sqrt(want)) <= mpmath.mpf("1e-40") * mpmath.sqrt(want)
 
 
+@settings(max_examples=3, deadline=None, derandomize=True, database=None)
+@given(digits=st.integers(22, 30), half=st.sampled_from(["1/2", "2/5"]))
+def test_cancelling_marginal_mean_is_evaluated_accurately(digits, half):
+    """The marginal family's Psi = mean_t / mean_s comes from the compiled mean, a closed form like
+    any other: mean = 1 - h (1 - exp(-c t)) / c with c = 4 pi - r (r a d-digit rational near 4 pi,
+    |c| ~ 1e-d) cancels twice (4 pi - r, and 1 - exp(-c t) ~ c t), leaving ~60 - d digits at 200
+    bits, fewer than the 36 + margin the quadratures need. Psi(t, s) against mpmath at 100 digits
+    to 1e-40 (fails without the precision probe on the mean)."""
+    import mpmath
+    from derive._api import _spec_from_text
+    r = sp.Rational(round(4 * float(sp.pi) * 10 ** 15), 10 ** 15)          # 15 exact digits ...
+    r += sp.Rational(round((4 * sp.pi - r).evalf(digits + 5) * 10 ** digits), 10 ** digits)   # ... then d
+    text = (f"name: cancelmean\nmarginal:\n  mean: 1 - {half} * (1 - exp(-(4 * pi - {r}) * t)) / (4 * pi - {r})\n"
+            "  std: t + 1/10\ntime: {t_min: 0.01, T: 1}\n")
+    deriv = _derivation.Derivation(_spec_from_text(text, "cancelmean.yaml"))
+    assert deriv._psi_mode == "marginal"
+    pairs = [(sp.Rational(1, 50), sp.Rational(1, 4)), (sp.Rational(1, 3), sp.Rational(7, 8)), (sp.Rational(1, 2), 1)]
+    got = deriv.psi(_hp.array([float(a) for a, _ in pairs]), _hp.array([float(b) for _, b in pairs]))[:, 0, 0, 0]
+    D = deriv.data_to_state(_hp.array([float(b) for _, b in pairs]))[:, 0, 0, 0]
+    with mpmath.workdps(100):
+        c = 4 * mpmath.pi - mpmath.mpf(r.p) / r.q
+        h = mpmath.mpf(sp.Rational(half).p) / sp.Rational(half).q
+        mean = lambda x: 1 + h * mpmath.expm1(-c * x) / c
+        for (a, b), g, d in zip(pairs, got, D):
+            ta, tb = (_hp.to_mpmath(_hp.mpf(float(v))) for v in (a, b))
+            want = mean(ta) / mean(tb)
+            assert abs(_hp.to_mpmath(g) - want) <= mpmath.mpf("1e-40") * abs(want), float(abs(_hp.to_mpmath(g) / want - 1))
+            assert abs(_hp.to_mpmath(d) - mean(tb)) <= mpmath.mpf("1e-40") * abs(mean(tb))
+
+
 # ----- dense solutions with panels narrower than a float64 step ---------------------------------
 
 @settings(max_examples=6, deadline=None, derandomize=True, database=None)
