@@ -218,7 +218,7 @@ def grid_from_weights(tt, w, n_steps):
 
 def make_auto_grid(deriv, n_steps, order):
     """The auto grid for ``n_steps`` steps of the order-``order`` sampler (float64, decreasing)."""
-    tt, dens = error_density(deriv, order)
+    tt, dens = _density_cached(deriv, order)
     return grid_from_density(tt, dens, order, n_steps)
 
 
@@ -227,3 +227,257 @@ def _cumulative(tt, dens):
     for m in range(len(tt) - 1):
         cum.append(cum[-1] + (dens[m] + dens[m + 1]) / 2 * (tt[m + 1] - tt[m]))
     return cum
+
+
+# ---------------------------------------------------------------------------------------------
+# The recommended configuration (``recommend``): order, form, variable and corrector, chosen by
+# simulating each candidate sampler on two-mode proxies.
+#
+# Why two modes. On Gaussian data every sampler is linear and its error can be computed exactly,
+# but Gaussian proxies rank the forms wrongly: they favour the data-prediction form on VP by 2-4x
+# where the rings (and a two-point mixture, measured with the runtime's samplers) favour the eps
+# form by 1.5x; what decides it is how x0hat jumps between modes, which one mode does not have.
+# Proxy: in each of up to MAX_COORDS basis coordinates, data x = +-m + c n (equal weights,
+# n ~ N(0, 1)), modes of width c = 0.1 at three separations 2m = 1, 2, 4 (data in [-1, 1]-like
+# units), scaled by the spectral prior's sqrt(lam_1 / (lam_1 + lam_p)). Its score under
+# any linear SDE is exact from the derivation: with d = D_t e_0 and S = Sigma_t + c^2 d d^T,
+# E[x | u] = m tanh(m d^T S^-1 u) and eps_R = R^T S^-1 (u - d E[x | u]).
+#
+# Simulation: each candidate runs as the runtime's samplers do (gddim, gddim_pc, gddim_x0,
+# gddim_x0_pc: the same history, the corrector's evaluation at the predicted state, the same
+# final denoising) from u_T = R_T z for N_NOISE fixed prior draws, with weights computed here
+# from their integrals, int_s^t kernel(r) l_j(tau(r)) dr, by Gauss-Legendre in log r per step
+# (float64; a measuring device, not a table: within 1e-9 of derive's tables, tests). Reference:
+# the data-prediction sampler of order 4 on REF_STEPS smooth steps (1e-5 of dopri5, tests). Score: the mean endpoint error
+# |x_N - x_ref| summed over the proxies. This is the global error at the real step sizes: large
+# high-order steps and an unstable corrector (the eps-form PEC on CLD) show as they are, which the
+# h^(q+1) model above cannot (it preferred order 1-2 at NFE 5-10 on VP).
+# ---------------------------------------------------------------------------------------------
+
+GL_NODES = 16                     # Gauss-Legendre nodes per step (in log r)
+GL_NODES_REF = 4                  # per reference step
+REF_STEPS = 480                   # reference steps (candidate-grid spacing)
+N_NOISE = 64                      # prior draws per proxy (numpy PCG64, seed 0)
+BIMODAL = (("0.5", "0.1"), ("1", "0.1"), ("2", "0.1"))  # (m, c) of the two-mode proxies: x = +-m + c n
+FORMS = ("eps", "x0")
+VARIABLES = ("t", "rho", "logsnr")
+ORDERS = (1, 2, 3, 4)
+SAMPLER = {("eps", False): "gddim", ("eps", True): "gddim_pc", ("x0", False): "gddim_x0",
+           ("x0", True): "gddim_x0_pc"}
+
+
+def _f64(A):
+    return _hp.to_float64(A, "proxy estimate")
+
+
+def _mv(M, u):
+    """Per-proxy matrix [B, k, k] times the batch of states [B, n, k]."""
+    return np.einsum("bij,bnj->bni", M, u)
+
+
+class _Steps:
+    """Float64 process quantities of one grid (decreasing ``times``) for the coordinates
+    ``coords``: Sigma, R, D at the grid times, the step transitions, and the weights of any
+    (order, form, variable, corrector) from their integrals by Gauss-Legendre in log r."""
+
+    def __init__(self, deriv, times, coords, n_gl=GL_NODES):
+        self.deriv, self.coords = deriv, coords
+        self.tt = _hp.array(times)
+        tt = self.tt
+        self.N, self.k = len(tt) - 1, deriv.k
+        self.Sig, self.R = _f64(deriv.sigma(tt, coords)), _f64(deriv.R(tt, coords))       # [N+1, C, k, k]
+        self.D = _f64(deriv.data_to_state(tt)[:, coords])
+        self.x0_psi = self.R[1:] @ np.linalg.inv(self.R[:-1])
+        self._psi = None
+        xg, wg = np.polynomial.legendre.leggauss(n_gl)
+        self.nodes, self.qw = [], []
+        for i in range(self.N):
+            ls, lt = gmpy2.log(tt[i]), gmpy2.log(tt[i + 1])
+            rn = np.array([gmpy2.exp(lt + (ls - lt) * gmpy2.mpfr(float((x + 1) / 2))) for x in xg], dtype=object)
+            self.nodes.append(rn)
+            self.qw.append(-float(ls - lt) * (wg / 2) * _f64(rn))                            # int_s^t = -int_t^s
+        self._kern, self._tau, self._w = {}, {}, {}
+
+    @property
+    def psi(self):
+        if self._psi is None:
+            self._psi = _f64(self.deriv.psi(self.tt[1:], self.tt[:-1], self.coords))
+        return self._psi
+
+    def kernel(self, form):
+        """[N] arrays [n, C, k, k]: 1/2 Psi(t,r) G G^T Sigma^-1 R (eps) or -R_t R_r^-1 1/2 G G^T Sigma^-1 D (x0)."""
+        if form not in self._kern:
+            d, c, out = self.deriv, self.coords, []
+            for i, rn in enumerate(self.nodes):
+                G = d.G(rn, c)
+                half = (G @ _hp.T(G)) @ _hp.inv(d.sigma(rn, c)) / 2
+                t = self.tt[i + 1:i + 2]
+                if form == "eps":
+                    out.append(_f64(d.psi(t, rn, c) @ half @ d.R(rn, c)))
+                else:
+                    out.append(_f64(-(d.R(t, c) @ _hp.inv(d.R(rn, c)) @ half @ d.data_to_state(rn)[:, c])))
+            self._kern[form] = out
+        return self._kern[form]
+
+    def taus(self, variable):
+        if variable not in self._tau:
+            from ._variants import tau
+            self._tau[variable] = (_f64(tau(self.deriv, self.tt, variable, self.coords)),
+                                   [_f64(tau(self.deriv, rn, variable, self.coords)) for rn in self.nodes])
+        return self._tau[variable]
+
+    def weights(self, order, form, variable, corrector=False):
+        """[N] arrays [q_i, C, k, k]: the predictor's weights (nodes t_i, t_{i-1}, ...) or the
+        corrector's (nodes t_{i+1}, t_i, ...)."""
+        key = (order, form, variable, corrector)
+        if key not in self._w:
+            tg, tn = self.taus(variable)
+            kern, out = self.kernel(form), []
+            for i in range(self.N):
+                q = min(order + 1, i + 2) if corrector else min(order, i + 1)
+                first = i + 1 if corrector else i
+                dtau = tg[i + 1] - tg[i]
+                ys = [(tg[first - j] - tg[i]) / dtau for j in range(q)]                        # [C]
+                y = (tn[i] - tg[i]) / dtau                                                     # [n, C]
+                W = []
+                for j in range(q):
+                    lj = np.ones_like(y)
+                    for m in range(q):
+                        if m != j:
+                            lj = lj * (y - ys[m]) / (ys[j] - ys[m])
+                    W.append(np.einsum("n,nc,ncij->cij", self.qw[i], lj, kern[i]))
+                out.append(np.stack(W))
+            self._w[key] = out
+        return self._w[key]
+
+
+class Proxies:
+    """The two-mode proxies of one derivation: per coordinate of ``_coords`` and (m, c) of
+    BIMODAL, N_NOISE prior draws; ``endpoint(steps, ...)`` runs a sampler on them."""
+
+    def __init__(self, deriv):
+        self.deriv = deriv
+        self.coords = _coords(deriv)
+        scale = np.array([math.sqrt(float(v)) for v in spectral_prior(deriv, self.coords)])
+        C, k = len(self.coords), deriv.k
+        self.cidx = np.tile(np.arange(C), len(BIMODAL))                                  # proxy -> coordinate
+        self.m = np.repeat([float(m) for m, _ in BIMODAL], C) * scale[self.cidx]
+        self.c = np.repeat([float(c) for _, c in BIMODAL], C) * scale[self.cidx]
+        self.z = np.random.default_rng(0).standard_normal((N_NOISE, k))
+        self._ref = None
+
+    def _model(self, st, i):
+        """(eps(u), x0hat(u)) maps at grid index i for the proxies' batch u [B, n, k]."""
+        Sig, R, D = (X[i][self.cidx] for X in (st.Sig, st.R, st.D))
+        d = D[:, :, 0]                                                                   # [B, k]
+        S = Sig + (self.c ** 2)[:, None, None] * d[:, :, None] * d[:, None, :]
+        Sinv = np.linalg.inv(S)
+        E = np.swapaxes(R, 1, 2) @ Sinv
+        Dinv = np.linalg.inv(D)
+        m = self.m[:, None]
+
+        def eps(u):
+            a = np.einsum("bi,bij,bnj->bn", d, Sinv, u)
+            mbar = m * np.tanh(m * a)
+            return _mv(E, u - d[:, None, :] * mbar[..., None])
+
+        def x0(u):
+            return _mv(Dinv, u - _mv(R, eps(u)))
+        return eps, x0
+
+    def endpoint(self, st, order, form="eps", variable="t", corrector=False):
+        """Data coordinate after the final denoising [B, n] of the sampler on the grid ``st``."""
+        N, ci = st.N, self.cidx
+        models = [self._model(st, i) for i in range(N + 1)]
+        out_of = (lambda i, u: models[i][0](u)) if form == "eps" else (lambda i, u: models[i][1](u))
+        step = (st.psi if form == "eps" else st.x0_psi)[:, ci]
+        W = [w[:, ci] for w in st.weights(order, form, variable)]
+        Wc = [w[:, ci] for w in st.weights(order, form, variable, True)] if corrector else None
+        u = np.einsum("bij,nj->bni", st.R[0][ci], self.z)
+        outs = [out_of(0, u)]
+        with np.errstate(all="ignore"):
+            for i in range(N):
+                pred = _mv(step[i], u) + sum(_mv(W[i][j], outs[i - j]) for j in range(len(W[i])))
+                if not corrector:
+                    u = pred
+                    if i + 1 < N:
+                        outs.append(out_of(i + 1, u))
+                    continue
+                outs.append(out_of(i + 1, pred))
+                if form == "x0" and i == N - 1:
+                    u = pred                                  # gddim_x0_pc: the last step is not corrected
+                else:
+                    u = _mv(step[i], u) + sum(_mv(Wc[i][j], outs[i + 1 - j]) for j in range(len(Wc[i])))
+            if corrector and form == "eps":                   # gddim_pc denoises with the output at the prediction
+                x = _mv(np.linalg.inv(st.D[N][ci]), u - _mv(st.R[N][ci], outs[N]))
+            else:
+                x = models[N][1](u)
+        return x[..., 0]
+
+    def reference(self):
+        """The reference endpoint [B, n]: order-4 data prediction on REF_STEPS smooth steps."""
+        cache = self.deriv.__dict__.setdefault("_autogrid_reference", {})
+        key = (BIMODAL, N_NOISE, REF_STEPS)
+        if key in cache:
+            self._ref = cache[key]
+        if self._ref is None:
+            spec = self.deriv.spec
+            tt = candidate_grid(spec.t_min, spec.T, REF_STEPS)
+            times = [float(v) for v in tt[::-1]]
+            times[0], times[-1] = float(_hp.mpf(spec.T)), float(_hp.mpf(spec.t_min))
+            st = _Steps(self.deriv, times, self.coords, GL_NODES_REF)
+            self._ref = cache[key] = self.endpoint(st, 4, "x0", "t")
+        return self._ref
+
+    def errors(self, st, order, form="eps", variable="t", corrector=False):
+        """Mean endpoint error over the draws per (m, c) of BIMODAL, summed over the coordinates
+        ([len(BIMODAL)] array; inf where not finite)."""
+        e = np.mean(np.abs(self.endpoint(st, order, form, variable, corrector) - self.reference()), axis=1)
+        e = e.reshape(len(BIMODAL), -1).sum(axis=1)
+        return np.where(np.isfinite(e), e, np.inf)
+
+    def error(self, st, order, form="eps", variable="t", corrector=False):
+        """The summed error over all proxies (inf if not finite)."""
+        return float(np.sum(self.errors(st, order, form, variable, corrector)))
+
+
+def _density_cached(deriv, order):
+    """error_density for ``order``, kept on the derivation (the grid for every NFE reuses it)."""
+    cache = deriv.__dict__.setdefault("_autogrid_density", {})
+    if order not in cache:
+        cache[order] = error_density(deriv, order)
+    return cache[order]
+
+
+def candidates(orders=ORDERS, forms=FORMS, variables=VARIABLES, correctors=(False, True)):
+    """The configurations ``recommend`` compares, in its tie-breaking order (simplest first)."""
+    return [(q, f, v, c) for q in orders for f in forms for v in variables for c in correctors]
+
+
+def recommend(deriv, nfe, configs=None, scores=False):
+    """The recommended configuration for ``nfe`` model calls (NFE - 1 steps + final denoising):
+    {"grid": "auto:<q>", "order": q, "form", "variable", "corrector", "sampler", "proxy_error"}.
+
+    Each candidate (order, form, variable, corrector) runs on its own auto:<q> grid over the
+    two-mode proxies (``Proxies``); the smallest summed endpoint error wins (ties: the earlier
+    candidate). A candidate whose variable is undefined for the process (singular Sigma or D on
+    the grid) is skipped. Deterministic: the grid is MPFR; the simulation is float64 numpy from
+    a fixed seed. scores: also return {config: proxy error}."""
+    if nfe < 2:
+        raise SpecError("--order", "order", f"auto needs NFE >= 2 (one step + the final denoising), got {nfe}")
+    configs = candidates() if configs is None else configs
+    proxies = Proxies(deriv)
+    steps, table = {}, {}
+    for q, form, variable, corr in configs:
+        if q not in steps:
+            tt, dens = _density_cached(deriv, q)
+            steps[q] = _Steps(deriv, grid_from_density(tt, dens, q, nfe - 1), proxies.coords)
+        try:
+            table[(q, form, variable, corr)] = proxies.error(steps[q], q, form, variable, corr)
+        except _hp.EvaluationError:
+            continue
+    best = min(table, key=lambda key: (table[key], configs.index(key)))
+    q, form, variable, corr = best
+    out = {"grid": f"auto:{q}", "order": q, "form": form, "variable": variable, "corrector": corr,
+           "sampler": SAMPLER[(form, corr)], "proxy_error": table[best]}
+    return (out, table) if scores else out

@@ -158,3 +158,80 @@ def test_proxy_flow_matches_dopri5(derived, name):
     # 1e-2: the trapezoid's O(h^2) error on the 768 candidate intervals (2e-3 measured on CLD); the grid
     # needs the error density to a few per cent, a wrong flow (a dropped or sign-flipped term) is off by O(1)
     assert torch.allclose(Y0, ref, rtol=0, atol=1e-2 * float(ref.abs().max())), (Y0, ref)
+
+
+# ----- the recommended configuration (_autogrid.recommend and its two-mode proxies) -----------
+
+SAMPLERS = {("eps", False): "gddim", ("eps", True): "gddim_pc", ("x0", False): "gddim_x0", ("x0", True): "gddim_x0_pc"}
+
+
+@pytest.mark.parametrize("name", ["vp_linear", "cld"])
+def test_proxy_weights_match_derive_tables(derived, name):
+    """The simulator's float64 Gauss-Legendre weights against derive's tables (adaptive MPFR
+    quadrature, rounded once; the t-variable eps weights by derive's by-parts route): every
+    predictor and corrector weight of both forms, variables t and rho, to 1e-9 of the largest."""
+    d = derived(name)
+    for variable in ("t", "rho"):
+        tab = d.table(nfe=8, order=3, grid="auto:3", variable=variable, form="x0", corrector=True, verify="none")
+        st = _autogrid._Steps(d.derivation, [float(v) for v in tab.tensors["t"]], _autogrid._coords(d.derivation))
+        for name_, form, corr in (("eps_weights", "eps", False), ("corrector_weights", "eps", True),
+                                  ("x0_weights_ms", "x0", False), ("x0_corrector_weights", "x0", True)):
+            ref = tab.tensors[name_]                                          # [N, q(+1), P, k, k]
+            got = st.weights(3, form, variable, corr)
+            scale = abs(ref).max()
+            for i, w in enumerate(got):
+                assert abs(w - ref[i, :len(w)][:, :1]).max() <= 1e-9 * scale, (name, variable, name_, i)
+                assert not ref[i, len(w):].any()                             # no lag beyond the history
+
+
+@pytest.mark.parametrize("name", ["vp_linear", "cld"])
+def test_proxy_sampler_matches_runtime(derived, name):
+    """Proxies.endpoint (the four samplers as linear algebra on the two-mode proxies) against the
+    runtime's samplers with validation's exact mixture score, same prior draws: 1e-9."""
+    d = derived(name)
+    P = _autogrid.Proxies(d.derivation)
+    for q, nfe in ((2, 6), (4, 10)):
+        tab = d.table(nfe=nfe, order=q, grid=f"auto:{q}", variable="rho", form="x0", corrector=True,
+                      verify="none").to_runtime()
+        st = _autogrid._Steps(d.derivation, [float(v) for v in tab.tensors["t"]], P.coords)
+        z = torch.from_numpy(P.z)[:, :, None]                                 # [n, k, 1]
+        x_T = gr.block_apply(tab.tensors["R"][0], z, tab.basis)
+        for b, (m, c) in enumerate(_autogrid.BIMODAL):
+            mix = MixtureScore(torch.tensor([[-float(m)], [float(m)]], dtype=torch.float64), [float(c)] * 2)
+            for (form, corr), sampler in SAMPLERS.items():
+                u = gr.sample(TableModel(mix, tab), tab, x_T=x_T, sampler=sampler, dtype=torch.float64)
+                ours = P.endpoint(st, q, form, "rho", corr)[b]
+                want = u[:, 0, 0].numpy()
+                assert abs(ours - want).max() <= 1e-9 * max(1.0, abs(want).max()), (name, q, sampler, m)
+
+
+def test_proxy_reference_matches_dopri5(derived):
+    """The proxies' reference endpoint (order-4 data prediction on REF_STEPS steps) against the
+    runtime's dopri5 on the exact score at 1e-10 plus the same final denoising: 1e-5, far below
+    the errors being ranked (1e-3 and up at NFE <= 20)."""
+    d = derived("cld")
+    P = _autogrid.Proxies(d.derivation)
+    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
+    base = d.table(nfe=2, order=1, verify="none").to_runtime()
+    x_T = gr.block_apply(base.tensors["R"][0], torch.from_numpy(P.z)[:, :, None], base.basis)
+    ref = P.reference()
+    for b, (m, c) in enumerate(_autogrid.BIMODAL):
+        mix = MixtureScore(torch.tensor([[-float(m)], [float(m)]], dtype=torch.float64), [float(c)] * 2)
+        u = gr.sample(DenseModel(mix, dense), base, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
+                      rtol=1e-10, atol=1e-10, dtype=torch.float64, denoise=False)
+        x = gr.final_denoise(base, u, TableModel(mix, base)(u, base.tensors["t"][-1:].expand(len(u))))[:, 0, 0]
+        assert abs(ref[b] - x.numpy()).max() < 1e-5, (m, abs(ref[b] - x.numpy()).max())
+
+
+def test_recommend_is_deterministic_and_sees_cld_stiffness(derived):
+    """recommend: same answer from a fresh derivation; on CLD the proxies see what the rings show
+    (validation/results/variants.md): the eps-form corrector diverges (proxy error >= 10x the
+    data-prediction corrector's at every order >= 2), and the recommendation is a data-prediction form."""
+    d = derived("cld")
+    rec, scores = _autogrid.recommend(d.derivation, 10, scores=True)
+    assert rec == _autogrid.recommend(Derivation(d.spec), 10)
+    assert rec["form"] == "x0" and rec["grid"] == f"auto:{rec['order']}"
+    assert rec["sampler"] == SAMPLERS[(rec["form"], rec["corrector"])]
+    for q in (2, 3, 4):
+        assert scores[(q, "eps", "t", True)] >= 10 * scores[(q, "x0", "t", True)], q
+    assert rec["proxy_error"] == min(scores.values())

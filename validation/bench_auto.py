@@ -154,6 +154,132 @@ def markdown(rows, command, seconds=None):
         "## Every configuration", ""] + [full_table(rows, s) + "\n" for s in setups]) + "\n"
 
 
+# ----- the recommended default (derive._autogrid.recommend) against every configuration offered -----
+
+VARIANT_SAMPLERS = {"gddim": ("eps", False), "gddim_pc": ("eps", True), "gddim_x0": ("x0", False),
+                    "gddim_x0_pc": ("x0", True)}
+VARIANT_GRIDS = ("auto", "quadratic")        # every order x form x variable x corrector on these
+OTHER_GRIDS = ("uniform", "power:3", "logsnr", "edm")   # eps form in t (the paper's rule), every order
+
+
+def _score(x, ref, means, stds, dim, batch):
+    per = (x - ref[:, 0]).reshape(batch, -1).norm(dim=1) / math.sqrt(dim)
+    return float(per.mean()), float(per.median()), bench.component_fd(x, means, stds)[0]
+
+
+def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t", "rho", "logsnr")):
+    """Per NFE: the recommended configuration, and every configuration offered (the grids of
+    VARIANT_GRIDS x orders x forms x variables x correctors, OTHER_GRIDS x orders in eps/t), all
+    from the same prior noise against the same dopri5 reference. Rows carry rec = 1 for the
+    recommendation (its configuration also appears among the offered ones)."""
+    import derive
+    from derive import _autogrid
+    spec_name, data_fn, n, basis_size = SETUPS[setup]
+    batch = batch or n
+    means, stds = data_fn()
+    data_shape = tuple(means.shape[1:])
+    tabs = bench.Tables(spec_name, basis_size)
+    d = derive.derive(tabs.spec)
+    basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
+    mix = MixtureScore(means, stds, basis=basis)
+    dense = tabs.dense_coeffs()
+    t_ref = tabs.table(1, order=1)
+    x_T = bench.prior(t_ref, batch, data_shape, basis)
+    start = time.perf_counter()
+    ref, ref_nfe = bench.reference_endpoint(mix, dense, t_ref, x_T, REF_TOL)
+    floor = bench.component_fd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)), means, stds)[0]
+    ref_cfd = bench.component_fd(ref[:, 0], means, stds)[0]
+    label = "rings" if data_shape == (2,) else "images " + "x".join(map(str, data_shape))
+    log(f"{setup} ({label}, {batch} samples): reference dopri5 NFE {ref_nfe}, {time.perf_counter() - start:.0f} s; "
+        f"CFD floor {floor:.2e}, CFD of the reference (exact flow) {ref_cfd:.2e}")
+    dim = math.prod(data_shape)
+    base = {"setup": setup, "process": spec_name, "data": label, "batch": batch, "cfd_floor": floor, "ref_cfd": ref_cfd}
+    for nfe in nfes:
+        t0 = time.perf_counter()
+        rec = _autogrid.recommend(d.derivation, nfe)
+        t_rec = time.perf_counter() - t0
+        log(f"  NFE {nfe}: recommended {rec['sampler']} q{rec['order']} {rec['variable']} on {rec['grid']} "
+            f"({t_rec:.1f} s)")
+        key_rec = ("auto", rec["order"], rec["form"], rec["variable"], rec["corrector"])
+        out = []
+
+        def add(grid, q, tab, sampler, variable):
+            u, inf = gr.sample(TableModel(mix, tab), tab, x_T=x_T, sampler=sampler, dtype=torch.float64,
+                               return_info=True)
+            err, med, cfd = _score(u[:, 0], ref, means, stds, dim, batch)
+            form, corr = VARIANT_SAMPLERS[sampler]
+            out.append({**base, "nfe": nfe, "calls": inf["nfe"], "grid": grid, "order": q, "form": form,
+                        "variable": variable, "corrector": int(corr),
+                        "rec": int((grid, q, form, variable, corr) == key_rec), "endpoint_error": err,
+                        "endpoint_median": med, "cfd": cfd, "rec_seconds": t_rec})
+        for grid in VARIANT_GRIDS:
+            for q in orders:
+                for variable in variables:
+                    gname = f"auto:{q}" if grid == "auto" else grid
+                    try:
+                        tab = d.table(nfe=nfe, order=q, grid=gname, variable=variable, form="x0", corrector=True,
+                                      verify="none").to_runtime()
+                    except Exception as exc:                # a variable undefined for the process
+                        log(f"    {grid} q{q} {variable}: skipped ({exc})")
+                        continue
+                    for sampler in VARIANT_SAMPLERS:
+                        add(grid, q, tab, sampler, variable)
+            log(f"    {grid}: " + ", ".join(f"q{r['order']}{r['form']}{'+pc' if r['corrector'] else ''}/{r['variable']} "
+                                          f"{r['endpoint_error']:.2e}" for r in out if r["grid"] == grid
+                                          and r["endpoint_error"] < 2 * min(x["endpoint_error"] for x in out)))
+        if not any(r["rec"] for r in out):                  # an order outside ``orders``
+            tab = d.table(nfe=nfe, order=rec["order"], grid=rec["grid"], variable=rec["variable"], form="x0",
+                          corrector=True, verify="none").to_runtime()
+            add("auto", rec["order"], tab, rec["sampler"], rec["variable"])
+        for grid in OTHER_GRIDS:
+            for q in orders:
+                times = _grids.make_grid(_grids.parse_kind(grid), nfe - 1, tabs.deriv, order=q)
+                add(grid, q, gr.table_from_dense(dense, order=q, grid=times, basis=basis), "gddim", "t")
+        r = [x for x in out if x["rec"]][0]
+        b = min(out, key=lambda x: x["endpoint_error"])
+        log(f"    recommended {r['endpoint_error']:.3e} / {r['cfd']:.2e}; best offered {b['endpoint_error']:.3e} "
+            f"({_config(b)})")
+        rows.extend(out)
+
+
+def _config(r):
+    return (f"{r['grid']} q{r['order']} {r['form']}{'+pc' if int(r['corrector']) else ''}/{r['variable']}")
+
+
+def default_summary(rows):
+    """Per setup, NFE and metric: the recommendation vs the best configuration offered."""
+    out = ["| data (process), samples | NFE | metric | recommended (config) | best offered (config) | "
+           "ratio | paper default: quadratic q3 eps/t | CFD floor / CFD of the exact flow |",
+           "|---|---|---|---|---|---|---|---|"]
+    for setup in dict.fromkeys(r["setup"] for r in rows):
+        for nfe in sorted({r["nfe"] for r in rows if r["setup"] == setup}):
+            sel = [r for r in rows if (r["setup"], r["nfe"]) == (setup, nfe)]
+            rec = [r for r in sel if int(r["rec"])][0]
+            paper = [r for r in sel if (r["grid"], r["order"], r["form"], r["variable"], int(r["corrector"]))
+                     == ("quadratic", 3, "eps", "t", 0)]
+            for metric, name in (("endpoint_error", "endpoint (mean)"), ("endpoint_median", "endpoint (median)"),
+                                 ("cfd", "CFD")):
+                b = min(sel, key=lambda r: r[metric])
+                p = f"{paper[0][metric]:.2e}" if paper else "-"
+                out.append(f"| {rec['data']} ({rec['process']}), {rec['batch']} | {nfe} | {name} | "
+                           f"{rec[metric]:.2e} ({_config(rec)}) | {b[metric]:.2e} ({_config(b)}) | "
+                           f"{rec[metric] / b[metric]:.2f} | {p} | {rec['cfd_floor']:.1e} / {rec['ref_cfd']:.1e} |")
+    return "\n".join(out)
+
+
+def read_default_csv(paths):
+    rows = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                for key in ("nfe", "calls", "order", "corrector", "rec", "batch"):
+                    r[key] = int(r[key])
+                for key in ("endpoint_error", "endpoint_median", "cfd", "cfd_floor", "ref_cfd", "rec_seconds"):
+                    r[key] = float(r[key])
+                rows[(r["setup"], r["nfe"], r["grid"], r["order"], r["form"], r["variable"], r["corrector"])] = r
+    return list(rows.values())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m validation.bench_auto", description=__doc__.split("\n")[0])
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
@@ -164,8 +290,28 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the markdown report here (e.g. validation/results/auto.md)")
     p.add_argument("--cache", default=None, help="folder for the dopri5 references (reused by later runs)")
     p.add_argument("--from-csv", nargs="+", default=None, help="render the report from these CSV files, run nothing")
+    p.add_argument("--default", action="store_true",
+                   help="the recommended default (derive._autogrid.recommend) vs every configuration offered")
+    p.add_argument("--orders", type=int, nargs="+", default=list(ORDERS), help="orders offered (--default)")
+    p.add_argument("--variables", nargs="+", default=["t", "rho", "logsnr"], help="variables offered (--default)")
     args = p.parse_args(argv)
     start = time.perf_counter()
+    if args.default:
+        rows = read_default_csv(args.from_csv) if args.from_csv else []
+        if not args.from_csv:
+            for setup in args.setups:
+                run_default(setup, args.nfe, rows, lambda *a: print(*a, flush=True), batch=args.batch,
+                            orders=tuple(args.orders), variables=tuple(args.variables))
+        if args.csv:
+            with open(args.csv, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+        text = default_summary(rows)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return 0
     if args.from_csv:
         rows = read_csv(args.from_csv)
     else:
