@@ -16,7 +16,7 @@ scalar the logsnr grid uses). Lagrange bases are invariant under affine maps of 
 log rho, lambda and log SNR = 2 lambda give the same weights.
 
 eps form (``eps_weights`` in tau):   C_j = int_s^t 1/2 Psi(t,r) G G^T Sigma_r^-1 R_r l_j(tau(r)) dr
-x0 form (``x0_psi``, ``x0_weights_ms``):
+x0 form (``x0_psi``, ``x0_weights_ms``; ``x0_weights_flat``: the same step weight spread flat in tau):
     u_t = R_t R_s^-1 u_s + sum_j X_j x0hat_j,
     X_j = -int_s^t R_t R_r^-1 1/2 G G^T Sigma_r^-1 D_r l_j(tau(r)) dr
 (R^-T = Sigma^-1 R). High-precision identities: sum_j C_j = R_t - Psi(t,s) R_s and
@@ -35,7 +35,7 @@ QUAD_TOL = gmpy2.mpfr("1e-36")           # as _tables.QUAD_TOL
 _LOG = np.frompyfunc(gmpy2.log, 1, 1)
 
 # tensors this module adds: name -> axis of P (for the expansion of distinct coordinates)
-AXES = {"x0_psi": 1, "x0_weights_ms": 2, "x0_corrector_weights": 2}
+AXES = {"x0_psi": 1, "x0_weights_ms": 2, "x0_weights_flat": 2, "x0_corrector_weights": 2}
 
 
 def _det(A):
@@ -131,7 +131,10 @@ def build(deriv, times, order, variable, form, corrector=False):
 
     eps form with variable != t: ``eps_weights`` (and ``corrector_weights``) in tau, replacing
     derive's t-weights; x0 form: ``x0_psi`` [N, n_distinct, k, k] and ``x0_weights_ms`` [N, q, n_distinct, k, k],
-    with ``corrector``: ``x0_corrector_weights`` [N, q+1, n_distinct, k, k] (nodes t_{i+1}, t_i, ...).
+    with ``corrector``: ``x0_corrector_weights`` [N, q+1, n_distinct, k, k] (nodes t_{i+1}, t_i, ...);
+    and ``x0_weights_flat`` [N, q, n_distinct, k, k]: the step's total weight M_0 = int_s^t K dr spread
+    flat over the step in tau, X_j = M_0 int_0^1 l_j(y) dy (M_0 times the Adams-Bashforth coefficients
+    in tau; for VP, q = 2, logsnr: UniPC's UniP-2 with B(h) = e^h - 1, "bh2"). Same nodes, no quadrature.
     """
     tt = _hp.array(times)
     N = len(times) - 1
@@ -149,6 +152,7 @@ def build(deriv, times, order, variable, form, corrector=False):
         out["x0_weights_ms"] = _hp.zeros((N, order, n_distinct, k, k))
         R = deriv.R(tt)
         out["x0_psi"] = R[1:] @ _hp.inv(R[:-1])
+        out["x0_weights_flat"] = _hp.zeros((N, order, n_distinct, k, k))
         if corrector:
             out["x0_corrector_weights"] = _hp.zeros((N, order + 1, n_distinct, k, k))
     for i in range(N):
@@ -165,6 +169,8 @@ def build(deriv, times, order, variable, form, corrector=False):
                 out["corrector_weights"][i, :qc] = lagrange_weights(M["eps"], nodes_c)
         if "x0" in forms:
             out["x0_weights_ms"][i, :q] = lagrange_weights(M["x0"], nodes)
+            flat = np.stack([M["x0"][0] / (p + 1) for p in range(q)])              # M_p of M_0 spread flat in y
+            out["x0_weights_flat"][i, :q] = lagrange_weights(flat, nodes)
             if qc:
                 out["x0_corrector_weights"][i, :qc] = lagrange_weights(M["x0"], nodes_c)
     return out
@@ -182,6 +188,9 @@ def residuals(deriv, times, hp):
             _hp.abs_max(hp["x0_weights_ms"].sum(axis=1) - ref) / max(_hp.abs_max(ref), tiny))
         rr = hp["x0_psi"] @ R[:-1] - R[1:]
         out["x0_psi R_s = R_t"] = float(_hp.abs_max(rr) / max(_hp.abs_max(R), tiny))
+        if "x0_weights_flat" in hp:
+            out["sum_j x0_weights_flat = D_t - R_t R_s^-1 D_s"] = float(
+                _hp.abs_max(hp["x0_weights_flat"].sum(axis=1) - ref) / max(_hp.abs_max(ref), tiny))
         if "x0_corrector_weights" in hp:
             out["sum_j x0_corrector_weights = D_t - R_t R_s^-1 D_s"] = float(
                 _hp.abs_max(hp["x0_corrector_weights"].sum(axis=1) - ref) / max(_hp.abs_max(ref), tiny))

@@ -15,6 +15,9 @@ of derive's algebra:
       eps  C_j = int_s^t 1/2 Phi_t Phi_r^-1 G G^T R_r^-T l_j(tau(r)) dr
       x0   X_j = -int_s^t R_t R_r^-1 1/2 G G^T Sigma_r^-1 D_r l_j(tau(r)) dr,  x0_psi = R_t R_s^-1;
 - ``fast``: the same integrals in float64 (scipy quad_vec, ScipyReference) for four steps;
+- ``x0_weights_flat`` (the step's weight spread flat in tau): X_j = (D_t - R_t R_s^-1 D_s) a_j with
+  a_j = int_0^1 l_j(y) dy, l_j the Lagrange basis through the nodes (tau(t_{i-j}) - tau(s)) / (tau(t) - tau(s)),
+  D and R from the reference and a_j by mpmath.quad (full) / numpy's polynomial integral (fast);
 - identities of the table alone: sum_j X_j = D_t - x0_psi D_s, x0_psi R_s = R_t, exact zeros.
 
 Hook (validation/_check.py, at the top of ``check_table``): tables with these meta keys are
@@ -27,7 +30,7 @@ import numpy as np
 from ._check import TOL_FAST, TOL_FULL, TOL_IDENTITY, _coord_value, _err, _err_mp, check_table
 from ._reference import DPS, MpReference, ScipyReference, _gl_vector, lagrange_weights_at
 
-VARIANT_TENSORS = ("x0_psi", "x0_weights_ms", "x0_corrector_weights")
+VARIANT_TENSORS = ("x0_psi", "x0_weights_ms", "x0_weights_flat", "x0_corrector_weights")
 
 
 def is_variant(meta):
@@ -93,6 +96,30 @@ def weights_np(ref, form, s, t, node_times, variable):
     return val
 
 
+def flat_weights_mp(ref, s, t, node_times, variable):
+    """x0_weights_flat of the step s -> t: (D_t - R_t R_s^-1 D_s) int_0^1 l_j(y) dy (mpmath matrices)."""
+    taus = [tau_mp(ref, x, variable) for x in node_times]
+    t0, dt = tau_mp(ref, s, variable), tau_mp(ref, t, variable) - tau_mp(ref, s, variable)
+    nodes = [(x - t0) / dt for x in taus]
+    M0 = ref.data_to_state(t) - ref.R(t) * mpmath.inverse(ref.R(s)) * ref.data_to_state(s)
+    return [M0 * mpmath.quad(lambda y, j=j: lagrange_weights_at(y, nodes)[j], [0, 1]) for j in range(len(nodes))]
+
+
+def flat_weights_np(ref, s, t, node_times, variable):
+    taus = [tau_np(ref, x, variable) for x in node_times]
+    t0, dt = tau_np(ref, s, variable), tau_np(ref, t, variable) - tau_np(ref, s, variable)
+    nodes = [(x - t0) / dt for x in taus]
+    M0 = ref.data_to_state(t) - ref.R(t) @ np.linalg.inv(ref.R(s)) @ ref.data_to_state(s)
+    out = []
+    for j in range(len(nodes)):
+        P = np.polynomial.Polynomial([1.0])
+        for m in range(len(nodes)):
+            if m != j:
+                P = P * np.polynomial.Polynomial([-nodes[m], 1.0]) / (nodes[j] - nodes[m])
+        out.append(M0 * (P.integ()(1.0) - P.integ()(0.0)))
+    return np.stack(out)
+
+
 # ----- the check -------------------------------------------------------------------------------
 def _base(tensors, meta):
     """The part ``check_table`` knows: variant tensors dropped; with a variable other than t the
@@ -115,6 +142,10 @@ def _identities(report, tensors, meta):
                    "identity D_t - R_t R_s^-1 D_s", TOL_IDENTITY)
         report.add("x0_psi R_s vs R_t", [(i, *_err(Xpsi[i] @ R[i], R[i + 1])) for i in range(N)],
                    "identity R_t R_s^-1 R_s = R_t", TOL_IDENTITY)
+        if "x0_weights_flat" in tensors:
+            Xf = tensors["x0_weights_flat"]
+            report.add("sum_j x0_weights_flat", [(i, *_err(Xf[i].sum(axis=0), D[i + 1] - Xpsi[i] @ D[i]))
+                                                 for i in range(N)], "identity D_t - R_t R_s^-1 D_s", TOL_IDENTITY)
         if "x0_corrector_weights" in tensors:
             Xc = tensors["x0_corrector_weights"]
             report.add("sum_j x0_corrector_weights",
@@ -163,6 +194,14 @@ def check_variant_table(spec, tensors, meta, level="fast", n_coords=None):
                         C = weights_mp(ref, f, tm[i], tm[i + 1], [tm[i + shift - j] for j in range(qi)], variable)
                         errs += [(i, *_err_mp(tensors[name][i, j, p], C[j])) for j in range(qi)]
                     report.add(name, errs, how, TOL_FULL)
+                if "x0_weights_flat" in tensors:
+                    errs = []
+                    for i in steps:
+                        qi = min(q, i + 1)
+                        C = flat_weights_mp(ref, tm[i], tm[i + 1], [tm[i - j] for j in range(qi)], variable)
+                        errs += [(i, *_err_mp(tensors["x0_weights_flat"][i, j, p], C[j])) for j in range(qi)]
+                    report.add("x0_weights_flat", errs, f"mpmath odefun D, R and quad in {variable}, {DPS} digits",
+                               TOL_FULL)
                 if form == "x0":
                     Rs = [ref.R(x) for x in tm]
                     report.add("x0_psi", [(i, *_err_mp(tensors["x0_psi"][i, p], Rs[i + 1] * mpmath.inverse(Rs[i])))
@@ -177,6 +216,13 @@ def check_variant_table(spec, tensors, meta, level="fast", n_coords=None):
                     C = weights_np(ref, f, t[i], t[i + 1], [t[i + shift - j] for j in range(qi)], variable)
                     errs.append((i, *_err(tensors[name][i, :qi, p], C)))
                 report.add(name, errs, how, TOL_FAST)
+            if "x0_weights_flat" in tensors:
+                errs = []
+                for i in steps:
+                    qi = min(q, i + 1)
+                    C = flat_weights_np(ref, t[i], t[i + 1], [t[i - j] for j in range(qi)], variable)
+                    errs.append((i, *_err(tensors["x0_weights_flat"][i, :qi, p], C)))
+                report.add("x0_weights_flat", errs, f"scipy D, R and polynomial integral in {variable} float64", TOL_FAST)
             if form == "x0":
                 report.add("x0_psi", [(i, *_err(tensors["x0_psi"][i, p], ref.R(t[i + 1]) @ np.linalg.inv(ref.R(t[i]))))
                                       for i in range(N)], "scipy solve_ivp float64", TOL_FAST)
