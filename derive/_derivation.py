@@ -96,6 +96,87 @@ def _try_sympy(fn):
     return out
 
 
+# heads whose value or derivative jumps where an argument crosses 0
+_SWITCHES = (sp.Abs, sp.sign, sp.Heaviside)
+MAX_BREAKS = 64
+
+
+def breakpoints(spec, coord_values=()):
+    """Sorted exact times in (0, T) where F or G (or a marginal family's mean / std) is not
+    smooth: the zeros in t of the arguments of Abs, sign, Heaviside, of a - b in Min(a, b) /
+    Max(a, b), of lhs - rhs in a Piecewise condition, and the integer crossings of floor /
+    ceiling (each for a polynomial argument in t of degree <= 4 whose roots sympy finds within
+    its time budget; with a basis symbol, one root per distinct coordinate value, up to
+    MAX_BREAKS). The ODE panels and quadrature panels then end exactly there, so each panel is
+    smooth: without this they refine geometrically towards a kink |t - c| down to 1e-40 of the
+    interval (hundreds of panels per solve; 60-106 s derivations in the generated-spec survey).
+    Returns MPFR values (PREC_BITS); an argument that is not handled adds nothing (the adaptive
+    panels still resolve it, slowly)."""
+    exprs = list(spec.F) + list(spec.G)
+    if spec.form == "marginal":
+        exprs += [spec.mean, spec.std]
+    T = sp.nsimplify(spec.T)
+    sym = spec.basis.symbol
+    found = set()
+    for e in exprs:
+        for arg, integer in _switch_arguments(sp.sympify(e)):
+            for a in ([arg] if sym is None or not arg.has(sym) else
+                      [arg.subs(sym, v) for v in coord_values[:MAX_BREAKS]]):
+                for root in _roots_in(a, T, integer):
+                    found.add(root)
+                if len(found) > MAX_BREAKS:
+                    break
+    vals = sorted({gmpy2.mpfr(str(sp.N(r, 90))) for r in found})    # correctly rounded to PREC_BITS
+    return tuple(v for v in vals if 0 < v < _hp.mpf(spec.T))[:MAX_BREAKS]
+
+
+def _switch_arguments(expr):
+    """(argument, integer) pairs: where argument = 0 (integer=False) or crosses an integer."""
+    out = []
+    for node in sp.preorder_traversal(expr):
+        if not node.has(t):
+            continue
+        if isinstance(node, _SWITCHES):
+            out.append((node.args[0], False))
+        elif isinstance(node, (sp.Min, sp.Max)):
+            out += [(a - b, False) for i, a in enumerate(node.args) for b in node.args[i + 1:]]
+        elif isinstance(node, sp.Piecewise):
+            for _, cond in node.args:
+                for rel in cond.atoms(sp.core.relational.Relational):
+                    out.append((rel.lhs - rel.rhs, False))
+        elif isinstance(node, (sp.floor, sp.ceiling, sp.frac)):
+            out.append((node.args[0], True))
+    return [(a, i) for a, i in out if a.has(t)]
+
+
+def _roots_in(arg, T, integer):
+    """Exact real roots in (0, T) of arg(t) = 0 (integer: arg(t) = n for every integer n in its
+    range), for a polynomial of degree <= 4 in t; () when sympy cannot say within its budget."""
+    def solve():
+        poly = sp.Poly(sp.expand(arg), t)
+        if poly.degree() < 1 or poly.degree() > 4 or not all(c.is_number for c in poly.coeffs()):
+            return None
+        targets = [0]
+        if integer:
+            ends = [poly.eval(v) for v in (0, T)] + [poly.eval(r) for r in sp.real_roots(poly.diff(t))
+                                                    if 0 < r < T]
+            lo, hi = sp.floor(min(ends)), sp.ceiling(max(ends))
+            if hi - lo > MAX_BREAKS:
+                return None
+            targets = list(range(int(lo), int(hi) + 1))
+        roots = set()
+        for n in targets:
+            roots.update(r for r in sp.real_roots(poly - n) if 0 < r < T)
+        return sp.Tuple(*roots)
+    if not arg.free_symbols <= {t}:
+        return ()
+    try:
+        out = _try_sympy(solve)
+    except sp.PolynomialError:
+        return ()
+    return tuple(out) if out is not None else ()
+
+
 def _antiderivative(f):
     if not f.has(t):
         return f * t
@@ -133,6 +214,7 @@ class Derivation(Evaluators):
         self.n_distinct = len(reps)
         self.notes = []
         self._dense, self._backward = {}, {}     # dense ODE solutions (see _evaluators)
+        self.breaks = breakpoints(spec, reps)    # kinks/jumps of F, G in (0, T): panel edges there
         self._F = _hp.compile_matrix(spec.F)
         self._G = _hp.compile_matrix(spec.G)
         self._derive_psi()

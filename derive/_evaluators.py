@@ -26,6 +26,8 @@ class Evaluators:
     the compiled closed forms) before any of these is called.
     """
 
+    breaks = ()                                # times where F or G is not smooth (Derivation sets them)
+
     @property
     def Pu(self):                              # old name: derive/_variants.py, tests/test_tables.py
         return self.n_distinct
@@ -114,7 +116,8 @@ class Evaluators:
             end = max(group)
             cached = self._backward.get(t_)
             if end > t_ and (cached is None or cached[0] < end):
-                sol = _ode.solve_linear(back, _hp.eye(k, (self.n_distinct,)), t_, end, (end - t_) / 4)
+                sol = _ode.solve_linear(back, _hp.eye(k, (self.n_distinct,)), t_, end, (end - t_) / 4,
+                                        breaks=self.breaks)
                 cached = self._backward[t_] = (end, sol)
             out.append(_hp.T(cached[1](np.array(group, dtype=object))) if end > t_ else
                        _hp.eye(k, (len(group), self.n_distinct)))
@@ -182,8 +185,9 @@ class Evaluators:
         T, zero, k = _hp.mpf(self.spec.T), _hp.mpf(0), self.k
         h0 = T / 64
         if which == "phi":                     # Phi' = F Phi, Phi(0) = I
-            sol = _from_zero(lambda A, end: _ode.solve_linear(A, _hp.eye(k, (self.n_distinct,)), zero, end, end / 64),
-                             lambda tn: self.F(tn), T)
+            sol = _from_zero(lambda A, end, brk: _ode.solve_linear(A, _hp.eye(k, (self.n_distinct,)), zero, end,
+                                                                    end / 64, breaks=brk),
+                             lambda tn: self.F(tn), T, self.breaks)
         elif which == "sigma":                 # Lyapunov ODE, vectorised (see _lyapunov_system)
             S0 = self._sigma0()
             scale = _hp.abs_max(S0) if _hp.abs_max(S0) > 0 else gmpy2.mpfr(1)
@@ -192,7 +196,8 @@ class Evaluators:
             def make_L(tn):
                 Gn = self.G(tn)
                 return _lyapunov_system(self.F(tn), Gn @ _hp.T(Gn), scale)
-            Y = _from_zero(lambda A, end: _ode.solve_linear(A, y0, zero, end, end / 64), make_L, T)
+            Y = _from_zero(lambda A, end, brk: _ode.solve_linear(A, y0, zero, end, end / 64, breaks=brk), make_L, T,
+                           self.breaks)
 
             def sol(tt):
                 return _unvech(Y(tt)[..., :-1, 0], k)
@@ -200,7 +205,8 @@ class Evaluators:
             def make_A(tn):
                 Gn = self.G(tn)
                 return self.F(tn) + (Gn @ _hp.T(Gn)) @ _hp.inv(self.sigma(tn)) / 2
-            sol = _from_zero(lambda A, end: _ode.solve_linear(A, self.R0(), zero, end, end / 64), make_A, T)
+            sol = _from_zero(lambda A, end, brk: _ode.solve_linear(A, self.R0(), zero, end, end / 64, breaks=brk),
+                             make_A, T, self.breaks)
         else:
             raise KeyError(which)
         self._dense[which] = sol
@@ -210,8 +216,9 @@ class Evaluators:
         return _hp.compile_matrix(self.spec.Sigma0)(self._env(_hp.zeros((1,))), (1, self.n_distinct))[0]
 
 
-def _from_zero(solve, rate, T):
-    """``solve(rate, end)`` for an ODE or integral from t = 0 to ``end`` = T, where the rate (A(t) of
+def _from_zero(solve, rate, T, breaks=()):
+    """``solve(rate, end, breaks)`` for an ODE or integral from t = 0 to ``end`` = T (``breaks``:
+    where the rate is not smooth, in the solve's variable), where the rate (A(t) of
     Y' = A Y, or the integrand) may be smooth only in a root of t (beta(t) ~ sqrt(t) or 1/sqrt(t)):
     when the panels cannot resolve it near t = 0, or it is infinite there, solve again in u with
     t = u^m (m = 2, then 6), where dY/du = m u^(m-1) A(u^m) Y is smooth, and read the solution at
@@ -224,7 +231,7 @@ def _from_zero(solve, rate, T):
         at_zero = None
     if at_zero is not None and _finite(at_zero):
         try:
-            return solve(rate, T)
+            return solve(rate, T, breaks)
         except _hp.EvaluationError as exc:
             if "near t = 0" not in str(exc):
                 raise
@@ -238,7 +245,7 @@ def _from_zero(solve, rate, T):
             jac = m * un ** (m - 1)
             return rate(un ** m) * jac.reshape((-1,) + (1,) * 3)
         try:
-            sol_u = solve(rate_u, u_end)
+            sol_u = solve(rate_u, u_end, tuple(_root(np.array(breaks, dtype=object), m)) if breaks else ())
         except _hp.EvaluationError:
             continue
         return lambda tt, sol_u=sol_u, m=m: sol_u(_root(np.asarray(tt, dtype=object), m))

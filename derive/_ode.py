@@ -118,8 +118,15 @@ class Dense:
         return out
 
 
-def _drive(step, y0, a, b, h0, n, tol):
-    """Adaptive panel loop; ``step(tn, h, y)`` returns the values at the panel's nodes."""
+def _inside(breaks, a, b):
+    """The breakpoints strictly between a and b, ascending (exact MPFR)."""
+    return sorted(v for v in breaks if a < v < b)
+
+
+def _drive(step, y0, a, b, h0, n, tol, breaks=()):
+    """Adaptive panel loop; ``step(tn, h, y)`` returns the values at the panel's nodes. Panels
+    end exactly on ``breaks`` (points where the coefficients are not smooth), so no panel holds
+    a kink."""
     xs, _, C, _ = _chebyshev(n)
     a = a if isinstance(a, gmpy2.mpfr) else _hp.mpf(a)
     b = b if isinstance(b, gmpy2.mpfr) else _hp.mpf(b)
@@ -129,10 +136,12 @@ def _drive(step, y0, a, b, h0, n, tol):
     y = np.asarray(y0, dtype=object)
     cur = a
     tiny = gmpy2.mpfr("1e-300")
+    stops = _inside(breaks, a, b) + [b]
     while cur < b:
         if len(panels) > MAX_PANELS or h < span * gmpy2.mpfr("1e-40"):
             raise _hp.EvaluationError(f"solution not resolvable near t = {float(cur):.6g}")
-        h = min(h, b - cur)
+        stop = next(v for v in stops if v > cur)
+        h = min(h, stop - cur)
         tn = cur + (xs + 1) * (h / 2)
         Y = step(tn, h, y)
         scale = max(_hp.abs_max(Y), tiny)
@@ -145,15 +154,16 @@ def _drive(step, y0, a, b, h0, n, tol):
             h = h * min(factor, gmpy2.mpfr("0.7"))
             continue
         panels.append(Y)
-        cur = tn[-1] if h < b - cur else b
+        cur = tn[-1] if h < stop - cur else stop
         edges.append(cur)
         y = Y[-1]
         h = h * factor
     return Dense(edges, panels, n)
 
 
-def solve_linear(make_A, y0, a, b, h0=None, n=N_CHEB, tol=_hp.TOL, max_refinements=30):
-    """Dense solution of the linear ODE Y' = A(t) Y, Y(a) = y0 [P, k, m], for b > a.
+def solve_linear(make_A, y0, a, b, h0=None, n=N_CHEB, tol=_hp.TOL, max_refinements=30, breaks=()):
+    """Dense solution of the linear ODE Y' = A(t) Y, Y(a) = y0 [P, k, m], for b > a; panel edges
+    on ``breaks`` (``_drive``).
 
     ``make_A(tn)`` returns A at the panel nodes, [n+1, P, k, k]. Each panel solves the
     Chebyshev collocation system Y_i - h/2 sum_j S_ij A_j Y_j = y0 (implicit, so stiffness does
@@ -197,7 +207,7 @@ def solve_linear(make_A, y0, a, b, h0=None, n=N_CHEB, tol=_hp.TOL, max_refinemen
         X = _hp.solve(Mat.reshape(P, N, N), Rhs)
         return np.transpose(X.reshape(P, n + 1, k, m), (1, 0, 2, 3))
     with _one_blas_thread():
-        return _drive(step, y0, a, b, h0, n, tol)
+        return _drive(step, y0, a, b, h0, n, tol, breaks)
 
 
 @contextlib.contextmanager
@@ -214,18 +224,19 @@ def _one_blas_thread():
         yield
 
 
-def cumulative(fn, a, b, h0=None, n=N_CHEB, tol=_hp.TOL):
+def cumulative(fn, a, b, h0=None, n=N_CHEB, tol=_hp.TOL, breaks=()):
     """Dense antiderivative Y(t) = int_a^t fn(r) dr (b > a); fn: times [M] -> [M, ...]."""
     _, S, _, _ = _chebyshev(n)
     y0 = _zeros_like(fn, a)
 
     def step(tn, h, y):
         return y + _apply_rows(S, fn(tn)) * (h / 2)
-    return _drive(step, y0, a, b, h0, n, tol)
+    return _drive(step, y0, a, b, h0, n, tol, breaks)
 
 
-def quad(fn, a, b, n_items, tol=_hp.TOL, n=N_CHEB, max_depth=60, powers=None):
-    """Adaptive Clenshaw-Curtis quadrature of int_a^b fn, refined per item.
+def quad(fn, a, b, n_items, tol=_hp.TOL, n=N_CHEB, max_depth=60, powers=None, breaks=()):
+    """Adaptive Clenshaw-Curtis quadrature of int_a^b fn, refined per item; [a, b] is first cut
+    at ``breaks`` (points where fn is not smooth).
 
     With ``powers`` = p the result is the moments [n_items, p, ...] of int_a^b fn(x) x^j dx,
     j < p, from the same evaluations (the smoothness test looks at fn alone).
@@ -241,7 +252,8 @@ def quad(fn, a, b, n_items, tol=_hp.TOL, n=N_CHEB, max_depth=60, powers=None):
     a = a if isinstance(a, gmpy2.mpfr) else _hp.mpf(a)
     b = b if isinstance(b, gmpy2.mpfr) else _hp.mpf(b)
     result, scale = None, None
-    stack = [(a, b, np.arange(n_items), 0)]
+    cuts = [a] + _inside(breaks, a, b) + [b]
+    stack = [(lo, hi, np.arange(n_items), 0) for lo, hi in zip(cuts[:-1], cuts[1:])][::-1]
     while stack:
         lo, hi, items, depth = stack.pop()
         h = hi - lo
@@ -274,8 +286,9 @@ def _zeros_like(fn, a):
     return _hp.zeros(probe.shape[1:])
 
 
-def interpolate(fn, a, b, n=16, tol=1e-14, max_panels=4096):
-    """Piecewise Chebyshev interpolant of fn on [a, b] with float64 panel edges.
+def interpolate(fn, a, b, n=16, tol=1e-14, max_panels=4096, breaks=()):
+    """Piecewise Chebyshev interpolant of fn on [a, b] with float64 panel edges (one at each of
+    ``breaks``, rounded to float64: a kink 1e-17 away from an edge is below the tolerance).
 
     ``fn(tn)`` returns [n+1, Q, P, ...] (Q quantities, P coordinates); a panel is accepted when
     the last Chebyshev coefficients of every quantity and coordinate are below ``tol`` times its
@@ -285,10 +298,12 @@ def interpolate(fn, a, b, n=16, tol=1e-14, max_panels=4096):
     a, b = float(a), float(b)
     edges, panels = [a], []
     cur, h = a, (b - a) / 16
+    stops = [float(v) for v in breaks if a < float(v) < b]
     while cur < b:
         if len(panels) > max_panels or h < (b - a) * 1e-14:
             raise _hp.EvaluationError(f"no accurate interpolant near t = {cur:.6g}")
         hi = b if cur + h >= b * (1 - 1e-15) else float(cur + h)
+        hi = min([v for v in stops if cur < v < hi] + [hi])
         lo_m, hi_m = _hp.mpf(cur), _hp.mpf(hi)
         Y = fn(lo_m + (xs + 1) * ((hi_m - lo_m) / 2))
         red = tuple(range(3, Y.ndim))

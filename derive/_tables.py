@@ -52,7 +52,9 @@ def step_moments(deriv, s, t, p_max):
     def W(xn, coords):
         rn = s + h * xn
         return deriv.psi(np.array([t], dtype=object), rn, coords) @ deriv.R(rn, coords)   # [M, I, k, k]
-    J = _ode.quad(W, gmpy2.mpfr(0), gmpy2.mpfr(1), deriv.n_distinct, tol=QUAD_TOL, powers=p_max)  # [n_distinct, p_max, k, k]
+    kinks = [(b - s) / h for b in getattr(deriv, "breaks", ()) if min(s, t) < b < max(s, t)]     # in x
+    J = _ode.quad(W, gmpy2.mpfr(0), gmpy2.mpfr(1), deriv.n_distinct, tol=QUAD_TOL, powers=p_max,
+                  breaks=kinks)  # [n_distinct, p_max, k, k]
     J = np.swapaxes(J, 0, 1)
     M = np.concatenate([M0[None], np.stack([R_t - p * J[p - 1] for p in range(1, p_max + 1)])])
     return _zero_noise_free(deriv, M, axis=1)
@@ -99,7 +101,8 @@ def stochastic_step(deriv, s, t, lam):
             rn = s - tau_n
             Gn = deriv.G(rn)
             return -(deriv.F(rn) + c * (Gn @ _hp.T(Gn)) @ _hp.inv(deriv.sigma(rn)))
-        sol = _ode.solve_linear(make_A, _hp.eye(deriv.k, (deriv.n_distinct,)), gmpy2.mpfr(0), s - t)
+        kinks = [s - b for b in getattr(deriv, "breaks", ()) if t < b < s]                    # in tau
+        sol = _ode.solve_linear(make_A, _hp.eye(deriv.k, (deriv.n_distinct,)), gmpy2.mpfr(0), s - t, breaks=kinks)
         PsiHat = sol.panels[-1][-1]
     P = S_t - PsiHat @ S_s @ _hp.T(PsiHat)
     P = (P + _hp.T(P)) / 2
@@ -198,7 +201,8 @@ def dense(deriv, tol=1e-14, n=16):
         S = deriv.sigma(tn)
         return np.stack([deriv.F(tn), G @ _hp.T(G), deriv.R(tn), _hp.cholesky(S, semidefinite=True),
                          deriv.data_to_state(tn)], axis=1)                  # [n+1, 5, n_distinct, k, k]
-    edges, values = _ode.interpolate(fn, _hp.mpf(deriv.spec.t_min), _hp.mpf(deriv.spec.T), n=n, tol=tol)
+    edges, values = _ode.interpolate(fn, _hp.mpf(deriv.spec.t_min), _hp.mpf(deriv.spec.T), n=n, tol=tol,
+                                     breaks=getattr(deriv, "breaks", ()))
     xs = _ode._chebyshev(n)[0]
     idx = deriv.coord_index
     out = {"edges": np.array(edges, dtype=np.float64), "nodes": _hp.to_float64(xs, "nodes")}

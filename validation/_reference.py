@@ -1,9 +1,12 @@
 """Independent references for every table quantity, from F(t), G(t), Sigma_0 and R_0 alone.
 
-- ``MpReference``: mpmath at >= 40 digits. Phi, Sigma (Lyapunov) and R by mpmath.odefun
-  (Taylor series), R from dR/dt = F R + 1/2 G G^T R^-T (the other form of the R-ODE than derive
-  uses); weights by Gauss-Legendre quadrature of the integrand of MATH.md section 4 itself
-  (derive integrates by parts); PsiHat and P_st by their own backward ODE (MATH.md section 5).
+- ``MpReference``: 45 digits (DPS). Phi, Sigma (Lyapunov) and R by Taylor series (the series of
+  F and G G^T from differences at high precision, the solution's from its recurrence), R from
+  dR/dt = F R + 1/2 G G^T R^-T (the other form of the R-ODE than derive uses); at the grid times
+  Phi and Sigma by Bulirsch-Stoer extrapolation; weights by Gauss-Legendre quadrature of the
+  integrand of MATH.md section 4 itself (derive integrates by parts); PsiHat and P_st by their
+  own backward ODE (MATH.md section 5, Bulirsch-Stoer). Every solve and quadrature stops at the
+  kinks of F and G (``kinks``, found numerically, not from derive).
 - ``ScipyReference``: float64 solve_ivp (Radau on the stiff start, DOP853 rtol 1e-13 after)
   and scipy.integrate.quad_vec: the second, cheaper opinion a user would compute by hand.
 """
@@ -72,6 +75,78 @@ def _basis_env(spec, coord_value):
     return {} if spec.basis.symbol is None else {spec.basis.symbol.name: coord_value}
 
 
+_SWITCHING = (sp.Abs, sp.sign, sp.Heaviside)
+KINK_SAMPLES = 2048
+
+
+def kinks(spec, coord_value=None):
+    """Times in (0, T) where F or G (or the marginal family's mean / std) is not smooth, found
+    numerically and independently of derive (which solves for them exactly): the sign changes of
+    the arguments of Abs, sign and Heaviside, of a - b in Min / Max, of lhs - rhs in a Piecewise
+    condition, and the integer crossings of floor / ceiling arguments, on KINK_SAMPLES points,
+    each bisected to the working precision. The Taylor series and the extrapolation cannot see a
+    kink from one side (the series of the branch runs on past it), so every solve and quadrature
+    below stops exactly there."""
+    from derive._spec import t
+    exprs = list(spec.F) + list(spec.G) + ([spec.mean, spec.std] if spec.form == "marginal" else [])
+    args = []
+    for e in exprs:
+        for node in sp.preorder_traversal(sp.sympify(e)):
+            if not node.has(t):
+                continue
+            if isinstance(node, _SWITCHING):
+                args.append((node.args[0], False))
+            elif isinstance(node, (sp.Min, sp.Max)):
+                args += [(a - b, False) for i, a in enumerate(node.args) for b in node.args[i + 1:]]
+            elif isinstance(node, sp.Piecewise):
+                args += [(rel.lhs - rel.rhs, False) for _, cond in node.args
+                         for rel in cond.atoms(sp.core.relational.Relational)]
+            elif isinstance(node, (sp.floor, sp.ceiling, sp.frac)):
+                args.append((node.args[0], True))
+    if not args:
+        return []
+    T = mpmath.mpf(sp.N(spec.T, mpmath.mp.dps + 10))
+    env = _basis_env(spec, None if coord_value is None else mpmath.mpf(sp.N(coord_value, mpmath.mp.dps + 10)))
+    xs = [T * i / KINK_SAMPLES for i in range(KINK_SAMPLES + 1)]
+    found = set()
+    for arg, integer in {(a, i) for a, i in args if a.has(t)}:
+        f = _Compiled(arg, "mp")
+        g = lambda x, f=f: f(dict(env, t=x))[0, 0]
+        vals = [g(x) for x in xs]
+        for i in range(KINK_SAMPLES):
+            lo, hi, vlo, vhi = xs[i], xs[i + 1], vals[i], vals[i + 1]
+            if not (mpmath.isfinite(vlo) and mpmath.isfinite(vhi)):
+                continue
+            if integer:
+                levels = range(int(mpmath.floor(min(vlo, vhi))) + 1, int(mpmath.floor(max(vlo, vhi))) + 1)
+            else:
+                levels = [0] if (vlo < 0 < vhi or vhi < 0 < vlo or (vlo == 0 and 0 < i)) else []
+            for n in levels:
+                found.add(lo if vlo == n else _bisect(lambda x: g(x) - n, lo, hi))
+    return sorted(x for x in found if 0 < x < T)
+
+
+def _roots(values, m):
+    """values^(1/m) at 30 more bits (kinks in u = t^(1/m))."""
+    with mpmath.extraprec(30):
+        return [mpmath.root(v, m) for v in values]
+
+
+def _bisect(f, lo, hi):
+    """The right end of a bracket [lo, hi] of a sign change of f, 30 bits finer than the working
+    precision: a series started there differences f on the far side of the kink only."""
+    with mpmath.extraprec(30):
+        flo = f(lo)
+        while hi - lo > abs(hi) * mpmath.eps:
+            mid = (lo + hi) / 2
+            fm = f(mid)
+            if fm != 0 and (fm < 0) == (flo < 0):
+                lo, flo = mid, fm
+            else:
+                hi = mid
+        return +hi
+
+
 class _TaylorSeries:
     """Dense solution of a matrix ODE by Taylor series (the method of mpmath.odefun, a fraction of
     its cost): mpmath.odefun finds the series of the whole solution from Euler steps at (n + 1)
@@ -82,14 +157,17 @@ class _TaylorSeries:
     - ``kind="R"``:   R' = A R + 1/2 B R^-T,  Q = R^-1:  Q_m = -Q_0 sum_{j=1..m} R_j Q_{m-j},
                       (m+1) R_{m+1} = sum_j A_j R_{m-j} + 1/2 sum_j B_j Q_{m-j}^T
     - ``kind="back"``: Y' = -Y A:  (m+1) Y_{m+1} = -sum_j Y_{m-j} A_j  (Y(r) = Psi(t, r), r >= t)
+    - ``kind="phi"``:  Y' = A Y;  ``kind="sigma"``: Y' = A Y + Y A^T + B (the Lyapunov ODE)
 
-    ``coeffs(x)`` returns [A(x)] (back) or [A(x), G(x)] with B = G G^T (R) as mpmath matrices. Segments as odefun's: a radius from the
-    last coefficient (tail below 2^-(prec+10) of the solution's scale, halved), at most 1/2."""
+    ``coeffs(x)`` returns [A(x)] (back, phi) or [A(x), G(x)] with B = G G^T (R, sigma) as mpmath
+    matrices. Segments as odefun's: a radius from the last coefficient (tail below 2^-(prec+10)
+    of the solution's scale, halved), at most 1/2, and ending on ``stops`` (kinks)."""
 
     DEGREE = 70
 
-    def __init__(self, kind, coeffs, x0, Y0, tick):
+    def __init__(self, kind, coeffs, x0, Y0, tick, stops=()):
         self.kind, self.coeffs, self.tick = kind, coeffs, tick
+        self.stops = sorted(stops)        # kinks (kept at their own, finer precision): a segment ends there
         self.prec = mpmath.mp.prec + 40
         with mpmath.workprec(self.prec), _gmp_context():
             self.segments = [self._segment(mpmath.mpf(x0), _gmat(Y0))]
@@ -137,7 +215,7 @@ class _TaylorSeries:
         tol_prec = mpmath.mp.prec - 40 + 10
         series = self._coefficient_series(x0, n, tol_prec)
         A = series[0]
-        if self.kind == "R":               # B = G G^T by the Cauchy product of G's series
+        if self.kind in ("R", "sigma"):    # B = G G^T by the Cauchy product of G's series
             Gs = series[1]
             B = [sum((Gs[i].dot(Gs[j - i].T) for i in range(1, j + 1)), Gs[0].dot(Gs[j].T)) for j in range(n + 1)]
         a_nonzero = [any(v != 0 for v in Aj.ravel()) for Aj in A]    # F constant or polynomial: most are 0
@@ -146,7 +224,18 @@ class _TaylorSeries:
             Q = [_ginv(Y0)]
         for m in range(n):
             self.tick()
-            if self.kind == "R":
+            if self.kind == "phi":             # Y' = A Y
+                acc = A[0].dot(Y[m])
+                for j in range(1, m + 1):
+                    if a_nonzero[j]:
+                        acc = acc + A[j].dot(Y[m - j])
+            elif self.kind == "sigma":         # Y' = A Y + Y A^T + B
+                AY = A[0].dot(Y[m])
+                for j in range(1, m + 1):
+                    if a_nonzero[j]:
+                        AY = AY + A[j].dot(Y[m - j])
+                acc = AY + AY.T + B[m]
+            elif self.kind == "R":
                 if m:
                     acc = Y[1].dot(Q[m - 1])
                     for j in range(2, m + 1):
@@ -170,7 +259,8 @@ class _TaylorSeries:
             top = max(abs(v) for v in c.ravel())
             if top:
                 radius = min(radius, gmpy2.root(tol * max(scale, tol) / top, n))
-        return x0, x0 + _mpf(radius / 2), Y
+        end = x0 + _mpf(radius / 2)
+        return x0, min([v for v in self.stops if x0 < v < end] + [end]), Y
 
     def __call__(self, x):
         """Y(x) (mpmath matrix) for x >= x0."""
@@ -218,6 +308,7 @@ class MpReference:
         self._dense = {}                        # "phi" / "sigma" / "R" -> dense solution, built when first read
         self._at = {}                           # t -> {"phi", "sigma", "R"} from ``march``
         self._memo = {}                         # weights and stochastic results by their arguments
+        self.kinks = []                         # times where F, G are not smooth (``kinks``)
         # A marginal-form spec with a per-coordinate basis (BDM: 1024 frequencies) is checked
         # against its defining formulas (Psi = mean_t / mean_s, Sigma = std^2, R = std) instead of
         # ODE solves, which cost minutes per frequency there; weights still by direct quadrature.
@@ -235,6 +326,7 @@ class MpReference:
             self.Sigma0 = mp_matrix(spec.Sigma0, t=mpmath.mpf(0), **self.env)
             self._m = 1 if _finite_at_zero(self.F, self.G, mpmath.mpf(0)) else ROOT_POWER
             self._R0 = R0_of(spec, self.Sigma0, self.coord_value) if k > 1 else None
+            self.kinks = kinks(spec, coord_value)
 
     def _forward(self, t, y):
         """Right-hand side of the marched forward solve on gmpy2 arrays, y = [Phi, Sigma]:
@@ -257,37 +349,24 @@ class MpReference:
         return _vec(mpmath.eye(self.k)) + _vec(self.Sigma0) + (_vec(self._R0) if self.k > 1 else [])
 
     def _solution(self, name):
-        """Dense solution t -> Phi / Sigma / R, for reads between the grid times (the weights'
-        quadrature nodes). R: ``_TaylorSeries`` (R' = F R + 1/2 G G^T R^-T, the other form of the
-        R-ODE than derive's); Phi and Sigma (k = 1 weights, variant checks): mpmath.odefun."""
+        """Dense solution t -> Phi / Sigma / R (``_TaylorSeries``), for reads between the grid
+        times (the weights' quadrature nodes): Phi' = F Phi, Sigma' = F Sigma + Sigma F^T + G G^T,
+        R' = F R + 1/2 G G^T R^-T (the other form of the R-ODE than derive's)."""
         if name not in self._dense:
             k, n = self.k, self.k * self.k
             block = {"phi": 0, "sigma": 1, "R": 2}[name]
-            y0 = self._y0()[block * n:(block + 1) * n]
+            Y0 = _mat(k, self._y0()[block * n:(block + 1) * n])
+            m = self._m
+
+            def coeffs(x):                 # in u = t^(1/m) when a coefficient is infinite at 0
+                tv, d = (x, 1) if m == 1 else (x ** m, m * x ** (m - 1))
+                return [self.F(tv) * d] + ([self.G(tv) * mpmath.sqrt(d)] if name != "phi" else [])
             with mpmath.workdps(self.dps):
-                if name == "R":
-                    self._dense[name] = self._taylor_R(_mat(k, y0))
-                    return self._dense[name]
-
-                def rhs(t, y):
-                    self.tick()
-                    F, G = self.F(t), self.G(t)
-                    Y = _mat(k, y)
-                    if name == "phi":
-                        return _vec(F * Y)
-                    return _vec(F * Y + Y * F.T + G * G.T)
-                sol = self._from_zero(rhs, y0)
-                self._dense[name] = lambda t: _mat(k, sol(t))
+                x0 = 0 if m == 1 else mpmath.mpf("1e-16")
+                stops = self.kinks if m == 1 else _roots(self.kinks, m)
+                sol = _TaylorSeries(name, coeffs, x0, Y0, self.tick, stops)
+            self._dense[name] = sol if m == 1 else (lambda t, sol=sol: sol(mpmath.root(t, m)))
         return self._dense[name]
-
-    def _taylor_R(self, R0):
-        m = self._m
-
-        def coeffs(x):                 # in u = t^(1/m) when a coefficient is infinite at 0
-            t, d = (x, 1) if m == 1 else (x ** m, m * x ** (m - 1))
-            return [self.F(t) * d, self.G(t) * mpmath.sqrt(d)]
-        sol = _TaylorSeries("R", coeffs, 0 if m == 1 else mpmath.mpf("1e-16"), R0, self.tick)
-        return sol if m == 1 else (lambda t: sol(mpmath.root(t, m)))
 
     def march(self, times):
         """Phi and Sigma at ``times`` by one Bulirsch-Stoer solve of ``_forward`` from t = 0
@@ -302,10 +381,11 @@ class MpReference:
         with mpmath.workdps(self.dps):
             y0 = self._y0()[:2 * n]
             if m == 1:
-                ys = bulirsch_stoer(self._forward, 0, y0, new, [n, n])
-            else:                      # in u = t^(1/m), as ``_from_zero``
+                ys = bulirsch_stoer(self._forward, 0, y0, new, [n, n], stops=self.kinks)
+            else:                      # in u = t^(1/m)
                 rhs = lambda u, y: m * u ** (m - 1) * self._forward(u ** m, y)
-                ys = bulirsch_stoer(rhs, mpmath.mpf("1e-16"), y0, [mpmath.root(x, m) for x in new], [n, n])
+                ys = bulirsch_stoer(rhs, mpmath.mpf("1e-16"), y0, [mpmath.root(x, m) for x in new], [n, n],
+                                    stops=_roots(self.kinks, m))
         for x, y in zip(new, ys):
             self._at[x] = {"phi": _mat(k, y[:n]), "sigma": _mat(k, y[n:2 * n]), "R": None}
 
@@ -314,20 +394,6 @@ class MpReference:
         if hit is not None and hit[name] is not None:
             return hit[name]
         return self._solution(name)(t)
-
-    def _from_zero(self, rhs, y0):
-        """t -> y(t) of y' = rhs(t, y), y(0) = y0 by mpmath.odefun (Taylor series). A coefficient
-        infinite at t = 0 (integrable, like 1/sqrt(t)): in u = t^(1/m), dy/du = m u^(m-1) rhs(u^m, y),
-        bounded, started at u0 = 1e-16 (t0 = 1e-96: the state moves by O(t0^(1/2)) there)."""
-        if self._m == 1:
-            return mpmath.odefun(rhs, 0, y0)
-        m = self._m
-        sol = mpmath.odefun(lambda u, y: [m * u ** (m - 1) * v for v in rhs(u ** m, y)], mpmath.mpf("1e-16"), y0)
-        return lambda t: sol(mpmath.root(t, m))
-
-    def _ticked(self, value):
-        self.tick()
-        return value
 
     def F(self, t):
         return self._Fc(dict(self.env, t=t))
@@ -352,7 +418,7 @@ class MpReference:
         if t not in self._back:
             k = self.k
             self._back[t] = _TaylorSeries("back", lambda r: [self.F(r)], t, mpmath.eye(k),
-                                          self.tick)
+                                          self.tick, self.kinks)
         return self._back[t](s)
 
     def sigma(self, t):
@@ -396,7 +462,7 @@ class MpReference:
             else:
                 W = self.psi(t, r) * G * G.T * mpmath.inverse(self.R(r)).T / 2
             return [W * l for nodes in node_sets for l in lagrange_weights_at(r, nodes)]
-        flat = _gl_vector(integrand, s, t, sum(len(nodes) for nodes in node_sets), k)
+        flat = _gl_vector(integrand, s, t, sum(len(nodes) for nodes in node_sets), k, cuts=self.kinks)
         out = []
         for nodes in node_sets:
             out.append(flat[:len(nodes)])
@@ -432,7 +498,7 @@ class MpReference:
             FhP, FS = Fh.dot(P), F.dot(S)
             return np.concatenate([-Fh.dot(Ph).ravel(), (lam2 * GG - FhP - FhP.T).ravel(), (-(FS + FS.T + GG)).ravel()])
         y0 = _vec(mpmath.eye(k)) + [mpmath.mpf(0)] * n + _vec(self.sigma(s))
-        y = bulirsch_stoer(rhs, 0, y0, [s - t], [n, n, n])[0]
+        y = bulirsch_stoer(rhs, 0, y0, [s - t], [n, n, n], stops=[s - b for b in self.kinks if t < b < s])[0]
         PsiHat, P = _mat(k, y[:n]), _mat(k, y[n:2 * n])
         return (PsiHat - self.psi(t, s)) * self.R(s), P
 
@@ -484,7 +550,7 @@ def _ginv(A):
     return M[:, k:]
 
 
-def bulirsch_stoer(rhs, x0, y0, x_ends, blocks, max_col=24):
+def bulirsch_stoer(rhs, x0, y0, x_ends, blocks, max_col=24, stops=()):
     """[y(x) for x in ``x_ends``] (mpmath lists) of y' = rhs(x, y), y(x0) = y0, to the working
     precision; ``rhs`` takes and returns gmpy2 arrays (the integrator's arithmetic).
 
@@ -495,8 +561,17 @@ def bulirsch_stoer(rhs, x0, y0, x_ends, blocks, max_col=24):
     keeps its digits). The step size is steered to converge near column ``TARGET_COL`` (at 45
     digits high columns are cheaper per unit step than short steps), halved where the error
     stops falling. ``x_ends`` are monotone, on one side of x0; steps end exactly on them (no
-    dense output)."""
+    dense output); steps also end on ``stops`` (kinks of the right-hand side) between x0 and the
+    last end."""
     out = []
+    if stops and x_ends:
+        x0m, last = mpmath.mpf(x0), mpmath.mpf(x_ends[-1])
+        inner = [v for v in stops if min(x0m, last) < v < max(x0m, last)]
+        ends = sorted({mpmath.mpf(v) for v in x_ends} | set(inner), reverse=last < x0m)
+        wanted = {mpmath.mpf(v) for v in x_ends}
+        rows = bulirsch_stoer(rhs, x0, y0, ends, blocks, max_col)
+        by_x = dict(zip(ends, rows))
+        return [by_x[mpmath.mpf(v)] for v in x_ends if mpmath.mpf(v) in wanted]
     cuts = [0]
     for b in blocks:
         cuts.append(cuts[-1] + b)
@@ -569,7 +644,20 @@ def _finite_at_zero(F, G, zero):
         return False
 
 
-def _gl_vector(integrand, a, b, n_out, k, degree=4):
+def _gl_vector(integrand, a, b, n_out, k, degree=4, cuts=()):
+    """``_gl_piece`` on [a, b] cut at ``cuts`` (kinks of the integrand): the sum of the pieces."""
+    inner = sorted(v for v in cuts if min(a, b) < v < max(a, b))
+    if a > b:
+        inner = inner[::-1]
+    points = [a] + inner + [b]
+    total = None
+    for lo, hi in zip(points[:-1], points[1:]):
+        part = _gl_piece(integrand, lo, hi, n_out, k, degree)
+        total = part if total is None else [x + y for x, y in zip(total, part)]
+    return total
+
+
+def _gl_piece(integrand, a, b, n_out, k, degree=4):
     """Vector Gauss-Legendre quadrature with an error check (degree vs degree+1), bisecting.
 
     |coarse - fine| estimates the coarse rule's error; the fine rule (twice the nodes) is
