@@ -269,3 +269,57 @@ def test_full_check_of_k4_stochastic_table_is_fast(tmp_path):
     assert report.passed, report.text()
     assert any(r.quantity == "eps_weights_sde" for r in report.rows) and len(report.coords) == 6
     assert cpu <= 60, f"full check took {cpu:.0f} s of CPU"
+
+
+KINK_SPEC = """
+name: kinks
+state: [x, v]
+drift:
+- [-1 - 2 * sqrt((t - 3/10)**2), 1]
+- [-1, -1/2]
+diffusion:
+- [1, 0]
+- [0, 1/2 + sqrt((t - 7/10)**2)]
+initial_covariance:
+- [1, 0]
+- [0, 1/2]
+time: {t_min: 1/100, T: 1}
+"""
+
+
+def test_reference_stops_at_kinks(tmp_path):
+    """The reference finds the kinks |t - c| of F and G itself (3/10, 7/10 here) and its Taylor
+    series, Bulirsch-Stoer and quadrature stop there: a series differenced on one side of a kink
+    runs on past it (Psi off by 1e-2). Psi across both kinks, Sigma, R and one weight against
+    mpmath.odefun run piece by piece from just right of each exact kink."""
+    import mpmath
+    from validation._reference import DPS, MpReference, _mat, _vec
+    spec = _spec_from_text(tmp_path, KINK_SPEC)
+    k = 2
+    with mpmath.workdps(DPS):
+        ref = MpReference(spec)
+        assert [float(c) for c in ref.kinks] == [0.3, 0.7]
+        with mpmath.extraprec(60):
+            cuts = [mpmath.mpf(3) / 10 + mpmath.mpf(2) ** -190, mpmath.mpf(7) / 10 + mpmath.mpf(2) ** -190]
+
+        def piecewise(rhs, a, y0, b):
+            pts = [a] + [c for c in cuts if a < c < b] + [b]
+            for lo, hi in zip(pts[:-1], pts[1:]):
+                y0 = mpmath.odefun(rhs, lo, y0)(hi)
+            return _mat(k, y0)
+        t, s = mpmath.mpf("0.2"), mpmath.mpf("0.8")
+        ref.march([s])
+        want = piecewise(lambda r, y: _vec(-(_mat(k, y) * ref.F(r))), t, _vec(mpmath.eye(k)), s)
+        assert _mp_rel(ref.psi(t, s), want) < mpmath.mpf(10) ** -43
+        lyap = lambda r, y: _vec(ref.F(r) * _mat(k, y) + _mat(k, y) * ref.F(r).T + ref.G(r) * ref.G(r).T)
+        S = piecewise(lyap, mpmath.mpf(0), _vec(ref.Sigma0), s)
+        assert _mp_rel(ref.sigma(s), S) < mpmath.mpf(10) ** -43
+        R = ref._solution("R")(s)
+        assert _mp_rel(R * R.T, S) < mpmath.mpf(10) ** -43
+        # one weight with a kink inside the step: C = int_t^s 1/2 Psi(s, r) G G^T R^-T dr
+        rode = lambda r, y: _vec(ref.F(r) * _mat(k, y) + ref.G(r) * ref.G(r).T * mpmath.inverse(_mat(k, y)).T / 2)
+        Rt = piecewise(rode, mpmath.mpf(0), _vec(ref._R0), t)
+        W = lambda r: ref.psi(t, r)          # Psi(t, r) for r >= t (checked above)
+        w = ref.weights(s, t, [s])[0]
+        # d/dr [Psi(t, r) R_r] = 1/2 Psi(t, r) G G^T R^-T, so C = Psi(t, s) R_s - R_t (sign: s > t)
+        assert _mp_rel(-w, W(s) * R - Rt) < mpmath.mpf(10) ** -40
