@@ -105,8 +105,8 @@ def breakpoints(spec, coord_values=()):
     """Sorted exact times in (0, T) where F or G (or a marginal family's mean / std) is not
     smooth: the zeros in t of the arguments of Abs, sign, Heaviside, of a - b in Min(a, b) /
     Max(a, b), of lhs - rhs in a Piecewise condition, and the integer crossings of floor /
-    ceiling (each for a polynomial argument in t of degree <= 4 whose roots sympy finds within
-    its time budget; with a basis symbol, one root per distinct coordinate value, up to
+    ceiling (each for a polynomial argument in t of degree <= 4 with numeric coefficients: exact
+    roots for degree 1 or rational coefficients, 90-digit numerical ones otherwise; with a basis symbol, one root per distinct coordinate value, up to
     MAX_BREAKS). The ODE panels and quadrature panels then end exactly there, so each panel is
     smooth: without this they refine geometrically towards a kink |t - c| down to 1e-40 of the
     interval (hundreds of panels per solve; 60-106 s derivations in the generated-spec survey).
@@ -158,15 +158,16 @@ def _roots_in(arg, T, integer):
             return None
         targets = [0]
         if integer:
-            ends = [poly.eval(v) for v in (0, T)] + [poly.eval(r) for r in sp.real_roots(poly.diff(t))
-                                                    if 0 < r < T]
+            ends = [poly.eval(v) for v in (0, T)] + [poly.eval(r) for r in _real_roots(poly.diff(t))
+                                                    if 0 < sp.N(r, 90) < T] if poly.degree() > 1 else \
+                [poly.eval(v) for v in (0, T)]
             lo, hi = sp.floor(min(ends)), sp.ceiling(max(ends))
             if hi - lo > MAX_BREAKS:
                 return None
             targets = list(range(int(lo), int(hi) + 1))
         roots = set()
         for n in targets:
-            roots.update(r for r in sp.real_roots(poly - n) if 0 < r < T)
+            roots.update(r for r in _real_roots(poly - n) if 0 < sp.N(r, 90) < T)
         return sp.Tuple(*roots)
     if not arg.free_symbols <= {t}:
         return ()
@@ -175,6 +176,17 @@ def _roots_in(arg, T, integer):
     except sp.PolynomialError:
         return ()
     return tuple(out) if out is not None else ()
+
+
+def _real_roots(poly):
+    """Real roots of a univariate polynomial with numeric coefficients: exact for degree 1 or
+    rational coefficients, else sympy's 90-digit numerical roots (constants such as E or pi)."""
+    if poly.degree() == 1:
+        c1, c0 = poly.all_coeffs()
+        return [-c0 / c1]
+    if all(c.is_Rational for c in poly.coeffs()):
+        return sp.real_roots(poly)
+    return [sp.re(r) for r in poly.nroots(n=90) if abs(sp.im(r)) < sp.Float(10) ** -80]
 
 
 def _antiderivative(f):

@@ -726,10 +726,18 @@ class ScipyReference:
         # t = u^m starts at u0 > 0: the state moves by O(u0) there (an integrable coefficient
         # ~ t^-a, a <= 1 - 1/m, is bounded in u), far below the float64 tolerances
         u0 = 0.0 if m == 1 else U0 * u_stiff
-        first = solve_ivp(rhs, (u0, u_stiff), y0, method="Radau", rtol=1e-12, atol=1e-16, dense_output=True)
-        second = solve_ivp(rhs, (u_stiff, u_end), first.y[:, -1], method="DOP853", rtol=1e-13, atol=1e-16,
-                           dense_output=True)
-        self._parts = [(0.0, u_stiff, first.sol), (u_stiff, u_end, second.sol)]
+        # each solve restarts at the kinks of F and G (a dense output across a kink is off by 1e-7)
+        with mpmath.workdps(30):
+            self.kinks = [float(v) for v in kinks(spec, coord_value)]
+        kinks_u = [v ** (1.0 / m) for v in self.kinks]
+        cuts = sorted({u0, u_stiff, u_end} | {v for v in kinks_u if u0 < v < u_end})
+        self._parts, y = [], y0
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            stiff = hi <= u_stiff
+            part = solve_ivp(rhs, (lo, hi), y, method="Radau" if stiff else "DOP853", rtol=1e-12 if stiff else 1e-13,
+                             atol=1e-16, dense_output=True)
+            self._parts.append((0.0 if lo == u0 else lo, hi, part.sol))
+            y = part.y[:, -1]
 
     def F(self, t):
         return self._Fc(dict(self.env, t=float(t)))
@@ -764,11 +772,26 @@ class ScipyReference:
         return self.phi(t)
 
     def psi(self, t, s):
-        from scipy.integrate import solve_ivp
         k = self.k
-        sol = solve_ivp(lambda r, y: (self.F(r) @ y.reshape(k, k)).ravel(), (float(s), float(t)),
-                        np.eye(k).ravel(), method="DOP853", rtol=1e-13, atol=1e-16)
-        return sol.y[:, -1].reshape(k, k)
+        sol = self._ivp(lambda r, y: (self.F(r) @ y.reshape(k, k)).ravel(), float(s), float(t), np.eye(k).ravel())
+        return sol(float(t)).reshape(k, k)
+
+    def _ivp(self, rhs, a, b, y0):
+        """Dense DOP853 solution of y' = rhs from a to b (either direction), restarted at the kinks."""
+        from scipy.integrate import solve_ivp
+        inner = sorted((v for v in self.kinks if min(a, b) < v < max(a, b)), reverse=b < a)
+        pts, parts, y = [a] + inner + [b], [], y0
+        for lo, hi in zip(pts[:-1], pts[1:]):
+            part = solve_ivp(rhs, (lo, hi), y, method="DOP853", rtol=1e-13, atol=1e-16, dense_output=True)
+            parts.append((min(lo, hi), max(lo, hi), part.sol))
+            y = part.y[:, -1]
+
+        def sol(x):
+            for lo, hi, f in parts:
+                if lo <= x <= hi:
+                    return f(x)
+            return parts[-1][2](x)
+        return sol
 
     def weights(self, s, t, node_times, factor="R", with_terms=False):
         """Weights int_s^t 1/2 Psi(t,r) G G^T K_r^-T l_j(r) dr with K = R (gDDIM) or K = L (Cholesky).
@@ -784,14 +807,19 @@ class ScipyReference:
         def back_rhs(r, y):                    # d/dr Psi(t,r) = -Psi(t,r) F(r), r from t to s
             self.tick()
             return -(y.reshape(k, k) @ self.F(r)).ravel()
-        back = solve_ivp(back_rhs, (float(t), float(s)), np.eye(k).ravel(), method="DOP853",
-                         rtol=1e-13, atol=1e-16, dense_output=True)
-        terms = max(np.max(np.abs(K(t))), np.max(np.abs(back.sol(float(s)).reshape(k, k) @ K(s))))
+        back = self._ivp(back_rhs, float(t), float(s), np.eye(k).ravel())
+        terms = max(np.max(np.abs(K(t))), np.max(np.abs(back(float(s)).reshape(k, k) @ K(s))))
 
         def integrand(r):
             self.tick()
             G = self.G(r)
-            W = back.sol(r).reshape(k, k) @ G @ G.T @ np.linalg.inv(K(r)).T / 2
+            W = back(r).reshape(k, k) @ G @ G.T @ np.linalg.inv(K(r)).T / 2
             return np.stack([W * l for l in lagrange_weights_at(r, node_times)])
-        val, _ = quad_vec(integrand, float(s), float(t), epsabs=1e-14 * terms, epsrel=1e-12, norm="max")
+        lo, hi = sorted((float(s), float(t)))
+        inner = [v for v in self.kinks if lo < v < hi]
+        if not inner:
+            val, _ = quad_vec(integrand, float(s), float(t), epsabs=1e-14 * terms, epsrel=1e-12, norm="max")
+        else:       # ascending with the kinks as points (quad_vec ignores points when a > b: 5e-7 off)
+            val, _ = quad_vec(integrand, lo, hi, epsabs=1e-14 * terms, epsrel=1e-12, norm="max", points=inner)
+            val = val if float(s) <= float(t) else -val
         return (val, terms) if with_terms else val
