@@ -460,3 +460,24 @@ def test_kink_spec_derives_fast():
     assert cpu <= 15, f"derivation took {cpu:.0f} s of CPU"
     report = check_table(spec, tensors, meta, level="full")
     assert report.passed, report.text()
+
+
+def test_closed_form_that_cancels_beyond_the_probe_is_refused():
+    """A sympy Sigma that cancels beyond 4 x 200 bits (drift c = (4/5)(4 e - 685/63)^3 ~ 1.1e-12,
+    G = -(7/5)|t| - 17/40: sums of exponentials with ~1e26 coefficients; census seed 9103) is not
+    kept at 200 bits (it read Sigma(0.1) = -6.9e26): its numerical route gives Sigma of the scalar
+    OU formula Sigma = e^(2ct) (S0 + int_0^t e^(-2cr) g(r)^2 dr), mpmath at 50 digits, to 1e-40."""
+    import mpmath
+    from derive._api import _spec_from_text
+    text = ("name: cancel2\nstate: [x]\ndrift: [[((4 * E - 685/63)**3) * 4/5]]\n"
+            "diffusion: [[-((7/5) * sqrt(t**2) + 17/40)]]\ninitial_covariance: [[1]]\ntime: {t_min: 0.01, T: 1}\n")
+    deriv = _derivation.Derivation(_spec_from_text(text, "cancel2.yaml"))
+    tt = [sp.Rational(1, 10), sp.Rational(1, 2), sp.Integer(1)]
+    got = deriv.sigma(np.array([_hp.mpf(v) for v in tt], dtype=object))[:, 0, 0, 0]
+    with mpmath.workdps(50):
+        c = (4 * mpmath.e - mpmath.mpf(685) / 63) ** 3 * 4 / 5
+        g2 = lambda r: (mpmath.mpf(7) / 5 * r + mpmath.mpf(17) / 40) ** 2
+        for v, s_got in zip(tt, got):
+            tm = mpmath.mpf(v.p) / v.q
+            want = mpmath.exp(2 * c * tm) * (1 + mpmath.quad(lambda r: mpmath.exp(-2 * c * r) * g2(r), [0, tm]))
+            assert abs(_hp.to_mpmath(s_got) - want) <= mpmath.mpf("1e-40") * want, (v, float(_hp.to_mpmath(s_got)))
