@@ -1,4 +1,6 @@
-"""The ``auto`` grid: steps placed where the multistep sampler's measured local error is large.
+"""The ``auto`` grid: steps placed where the multistep sampler's measured local error is large;
+and ``recommend``: the configuration (order, form, variable, corrector) for a process and NFE,
+chosen by running every candidate sampler on two-mode proxies (second half of this module).
 
 Data proxy. Gaussian data N(0, c^2) in each data coordinate keep an exact score under every
 linear SDE, from the derivation alone: the marginal covariance is S_t = Sigma_t + c^2 d_t d_t^T
@@ -248,8 +250,8 @@ def _cumulative(tt, dens):
 # final denoising) from u_T = R_T z for N_NOISE fixed prior draws, with weights computed here
 # from their integrals, int_s^t kernel(r) l_j(tau(r)) dr, by Gauss-Legendre in log r per step
 # (float64; a measuring device, not a table: within 1e-9 of derive's tables, tests). Reference:
-# the data-prediction sampler of order 4 on REF_STEPS smooth steps (1e-5 of dopri5, tests). Score: the mean endpoint error
-# |x_N - x_ref| summed over the proxies. This is the global error at the real step sizes: large
+# the data-prediction sampler of order 4 on REF_STEPS smooth steps (1e-5 of dopri5, tests).
+# Score: the mean endpoint error |x_N - x_ref| summed over the proxies. This is the global error at the real step sizes: large
 # high-order steps and an unstable corrector (the eps-form PEC on CLD) show as they are, which the
 # h^(q+1) model above cannot (it preferred order 1-2 at NFE 5-10 on VP).
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Measure ``--grid auto`` against every other grid and order on exact-score data (issue 12 item 4).
 
     python -m validation.bench_auto [--setups vp cld bdm] [--nfe 5 10 20] [--out validation/results/auto.md]
+    python -m validation.bench_auto --default [--setups ...]   # derive._autogrid.recommend vs every
+        configuration offered (validation/results/auto_default.md); --floor: the recommendation, the
+        paper default, the exact flow and EM at 1000 (CLD at NFE 10-30)
 
 Data, prior noise, reference and metrics as ``validation.bench`` (its data builders: the 2-D
 rings for VP and CLD, the 4-mode image mixture for BDM in its DCT basis; exact mixture score,
