@@ -102,7 +102,9 @@ def step_moments(deriv, s, t, p_max, variable, forms):
         vals = _integrands(deriv, t, rn, items, forms)
         pw = np.stack([y ** p for p in range(p_max + 1)], axis=2)[..., None, None]    # [M, I, p, 1, 1]
         return np.stack([vals[f][:, :, None] * pw for f in forms], axis=2)           # [M, I, F, p, k, k]
-    J = _ode.quad(fn, gmpy2.mpfr(0), gmpy2.mpfr(1), deriv.n_distinct, tol=QUAD_TOL)   # [n_distinct, F, p, k, k]
+    kinks = [(b - s) / h for b in getattr(deriv, "breaks", ()) if min(s, t) < b < max(s, t)]     # in x
+    J = _ode.quad(fn, gmpy2.mpfr(0), gmpy2.mpfr(1), deriv.n_distinct, tol=QUAD_TOL,
+                  breaks=kinks)                                                 # [n_distinct, F, p, k, k]
     J = J * h
     return {f: np.moveaxis(J[:, m], 1, 0) for m, f in enumerate(forms)}
 

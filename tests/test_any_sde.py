@@ -269,3 +269,13 @@ if __name__ == "__main__":
     print(json.dumps({k: v for k, v in s.items() if k != "failures"}, indent=1))
     for k, v in s["failures"].items():
         print(f"\n## {k}\n{v['spec']}last line: {v['last_line']}")
+
+
+def test_census_kink_in_the_data_prediction_weights():
+    """The hidden-kink census spec with the x0 form in rho, corrector included, at the full level:
+    derive's variant quadrature ends its panels at the kink (it did not converge before) and the
+    45-digit Gauss-Legendre reference splits there too (it was 1.5e-12 off before)."""
+    from derive import derive
+    built = derive(str(CENSUS_SPECS / "hidden_kink_weights.yaml")).table(       # raises VerificationFailed
+        nfe=4, order=2, grid="uniform", form="x0", variable="rho", corrector=True, verify="full")
+    assert {"x0_weights_ms", "x0_corrector_weights", "corrector_weights"} <= set(built.tensors)

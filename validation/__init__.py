@@ -1,6 +1,6 @@
 """validation: independent verification of what derive emits, and exact-score benchmarks.
 
-Recomputes every table quantity by its own route (mpmath odefun / Gauss-Legendre at 45 digits,
+Recomputes every table quantity by its own route (Taylor series and Bulirsch-Stoer extrapolation / Gauss-Legendre at 45 digits,
 ``_reference.DPS``; scipy solve_ivp in float64) from the spec's F, G, Sigma_0 and R_0; it
 reuses only derive's spec parser.
 

@@ -10,7 +10,7 @@ of derive's algebra:
   R_t - Psi R_s, does not depend on the variable);
 - ``full``: every step's weights against Gauss-Legendre quadrature (``_reference._gl_vector``,
   45 digits) of the integrands themselves, with Phi, Sigma and R from ``MpReference``
-  (mpmath.odefun) and tau(r) = det(Sigma_r)^(1/2k) / |det D_r|^(1/k) (-log of it for logsnr)
+  (Taylor series and Bulirsch-Stoer, 45 digits) and tau(r) = det(Sigma_r)^(1/2k) / |det D_r|^(1/k) (-log of it for logsnr)
   from the same reference:
       eps  C_j = int_s^t 1/2 Phi_t Phi_r^-1 G G^T R_r^-T l_j(tau(r)) dr
       x0   X_j = -int_s^t R_t R_r^-1 1/2 G G^T Sigma_r^-1 D_r l_j(tau(r)) dr,  x0_psi = R_t R_s^-1;
@@ -67,7 +67,7 @@ def weights_mp(ref, form, s, t, node_times, variable):
     def f(r):
         W = integrand_mp(ref, form, t, r)
         return [W * l for l in lagrange_weights_at(tau_mp(ref, r, variable), nodes)]
-    return _gl_vector(f, s, t, len(nodes), ref.k)
+    return _gl_vector(f, s, t, len(nodes), ref.k, cuts=ref.kinks)            # split at the kinks of F, G
 
 
 # ----- the same in float64 (scipy) -------------------------------------------------------------
@@ -92,8 +92,11 @@ def weights_np(ref, form, s, t, node_times, variable):
         else:
             W = -(R_t @ np.linalg.inv(ref.R(r)) @ GG @ np.linalg.inv(ref.sigma(r)) @ ref.data_to_state(r) / 2)
         return np.stack([W * l for l in lagrange_weights_at(tau_np(ref, r, variable), nodes)])
-    val, _ = quad_vec(f, float(s), float(t), epsabs=0, epsrel=1e-12)
-    return val
+    lo, hi = sorted((float(s), float(t)))
+    inner = [v for v in getattr(ref, "kinks", ()) if lo < v < hi]
+    # ascending, with the kinks of F, G as points (quad_vec ignores points when a > b)
+    val, _ = quad_vec(f, lo, hi, epsabs=0, epsrel=1e-12, points=inner or None)
+    return val if float(s) <= float(t) else -val
 
 
 def flat_weights_mp(ref, s, t, node_times, variable):
@@ -200,12 +203,12 @@ def check_variant_table(spec, tensors, meta, level="fast", n_coords=None):
                         qi = min(q, i + 1)
                         C = flat_weights_mp(ref, tm[i], tm[i + 1], [tm[i - j] for j in range(qi)], variable)
                         errs += [(i, *_err_mp(tensors["x0_weights_flat"][i, j, p], C[j])) for j in range(qi)]
-                    report.add("x0_weights_flat", errs, f"mpmath odefun D, R and quad in {variable}, {DPS} digits",
+                    report.add("x0_weights_flat", errs, f"mpmath Taylor/BS D, R and quad in {variable}, {DPS} digits",
                                TOL_FULL)
                 if form == "x0":
                     Rs = [ref.R(x) for x in tm]
                     report.add("x0_psi", [(i, *_err_mp(tensors["x0_psi"][i, p], Rs[i + 1] * mpmath.inverse(Rs[i])))
-                                          for i in range(N)], f"mpmath odefun, {DPS} digits", TOL_FULL)
+                                          for i in range(N)], f"mpmath Taylor/BS/GL, {DPS} digits", TOL_FULL)
         else:
             ref = ScipyReference(spec, t, coord_value)
             how = f"scipy quad_vec in {variable} float64"
