@@ -46,6 +46,12 @@ form eps (``gddim``), eps + Adams-Moulton corrector (``gddim_pc``), data predict
 for VP with variable logsnr = DPM-Solver++) and its UniC-style corrector (``gddim_x0_pc``); the
 multistep variable t, rho or logsnr; orders 1-4; grids quadratic, logsnr, edm (rho = 7) and auto
 (derive/_autogrid.py); NFE = steps + the final denoising evaluation, correctors reuse the next call.
+The data-prediction samplers also with their options, written [flat,correct,state] after the form:
+flat = the predictor x0_weights_flat (the step's weight spread flat in tau; UniP-2 "bh2" for VP at
+order 2), correct = the call at t_N also corrects the last step (as UniPC's zero-length last step),
+state = no final denoising: the output is the state at t_min, compared with the exact u_t_min like
+the peers' noisy endings, and the denoising's call is one more step (N = NFE steps; with correct,
+N = NFE - 1 and the last call corrects the state).
 
 Data: the 2-D rings, the 4-mode image mixture (3 x 16 x 16) and a 64-D mixture of 10 components
 with unequal weights and spreads (``mixture64``). Metrics as in validation.bench: endpoint error
@@ -72,6 +78,11 @@ GRIDS = ("quadratic", "logsnr", "edm", "auto")
 ORDERS = (1, 2, 3, 4)
 VARIABLES = ("t", "rho", "logsnr")
 FORMS = {"gddim": "eps", "gddim_pc": "eps+pc", "gddim_x0": "x0", "gddim_x0_pc": "x0+pc"}
+# the data-prediction samplers' options (gddim_runtime/_variants.py), as [flat,correct,state] after the form:
+# flat: predictor="flat"; correct: last="correct"; state: no final denoising, the output is the state at t_min
+# (N = NFE steps; x0+pc with last="none" unless correct)
+X0_OPTIONS = {"gddim_x0": [("state",)],
+              "gddim_x0_pc": [("correct",), ("flat", "correct"), ("flat", "correct", "state")]}
 OUR_DEFAULT = "eps t q3 quadratic"                          # the paper's sampler, the toolkit's default table
 N_TRAIN = 1000
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -230,16 +241,50 @@ def datasets(samples=SAMPLES["full"]):
     return out
 
 
-def ours_variants():
-    """(config label, sampler, table options) for every gDDIM configuration: form x variable x order x grid.
+def form_variants():
+    """(form label, sampler, run options) for every form: the four samplers, and the data-prediction ones with
+    each combination of X0_OPTIONS. run options: kw (sampler options), denoise, steps (N - NFE: -1 with the final
+    denoising or a correcting last call, 0 for an ending on the state at t_min with one call per step)."""
+    out = [(form, sampler, dict(kw={}, denoise=True, steps=-1)) for sampler, form in FORMS.items()]
+    for sampler, combos in X0_OPTIONS.items():
+        for opts in combos:
+            kw = {"predictor": "flat"} if "flat" in opts else {}
+            if sampler == "gddim_x0_pc":
+                kw["last"] = "correct" if "correct" in opts else ("none" if "state" in opts else "predict")
+            steps = 0 if "state" in opts and "correct" not in opts else -1
+            out.append((f"{FORMS[sampler]}[{','.join(opts)}]", sampler, dict(kw=kw, denoise="state" not in opts,
+                                                                              steps=steps)))
+    return out
 
-    Order 1 has one polynomial whatever the variable, so only ``t`` is run there."""
+
+def other_datasets(samples=(64, 300)):
+    """Mixtures outside the benchmark (``--other``, peers_other.*): the claims must hold for the class, not for the
+    benchmark's data. 6 procedural 3 x 16 x 16 images (other patterns than ``images``) with unequal weights and
+    widths 0.05-0.3; a 32-D mixture of 8 components (seed 11) with widths 0.05-0.3 and unequal weights."""
+    n_img, n_mix = samples
+    y, x = torch.meshgrid(torch.linspace(0, 1, 16, dtype=torch.float64), torch.linspace(0, 1, 16, dtype=torch.float64),
+                          indexing="ij")
+    pats = torch.stack([torch.stack([0.7 * torch.cos(math.pi * ((c % 3 + 1) * y - (c // 3 + 1) * x) + k) + 0.1 * (c - 2.5)
+                                     for k in range(3)]) for c in range(6)])
+    w = torch.arange(1, 7, dtype=torch.float64)
+    out = [("images-b 3x16x16 (6 modes)", pats, torch.linspace(0.05, 0.3, 6, dtype=torch.float64), w / w.sum(), n_img)]
+    g = torch.Generator().manual_seed(11)
+    means = 1.5 * torch.randn((8, 32), generator=g, dtype=torch.float64)
+    w = torch.arange(8, 0, -1, dtype=torch.float64)
+    out.append(("mixture 32-D (seed 11)", means, torch.linspace(0.05, 0.3, 8, dtype=torch.float64), w / w.sum(), n_mix))
+    return out
+
+
+def ours_variants():
+    """(config label, sampler, table options, run options) for every gDDIM configuration: form x variable x order
+    x grid. Order 1 has one polynomial whatever the variable, so only ``t`` is run there."""
     out = []
     for grid in GRIDS:
         for q in ORDERS:
             for variable in (("t",) if q == 1 else VARIABLES):
-                for sampler, form in FORMS.items():
-                    out.append((f"{form} {variable} q{q} {grid}", sampler, dict(order=q, grid=grid, variable=variable)))
+                for form, sampler, run in form_variants():
+                    out.append((f"{form} {variable} q{q} {grid}", sampler, dict(order=q, grid=grid, variable=variable),
+                                run))
     return out
 
 
@@ -292,13 +337,13 @@ def run_dataset(label, means, stds, weights, batch, spec_name, nfes, rows, log, 
     for nfe in nfes:
         start = time.perf_counter()
         ours, peers = configs(label, nfe)
-        for config, sampler, opts in ours:
+        for config, sampler, opts, run in ours:
             if nfe < opts["order"]:
                 continue
-            tab = our_tables.get(nfe, **opts)
+            tab = our_tables.get(nfe + 1 + run["steps"], **opts)          # a table for nfe has nfe - 1 steps
             u, info = gr.sample(TableModel(mix, tab), tab, x_T=x_T[:, None], sampler=sampler, dtype=torch.float64,
-                                return_info=True)
-            record("gDDIM", config, nfe, u[:, 0], info["nfe"], "x0")
+                                return_info=True, denoise=run["denoise"], **run["kw"])
+            record("gDDIM", config, nfe, u[:, 0], info["nfe"], "x0" if run["denoise"] else "u_tmin")
         for peer, vlabel, cls_name, kw, den in peers:
             try:
                 x, calls, output = run_peer(cls_name, kw, betas, model, x_T, nfe, denoise=den)
@@ -356,9 +401,10 @@ def summary(rows, nfes):
                 o, p = best(rows, data, nfe, metric), best(rows, data, nfe, metric, peers=True)
                 if o is None or p is None:
                     continue
-                ends = " [ends noisy at t_min]" if p["output"] == "u_tmin" and metric == "endpoint_error" else ""
+                ends = [" [ends noisy at t_min]" if r["output"] == "u_tmin" and metric == "endpoint_error" else ""
+                        for r in (o, p)]
                 lines.append(f"| {data} | {nfe} | {'endpoint' if metric == 'endpoint_error' else 'CFD'} | "
-                             f"{o[metric]:.2e} ({o['config']}) | {p[metric]:.2e} ({p['who']}, {p['config']}{ends}) | "
+                             f"{o[metric]:.2e} ({o['config']}{ends[0]}) | {p[metric]:.2e} ({p['who']}, {p['config']}{ends[1]}) | "
                              f"{o[metric] / p[metric]:.2f} | {o['cfd_floor']:.1e} |")
     return "\n".join(lines)
 
@@ -386,7 +432,7 @@ def by_form(rows, nfes):
     """gDDIM's best configuration per form (eps, eps+pc, x0, x0+pc), endpoint error, with its config."""
     lines = ["| data | form | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
     for data in dict.fromkeys(r["data"] for r in rows):
-        for form in FORMS.values():
+        for form in [f[0] for f in form_variants()]:
             cells = []
             for nfe in nfes:
                 sel = [r for r in rows if r["data"] == data and r["who"] == "gDDIM" and r["nfe_target"] == nfe
@@ -397,8 +443,10 @@ def by_form(rows, nfes):
     return "\n".join(lines)
 
 
-def run_all(quick=False, out=None, spec_name="vp_linear", log=print, samples=None, configs=None):
-    """quick: the decisive configurations of the committed full run (``quick_configs``) on fewer samples."""
+def run_all(quick=False, out=None, spec_name="vp_linear", log=print, samples=None, configs=None, data=None, nfes=NFES,
+            other=False):
+    """quick: the decisive configurations of the committed full run (``quick_configs``) on fewer samples.
+    data: only the data sets whose label contains one of these strings."""
     start = time.perf_counter()
     if configs is None:
         every = (ours_variants(), all_peers())
@@ -406,35 +454,71 @@ def run_all(quick=False, out=None, spec_name="vp_linear", log=print, samples=Non
     samples = samples or SAMPLES["quick" if quick else "full"]
     rows = []
     our_tables = OurTables(spec_name)
-    for label, means, stds, weights, batch in datasets(samples):
-        run_dataset(label, means, stds, weights, batch, spec_name, NFES, rows, log, configs, our_tables)
+    batches = {}
+    for label, means, stds, weights, batch in (other_datasets(samples[1:]) if other else datasets(samples)):
+        if data is None or any(d in label for d in data):
+            batches[label] = batch
+            run_dataset(label, means, stds, weights, batch, spec_name, nfes, rows, log, configs, our_tables)
     counts = {}
     for r in rows:
         counts.setdefault((r["data"], r["nfe_target"]), [set(), set()])[r["who"] != "gDDIM"].add((r["who"], r["config"]))
-    result = {"rows": rows, "nfes": NFES, "seconds": time.perf_counter() - start, "quick": quick, "samples": samples,
+    result = {"rows": rows, "nfes": nfes, "seconds": time.perf_counter() - start, "quick": quick, "samples": samples,
+              "suffix": "_other" if other else ("_quick" if quick else ""), "other": other, "batches": batches,
               "n_ours": max(len(c[0]) for c in counts.values()), "n_peers": max(len(c[1]) for c in counts.values())}
     if out is not None:
         write(result, Path(out))
     return result
 
 
+def _kept_rows(out, result):
+    """Rows of the data sets not rerun, from the existing peers csv in ``out``: (rows, data labels)."""
+    suffix = "_quick" if result["quick"] else ""
+    suffix = result["suffix"]
+    rerun = set() if result.get("add_forms") else {r["data"] for r in result["rows"]}
+    with open(out / f"peers{suffix}.csv", newline="") as f:
+        old = [r for r in csv.DictReader(f) if r["data"] not in rerun]
+    for r in old:
+        r.update(nfe_target=int(r["nfe_target"]), nfe=int(r["nfe"]), endpoint_error=float(r["endpoint_error"]),
+                 cfd=float(r["cfd"]), cfd_floor=float(r["cfd_floor"]))
+    result["rows"] = old + result["rows"]
+    order = [d[0] for d in datasets()]
+    result["rows"].sort(key=lambda r: order.index(r["data"]) if r["data"] in order else len(order))
+    return sorted({r["data"] for r in old} - ({r["data"] for r in result["rows"]} if result.get("add_forms") else set()),
+                  key=lambda d: order.index(d) if d in order else len(order))
+
+
 def write(result, out, command=None):
     import diffusers
     out.mkdir(parents=True, exist_ok=True)
     rows, nfes = result["rows"], result["nfes"]
-    suffix = "_quick" if result["quick"] else ""
+    suffix = result.get("suffix", "_quick" if result["quick"] else "")
     with open(out / f"peers{suffix}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     n_r, n_i, n_m = result["samples"]
+    counts = ", ".join(f"{d} {n}" for d, n in result["batches"].items()) if result.get("other") \
+        else f"rings {n_r}, images {n_i}, 64-D mixture {n_m}"
     command = command or f"python -m validation.peers{' --quick' if result['quick'] else ''}"
+    per = {}
+    for r in rows:                                   # configurations per data set and NFE, counted in the rows written
+        per.setdefault((r["data"], r["nfe_target"]), [set(), set()])[r["who"] != "gDDIM"].add((r["who"], r["config"]))
+    result = dict(result, n_ours=max(len(c[0]) for c in per.values()), n_peers=max(len(c[1]) for c in per.values()))
     md = ["# gDDIM vs diffusers' schedulers on VP (exact-score data)", "",
           __doc__.split("\n\n", 2)[2].strip(), "",
           f"Run: `{command}` ({result['seconds']:.0f} s on this shared 2-core machine; diffusers {diffusers.__version__}; "
-          f"samples: rings {n_r}, images {n_i}, 64-D mixture {n_m}; up to {result['n_peers']} peer configurations and "
+          f"samples: {counts}; up to {result['n_peers']} peer configurations and "
           f"{result['n_ours']} gDDIM configurations per data set and NFE (refused ones not counted); rows with more model calls than the NFE are "
           "excluded).", "",
+          *([f"This command ran only the gDDIM configurations with the options [flat,correct,state] "
+             f"({result['n_new_rows']} rows, on {', '.join(sorted({r['data'] for r in rows} - set(result['kept'])) or ['the data'])}"
+             f"; {result['seconds']:.0f} s); every other row (peers, gDDIM's four plain forms) is the previous "
+             f"peers{suffix}.csv's, measured on the same noise and sample count (the runs are deterministic).", ""]
+            if result.get("add_forms") else []),
+          *([f"Only {', '.join(sorted({r['data'] for r in rows} - set(result['kept'])))} rerun by this command; the rows "
+             f"of {', '.join(result['kept'])} are kept from the previous peers{suffix}.csv (its run: git log of that "
+             "file), made before the data-prediction options [flat,correct,state] existed.", ""]
+            if result.get("kept") and not result.get("add_forms") else []),
           "Best of many configurations on the same noise favours the side with more configurations.", "",
           *(["Quick run: at each data set and NFE only the configurations that were best there in the committed "
              "`peers.csv` (per sampler and metric) and the defaults, on fewer samples; the claims in "
@@ -461,10 +545,28 @@ def main(argv=None):
     p.add_argument("--samples", type=int, nargs=3, metavar=("RINGS", "IMAGES", "MIX64"),
                    help="samples per data set (default: %s full, %s quick)" % (SAMPLES["full"], SAMPLES["quick"]))
     p.add_argument("--out", help="output folder (default validation/results)")
+    p.add_argument("--other", action="store_true", help="the mixtures outside the benchmark (other_datasets) "
+                   "-> peers_other.*; --samples gives (unused, images-b, 32-D)")
+    p.add_argument("--add-forms", action="store_true", help="with --data: run only the gDDIM forms with "
+                   "X0_OPTIONS and keep every other row (peers, the four plain forms) of the existing peers.csv "
+                   "(deterministic: same noise, same samples)")
+    p.add_argument("--data", nargs="+", help="rerun only the data sets whose label contains one of these (e.g. "
+                   "images); the other data sets' rows are kept from the existing peers.csv (said in peers.md)")
     args = p.parse_args(argv)
-    res = run_all(args.quick, None, samples=tuple(args.samples) if args.samples else None)
-    cmd = "python -m validation.peers" + (" --quick" if args.quick else "") + \
-          (" --samples " + " ".join(map(str, args.samples)) if args.samples else "")
+    samples = tuple(args.samples) if args.samples else ((0, 64, 300) if args.other else None)
+    configs = None
+    if args.add_forms:
+        new = [v for v in ours_variants() if "[" in v[0]]
+        configs = lambda data, nfe: (new, [])                                    # noqa: E731
+    res = run_all(args.quick, None, samples=samples, data=args.data, other=args.other, configs=configs)
+    res["add_forms"] = args.add_forms
+    cmd = "python -m validation.peers" + (" --quick" if args.quick else "") + (" --other" if args.other else "") + \
+          (" --samples " + " ".join(map(str, args.samples)) if args.samples else "") + \
+          (" --data " + " ".join(args.data) if args.data else "")
+    if args.data:
+        new_rows = len(res["rows"])
+        res["kept"] = _kept_rows(Path(args.out) if args.out else RESULTS, res)
+        res["n_new_rows"] = new_rows
     write(res, Path(args.out) if args.out else RESULTS, cmd)
     print(summary(res["rows"], res["nfes"]))
     print(f"({res['seconds']:.0f} s)")
