@@ -154,11 +154,11 @@ class Derived:
         """A TableRequest; options left None take the spec's ``tables`` defaults (variable t, form eps)."""
         options = TableOptions(nfe=(nfe,), order=order, grid=grid, lam=None if lam is None else (lam,),
                                corrector=corrector, denoise=denoise, variable=variable, form=form)
-        return options.requests(self.spec)[0]
+        return options.requests(self.spec, self.derivation)[0]
 
     def requests(self, options=None):
         """TableRequests for ``options`` (TableOptions; default: the spec's default tables)."""
-        return (options or TableOptions()).requests(self.spec)
+        return (options or TableOptions()).requests(self.spec, self.derivation)
 
     def table(self, nfe, order=None, grid=None, lam=None, corrector=None, denoise=None, variable=None, form=None, *,
               verify="fast"):

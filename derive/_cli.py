@@ -22,6 +22,16 @@ from ._pipeline import TableOptions, resolve_spec
 DEFAULT_SPEC = "cld"
 
 
+def _order(text):
+    """--order: an integer or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs 1-4 or auto, got {text!r}") from None
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="python -m derive", description=__doc__.split("\n")[0],
                                 epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +40,9 @@ def _parser():
     p.add_argument("--out", default="coeffs", help="output root: files go to OUT/<spec name>/ (default: %(default)s)")
     p.add_argument("--nfe", type=int, nargs="+", default=None,
                    help="write exactly these tables, one per NFE (default: the spec's tables.nfe)")
-    p.add_argument("--order", type=int, default=None, help="multistep order q, 1-4 (default: spec, else 3)")
+    p.add_argument("--order", type=_order, default=None,
+                   help="multistep order q, 1-4, or auto: per NFE the order, auto:<q> grid, variable, form and "
+                        "corrector derive/_autogrid.recommend picks (default: spec, else 3)")
     p.add_argument("--grid", default=None,
                    help="uniform | quadratic | power:<kappa> | logsnr | edm[:<rho>] | auto[:<q>] | <file of times> "
                         "(default: spec, else quadratic)")

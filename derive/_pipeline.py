@@ -186,8 +186,11 @@ class TableOptions:
     variable: str | None = None
     form: str | None = None
 
-    def requests(self, spec):
-        """One TableRequest per (nfe, lam), in that order; a file grid fixes the NFE itself."""
+    def requests(self, spec, deriv=None):
+        """One TableRequest per (nfe, lam), in that order; a file grid fixes the NFE itself.
+
+        order "auto": per NFE the configuration ``_autogrid.recommend(deriv, nfe)`` picks (order,
+        auto:<q> grid, variable, form, corrector); options given explicitly still win."""
         d = spec.tables
         pick = lambda value, default: default if value is None else value
         order, grid = pick(self.order, d.order), pick(self.grid, d.grid)
@@ -197,11 +200,20 @@ class TableOptions:
         grid_name, grid_param = _grids.parse_kind(grid)
         if grid_name == "file" and self.nfe is None:        # the file's steps decide; one table
             nfes = [len(_grids.read_times(grid_param)) - 1 + int(denoise)]
+        if order == "auto" and (deriv is None or not denoise):
+            raise SpecError("--order", "order", "auto needs the derivation and the final denoising")
         out = []
         for nfe in nfes:
+            q, g, v, f, c = order, grid, pick(self.variable, "t"), pick(self.form, "eps"), corrector
+            if order == "auto":
+                from ._autogrid import recommend
+                rec = recommend(deriv, nfe)
+                q, v, f = rec["order"], pick(self.variable, rec["variable"]), pick(self.form, rec["form"])
+                g = pick(self.grid, rec["grid"])
+                c = corrector or rec["corrector"]
             for lam in lams:
-                request = TableRequest(nfe=nfe, order=order, grid=grid, lam=lam, corrector=corrector, denoise=denoise,
-                                       variable=pick(self.variable, "t"), form=pick(self.form, "eps"))
+                request = TableRequest(nfe=nfe, order=q, grid=g, lam=lam, corrector=c, denoise=denoise,
+                                       variable=v, form=f)
                 if request not in out:
                     out.append(request)
         return out

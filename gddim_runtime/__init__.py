@@ -15,7 +15,7 @@ _LAZY = {
     "from_tensors": "._table",
     "read_samples": "._distributed",
     "load": "._table", "Table": "._table", "split": "._table", "merge": "._table", "block_apply": "._table",
-    "sample": "._samplers", "SAMPLERS": "._samplers", "PARAMETRIZATIONS": "._samplers",
+    "sample": "._samplers", "default_sampler": "._samplers", "SAMPLERS": "._samplers", "PARAMETRIZATIONS": "._samplers",
     "SamplingError": "._samplers", "dct2": "._dct", "idct2": "._dct", "final_denoise": "._samplers",
     "load_dense": "._dense", "DenseCoefficients": "._dense",
     "table_from_dense": "._weights", "GDDIMScheduler": ".diffusers",

@@ -684,7 +684,7 @@ def _first_bad(plan):
     return int(bad[0, 0]) if len(bad) else -1
 
 
-def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", sampler="gddim",
+def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", sampler=None,
            generator=None, x_T=None, dtype=torch.float32, denoise=None, callback=None, progress=None,
            lam=None, model_dtype=None, return_info=False, compile=False, **options):
     """Draw samples with a coefficient table (gDDIM, Zhang, Tao & Chen 2023, and baselines).
@@ -703,7 +703,10 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
         component of eps_L, [B, 1, *data_shape]; no final denoising).
     sampler: a name in ``SAMPLERS``: "gddim" (multistep of the table's order), "gddim_pc"
         (with the corrector; table with corrector weights), "gddim_sde" (table with lam > 0),
+        "gddim_x0" / "gddim_x0_pc" (data-prediction form; table derived with --form x0),
         baselines "euler_maruyama", "heun", "ancestral" (k = 1), "probability_flow_rk45".
+        Default: the one the table was derived for (``default_sampler``: form x0 -> gddim_x0[_pc],
+        corrector weights -> gddim_pc, else gddim), so ``--order auto`` tables sample as recommended.
     generator: torch.Generator on the table's device for the initial noise and the stochastic
         samplers' noise; the result is deterministic given it.
     x_T: the initial state u_T itself (not standard noise), shaped [B, k, *data_shape] in data
@@ -719,15 +722,12 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     model_dtype: the dtype the model runs in (e.g. torch.bfloat16); its input is cast to it and
         its output cast back to ``dtype``. Default: ``dtype``.
     return_info: also return {"nfe": model evaluations}.
-    compile: False (default, eager); "graph" (CUDA; what True means on CUDA): the whole call
-        (every step, the conversions, the final denoising) captured once as one CUDA graph per
-        (model, table, sampler, shapes, dtypes) and replayed, so the per-step launch cost vanishes
-        (README "GPU": 1.65x eager at batch 256, 5.8x at batch 1 on an H200); the model must be
-        capturable (no host reads, fixed shapes); samplers without noise and with a fixed step
-        count; no callback. True on the CPU, or a torch.compile mode string anywhere: gDDIM's
-        step (model, conversion, fused update) compiled with torch.compile once per model and
-        shapes ("default" on the CPU needs a C++ compiler; 2.36x eager here); sampler "gddim"
-        with outputs without a state term (not "x0"); the first call pays the compilation.
+    compile: False (eager); "graph" (CUDA; what True means there): the whole call captured once
+        as one CUDA graph per (model, table, sampler, shapes, dtypes) and replayed (README "GPU":
+        1.65x eager at batch 256, 5.8x at batch 1 on an H200); the model must be capturable;
+        samplers without noise and with a fixed step count; no callback. True on the CPU, or a
+        torch.compile mode string: gDDIM's step compiled with torch.compile once per model and
+        shapes (CPU: needs a C++ compiler; 2.36x eager here); sampler "gddim", outputs not "x0".
     options: the sampler's own options: probability_flow_rk45 takes dense= (a dense file from
         ``load_dense``), rtol=, atol=; the other samplers take none. Unknown names are refused.
 
@@ -735,6 +735,7 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     when ``denoise``); with ``return_info`` also {"nfe": ...}. The loop never waits for the host;
     one read after it checks that every model output was finite (SamplingError naming the step).
     """
+    sampler = default_sampler(table) if sampler is None else sampler
     if compile is True and table.tensors["t"].device.type == "cuda":
         compile = "graph"                          # measured on an H200: 1.65-5.8x eager; the compiled step 0.64x
     noise, batch, data_shape, denoise = _checked_request(
@@ -743,6 +744,17 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     out, nfe = call(model, table, sampler, parametrization, batch, data_shape, dtype, model_dtype, denoise, lam,
                     options, noise, x_T, compile=compile, callback=callback, progress=progress)
     return (out, {"nfe": nfe}) if return_info else out
+
+
+def default_sampler(table):
+    """The sampler a table was derived for: the data-prediction form for an x0-form table, the
+    predictor-corrector when it holds corrector weights (derive --corrector), else gDDIM's
+    predictor. ``--order auto``'s recommendation (form, corrector) maps onto exactly these."""
+    if not isinstance(table, Table):
+        return "gddim"
+    if table.meta.get("form") == "x0" and table.has("x0_weights_ms"):
+        return "gddim_x0_pc" if table.has("x0_corrector_weights") else "gddim_x0"
+    return "gddim_pc" if table.has("corrector_weights") else "gddim"
 
 
 def _eager_call(model, table, sampler, parametrization, batch, data_shape, dtype, model_dtype, denoise, lam, options,

@@ -129,3 +129,25 @@ def test_request_is_a_frozen_value():
     assert r.lam == "1/2" and r == TableRequest(nfe=10, lam="1/2") and hash(r) == hash(TableRequest(nfe=10, lam="1/2"))
     with pytest.raises(AttributeError):
         r.nfe = 11
+
+
+def test_order_auto_takes_the_recommendation_and_samples_with_its_sampler():
+    """order="auto" (CLI --order auto): per NFE the order, auto grid, variable, form and corrector of
+    ``_autogrid.recommend``; the runtime's default sampler for that table is the recommended one."""
+    import torch
+    import gddim_runtime as gr
+    from derive import derive
+    from derive._autogrid import recommend
+    d = derive("cld")
+    rec = recommend(d.derivation, 10)
+    built = d.table(nfe=10, order="auto")
+    r = built.request
+    assert (r.order, r.grid, r.variable, r.form, r.corrector) == (
+        rec["order"], rec["grid"], rec["variable"], rec["form"], rec["corrector"])
+    tab = built.to_runtime()
+    assert gr.default_sampler(tab) == rec["sampler"]
+    x_T = torch.randn((3, 2, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = lambda x, t: 0.3 * x
+    assert torch.equal(gr.sample(model, tab, x_T=x_T, dtype=torch.float64),
+                       gr.sample(model, tab, x_T=x_T, dtype=torch.float64, sampler=rec["sampler"]))
+    assert d.table(nfe=10, order=2, grid="quadratic").request.order == 2              # explicit wins
