@@ -32,8 +32,8 @@ def _parser():
                    help="most samples per model call on one process (default: the process's whole share)")
     s.add_argument("--data-shape", type=int, nargs="+", default=None,
                    help="data shape per state component, e.g. 3 32 32 (default: the model's .data_shape)")
-    s.add_argument("--sampler", default="gddim", help="gddim, gddim_pc, gddim_sde, euler_maruyama, heun, "
-                                                      "ancestral (default: %(default)s)")
+    s.add_argument("--sampler", default=None, help="gddim, gddim_pc, gddim_sde, gddim_x0, gddim_x0_pc, euler_maruyama, "
+                                                   "heun, ancestral (default: the one the table was derived for)")
     s.add_argument("--parametrization", default="eps_R", help="eps_R, eps_L, score, x0 or eps_L_v (default: %(default)s)")
     s.add_argument("--device", default="cpu", help="torch device; under torchrun cuda means cuda:<local rank> "
                                                   "(default: %(default)s)")
@@ -96,7 +96,7 @@ def main(argv=None):
         if rank == 0:
             dist.write_manifest(args.out, world_size, args.batch, {
                 "seed": args.seed, "coeffs": str(args.coeffs), "coeffs_sha256": _sha256(args.coeffs),
-                "sampler": args.sampler, "parametrization": args.parametrization, "dtype": args.dtype,
+                "sampler": args.sampler or gr.default_sampler(table), "parametrization": args.parametrization, "dtype": args.dtype,
                 "shape": [table.k, *shape], "nfe_per_sample": nfe, "denoise": not args.no_denoise})
             where = args.out if world_size == 1 else f"{world_size} shards of {args.out}"
             print(f"wrote {(args.batch, table.k) + shape} samples to {where} ({nfe} model evaluations)")
