@@ -311,7 +311,8 @@ def _require_variant_rows(spec, request, summary, corrector):
     """A variant table passes only if the verifier checked its own tensors (validation's
     check_variant_table does; a verifier that ignores them must not let them through unchecked)."""
     keys = " | ".join(summary.get("max_rel", {}))
-    required = ["x0_psi", "x0_weights_ms"] + (["x0_corrector_weights"] if corrector else []) if request.form == "x0" else []
+    required = (["x0_psi", "x0_weights_ms", "x0_weights_flat"] + (["x0_corrector_weights"] if corrector else [])
+                if request.form == "x0" else [])
     missing = [n for n in required if f"{n} / " not in keys]
     if request.variable != "t" and f"in {request.variable}" not in keys:
         missing.append(f"eps_weights in {request.variable}")
