@@ -184,7 +184,6 @@ class Evaluators:
         if which in self._dense:
             return self._dense[which]
         T, zero, k = _hp.mpf(self.spec.T), _hp.mpf(0), self.k
-        h0 = T / 64
         if which == "phi":                     # Phi' = F Phi, Phi(0) = I
             sol = _from_zero(lambda A, end, brk: _ode.solve_linear(A, _hp.eye(k, (self.n_distinct,)), zero, end,
                                                                     end / 64, breaks=brk),

@@ -800,7 +800,7 @@ class ScipyReference:
         the size of those two terms (never 0: an integrand that is identically zero, a coordinate
         without noise, would otherwise be subdivided forever). With ``with_terms`` returns
         (weights, that size)."""
-        from scipy.integrate import quad_vec, solve_ivp
+        from scipy.integrate import quad_vec
         k = self.k
         K = self.R if factor == "R" else (lambda r: np.linalg.cholesky(self.sigma(r)))
 
