@@ -170,24 +170,29 @@ def _score(x, ref, means, stds, dim, batch):
     return float(per.mean()), float(per.median()), bench.component_fd(x, means, stds)[0]
 
 
-def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t", "rho", "logsnr")):
-    """Per NFE: the recommended configuration, and every configuration offered (the grids of
-    VARIANT_GRIDS x orders x forms x variables x correctors, OTHER_GRIDS x orders in eps/t), all
-    from the same prior noise against the same dopri5 reference. Rows carry rec = 1 for the
-    recommendation (its configuration also appears among the offered ones)."""
+def _setup(setup, batch):
+    """The data, tables, derivation, exact mixture score and seed-0 prior noise of one setup."""
     import derive
-    from derive import _autogrid
-    spec_name, data_fn, n, basis_size = SETUPS[setup]
-    batch = batch or n
+    spec_name, data_fn, _, basis_size = SETUPS[setup]
     means, stds = data_fn()
     data_shape = tuple(means.shape[1:])
     tabs = bench.Tables(spec_name, basis_size)
     d = derive.derive(tabs.spec)
     basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
     mix = MixtureScore(means, stds, basis=basis)
-    dense = tabs.dense_coeffs()
+    x_T = bench.prior(tabs.table(1, order=1), batch, data_shape, basis)
+    return means, stds, data_shape, tabs, d, basis, mix, tabs.dense_coeffs(), x_T
+
+
+def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t", "rho", "logsnr")):
+    """Per NFE: the recommended configuration, and every configuration offered (the grids of
+    VARIANT_GRIDS x orders x forms x variables x correctors, OTHER_GRIDS x orders in eps/t), all
+    from the same prior noise against the same dopri5 reference. Rows carry rec = 1 for the
+    recommendation (its configuration also appears among the offered ones)."""
+    from derive import _autogrid
+    spec_name, batch = SETUPS[setup][0], batch or SETUPS[setup][2]
+    means, stds, data_shape, tabs, d, basis, mix, dense, x_T = _setup(setup, batch)
     t_ref = tabs.table(1, order=1)
-    x_T = bench.prior(t_ref, batch, data_shape, basis)
     start = time.perf_counter()
     ref, ref_nfe = bench.reference_endpoint(mix, dense, t_ref, x_T, REF_TOL)
     floor = bench.component_fd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)), means, stds)[0]
@@ -317,18 +322,10 @@ def floor_run(setup, nfes, batch, log):
     """The recommended default and the paper's default (quadratic q3 eps/t) at each NFE against the
     floor: the exact probability flow from the same noise (dopri5 + final denoising), Euler-Maruyama
     at 1000 steps (fresh noise, seed 3, as validation.bench) and two exact sample sets (CFD floor)."""
-    import derive
     from derive import _autogrid
-    spec_name, data_fn, _, basis_size = SETUPS[setup]
-    means, stds = data_fn()
-    data_shape = tuple(means.shape[1:])
-    tabs = bench.Tables(spec_name, basis_size)
-    d = derive.derive(tabs.spec)
-    basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
-    mix = MixtureScore(means, stds, basis=basis)
-    dense = tabs.dense_coeffs()
+    spec_name = SETUPS[setup][0]
+    means, stds, data_shape, tabs, d, basis, mix, dense, x_T = _setup(setup, batch)
     t_ref = tabs.table(1, order=1)
-    x_T = bench.prior(t_ref, batch, data_shape, basis)
     ref, _ = bench.reference_endpoint(mix, dense, t_ref, x_T, REF_TOL)
     dim = math.prod(data_shape)
     cfd = lambda x: bench.component_fd(x, means, stds)[0]
