@@ -1,6 +1,9 @@
 """The runtime on CUDA: no host synchronisation in a whole ``sample`` call, graph capture equal to
 eager, the same samples as on the CPU. Marked gpu; skipped where CUDA is absent (pytest -m gpu)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,9 +136,6 @@ def test_training_on_cuda_matches_cpu_and_add_noise_never_syncs():
 def test_torchrun_nccl_equals_one_process(tmp_path):
     """torchrun with nccl (one rank per GPU; here one GPU): the manifest and shard hold the samples
     that a plain CUDA run with the same seed gives (noise per sample from (seed, index) on the device)."""
-    import os
-    import subprocess
-    import sys
     root = COEFFS.parent
     env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{root / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     base = ["-m", "gddim_runtime", "sample", "--coeffs", str(COEFFS / "cld" / "cld_nfe10_quadratic_q3.safetensors"),

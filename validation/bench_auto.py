@@ -171,7 +171,8 @@ def _score(x, ref, means, stds, dim, batch):
 
 
 def _setup(setup, batch):
-    """The data, tables, derivation, exact mixture score and seed-0 prior noise of one setup."""
+    """The data, tables, derivation, exact mixture score, the one-step reference table and the seed-0
+    prior noise of one setup."""
     import derive
     spec_name, data_fn, _, basis_size = SETUPS[setup]
     means, stds = data_fn()
@@ -180,8 +181,9 @@ def _setup(setup, batch):
     d = derive.derive(tabs.spec)
     basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
     mix = MixtureScore(means, stds, basis=basis)
-    x_T = bench.prior(tabs.table(1, order=1), batch, data_shape, basis)
-    return means, stds, data_shape, tabs, d, basis, mix, tabs.dense_coeffs(), x_T
+    t_ref = tabs.table(1, order=1)
+    x_T = bench.prior(t_ref, batch, data_shape, basis)
+    return means, stds, data_shape, tabs, d, basis, mix, tabs.dense_coeffs(), t_ref, x_T
 
 
 def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t", "rho", "logsnr")):
@@ -191,8 +193,7 @@ def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t
     recommendation (its configuration also appears among the offered ones)."""
     from derive import _autogrid
     spec_name, batch = SETUPS[setup][0], batch or SETUPS[setup][2]
-    means, stds, data_shape, tabs, d, basis, mix, dense, x_T = _setup(setup, batch)
-    t_ref = tabs.table(1, order=1)
+    means, stds, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch)
     start = time.perf_counter()
     ref, ref_nfe = bench.reference_endpoint(mix, dense, t_ref, x_T, REF_TOL)
     floor = bench.component_fd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)), means, stds)[0]
@@ -324,13 +325,13 @@ def floor_run(setup, nfes, batch, log):
     at 1000 steps (fresh noise, seed 3, as validation.bench) and two exact sample sets (CFD floor)."""
     from derive import _autogrid
     spec_name = SETUPS[setup][0]
-    means, stds, data_shape, tabs, d, basis, mix, dense, x_T = _setup(setup, batch)
-    t_ref = tabs.table(1, order=1)
+    means, stds, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch)
     ref, _ = bench.reference_endpoint(mix, dense, t_ref, x_T, REF_TOL)
     dim = math.prod(data_shape)
     cfd = lambda x: bench.component_fd(x, means, stds)[0]
     floor = cfd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)))
-    em = gr.sample(TableModel(mix, tabs.table(999, 1, weights=False)), tabs.table(999, 1, weights=False), x_T=x_T,
+    em_table = tabs.table(999, 1, weights=False)
+    em = gr.sample(TableModel(mix, em_table), em_table, x_T=x_T,
                    sampler="euler_maruyama", dtype=torch.float64, generator=torch.Generator().manual_seed(3), lam=1.0)
     out = [f"{spec_name} ({batch} samples): CFD of the exact flow {cfd(ref[:, 0]):.2e}, EM at 1000 {cfd(em[:, 0]):.2e}, "
            f"two exact sample sets {floor:.2e}", "",
