@@ -83,6 +83,11 @@ FORMS = {"gddim": "eps", "gddim_pc": "eps+pc", "gddim_x0": "x0", "gddim_x0_pc": 
 # (N = NFE steps; x0+pc with last="none" unless correct)
 X0_OPTIONS = {"gddim_x0": [("state",)],
               "gddim_x0_pc": [("correct",), ("flat", "correct"), ("flat", "correct", "state")]}
+# grids that start below T (derive/_start.py, "<kind>@<rho_s>": the grid on [t_min, t_s], rho(t_s) = rho_s, the state
+# at t_s is R_ts R_T^-1 x_T, no model call): rho_s 25 and 60 (VP linear: t_s = 0.80, 0.90; diffusers' "leading"
+# spacing starts at t = 0.801 at NFE 5, 0.901 at NFE 10); orders 2 and 3, the grids that won cells
+START_GRIDS = ("quadratic@25", "quadratic@60", "logsnr@25", "logsnr@60")
+START_ORDERS = (2, 3)
 OUR_DEFAULT = "eps t q3 quadratic"                          # the paper's sampler, the toolkit's default table
 N_TRAIN = 1000
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -260,7 +265,9 @@ def form_variants():
 def other_datasets(samples=(64, 300)):
     """Mixtures outside the benchmark (``--other``, peers_other.*): the claims must hold for the class, not for the
     benchmark's data. 6 procedural 3 x 16 x 16 images (other patterns than ``images``) with unequal weights and
-    widths 0.05-0.3; a 32-D mixture of 8 components (seed 11) with widths 0.05-0.3 and unequal weights."""
+    widths 0.05-0.3; a 32-D mixture of 8 components (seed 11) with widths 0.05-0.3 and unequal weights; a 24-D
+    mixture of 5 components whose mean is far from 0 (means 1 + N(0, I), seed 23, widths 0.02-0.4, weights 1..5:
+    the case the start skip, which drops the data's signal above t_s, handles worst), with the 32-D one's count."""
     n_img, n_mix = samples
     y, x = torch.meshgrid(torch.linspace(0, 1, 16, dtype=torch.float64), torch.linspace(0, 1, 16, dtype=torch.float64),
                           indexing="ij")
@@ -272,20 +279,30 @@ def other_datasets(samples=(64, 300)):
     means = 1.5 * torch.randn((8, 32), generator=g, dtype=torch.float64)
     w = torch.arange(8, 0, -1, dtype=torch.float64)
     out.append(("mixture 32-D (seed 11)", means, torch.linspace(0.05, 0.3, 8, dtype=torch.float64), w / w.sum(), n_mix))
+    g = torch.Generator().manual_seed(23)
+    means = 1.0 + torch.randn((5, 24), generator=g, dtype=torch.float64)
+    w = torch.arange(1, 6, dtype=torch.float64)
+    out.append(("offset 24-D (5 modes, mean ~1)", means, torch.linspace(0.02, 0.4, 5, dtype=torch.float64), w / w.sum(),
+                n_mix))
     return out
 
 
-def ours_variants():
+def ours_variants(grids=GRIDS, orders=ORDERS):
     """(config label, sampler, table options, run options) for every gDDIM configuration: form x variable x order
     x grid. Order 1 has one polynomial whatever the variable, so only ``t`` is run there."""
     out = []
-    for grid in GRIDS:
-        for q in ORDERS:
+    for grid in grids:
+        for q in orders:
             for variable in (("t",) if q == 1 else VARIABLES):
                 for form, sampler, run in form_variants():
                     out.append((f"{form} {variable} q{q} {grid}", sampler, dict(order=q, grid=grid, variable=variable),
                                 run))
     return out
+
+
+def start_variants():
+    """gDDIM's configurations on the grids that start below T (START_GRIDS, orders START_ORDERS)."""
+    return ours_variants(START_GRIDS, START_ORDERS)
 
 
 class OurTables:
@@ -298,13 +315,36 @@ class OurTables:
     def get(self, nfe, order, grid, variable):
         key = (nfe, order, grid, variable)
         if key not in self.cache:
-            self.cache[key] = self.derived.table(nfe=nfe, order=order, grid=grid, variable=variable, form="x0",
-                                                 corrector=True, verify="none").to_runtime()
+            if "@" in grid:                   # a start below T: derive/_start.py's times, as a file grid
+                import tempfile
+                from derive import _start
+                times = _start.make_grid(grid, nfe - 1, self.derived.derivation)
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "start.txt"
+                    path.write_text(" ".join(repr(t) for t in times) + "\n")
+                    tab = self.derived.table(nfe=nfe, order=order, grid=str(path), variable=variable, form="x0",
+                                             corrector=True, verify="none").to_runtime()   # reads the file: inside
+            else:
+                tab = self.derived.table(nfe=nfe, order=order, grid=grid, variable=variable, form="x0",
+                                         corrector=True, verify="none").to_runtime()
+            self.cache[key] = tab
         return self.cache[key]
 
 
-def run_dataset(label, means, stds, weights, batch, spec_name, nfes, rows, log, configs, our_tables=None):
-    """configs(label, nfe) -> (ours: [(label, sampler, options)], peers: [(peer, label, class, kwargs, denoise)])."""
+def start_state(x_T, tab, deriv):
+    """The state at the table's first time t_0 from the prior noise x_T at T: R_t0 R_T^-1 x_T (derive/_start.py's
+    skip_map; x_T itself when t_0 = T). x_T [B, k, *data]."""
+    from derive import _start
+    t0 = float(tab.tensors["t"][0])
+    if t0 == float(_hp.mpf(deriv.spec.T)):
+        return x_T
+    M = torch.from_numpy(_start.skip_map(deriv, t0))
+    return gr.block_apply(M, x_T, tab.basis)
+
+
+def run_dataset(label, means, stds, weights, batch, spec_name, nfes, rows, log, configs, our_tables=None, floors=None):
+    """configs(label, nfe) -> (ours: [(label, sampler, options)], peers: [(peer, label, class, kwargs, denoise)]).
+    floors (a list): gets one row per start rho_s among the configurations, the start skip's own cost."""
     tabs = Tables(spec_name)
     deriv = tabs.deriv
     our_tables = our_tables or OurTables(spec_name)
@@ -322,6 +362,10 @@ def run_dataset(label, means, stds, weights, batch, spec_name, nfes, rows, log, 
             "u_tmin": ref_u[:, 0]}
     floor = component_fd(draw(means, stds, weights, batch, torch.Generator().manual_seed(2)), means, stds, weights)[0]
     log(f"{label}: {batch} samples, reference {time.perf_counter() - start:.0f} s")
+    starts = sorted({c[2]["grid"].split("@")[1] for n in nfes for c in configs(label, n)[0] if "@" in c[2]["grid"]},
+                    key=float)
+    for rho_s in starts if floors is not None else ():
+        floors.append(dict(skip_floor(mix, deriv, dense, x_T, ref_u[:, 0], float(rho_s)), data=label))
 
     def record(who, config, nfe_target, x, calls, output):
         if torch.isfinite(x).all():
@@ -341,7 +385,8 @@ def run_dataset(label, means, stds, weights, batch, spec_name, nfes, rows, log, 
             if nfe < opts["order"]:
                 continue
             tab = our_tables.get(nfe + 1 + run["steps"], **opts)          # a table for nfe has nfe - 1 steps
-            u, info = gr.sample(TableModel(mix, tab), tab, x_T=x_T[:, None], sampler=sampler, dtype=torch.float64,
+            u, info = gr.sample(TableModel(mix, tab), tab, x_T=start_state(x_T[:, None], tab, deriv), sampler=sampler,
+                                dtype=torch.float64,
                                 return_info=True, denoise=run["denoise"], **run["kw"])
             record("gDDIM", config, nfe, u[:, 0], info["nfe"], "x0" if run["denoise"] else "u_tmin")
         for peer, vlabel, cls_name, kw, den in peers:
@@ -352,6 +397,24 @@ def run_dataset(label, means, stds, weights, batch, spec_name, nfes, rows, log, 
                 continue
             record(peer, vlabel, nfe, x, calls, output)
         log(f"{label}: NFE {nfe} done ({time.perf_counter() - start:.0f} s)")
+
+
+def skip_floor(mix, deriv, dense, x_T, ref_u, rho_s):
+    """The start skip's own cost: the exact flow (dopri5 at 1e-9) from the skipped state R_ts R_T^-1 x_T at t_s
+    (rho(t_s) = rho_s) to t_min against the exact flow from x_T at T (``ref_u``), endpoint error of the state."""
+    import tempfile
+    import derive
+    from derive import _start
+    t_s = _start.start_time(deriv, rho_s)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "skip.txt"
+        path.write_text(f"{t_s!r} {float(_hp.mpf(deriv.spec.t_min))!r}\n")
+        tab = derive.derive(deriv.spec.name).table(nfe=2, order=1, grid=str(path), verify="none").to_runtime()
+    u = gr.sample(DenseModel(mix, dense), tab, x_T=start_state(x_T[:, None], tab, deriv), sampler="probability_flow_rk45",
+                  dense=dense, rtol=1e-9, atol=1e-9, dtype=torch.float64, denoise=False)[:, 0]
+    n = x_T.shape[0]
+    err = float((u - ref_u).reshape(n, -1).norm(dim=1).mean() / math.sqrt(x_T[0].numel()))
+    return {"rho_s": rho_s, "t_s": t_s, "endpoint_error": err}
 
 
 def all_peers():
@@ -380,25 +443,28 @@ def quick_configs(csv_path):
                 b = best(rows, data, nfe, metric, who=who)
                 if b is not None:
                     keep.add((who, b["config"]))
-        return ([v for v in ours_variants() if ("gDDIM", v[0]) in keep],
+        return ([v for v in ours_variants() + start_variants() if ("gDDIM", v[0]) in keep],
                 [v for v in all_peers() if (v[0], v[1]) in keep])
     return configs
 
 
-def best(rows, data, nfe, metric, who=None, peers=False):
+def best(rows, data, nfe, metric, who=None, peers=False, start=True):
+    """start=False: gDDIM's configurations from T only (no grid '<kind>@<rho_s>')."""
     sel = [r for r in rows if r["data"] == data and r["nfe_target"] == nfe and r["nfe"] <= nfe
-           and (r["who"] != "gDDIM" if peers else r["who"] == (who or "gDDIM"))]
+           and (r["who"] != "gDDIM" if peers else r["who"] == (who or "gDDIM"))
+           and (start or "@" not in r["config"])]
     return min(sel, key=lambda r: r[metric]) if sel else None
 
 
-def summary(rows, nfes):
-    """Per data set, NFE and metric: our best configuration vs the best peer configuration."""
+def summary(rows, nfes, start=True):
+    """Per data set, NFE and metric: our best configuration vs the best peer configuration (start=False: ours
+    from T only)."""
     lines = ["| data | NFE | metric | gDDIM best (config) | best peer (config) | ours / peer | CFD floor |",
              "|---|---|---|---|---|---|---|"]
     for data in dict.fromkeys(r["data"] for r in rows):
         for nfe in nfes:
             for metric in ("endpoint_error", "cfd"):
-                o, p = best(rows, data, nfe, metric), best(rows, data, nfe, metric, peers=True)
+                o, p = best(rows, data, nfe, metric, start=start), best(rows, data, nfe, metric, peers=True)
                 if o is None or p is None:
                     continue
                 ends = [" [ends noisy at t_min]" if r["output"] == "u_tmin" and metric == "endpoint_error" else ""
@@ -433,13 +499,16 @@ def by_form(rows, nfes):
     lines = ["| data | form | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
     for data in dict.fromkeys(r["data"] for r in rows):
         for form in [f[0] for f in form_variants()]:
-            cells = []
-            for nfe in nfes:
-                sel = [r for r in rows if r["data"] == data and r["who"] == "gDDIM" and r["nfe_target"] == nfe
-                       and r["config"].split()[0] == form]
-                b = min(sel, key=lambda r: r["endpoint_error"]) if sel else None
-                cells.append(f"{b['endpoint_error']:.2e} ({' '.join(b['config'].split()[1:])})" if b else "-")
-            lines.append(f"| {data} | {form} | " + " | ".join(cells) + " |")
+            for start in (False, True):
+                cells = []
+                for nfe in nfes:
+                    sel = [r for r in rows if r["data"] == data and r["who"] == "gDDIM" and r["nfe_target"] == nfe
+                           and r["config"].split()[0] == form and ("@" in r["config"]) == start]
+                    b = min(sel, key=lambda r: r["endpoint_error"]) if sel else None
+                    cells.append(f"{b['endpoint_error']:.2e} ({' '.join(b['config'].split()[1:])})" if b else "-")
+                if start and cells == ["-"] * len(nfes):
+                    continue
+                lines.append(f"| {data} | {form}{' @rho_s' if start else ''} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -449,21 +518,22 @@ def run_all(quick=False, out=None, spec_name="vp_linear", log=print, samples=Non
     data: only the data sets whose label contains one of these strings."""
     start = time.perf_counter()
     if configs is None:
-        every = (ours_variants(), all_peers())
+        every = (ours_variants() + start_variants(), all_peers())
         configs = quick_configs(RESULTS / "peers.csv") if quick else (lambda data, nfe: every)
     samples = samples or SAMPLES["quick" if quick else "full"]
-    rows = []
+    rows, floors = [], []
     our_tables = OurTables(spec_name)
     batches = {}
     for label, means, stds, weights, batch in (other_datasets(samples[1:]) if other else datasets(samples)):
         if data is None or any(d in label for d in data):
             batches[label] = batch
-            run_dataset(label, means, stds, weights, batch, spec_name, nfes, rows, log, configs, our_tables)
+            run_dataset(label, means, stds, weights, batch, spec_name, nfes, rows, log, configs, our_tables, floors)
     counts = {}
     for r in rows:
         counts.setdefault((r["data"], r["nfe_target"]), [set(), set()])[r["who"] != "gDDIM"].add((r["who"], r["config"]))
     result = {"rows": rows, "nfes": nfes, "seconds": time.perf_counter() - start, "quick": quick, "samples": samples,
               "suffix": "_other" if other else ("_quick" if quick else ""), "other": other, "batches": batches,
+              "floors": floors,
               "n_ours": max(len(c[0]) for c in counts.values()), "n_peers": max(len(c[1]) for c in counts.values())}
     if out is not None:
         write(result, Path(out))
@@ -510,14 +580,14 @@ def write(result, out, command=None):
           f"samples: {counts}; up to {result['n_peers']} peer configurations and "
           f"{result['n_ours']} gDDIM configurations per data set and NFE (refused ones not counted); rows with more model calls than the NFE are "
           "excluded).", "",
-          *([f"This command ran only the gDDIM configurations with the options [flat,correct,state] "
+          *([f"This command ran {result['add_forms']} "
              f"({result['n_new_rows']} rows, on {', '.join(sorted({r['data'] for r in rows} - set(result['kept'])) or ['the data'])}"
-             f"; {result['seconds']:.0f} s); every other row (peers, gDDIM's four plain forms) is the previous "
+             f"; {result['seconds']:.0f} s); every other row is the previous "
              f"peers{suffix}.csv's, measured on the same noise and sample count (the runs are deterministic).", ""]
             if result.get("add_forms") else []),
           *([f"Only {', '.join(sorted({r['data'] for r in rows} - set(result['kept'])))} rerun by this command; the rows "
-             f"of {', '.join(result['kept'])} are kept from the previous peers{suffix}.csv (its run: git log of that "
-             "file), made before the data-prediction options [flat,correct,state] existed.", ""]
+             f"of {', '.join(result['kept'])} are kept from the previous peers{suffix}.csv (their runs: git log of "
+             "that file and of this .md).", ""]
             if result.get("kept") and not result.get("add_forms") else []),
           "Best of many configurations on the same noise favours the side with more configurations.", "",
           *(["Quick run: at each data set and NFE only the configurations that were best there in the committed "
@@ -526,6 +596,14 @@ def write(result, out, command=None):
           "## Ours (best configuration) vs the best peer configuration", "",
           "ours / peer < 1: gDDIM leads; > 1: gDDIM trails by that factor. gDDIM configs: form variable order grid.", "",
           summary(rows, nfes), "",
+          *(["Without the start skip (gDDIM's grids from T only, every grid '<kind>@<rho_s>' left out):", "",
+             summary(rows, nfes, start=False), ""] if any("@" in r["config"] for r in rows) else []),
+          *(["The start skip's own cost (this command's data sets): the exact flow from the skipped state "
+             "R_ts R_T^-1 x_T at t_s to t_min against the exact flow from x_T at T, endpoint error of the state at t_min "
+             "(no sampler can do better from the skipped state):", "",
+             "| data | rho_s | t_s | skip floor |", "|---|---|---|---|",
+             *[f"| {f['data']} | {f['rho_s']:g} | {f['t_s']:.4f} | {f['endpoint_error']:.2e} |"
+               for f in result.get("floors", [])], ""] if result.get("floors") else []),
           f"## Best variant of each sampler, and its diffusers default (gDDIM: {OUR_DEFAULT}), endpoint error", "",
           per_peer(rows, nfes, "endpoint_error"), "",
           "## The same, component Frechet distance", "",
@@ -550,6 +628,9 @@ def main(argv=None):
     p.add_argument("--add-forms", action="store_true", help="with --data: run only the gDDIM forms with "
                    "X0_OPTIONS and keep every other row (peers, the four plain forms) of the existing peers.csv "
                    "(deterministic: same noise, same samples)")
+    p.add_argument("--add-start", action="store_true", help="with --data: run only the gDDIM configurations on "
+                   "grids that start below T (START_GRIDS) and keep every other row of the existing csv")
+    p.add_argument("--nfes", type=int, nargs="+", help=f"NFEs (default {' '.join(map(str, NFES))})")
     p.add_argument("--data", nargs="+", help="rerun only the data sets whose label contains one of these (e.g. "
                    "images); the other data sets' rows are kept from the existing peers.csv (said in peers.md)")
     args = p.parse_args(argv)
@@ -558,11 +639,18 @@ def main(argv=None):
     if args.add_forms:
         new = [v for v in ours_variants() if "[" in v[0]]
         configs = lambda data, nfe: (new, [])                                    # noqa: E731
-    res = run_all(args.quick, None, samples=samples, data=args.data, other=args.other, configs=configs)
-    res["add_forms"] = args.add_forms
+    if args.add_start:
+        new = start_variants()
+        configs = lambda data, nfe: (new, [])                                    # noqa: E731
+    res = run_all(args.quick, None, samples=samples, data=args.data, other=args.other, configs=configs,
+                  nfes=tuple(args.nfes) if args.nfes else NFES)
+    res["add_forms"] = ("only the gDDIM configurations on grids that start below T (START_GRIDS)" if args.add_start
+                        else "only the gDDIM configurations with the options [flat,correct,state]" if args.add_forms
+                        else None)
     cmd = "python -m validation.peers" + (" --quick" if args.quick else "") + (" --other" if args.other else "") + \
           (" --samples " + " ".join(map(str, args.samples)) if args.samples else "") + \
-          (" --data " + " ".join(args.data) if args.data else "")
+          (" --data " + " ".join(args.data) if args.data else "") + (" --add-start" if args.add_start else "") + \
+          (" --add-forms" if args.add_forms else "") + (" --nfes " + " ".join(map(str, args.nfes)) if args.nfes else "")
     if args.data:
         new_rows = len(res["rows"])
         res["kept"] = _kept_rows(Path(args.out) if args.out else RESULTS, res)
