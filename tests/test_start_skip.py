@@ -111,3 +111,38 @@ def test_start_tables_pass_the_full_check(name):
         tab = d.table(nfe=6, order=3, grid=str(path), form="x0", corrector=True, verify="full")
     assert tab.meta["verification"]["passed"] is True
     assert float(tab.tensors["t"][0]) == times[0] < float(_start._hp.mpf(d.spec.T))
+
+
+def _grid_syntax_wired():
+    try:
+        return _grids.parse_kind("quadratic@25")[0] == "start"
+    except SpecError:
+        return False
+
+
+@pytest.mark.skipif(not _grid_syntax_wired(), reason="derive's --grid '<kind>@<rho_s>' needs "
+                    "/work/helper_notes/H12g_patch.diff (derive/_grids.py, _pipeline.py, _cli.py)")
+def test_grid_option_start(vp, tmp_path):
+    """derive's own grid option '<kind>@<rho_s>': the same times as derive/_start.py, its own file name, the runtime
+    starts there (fresh noise R_t0 z), bad starts refused in one line; the CLI writes such a table."""
+    import subprocess
+    import sys
+    import gddim_runtime as gr
+    from validation.exact import MixtureScore, TableModel
+    tab = vp.table(nfe=6, order=3, grid="quadratic@25", form="x0", corrector=True, verify="fast")
+    assert list(tab.tensors["t"]) == _start.make_grid("quadratic@25", 5, vp.derivation)
+    assert "quadratic-from-rho25" in tab.filename and tab.meta["grid"]["kind"] == "start"
+    assert vp.table(nfe=6, grid="logsnr@60", verify="none").filename != vp.table(nfe=6, grid="logsnr@25",
+                                                                                      verify="none").filename
+    rt = tab.to_runtime()
+    mix = MixtureScore(torch.zeros(1, 4, dtype=torch.float64), torch.full((1,), 0.1, dtype=torch.float64))
+    u, info = gr.sample(TableModel(mix, rt), rt, batch=3, data_shape=(4,), dtype=torch.float64, return_info=True,
+                        generator=torch.Generator().manual_seed(0))
+    assert info["nfe"] == 6 and torch.isfinite(u).all()
+    for bad in ("auto@25", "quadratic@0", "quadratic@0.001"):
+        with pytest.raises(SpecError):
+            vp.table(nfe=6, grid=bad, verify="none")
+    out = subprocess.run([sys.executable, "-m", "derive", "vp_linear", "--nfe", "6", "--order", "2", "--grid",
+                          "logsnr@25", "--out", str(tmp_path), "--verify", "fast"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert list((tmp_path / "vp_linear").glob("*logsnr-from-rho25*.safetensors"))
