@@ -56,6 +56,10 @@ SLOPE = 4                    # w(t) = log t + SLOPE t / T: the candidate grid's 
 MAX_COORDS = 8               # basis coordinates used (spread over the sorted frequency values)
 QUADRATIC_SHARE = gmpy2.mpfr(1) / 2   # of the steps placed by the quadratic grid's density (see docstring)
 DENSITY_FLOOR = gmpy2.mpfr("1e-3")   # relative to the mean density
+GRID_SOURCE = "measured"     # "measured": two-mode proxies' per-step errors (measured_grid); "gaussian": error_density
+MEASURED_SHARE = gmpy2.mpfr(1)   # of the steps placed by the measured density (the rest: the Gaussian-proxy grid)
+MEASURE_STEPS = 40           # steps of the grid on which measured_density measures
+MEASURE_SUBSTEPS = 12        # reference steps per measured step (states_at)
 
 
 def candidate_grid(t_min, T, n=N_CANDIDATE):
@@ -220,6 +224,8 @@ def grid_from_weights(tt, w, n_steps):
 
 def make_auto_grid(deriv, n_steps, order):
     """The auto grid for ``n_steps`` steps of the order-``order`` sampler (float64, decreasing)."""
+    if GRID_SOURCE == "measured":
+        return measured_grid(deriv, n_steps, order)
     tt, dens = _density_cached(deriv, order)
     return grid_from_density(tt, dens, order, n_steps)
 
@@ -264,6 +270,7 @@ BIMODAL = (("0.5", "0.1"), ("1", "0.1"), ("2", "0.1"))  # (m, c) of the two-mode
 FORMS = ("eps", "x0")
 VARIABLES = ("t", "rho", "logsnr")
 ORDERS = (1, 2, 3, 4)
+MEASURE_MODES = BIMODAL          # the proxies measured_density measures on
 SAMPLER = {("eps", False): "gddim", ("eps", True): "gddim_pc", ("x0", False): "gddim_x0",
            ("x0", True): "gddim_x0_pc"}
 
@@ -357,14 +364,14 @@ class Proxies:
     """The two-mode proxies of one derivation: per coordinate of ``_coords`` and (m, c) of
     BIMODAL, N_NOISE prior draws; ``endpoint(steps, ...)`` runs a sampler on them."""
 
-    def __init__(self, deriv):
-        self.deriv = deriv
+    def __init__(self, deriv, modes=BIMODAL):
+        self.deriv, self.modes = deriv, modes
         self.coords = _coords(deriv)
         scale = np.array([math.sqrt(float(v)) for v in spectral_prior(deriv, self.coords)])
         C, k = len(self.coords), deriv.k
-        self.cidx = np.tile(np.arange(C), len(BIMODAL))                                  # proxy -> coordinate
-        self.m = np.repeat([float(m) for m, _ in BIMODAL], C) * scale[self.cidx]
-        self.c = np.repeat([float(c) for _, c in BIMODAL], C) * scale[self.cidx]
+        self.cidx = np.tile(np.arange(C), len(modes))                                    # proxy -> coordinate
+        self.m = np.repeat([float(m) for m, _ in modes], C) * scale[self.cidx]
+        self.c = np.repeat([float(c) for _, c in modes], C) * scale[self.cidx]
         self.z = np.random.default_rng(0).standard_normal((N_NOISE, k))
         self._ref = None
 
@@ -389,37 +396,68 @@ class Proxies:
 
     def endpoint(self, st, order, form="eps", variable="t", corrector=False):
         """Data coordinate after the final denoising [B, n] of the sampler on the grid ``st``."""
+        return self.simulate(st, order, form, variable, corrector)
+
+    def simulate(self, st, order, form="eps", variable="t", corrector=False, start=0, u=None, history=None,
+                 record=False):
+        """The sampler on the grid ``st`` from grid index ``start`` (state ``u`` [B, n, k], default the prior
+        draws at T; ``history``: the model outputs at the earlier grid indices, {index: [B, n, k]}) to the
+        final denoising: the data coordinate [B, n]; record: the states at every grid index instead."""
         N, ci = st.N, self.cidx
-        models = [self._model(st, i) for i in range(N + 1)]
-        out_of = (lambda i, u: models[i][0](u)) if form == "eps" else (lambda i, u: models[i][1](u))
+        models = self._models(st)
+        out_of = (lambda i, v: models[i][0](v)) if form == "eps" else (lambda i, v: models[i][1](v))
         step = (st.psi if form == "eps" else st.x0_psi)[:, ci]
         W = [w[:, ci] for w in st.weights(order, form, variable)]
         Wc = [w[:, ci] for w in st.weights(order, form, variable, True)] if corrector else None
-        u = np.einsum("bij,nj->bni", st.R[0][ci], self.z)
-        outs = [out_of(0, u)]
+        if u is None:
+            u = np.einsum("bij,nj->bni", st.R[0][ci], self.z)
+        outs = dict(history or {})
+        outs[start] = out_of(start, u)
+        states = [u]
         with np.errstate(all="ignore"):
-            for i in range(N):
+            for i in range(start, N):
                 pred = _mv(step[i], u) + sum(_mv(W[i][j], outs[i - j]) for j in range(len(W[i])))
                 if not corrector:
                     u = pred
-                    if i + 1 < N:
-                        outs.append(out_of(i + 1, u))
+                    if i + 1 < N or record:
+                        outs[i + 1] = out_of(i + 1, u)
+                    states.append(u)
                     continue
-                outs.append(out_of(i + 1, pred))
+                outs[i + 1] = out_of(i + 1, pred)
                 if form == "x0" and i == N - 1:
                     u = pred                                  # gddim_x0_pc: the last step is not corrected
                 else:
                     u = _mv(step[i], u) + sum(_mv(Wc[i][j], outs[i + 1 - j]) for j in range(len(Wc[i])))
+                states.append(u)
+            if record:
+                return states
             if corrector and form == "eps":                   # gddim_pc denoises with the output at the prediction
                 x = _mv(np.linalg.inv(st.D[N][ci]), u - _mv(st.R[N][ci], outs[N]))
             else:
                 x = models[N][1](u)
         return x[..., 0]
 
+    def _models(self, st):
+        cache = st.__dict__.setdefault("_proxy_models", {})
+        key = (tuple(self.m), tuple(self.c))
+        if key not in cache:
+            cache[key] = [self._model(st, i) for i in range(st.N + 1)]
+        return cache[key]
+
+    def states_at(self, times):
+        """The reference flow's states [B, n, k] at the decreasing ``times`` (order-4 data prediction,
+        MEASURE_SUBSTEPS steps geometric in t inside each interval, REF_STEPS' accuracy or better)."""
+        fine = [times[0]]
+        for a, b in zip(times[:-1], times[1:]):
+            r = (b / a) ** (1 / MEASURE_SUBSTEPS)
+            fine += [a * r ** j for j in range(1, MEASURE_SUBSTEPS)] + [b]
+        st = _Steps(self.deriv, fine, self.coords, GL_NODES_REF)
+        return self.simulate(st, 4, "x0", "t", record=True)[::MEASURE_SUBSTEPS]
+
     def reference(self):
         """The reference endpoint [B, n]: order-4 data prediction on REF_STEPS smooth steps."""
         cache = self.deriv.__dict__.setdefault("_autogrid_reference", {})
-        key = (BIMODAL, N_NOISE, REF_STEPS)
+        key = (self.modes, N_NOISE, REF_STEPS)
         if key in cache:
             self._ref = cache[key]
         if self._ref is None:
@@ -435,12 +473,75 @@ class Proxies:
         """Mean endpoint error over the draws per (m, c) of BIMODAL, summed over the coordinates
         ([len(BIMODAL)] array; inf where not finite)."""
         e = np.mean(np.abs(self.endpoint(st, order, form, variable, corrector) - self.reference()), axis=1)
-        e = e.reshape(len(BIMODAL), -1).sum(axis=1)
+        e = e.reshape(len(self.modes), -1).sum(axis=1)
         return np.where(np.isfinite(e), e, np.inf)
 
     def error(self, st, order, form="eps", variable="t", corrector=False):
         """The summed error over all proxies (inf if not finite)."""
         return float(np.sum(self.errors(st, order, form, variable, corrector)))
+
+
+def measured_density(deriv, order):
+    """(times [M+1] decreasing, w [M]): the step density measured on the two-mode proxies, per interval of
+    the Gaussian-proxy auto grid with MEASURE_STEPS steps. Per step i, its share of the global error:
+    c_i = |X_i - X_{i+1}| (mean over the draws, summed over the proxies), X_i the endpoint of the order-q
+    data-prediction predictor-corrector (variable t) started at t_i from the exact state with the exact
+    history (X_N: the exact state's denoising; sum_i (X_i - X_{i+1}) is the sampler's global error).
+    c_i ~ g h_i^(q+1) gives the local error density g_i = c_i / h_i^(q+1) and the step density
+    w_i = g_i^(1/(q+1)) = c_i^(1/(q+1)) / h_i (rounded to 6 digits: the float64 simulation decides the
+    grid to that precision, the grid itself is MPFR)."""
+    cache = deriv.__dict__.setdefault("_autogrid_measured", {})
+    key = (order, MEASURE_MODES, N_NOISE, MEASURE_STEPS, MEASURE_SUBSTEPS)
+    if key in cache:
+        return cache[key]
+    tt, dens = _density_cached(deriv, order)
+    base = grid_from_density(tt, dens, order, MEASURE_STEPS)
+    proxies = Proxies(deriv, MEASURE_MODES)
+    st = _Steps(deriv, base, proxies.coords)
+    exact = proxies.states_at(base)
+    x0_of = [m[1] for m in proxies._models(st)]
+    finals, hist = [], {}
+    for i in range(st.N):
+        finals.append(proxies.simulate(st, order, "x0", "t", True, start=i, u=exact[i], history=hist))
+        hist[i] = x0_of[i](exact[i])
+    finals.append(x0_of[st.N](exact[st.N])[..., 0])
+    w = []
+    for i in range(st.N):
+        c = float(np.sum(np.mean(np.abs(finals[i] - finals[i + 1]), axis=1)))
+        h = base[i] - base[i + 1]
+        w.append(gmpy2.mpfr(float(f"{c ** (1 / (order + 1)) / h:.6g}")) if math.isfinite(c) else gmpy2.mpfr(0))
+    cache[key] = (base, w)
+    return cache[key]
+
+
+def measured_grid(deriv, n_steps, order):
+    """Float64 times [N+1] decreasing from T to t_min equidistributing ``measured_density`` (piecewise
+    constant, floored at DENSITY_FLOOR of its mean; T and t_min the spec's values)."""
+    base, w = measured_density(deriv, order)
+    mean = sum(w, gmpy2.mpfr(0)) / len(w)
+    if not mean > 0:
+        raise SpecError("--grid", "grid", "auto grid: zero measured error on the proxies")
+    w = [max(v, mean * DENSITY_FLOOR) for v in w]
+    if MEASURED_SHARE < 1:                   # the rest of the steps as the Gaussian-proxy grid places them
+        edges_f = [gmpy2.mpfr(v) for v in base]
+        total = sum((w[i] * (edges_f[i] - edges_f[i + 1]) for i in range(len(w))), gmpy2.mpfr(0))
+        w = [w[i] / total * MEASURED_SHARE + (1 - MEASURED_SHARE) / len(w) / (edges_f[i] - edges_f[i + 1])
+             for i in range(len(w))]
+    edges = [_hp.mpf(base[0])] + [gmpy2.mpfr(v) for v in base[1:-1]] + [_hp.mpf(deriv.spec.t_min)]
+    edges[0] = _hp.mpf(deriv.spec.T)
+    cum = [gmpy2.mpfr(0)]                                 # from T downwards
+    for i in range(len(w)):
+        cum.append(cum[-1] + w[i] * (edges[i] - edges[i + 1]))
+    total = cum[-1]
+    times = [float(edges[0])]
+    m = 0
+    for j in range(1, n_steps):
+        target = total * j / n_steps
+        while cum[m + 1] < target:
+            m += 1
+        times.append(float(edges[m] - (target - cum[m]) / w[m]))
+    times.append(float(edges[-1]))
+    return times
 
 
 def _density_cached(deriv, order):
