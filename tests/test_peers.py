@@ -150,3 +150,31 @@ def test_default_beats_ddim_and_diffusers_defaults(quick):
                     assert d[0]["endpoint_error"] < 0.2 * ours
                 else:
                     assert d[0]["endpoint_error"] > 1.05 * ours, (data, nfe, who, ours, d[0]["endpoint_error"])
+
+
+@pytest.mark.slow          # ~1 min: the exact references of two mixtures outside the benchmark
+def test_start_skip_removes_the_nfe5_trail_outside_the_benchmark():
+    """images-b (validation/results/peers_other.md) at NFE 5: the best peer configuration there, DPM-Solver++ 2M
+    with "leading" spacing (its 5 calls at t = 0.801 ... 0.001 on noise drawn at T: it skips t > 0.8), beat every
+    gDDIM configuration from T by 2.2x. The same skip for gDDIM, a grid from t_s with rho(t_s) = 25 (t_s = 0.80)
+    and the state R_ts R_T^-1 x_T (derive/_start.py), turns that into a lead. Measured on these 8 samples:
+    x0[state] t q3 quadratic@25 2.41e-2, the peer 4.41e-2 (0.55), the same sampler from T 1.10e-1 (2.5x behind);
+    the skip's own floor (exact flow from the skipped state) 2.4e-3. On the offset 24-D mixture (mean ~1, 16
+    samples) the same floor is 1.75e-2: the skip drops the data's signal above t_s, which grows with the data's
+    distance from 0. Fails if the grid starts at T (the mapping of the state matters little on VP linear:
+    R_ts R_T^-1 = 0.9992 at rho_s = 25; diffusers does not apply it)."""
+    from validation.peers import all_peers, ours_variants, run_all, start_variants
+    ours = [v for v in start_variants() if v[0] == "x0[state] t q3 quadratic@25"]
+    ours += [v for v in ours_variants() if v[0] == "x0[state] t q3 quadratic"]
+    peer = [v for v in all_peers() if v[0] == "DPM-Solver++ 2M" and v[1] == "default leading lof=False final=sigma_min"]
+    assert len(ours) == 2 and len(peer) == 1
+    res = run_all(other=True, samples=(0, 8, 16), nfes=(5,), data=["images-b", "offset"],
+                  configs=lambda d, n: (ours, peer), log=lambda *a: None)
+    err = {(r["data"].split()[0], r["config"]): r["endpoint_error"] for r in res["rows"]}
+    assert all(r["nfe"] == 5 for r in res["rows"])
+    p = err[("images-b", peer[0][1])]
+    assert err[("images-b", ours[0][0])] < 0.75 * p, err
+    assert err[("images-b", ours[1][0])] > 1.5 * p, err
+    floors = {f["data"].split()[0]: f["endpoint_error"] for f in res["floors"]}
+    assert floors["images-b"] < 0.2 * err[("images-b", ours[0][0])]
+    assert floors["offset"] > 5 * floors["images-b"]
