@@ -52,6 +52,11 @@ order 2), correct = the call at t_N also corrects the last step (as UniPC's zero
 state = no final denoising: the output is the state at t_min, compared with the exact u_t_min like
 the peers' noisy endings, and the denoising's call is one more step (N = NFE steps; with correct,
 N = NFE - 1 and the last call corrects the state).
+Grids that start below T (START_GRIDS, written <kind>@<rho_s>; derive/_start.py, derive/MATH_x0.md section 6):
+the kind's grid on [t_min, t_s] with rho(t_s) = rho_s (25, 60: t_s = 0.80, 0.90 on VP linear), the state at t_s
+R_ts R_T^-1 x_T, no model call above t_s (diffusers' "leading" spacing starts at t = 1 - 1/N + 0.001 the same way,
+without the factor). Its own cost, the skip floor: the exact flow from the skipped state against the exact flow
+from x_T at T (same metric).
 
 Data: the 2-D rings, the 4-mode image mixture (3 x 16 x 16) and a 64-D mixture of 10 components
 with unequal weights and spreads (``mixture64``). Metrics as in validation.bench: endpoint error
