@@ -3,7 +3,7 @@
 Examples:
   python -m derive                          # the default spec (cld), its default tables
   python -m derive sdes/vp_linear.yaml      # a spec file (or a built-in name: vp_linear)
-  python -m derive cld --nfe 10 20 50 --order 3 --grid quadratic
+  python -m derive cld --nfe 10 20 50 --order 3 --grid quadratic     # the paper's tables
   python -m derive cld --nfe 50 --lam 0.5 --corrector
   python -m derive cld --nfe 10 20 --variable logsnr --form x0
   python -m derive inspect coeffs/cld/cld_nfe50_quadratic_q3.safetensors --plot cld.png
@@ -42,10 +42,11 @@ def _parser():
                    help="write exactly these tables, one per NFE (default: the spec's tables.nfe)")
     p.add_argument("--order", type=_order, default=None,
                    help="multistep order q, 1-4, or auto: per NFE the order, auto:<q> grid, variable, form and "
-                        "corrector derive/_autogrid.recommend picks (default: spec, else 3)")
+                        "corrector derive/_autogrid.recommend picks; options given explicitly still win (default: the "
+                        "spec's tables.order, else auto)")
     p.add_argument("--grid", default=None,
                    help="uniform | quadratic | power:<kappa> | logsnr | edm[:<rho>] | auto[:<q>] | <file of times> "
-                        "(default: spec, else quadratic)")
+                        "(default: spec, else the recommendation's with order auto, quadratic with an integer order)")
     p.add_argument("--lam", type=str, nargs="+", default=None,
                    help="also write stochastic gDDIM weights for these lam > 0 (default: spec, else none)")
     p.add_argument("--corrector", action="store_true", default=None,

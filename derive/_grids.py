@@ -106,7 +106,7 @@ def make_grid(kind, n_steps, deriv, where="--grid", order=None):
         raise SpecError(where, "nfe", "needs at least one sampling step")
     if kind_name == "auto":
         from ._autogrid import make_auto_grid
-        q = param or order or deriv.spec.tables.order
+        q = param or order or 3                             # auto without a stated order: designed for q3
         return _check(make_auto_grid(deriv, n_steps, q), where, t_min, T)
     if kind_name == "power":
         kappa = gmpy2.mpfr(param)

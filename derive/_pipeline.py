@@ -189,27 +189,35 @@ class TableOptions:
     def requests(self, spec, deriv=None):
         """One TableRequest per (nfe, lam), in that order; a file grid fixes the NFE itself.
 
-        order "auto": per NFE the configuration ``_autogrid.recommend(deriv, nfe)`` picks (order,
-        auto:<q> grid, variable, form, corrector); options given explicitly still win."""
+        order "auto" (given, or the spec's default): per NFE the configuration
+        ``_autogrid.recommend(deriv, nfe)`` picks (order, auto:<q> grid, variable, form, corrector);
+        options given explicitly, and a grid the spec names, still win. An auto order that is only the
+        default falls back to the paper's order 3 where auto cannot run (no final denoising, no
+        derivation at hand)."""
         d = spec.tables
         pick = lambda value, default: default if value is None else value
         order, grid = pick(self.order, d.order), pick(self.grid, d.grid)
         corrector, denoise = pick(self.corrector, d.corrector), pick(self.denoise, d.denoise)
         lams = list(pick(self.lam, d.lam)) or [None]
         nfes = list(pick(self.nfe, d.nfe))
-        grid_name, grid_param = _grids.parse_kind(grid)
+        if order == "auto" and (deriv is None or not denoise):
+            if self.order == "auto":
+                raise SpecError("--order", "order", "auto needs the derivation and the final denoising")
+            order = 3
+        grid_name, grid_param = _grids.parse_kind(pick(grid, "quadratic"))
         if grid_name == "file" and self.nfe is None:        # the file's steps decide; one table
             nfes = [len(_grids.read_times(grid_param)) - 1 + int(denoise)]
-        if order == "auto" and (deriv is None or not denoise):
-            raise SpecError("--order", "order", "auto needs the derivation and the final denoising")
         out = []
         for nfe in nfes:
-            q, g, v, f, c = order, grid, pick(self.variable, "t"), pick(self.form, "eps"), corrector
-            if order == "auto":
+            q, g, v, f, c = order, pick(grid, "quadratic"), pick(self.variable, "t"), pick(self.form, "eps"), corrector
+            if order == "auto" and nfe < 2 and self.order != "auto":
+                q = 3                                       # no step to recommend for: the grid says so
+            elif order == "auto":
                 from ._autogrid import recommend
-                rec = recommend(deriv, nfe)
+                _stage(spec, "derivation", deriv.prepare_ode_solutions)   # its failures are the spec's
+                rec = _stage(spec, "order auto", lambda: recommend(deriv, nfe))
                 q, v, f = rec["order"], pick(self.variable, rec["variable"]), pick(self.form, rec["form"])
-                g = pick(self.grid, rec["grid"])
+                g = pick(grid, rec["grid"])
                 c = corrector or rec["corrector"]
             for lam in lams:
                 request = TableRequest(nfe=nfe, order=q, grid=g, lam=lam, corrector=c, denoise=denoise,

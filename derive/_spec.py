@@ -50,9 +50,11 @@ class Basis:
 
 @dataclasses.dataclass(frozen=True)
 class TableDefaults:
+    """A spec's default tables. order "auto": per NFE what ``_autogrid.recommend`` picks (order, grid,
+    variable, form, corrector); grid None: the recommendation's grid, or quadratic for an integer order."""
     nfe: tuple = (10, 20, 50)
-    order: int = 3
-    grid: str = "quadratic"
+    order: int | str = "auto"
+    grid: str | None = None
     denoise: bool = True
     corrector: bool = False
     lam: tuple = ()
@@ -514,8 +516,9 @@ def _tables(value, where):
             raise SpecError(where, "tables.nfe", "expected a list of integers in [1, 10000]")
         out["nfe"] = tuple(nfe)
     if "order" in value:
-        if not isinstance(value["order"], int) or isinstance(value["order"], bool) or not 1 <= value["order"] <= 4:
-            raise SpecError(where, "tables.order", "expected an integer in 1..4")
+        if value["order"] != "auto" and (not isinstance(value["order"], int) or isinstance(value["order"], bool)
+                                         or not 1 <= value["order"] <= 4):
+            raise SpecError(where, "tables.order", "expected an integer in 1..4 or auto")
         out["order"] = value["order"]
     if "grid" in value:
         if not isinstance(value["grid"], str):

@@ -53,7 +53,15 @@ def test_spec_as_path_text_or_name_gives_the_same_table(vp):
 
 
 def test_spec_defaults_fill_unset_options(vp):
-    assert vp.request(7) == TableRequest(nfe=7, order=vp.spec.tables.order, grid=vp.spec.tables.grid)
+    """vp_linear's default order is auto: an unset option is the recommendation's, a set one wins."""
+    from derive._autogrid import recommend
+    assert vp.spec.tables.order == "auto" and vp.spec.tables.grid is None
+    rec = recommend(vp.derivation, 7)
+    assert vp.request(7) == TableRequest(nfe=7, order=rec["order"], grid=rec["grid"], corrector=rec["corrector"],
+                                         variable=rec["variable"], form=rec["form"])
+    assert vp.request(7, variable="t", form="eps") == TableRequest(nfe=7, order=rec["order"], grid=rec["grid"],
+                                                                   corrector=rec["corrector"])
+    assert vp.request(7, order=2) == TableRequest(nfe=7, order=2, grid="quadratic")     # the paper's grid
     assert [r.nfe for r in vp.requests()] == list(vp.spec.tables.nfe)
 
 

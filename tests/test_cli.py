@@ -127,7 +127,7 @@ NAME_RE = re.compile(r"^(?P<spec>[a-z0-9_]+?)_nfe(?P<nfe>\d+)_(?P<grid>[a-z0-9.-
 
 
 def test_manifest_lists_every_file_with_options_and_hash(tmp_path):
-    assert _cli.main(["vp_linear", "--nfe", "4", "--grid", "edm", "--lam", "0.5", "--corrector",
+    assert _cli.main(["vp_linear", "--nfe", "4", "--order", "3", "--grid", "edm", "--lam", "0.5", "--corrector",
                       "--jobs", "1", "--quiet", "--out", str(tmp_path)]) == 0
     folder = tmp_path / "vp_linear"
     doc = json.loads((folder / "manifest.json").read_text())
@@ -152,10 +152,10 @@ def test_manifest_lists_every_file_with_options_and_hash(tmp_path):
 
 def test_manifest_same_whether_written_at_once_or_added_later(tmp_path):
     common = ["vp_linear", "--jobs", "1", "--quiet", "--no-verify"]
-    assert _cli.main([*common, "--nfe", "4", "--out", str(tmp_path / "later")]) == 0
+    assert _cli.main([*common, "--nfe", "4", "--order", "3", "--out", str(tmp_path / "later")]) == 0
     first = (tmp_path / "later" / "vp_linear" / "manifest.json").read_text()
     assert _cli.main([*common, "--nfe", "5", "--order", "2", "--out", str(tmp_path / "later")]) == 0
-    assert _cli.main([*common, "--nfe", "4", "--out", str(tmp_path / "once")]) == 0
+    assert _cli.main([*common, "--nfe", "4", "--order", "3", "--out", str(tmp_path / "once")]) == 0
     assert _cli.main([*common, "--nfe", "5", "--order", "2", "--out", str(tmp_path / "once")]) == 0
     later = (tmp_path / "later" / "vp_linear" / "manifest.json").read_bytes()
     assert later == (tmp_path / "once" / "vp_linear" / "manifest.json").read_bytes()

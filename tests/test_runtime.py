@@ -410,3 +410,31 @@ def test_whole_call_graph_refusals():
         tab = tab.to("cuda")
         with pytest.raises(gr.SamplingError, match="draw no noise"):
             gr.sample(lambda x, t: x, tab, batch=2, data_shape=(2,), compile="graph", sampler="euler_maruyama")
+
+
+@pytest.mark.parametrize("name", ["cld", "vp_linear"])
+def test_committed_default_tables_beat_the_papers(name):
+    """The default tables (spec `order: auto`, committed in coeffs/) sampled with their default
+    sampler against the paper's quadratic order-3 tables with gddim, NFE 10/20/50, on the rings with
+    the exact score (validation.exact): mean endpoint error against the probability flow from the same
+    noise (dopri5 at 1e-8 + the same final denoising). Never worse than the paper's (1.1x: the
+    proxies that choose the default are not these data), and on CLD at NFE 20 -- the issue's target
+    for reaching the floor -- below a quarter of it."""
+    import math
+    from validation.bench import prior, reference_endpoint, rings
+    folder = _coeffs(name)
+    dense = gr.load_dense(folder / f"{name}_dense.safetensors")
+    mix = MixtureScore(*rings())
+    first = gr.load(folder / f"{name}_nfe10_quadratic_q3.safetensors")
+    x_T = prior(first, 256, (2,), mix.basis)
+    ref, _ = reference_endpoint(mix, dense, first, x_T, tol=1e-8)
+
+    def err(tab):
+        u = gr.sample(TableModel(mix, tab), tab, x_T=x_T, dtype=torch.float64)
+        return float((u[:, 0] - ref[:, 0]).norm(dim=1).mean() / math.sqrt(2))
+    for nfe in (10, 20, 50):
+        (path,) = [p for p in folder.glob(f"{name}_nfe{nfe}_auto*.safetensors")]
+        ours, paper = err(gr.load(path)), err(gr.load(folder / f"{name}_nfe{nfe}_quadratic_q3.safetensors"))
+        assert ours <= 1.1 * paper, (path.name, ours, paper)
+        if name == "cld" and nfe == 20:
+            assert ours < 0.25 * paper, (ours, paper)
