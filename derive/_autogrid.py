@@ -56,7 +56,8 @@ SLOPE = 4                    # w(t) = log t + SLOPE t / T: the candidate grid's 
 MAX_COORDS = 8               # basis coordinates used (spread over the sorted frequency values)
 QUADRATIC_SHARE = gmpy2.mpfr(1) / 2   # of the steps placed by the quadratic grid's density (see docstring)
 DENSITY_FLOOR = gmpy2.mpfr("1e-3")   # relative to the mean density
-GRID_SOURCE = "measured"     # "measured": two-mode proxies' per-step errors (measured_grid); "gaussian": error_density
+GRID_SOURCE = "best"         # "measured": two-mode proxies' per-step errors (measured_grid); "gaussian": error_density;
+                             # "best": per NFE and order, the one of the two the proxies end closer on (grid_choice)
 MEASURED_SHARE = gmpy2.mpfr(1)   # of the steps placed by the measured density (the rest: the Gaussian-proxy grid)
 MEASURE_STEPS = 40           # steps of the grid on which measured_density measures
 MEASURE_SUBSTEPS = 12        # reference steps per measured step (states_at)
@@ -223,11 +224,40 @@ def grid_from_weights(tt, w, n_steps):
 
 
 def make_auto_grid(deriv, n_steps, order):
-    """The auto grid for ``n_steps`` steps of the order-``order`` sampler (float64, decreasing)."""
+    """The auto grid for ``n_steps`` steps of the order-``order`` sampler (float64, decreasing):
+    GRID_SOURCE "best" (default): of the measured grid and the Gaussian-proxy grid, the one on which the
+    two-mode proxies end closer to their reference (``grid_choice``)."""
+    if GRID_SOURCE == "best":
+        return grid_choice(deriv, n_steps, order)[0]
     if GRID_SOURCE == "measured":
         return measured_grid(deriv, n_steps, order)
+    return gaussian_grid(deriv, n_steps, order)
+
+
+def gaussian_grid(deriv, n_steps, order):
+    """The Gaussian-proxy grid: error_density's steps, QUADRATIC_SHARE of them on the quadratic grid's density."""
     tt, dens = _density_cached(deriv, order)
     return grid_from_density(tt, dens, order, n_steps)
+
+
+def grid_choice(deriv, n_steps, order):
+    """(times, "measured" | "gaussian", {source: proxy error}): the measured grid (asymptotic: its density is
+    measured on MEASURE_STEPS steps) against the Gaussian-proxy grid at this step count, each scored by the
+    smallest summed proxy endpoint error of the order-q samplers in t (eps or x0 form, corrector or not);
+    ties go to the measured grid. Measured on VP, CLD, PSLD rings and BDM 3x8x8 (auto_default.md): the
+    proxies prefer the Gaussian-proxy grid where it is better on the data (VP NFE 5, BDM NFE 20)."""
+    cache = deriv.__dict__.setdefault("_autogrid_choice", {})
+    key = (n_steps, order, MEASURE_STEPS, MEASURE_SUBSTEPS, QUADRATIC_SHARE, MEASURED_SHARE)
+    if key not in cache:
+        proxies = Proxies(deriv)
+        grids = {"measured": measured_grid(deriv, n_steps, order), "gaussian": gaussian_grid(deriv, n_steps, order)}
+        score = {}
+        for src, times in grids.items():
+            st = _Steps(deriv, times, proxies.coords)
+            score[src] = min(proxies.error(st, order, form, "t", corr) for form in FORMS for corr in (False, True))
+        src = "measured" if score["measured"] <= score["gaussian"] else "gaussian"
+        cache[key] = (grids[src], src, score)
+    return cache[key]
 
 
 def _cumulative(tt, dens):

@@ -170,9 +170,19 @@ def _score(x, ref, means, stds, dim, batch):
     return float(per.mean()), float(per.median()), bench.component_fd(x, means, stds)[0]
 
 
-def _setup(setup, batch):
-    """The data, tables, derivation, exact mixture score, the one-step reference table and the seed-0
-    prior noise of one setup."""
+def _prior(t_ref, batch, data_shape, basis, seed):
+    """bench.prior's x_T = R_T z with z from ``seed`` (seed 0: bench.prior itself)."""
+    if seed == 0:
+        return bench.prior(t_ref, batch, data_shape, basis)
+    z = torch.randn((batch, t_ref.k) + tuple(data_shape), generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    to_coef, from_coef = (gr.dct2, gr.idct2) if basis[0] == "dct2d" else ((lambda x: x),) * 2
+    return from_coef(gr.block_apply(t_ref.tensors["R"][0], to_coef(z), basis))
+
+
+def _setup(setup, batch, seed=0):
+    """The data, tables, derivation, exact mixture score, the one-step reference table and the prior
+    noise (seed 0: bench.prior's) of one setup."""
     import derive
     spec_name, data_fn, _, basis_size = SETUPS[setup]
     means, stds = data_fn()
@@ -182,18 +192,18 @@ def _setup(setup, batch):
     basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
     mix = MixtureScore(means, stds, basis=basis)
     t_ref = tabs.table(1, order=1)
-    x_T = bench.prior(t_ref, batch, data_shape, basis)
+    x_T = _prior(t_ref, batch, data_shape, basis, seed)
     return means, stds, data_shape, tabs, d, basis, mix, tabs.dense_coeffs(), t_ref, x_T
 
 
-def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t", "rho", "logsnr")):
+def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t", "rho", "logsnr"), seed=0):
     """Per NFE: the recommended configuration, and every configuration offered (the grids of
     VARIANT_GRIDS x orders x forms x variables x correctors, OTHER_GRIDS x orders in eps/t), all
     from the same prior noise against the same dopri5 reference. Rows carry rec = 1 for the
     recommendation (its configuration also appears among the offered ones)."""
     from derive import _autogrid
     spec_name, batch = SETUPS[setup][0], batch or SETUPS[setup][2]
-    means, stds, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch)
+    means, stds, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch, seed)
     start = time.perf_counter()
     ref, ref_nfe = bench.reference_endpoint(mix, dense, t_ref, x_T, REF_TOL)
     floor = bench.component_fd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)), means, stds)[0]
@@ -202,7 +212,8 @@ def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t
     log(f"{setup} ({label}, {batch} samples): reference dopri5 NFE {ref_nfe}, {time.perf_counter() - start:.0f} s; "
         f"CFD floor {floor:.2e}, CFD of the reference (exact flow) {ref_cfd:.2e}")
     dim = math.prod(data_shape)
-    base = {"setup": setup, "process": spec_name, "data": label, "batch": batch, "cfd_floor": floor, "ref_cfd": ref_cfd}
+    base = {"setup": setup, "process": spec_name, "data": label, "batch": batch, "seed": seed, "cfd_floor": floor,
+            "ref_cfd": ref_cfd}
     for nfe in nfes:
         t0 = time.perf_counter()
         rec = _autogrid.recommend(d.derivation, nfe)
@@ -262,7 +273,7 @@ def default_summary(rows):
            "|---|---|---|---|---|---|---|---|"]
     for setup in dict.fromkeys(r["setup"] for r in rows):
         for nfe in sorted({r["nfe"] for r in rows if r["setup"] == setup}):
-            sel = [r for r in rows if (r["setup"], r["nfe"]) == (setup, nfe)]
+            sel = [r for r in rows if (r["setup"], r["nfe"], r.get("seed", 0)) == (setup, nfe, 0)]
             rec = [r for r in sel if int(r["rec"])][0]
             paper = [r for r in sel if (r["grid"], r["order"], r["form"], r["variable"], int(r["corrector"]))
                      == ("quadratic", 3, "eps", "t", 0)]
@@ -306,16 +317,46 @@ def oracle(sel, metrics=("endpoint_error", "cfd")):
     return r, max(r[m] / best[m] for m in metrics)
 
 
+def heldout_summary(rows, metrics=(("endpoint_error", "endpoint (mean)"), ("cfd", "CFD"))):
+    """Per setup, NFE and metric, for rows run on two prior-noise seeds: the recommendation's ratio to the
+    best configuration selected after the fact on the same noise (in-sample, biased low: winner's curse)
+    and to the configuration selected on the other seed, evaluated on this one (held out)."""
+    key = lambda r: (r["grid"], r["order"], r["form"], r["variable"], int(r["corrector"]))
+    out = ["| data (process) | NFE | metric | seed | recommended | best in-sample (config) | ratio | "
+           "best held out: selected on the other seed (config) | ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for setup in dict.fromkeys(r["setup"] for r in rows):
+        for nfe in sorted({r["nfe"] for r in rows if r["setup"] == setup}):
+            by_seed = {}
+            for r in rows:
+                if (r["setup"], r["nfe"]) == (setup, nfe):
+                    by_seed.setdefault(r.get("seed", 0), {})[key(r)] = r
+            if len(by_seed) != 2:
+                continue
+            seeds = sorted(by_seed)
+            for metric, name in metrics:
+                for s, other in (seeds, seeds[::-1]):
+                    here, there = by_seed[s], by_seed[other]
+                    common = [k for k in here if k in there]
+                    rec = [here[k] for k in common if int(here[k]["rec"])][0]
+                    best = min((here[k] for k in common), key=lambda r: r[metric])
+                    pick = here[min(common, key=lambda k: there[k][metric])]
+                    out.append(f"| {rec['data']} ({rec['process']}) | {nfe} | {name} | {s} | {rec[metric]:.2e} | "
+                               f"{best[metric]:.2e} ({_config(best)}) | {rec[metric] / best[metric]:.2f} | "
+                               f"{pick[metric]:.2e} ({_config(pick)}) | {rec[metric] / pick[metric]:.2f} |")
+    return "\n".join(out)
+
+
 def read_default_csv(paths):
     rows = {}
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
-                for key in ("nfe", "calls", "order", "corrector", "rec", "batch"):
+                r.setdefault("seed", "0")
+                for key in ("nfe", "calls", "order", "corrector", "rec", "batch", "seed"):
                     r[key] = int(r[key])
                 for key in ("endpoint_error", "endpoint_median", "cfd", "cfd_floor", "ref_cfd", "rec_seconds"):
                     r[key] = float(r[key])
-                rows[(r["setup"], r["nfe"], r["grid"], r["order"], r["form"], r["variable"], r["corrector"])] = r
+                rows[(r["setup"], r["nfe"], r["seed"], r["grid"], r["order"], r["form"], r["variable"], r["corrector"])] = r
     return list(rows.values())
 
 
@@ -366,6 +407,7 @@ def main(argv=None):
     p.add_argument("--orders", type=int, nargs="+", default=list(ORDERS), help="orders offered (--default)")
     p.add_argument("--variables", nargs="+", default=["t", "rho", "logsnr"], help="variables offered (--default)")
     p.add_argument("--floor", action="store_true", help="recommended vs paper default vs the exact flow and EM at 1000")
+    p.add_argument("--seed", type=int, default=0, help="prior noise seed of a --default run (0: validation.bench's)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     if args.floor:
@@ -382,13 +424,15 @@ def main(argv=None):
         if not args.from_csv:
             for setup in args.setups:
                 run_default(setup, args.nfe, rows, lambda *a: print(*a, flush=True), batch=args.batch,
-                            orders=tuple(args.orders), variables=tuple(args.variables))
+                            orders=tuple(args.orders), variables=tuple(args.variables), seed=args.seed)
         if args.csv:
             with open(args.csv, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(rows)
-        text = default_summary(rows)
+        text = default_summary(rows) if any(r.get("seed", 0) == 0 for r in rows) else ""
+        if len({r.get("seed", 0) for r in rows}) > 1:
+            text += "\n\n" + heldout_summary(rows)
         print(text)
         if args.out:
             Path(args.out).write_text(text + "\n")
