@@ -566,7 +566,8 @@ def write(result, out, command=None):
     import diffusers
     out.mkdir(parents=True, exist_ok=True)
     rows, nfes = result["rows"], result["nfes"]
-    suffix = result.get("suffix", "_quick" if result["quick"] else "")
+    source = result.get("suffix", "_quick" if result["quick"] else "")      # the csv whose rows were kept
+    suffix = result.get("out_suffix") or source
     with open(out / f"peers{suffix}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -588,10 +589,10 @@ def write(result, out, command=None):
           *([f"This command ran {result['add_forms']} "
              f"({result['n_new_rows']} rows, on {', '.join(sorted({r['data'] for r in rows} - set(result['kept'])) or ['the data'])}"
              f"; {result['seconds']:.0f} s); every other row is the previous "
-             f"peers{suffix}.csv's, measured on the same noise and sample count (the runs are deterministic).", ""]
+             f"peers{source}.csv's, measured on the same noise and sample count (the runs are deterministic).", ""]
             if result.get("add_forms") else []),
           *([f"Only {', '.join(sorted({r['data'] for r in rows} - set(result['kept'])))} rerun by this command; the rows "
-             f"of {', '.join(result['kept'])} are kept from the previous peers{suffix}.csv (their runs: git log of "
+             f"of {', '.join(result['kept'])} are kept from the previous peers{source}.csv (their runs: git log of "
              "that file and of this .md).", ""]
             if result.get("kept") and not result.get("add_forms") else []),
           "Best of many configurations on the same noise favours the side with more configurations.", "",
@@ -634,7 +635,8 @@ def main(argv=None):
                    "X0_OPTIONS and keep every other row (peers, the four plain forms) of the existing peers.csv "
                    "(deterministic: same noise, same samples)")
     p.add_argument("--add-start", action="store_true", help="with --data: run only the gDDIM configurations on "
-                   "grids that start below T (START_GRIDS) and keep every other row of the existing csv")
+                   "grids that start below T (START_GRIDS) and keep every other row of the existing csv (with "
+                   "--quick: of peers_quick.csv, written to peers_quick_start.*)")
     p.add_argument("--nfes", type=int, nargs="+", help=f"NFEs (default {' '.join(map(str, NFES))})")
     p.add_argument("--data", nargs="+", help="rerun only the data sets whose label contains one of these (e.g. "
                    "images); the other data sets' rows are kept from the existing peers.csv (said in peers.md)")
@@ -656,6 +658,8 @@ def main(argv=None):
           (" --samples " + " ".join(map(str, args.samples)) if args.samples else "") + \
           (" --data " + " ".join(args.data) if args.data else "") + (" --add-start" if args.add_start else "") + \
           (" --add-forms" if args.add_forms else "") + (" --nfes " + " ".join(map(str, args.nfes)) if args.nfes else "")
+    if args.add_start and args.quick:                 # the benchmark's quick rows + the start rows: a file of its own
+        res["out_suffix"] = "_quick_start"
     if args.data:
         new_rows = len(res["rows"])
         res["kept"] = _kept_rows(Path(args.out) if args.out else RESULTS, res)
