@@ -99,7 +99,7 @@ def test_skipped_state_is_the_exact_flow_for_zero_data(name, shape):
     assert float((u - u_T).abs().max() / skipped.abs().max()) > 1e3 * off      # the flow did move the state
 
 
-X
+@pytest.mark.slow          # 25 s alone, ~2 min on the shared machine: validation's full check of two tables
 @pytest.mark.parametrize("name", ["vp_linear", "cld"])
 def test_start_tables_pass_the_full_check(name):
     """Tables on a grid that starts at t_s (x0 form, corrector, order 3) pass validation's full check."""
