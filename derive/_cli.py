@@ -46,7 +46,9 @@ def _parser():
                         "spec's tables.order, else auto)")
     p.add_argument("--grid", default=None,
                    help="uniform | quadratic | power:<kappa> | logsnr | edm[:<rho>] | auto[:<q>] | <file of times> "
-                        "(default: spec, else the recommendation's with order auto, quadratic with an integer order)")
+                        "(default: spec, else the recommendation's with order auto, quadratic with an integer order); "
+                        "<kind>@<rho_s>: that grid started at t_s where the noise-to-signal ratio is rho_s (the start "
+                        "skip: no model call above t_s)")
     p.add_argument("--lam", type=str, nargs="+", default=None,
                    help="also write stochastic gDDIM weights for these lam > 0 (default: spec, else none)")
     p.add_argument("--corrector", action="store_true", default=None,

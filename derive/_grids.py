@@ -11,6 +11,10 @@ Kinds:
   auto[:<q>]                         equidistributes the measured local error of the order-q sampler
                                      on Gaussian data proxies (derive/_autogrid.py); q defaults to
                                      the ``order`` passed to make_grid, else the spec's tables order
+  <kind>@<rho_s>                     (kind: uniform, quadratic, power, logsnr, edm) that grid on
+                                     [t_min, t_s], rho(t_s) = rho_s (t_s = T if rho(T) <= rho_s): the
+                                     start skip, derive/_start.py; the state at t_s is R_ts R_T^-1 u_T,
+                                     i.e. the runtime's prior draw R_{t_0} z
 
 rho_t for logsnr/edm: std_t / |mean_t| for scalar families; for k > 1 the geometric-mean
 ratio det(Sigma_t)^(1/2k) / |det Psi(t,0)|^(1/k). With a per-coordinate basis it is taken at
@@ -50,6 +54,10 @@ def parse_kind(text, where="--grid"):
         if q not in ("1", "2", "3", "4"):
             raise SpecError(where, "grid", f"auto:<q> needs an order q in 1..4, got {text!r}")
         return ("auto", int(q))
+    if "@" in text and not Path(text).is_file():
+        from ._start import parse_start
+        base, rho_s = parse_start(text, where)
+        return ("start", (rho_s, parse_kind(base, where)))
     if text == "edm" or text.startswith("edm:"):
         try:
             rho = float(text.split(":", 1)[1]) if ":" in text else 7.0
@@ -62,7 +70,7 @@ def parse_kind(text, where="--grid"):
     if Path(path).is_file():
         return ("file", path)
     raise SpecError(where, "grid", f"unknown grid {text!r}: use uniform, quadratic, power:<kappa>, "
-                                   "logsnr, edm[:<rho>], auto[:<q>] or a file of times")
+                                   "logsnr, edm[:<rho>], auto[:<q>], <kind>@<rho_s> or a file of times")
 
 
 def read_times(path):
@@ -104,6 +112,9 @@ def make_grid(kind, n_steps, deriv, where="--grid", order=None):
         return _check(read_times(param), param, t_min, T)
     if n_steps < 1:
         raise SpecError(where, "nfe", "needs at least one sampling step")
+    if kind_name == "start":
+        from ._start import start_grid
+        return start_grid(param[1], param[0], n_steps, deriv, where)
     if kind_name == "auto":
         from ._autogrid import make_auto_grid
         q = param or order or 3                             # auto without a stated order: designed for q3

@@ -72,6 +72,8 @@ def _grid_label(grid_name, param):
         return f"edm{param:g}"
     if grid_name == "auto":                      # auto:<q> designs for order q, whatever the table's
         return "auto" if param is None else f"auto{param}"
+    if grid_name == "start":                     # <kind>@<rho_s>: the kind's grid from t_s, rho(t_s) = rho_s
+        return f"{_grid_label(*param[1])}-from-rho{param[0]:g}"
     return grid_name
 
 
@@ -80,8 +82,8 @@ class TableRequest:
     """One sampler table: every option that changes its numbers (and its file name).
 
     nfe: model evaluations (steps = nfe - 1 with the final denoise, nfe without); order: multistep
-    order q, 1..4; grid: uniform | quadratic | power:<kappa> | logsnr | edm[:<rho>] | auto[:<q>] | a file of
-    times; lam: None for the deterministic table, else an exact number > 0 as text ("1/2",
+    order q, 1..4; grid: uniform | quadratic | power:<kappa> | logsnr | edm[:<rho>] | auto[:<q>] |
+    <kind>@<rho_s> (that grid from t_s, rho(t_s) = rho_s: derive/_start.py) | a file of times; lam: None for the deterministic table, else an exact number > 0 as text ("1/2",
     "0.5", "1") for the stochastic weights too; corrector: also Adams-Moulton weights;
     denoise: final denoising evaluation at t_min; variable: the variable of the multistep
     polynomial, t (the paper) | rho | logsnr (``_variants``); form: eps (the table as always) |

@@ -710,7 +710,9 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     generator: torch.Generator on the table's device for the initial noise and the stochastic
         samplers' noise; the result is deterministic given it.
     x_T: the initial state u_T itself (not standard noise), shaped [B, k, *data_shape] in data
-        space, e.g. R_T z for z ~ N(0, I) (what ``sample`` draws when x_T is None).
+        space, e.g. R_T z for z ~ N(0, I) (what ``sample`` draws when x_T is None). It is the state
+        at the table's first time t_0, which is t_s < T for a grid '<kind>@<rho_s>' (the start
+        skip): noise drawn at T maps there as R_t0 R_T^-1 u_T (derive/_start.py skip_map).
     dtype: the state's dtype, float32 by default (float64 for reference work); the table stays
         float64 and the coefficients are cast once per call.
     denoise: take the final denoising step E[u_0 | u_{t_N}] at t_min (one more model
