@@ -301,6 +301,7 @@ FORMS = ("eps", "x0")
 VARIABLES = ("t", "rho", "logsnr")
 ORDERS = (1, 2, 3, 4)
 MEASURE_MODES = BIMODAL          # the proxies measured_density measures on
+SCORE = "w1"                     # recommend ranks by "w1" (distribution error) or "endpoint" (pathwise error)
 SAMPLER = {("eps", False): "gddim", ("eps", True): "gddim_pc", ("x0", False): "gddim_x0",
            ("x0", True): "gddim_x0_pc"}
 
@@ -500,9 +501,13 @@ class Proxies:
         return self._ref
 
     def errors(self, st, order, form="eps", variable="t", corrector=False):
-        """Mean endpoint error over the draws per (m, c) of BIMODAL, summed over the coordinates
-        ([len(BIMODAL)] array; inf where not finite)."""
-        e = np.mean(np.abs(self.endpoint(st, order, form, variable, corrector) - self.reference()), axis=1)
+        """Mean endpoint error over the draws per (m, c) of the modes, summed over the coordinates
+        ([len(modes)] array; inf where not finite); SCORE "w1": the 1-D Wasserstein distance between the
+        draws' endpoints and the reference's (sorted), which is what a distribution metric sees."""
+        x, ref = self.endpoint(st, order, form, variable, corrector), self.reference()
+        if SCORE == "w1":                     # the distribution's error: W1 of the sorted draws, per proxy
+            x, ref = np.sort(np.where(np.isfinite(x), x, np.inf), axis=1), np.sort(ref, axis=1)
+        e = np.mean(np.abs(x - ref), axis=1)
         e = e.reshape(len(self.modes), -1).sum(axis=1)
         return np.where(np.isfinite(e), e, np.inf)
 
@@ -602,9 +607,8 @@ def recommend(deriv, nfe, configs=None, scores=False):
     proxies = Proxies(deriv)
     steps, table = {}, {}
     for q, form, variable, corr in configs:
-        if q not in steps:
-            tt, dens = _density_cached(deriv, q)
-            steps[q] = _Steps(deriv, grid_from_density(tt, dens, q, nfe - 1), proxies.coords)
+        if q not in steps:                    # the auto:<q> grid the table will be derived on
+            steps[q] = _Steps(deriv, make_auto_grid(deriv, nfe - 1, q), proxies.coords)
         try:
             table[(q, form, variable, corr)] = proxies.error(steps[q], q, form, variable, corr)
         except _hp.EvaluationError:
