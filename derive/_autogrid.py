@@ -2,6 +2,12 @@
 and ``recommend``: the configuration (order, form, variable, corrector) for a process and NFE,
 chosen by running every candidate sampler on two-mode proxies (second half of this module).
 
+``make_auto_grid`` (GRID_SOURCE "best"): per NFE and order, of two grids the one on which the
+two-mode proxies end closer to their reference (``grid_choice``): the measured grid
+(``measured_density``: each step's share of the proxies' global error, from the order-q x0+pc
+sampler restarted at every t_i of a 40-step grid on the exact state; validation/results/
+auto_default.md) and the Gaussian-proxy grid described next.
+
 Data proxy. Gaussian data N(0, c^2) in each data coordinate keep an exact score under every
 linear SDE, from the derivation alone: the marginal covariance is S_t = Sigma_t + c^2 d_t d_t^T
 (d_t = D_t e_0, the data's column of D_t), the probability flow is linear,
@@ -597,8 +603,8 @@ def recommend(deriv, nfe, configs=None, scores=False):
     {"grid": "auto:<q>", "order": q, "form", "variable", "corrector", "sampler", "proxy_error"}.
 
     Each candidate (order, form, variable, corrector) runs on its own auto:<q> grid over the
-    two-mode proxies (``Proxies``); the smallest summed endpoint error wins (ties: the earlier
-    candidate). A candidate whose variable is undefined for the process (singular Sigma or D on
+    two-mode proxies (``Proxies``); the smallest summed score wins (SCORE "w1": the W1 distance of the
+    draws' endpoints to the reference's; ties: the earlier candidate). A candidate whose variable is undefined for the process (singular Sigma or D on
     the grid) is skipped. Deterministic: the grid is MPFR; the simulation is float64 numpy from
     a fixed seed. scores: also return {config: proxy error}."""
     if nfe < 2:
