@@ -417,9 +417,9 @@ def test_committed_default_tables_beat_the_papers(name):
     """The default tables (spec `order: auto`, committed in coeffs/) sampled with their default
     sampler against the paper's quadratic order-3 tables with gddim, NFE 10/20/50, on the rings with
     the exact score (validation.exact): mean endpoint error against the probability flow from the same
-    noise (dopri5 at 1e-8 + the same final denoising). Never worse than the paper's (1.1x: the
-    proxies that choose the default are not these data), and on CLD at NFE 20 -- the issue's target
-    for reaching the floor -- below a quarter of it."""
+    noise (dopri5 at 1e-8 + the same final denoising). Measured (256 draws): CLD 0.26 / 0.082 /
+    0.006 of the paper's at NFE 10 / 20 / 50, VP 0.41 / 0.39 / 0.03; asserted: at most 0.6 of it
+    everywhere, and on CLD at NFE 20 -- the issue's target for reaching the floor -- below 0.15."""
     import math
     from validation.bench import prior, reference_endpoint, rings
     folder = _coeffs(name)
@@ -435,6 +435,6 @@ def test_committed_default_tables_beat_the_papers(name):
     for nfe in (10, 20, 50):
         (path,) = [p for p in folder.glob(f"{name}_nfe{nfe}_auto*.safetensors")]
         ours, paper = err(gr.load(path)), err(gr.load(folder / f"{name}_nfe{nfe}_quadratic_q3.safetensors"))
-        assert ours <= 1.1 * paper, (path.name, ours, paper)
+        assert ours <= 0.6 * paper, (path.name, ours, paper)
         if name == "cld" and nfe == 20:
-            assert ours < 0.25 * paper, (ours, paper)
+            assert ours < 0.15 * paper, (ours, paper)
