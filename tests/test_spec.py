@@ -63,7 +63,17 @@ BAD = [
     (GOOD + "basis: {kind: dct3d}\n", "basis.kind", "unknown kind"),
     (GOOD + "R0: [[1, 0], [0, 1]]\n", "R0", "must equal"),
     (GOOD + "tables: {order: 7}\n", "tables.order", "1..4"),
+    (GOOD + "tables: {order: automatic}\n", "tables.order", "1..4 or auto"),
 ]
+
+
+def test_tables_order_auto_is_the_default(tmp_path):
+    """order: auto parses, and a spec without a tables block defaults to it (grid left to it)."""
+    from derive._spec import TableDefaults
+    assert load_spec(write(tmp_path, GOOD + "tables: {order: auto}\n")).tables == TableDefaults(order="auto")
+    assert load_spec(write(tmp_path, GOOD)).tables.order == "auto"
+    assert load_spec(write(tmp_path, GOOD)).tables.grid is None
+    assert load_spec(write(tmp_path, GOOD + "tables: {order: 2, grid: edm}\n")).tables == TableDefaults(order=2, grid="edm")
 
 
 @pytest.mark.parametrize("text, key, fragment", BAD)

@@ -4,8 +4,9 @@
     python -m validation.bench_derive --sweep [--spec NAME] [--nfe N]
 
 Default: `python -m derive <builtin>` for every built-in spec, a fresh process each (imports
-included), default tables and fast verification; files go to DIR/<name>/ (default: a
-temporary folder, removed). Prints a Markdown table.
+included), default tables (order auto) and fast verification, and the same with the paper's tables
+(`--order 3 --grid quadratic`); files go to DIR/{auto,paper}/<name>/ (default: a temporary folder,
+removed). Prints a Markdown table.
 
 --sweep: the same 16 tables (orders 1-4 x grids uniform, quadratic, logsnr, edm; one NFE),
 each checked (fast) and saved, (a) through the Python API (one ``derive.derive``, then
@@ -33,14 +34,25 @@ def _derive_cli(*args):
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
+PAPER = ("--order", "3", "--grid", "quadratic")       # the paper's tables, the default before order auto
+
+
 def per_spec(names, out):
-    print("| spec | wall time (s) | files |\n|---|---|---|")
+    """Per built-in: the default run (order auto: the recommendation + its tables) and the paper's
+    quadratic q3 tables, each a fresh ``python -m derive`` into its own folder."""
+    print("| spec | default run, order auto (s) | paper tables, --order 3 --grid quadratic (s) | files |\n"
+          "|---|---|---|---|")
     for name in names:
-        start = time.perf_counter()
-        proc = _derive_cli(name, "--out", out, "--quiet")
-        wall = time.perf_counter() - start
-        n = len(list((Path(out) / name).glob("*"))) if proc.returncode == 0 else f"failed: {proc.stderr.strip()}"
-        print(f"| {name} | {wall:.1f} | {n} |", flush=True)
+        walls, n = [], None
+        for label, extra in (("auto", ()), ("paper", PAPER)):
+            start = time.perf_counter()
+            proc = _derive_cli(name, "--out", Path(out) / label, "--quiet", *extra)
+            walls.append(time.perf_counter() - start)
+            if proc.returncode != 0:
+                n = f"failed ({label}): {proc.stderr.strip()}"
+            elif n is None:
+                n = len(list((Path(out) / label / name).glob("*")))
+        print(f"| {name} | {walls[0]:.1f} | {walls[1]:.1f} | {n} |", flush=True)
 
 
 def sweep(spec, nfe, out):
