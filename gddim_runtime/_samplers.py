@@ -709,12 +709,10 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
         corrector weights -> gddim_pc, else gddim), so ``--order auto`` tables sample as recommended.
     generator: torch.Generator on the table's device for the initial noise and the stochastic
         samplers' noise; the result is deterministic given it.
-    x_T: the initial state u_T itself (not standard noise), shaped [B, k, *data_shape] in data
-        space, e.g. R_T z for z ~ N(0, I) (what ``sample`` draws when x_T is None). It is the state
-        at the table's first time t_0, which is t_s < T for a grid '<kind>@<rho_s>' (the start
-        skip): noise drawn at T maps there as R_t0 R_T^-1 u_T (derive/_start.py skip_map).
-    dtype: the state's dtype, float32 by default (float64 for reference work); the table stays
-        float64 and the coefficients are cast once per call.
+    x_T: the state at the table's first time t_0 (T, or t_s for a grid '<kind>@<rho_s>': noise u_T
+        maps there as R_t0 R_T^-1 u_T, derive/_start.py), [B, k, *data_shape] in data space, e.g.
+        R_t0 z for z ~ N(0, I) (what ``sample`` draws when x_T is None).
+    dtype: the state's dtype, float32 by default (float64 for reference work; the table stays float64).
     denoise: take the final denoising step E[u_0 | u_{t_N}] at t_min (one more model
         evaluation); default: what the table's NFE accounting assumes (meta "denoise").
     callback: called after every step with {"i": step, "t": t_{i+1} (0-d tensor), "u": a copy
