@@ -183,10 +183,10 @@ def test_cld_x0_table_fast_check(cld):
 
 # ----- options, names, unchanged defaults ------------------------------------------------------------
 def test_request_options_and_names(vp):
-    r = vp.request(10, variable="logsnr", form="x0")
+    r = vp.request(10, order=3, variable="logsnr", form="x0")      # order 3: the paper's grid (default: auto)
     assert r.label("vp_linear") == "vp_linear_nfe10_quadratic_q3_inlogsnr_x0"
     assert r.command("vp_linear").endswith("--grid quadratic --variable logsnr --form x0")
-    plain = vp.request(10)
+    plain = vp.request(10, order=3)
     assert (plain.variable, plain.form) == ("t", "eps") and not plain.is_variant
     assert plain.label("vp_linear") == "vp_linear_nfe10_quadratic_q3"
     assert "variable" not in plain.command("vp_linear")
