@@ -104,7 +104,7 @@ def make_grid(kind, n_steps, deriv, where="--grid", order=None):
     """Float64 times [N+1], decreasing; N = n_steps (ignored for a file grid).
 
     order: the sampler's order, used by the auto grid only (``auto:<q>`` overrides it; neither
-    given: the spec's ``tables`` order)."""
+    given: order 3)."""
     kind_name, param = kind
     spec = deriv.spec
     T, t_min = float(_hp.mpf(spec.T)), float(_hp.mpf(spec.t_min))
@@ -119,13 +119,23 @@ def make_grid(kind, n_steps, deriv, where="--grid", order=None):
         from ._autogrid import make_auto_grid
         q = param or order or 3                             # auto without a stated order: designed for q3
         return _check(make_auto_grid(deriv, n_steps, q), where, t_min, T)
+    return named_times(kind_name, param, n_steps, deriv, where, T, _hp.mpf(spec.T))
+
+
+def named_times(kind_name, param, n_steps, deriv, where, top, top_hp):
+    """A power, logsnr or edm grid of n_steps steps on [t_min, top], checked (float64, decreasing).
+
+    top: the first time (T, or the start skip's t_s, derive/_start.py); top_hp: its high-precision
+    value for the power grid (the spec's exact T, not its float64 rounding)."""
+    spec = deriv.spec
+    t_min = float(_hp.mpf(spec.t_min))
     if kind_name == "power":
         kappa = gmpy2.mpfr(param)
-        a = _hp.mpf(spec.T) ** (1 / kappa)
+        a = top_hp ** (1 / kappa)
         b = _hp.mpf(spec.t_min) ** (1 / kappa)
         times = [float((a + (b - a) * i / n_steps) ** kappa) for i in range(n_steps + 1)]
     else:
-        lo, hi = _rho(deriv, np.array([_hp.mpf(t_min), _hp.mpf(T)], dtype=object))
+        lo, hi = _rho(deriv, np.array([_hp.mpf(t_min), _hp.mpf(top)], dtype=object))
         if not lo < hi:
             raise SpecError(where, "grid", f"{kind_name} grid needs a noise-to-signal ratio increasing in t")
         if kind_name == "logsnr":
@@ -135,10 +145,9 @@ def make_grid(kind, n_steps, deriv, where="--grid", order=None):
             inv = 1 / gmpy2.mpfr(param)
             a, b = hi ** inv, lo ** inv
             targets = [(a + (b - a) * i / n_steps) ** gmpy2.mpfr(param) for i in range(n_steps + 1)]
-        times = _invert(deriv, targets[1:-1], t_min, T)
-        times = [T] + times + [t_min]
-    times[0], times[-1] = T, t_min
-    times = _check(times, where, t_min, T)
+        times = [top] + _invert(deriv, targets[1:-1], t_min, top) + [t_min]
+    times[0], times[-1] = top, t_min
+    times = _check(times, where, t_min, float(_hp.mpf(spec.T)))
     if kind_name in ("logsnr", "edm"):
         rho = _rho(deriv, _hp.array(times))
         if any(a <= b for a, b in zip(rho, rho[1:])):

@@ -72,31 +72,8 @@ def start_grid(kind, rho_s, n_steps, deriv, where="--grid"):
         raise SpecError(where, "grid", f"no start below T for a {kind_name} grid")
     if n_steps < 1:
         raise SpecError(where, "nfe", "needs at least one sampling step")
-    spec = deriv.spec
-    t_min = float(_hp.mpf(spec.t_min))
     t_s = start_time(deriv, rho_s, where)
-    top = gmpy2.mpfr(t_s)
-    if kind_name == "power":
-        kappa = gmpy2.mpfr(param)
-        a, b = top ** (1 / kappa), _hp.mpf(spec.t_min) ** (1 / kappa)
-        times = [float((a + (b - a) * i / n_steps) ** kappa) for i in range(n_steps + 1)]
-    else:
-        lo, hi = _grids._rho(deriv, np.array([_hp.mpf(t_min), top], dtype=object))
-        if kind_name == "logsnr":
-            a, b = gmpy2.log(hi), gmpy2.log(lo)
-            targets = [gmpy2.exp(a + (b - a) * i / n_steps) for i in range(n_steps + 1)]
-        else:
-            inv = 1 / gmpy2.mpfr(param)
-            a, b = hi ** inv, lo ** inv
-            targets = [(a + (b - a) * i / n_steps) ** gmpy2.mpfr(param) for i in range(n_steps + 1)]
-        times = [t_s] + _grids._invert(deriv, targets[1:-1], t_min, t_s) + [t_min]
-    times[0], times[-1] = t_s, t_min
-    times = _grids._check(times, where, t_min, float(_hp.mpf(spec.T)))
-    if kind_name in ("logsnr", "edm"):
-        rho = _grids._rho(deriv, _hp.array(times))
-        if any(a <= b for a, b in zip(rho, rho[1:])):
-            raise SpecError(where, "grid", f"{kind_name} grid: the noise-to-signal ratio is not monotone in t")
-    return times
+    return _grids.named_times(kind_name, param, n_steps, deriv, where, t_s, gmpy2.mpfr(t_s))
 
 
 def make_grid(text, n_steps, deriv, where="--grid"):
