@@ -63,17 +63,24 @@ def decade(x):
     return "0" if x == 0 else f"<= 1e{int(np.ceil(np.log10(x) - 1e-9))}"
 
 
+def _number_label(x):
+    """A float parameter in a file name: its shortest round-trip text (25.0 -> '25', 12.5 -> '12.5'),
+    so two different values never share a name (':g' kept 6 digits: 3.0000001 and 3 both gave '3')."""
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def _grid_label(grid_name, param):
     if grid_name == "power":
-        return {1.0: "uniform", 2.0: "quadratic"}.get(param, f"power{param:g}")
+        return {1.0: "uniform", 2.0: "quadratic"}.get(param, f"power{_number_label(param)}")
     if grid_name == "file":
         return "file-" + re.sub(r"[^a-z0-9]+", "-", Path(param).stem.lower()).strip("-")
     if grid_name == "edm":
-        return f"edm{param:g}"
+        return f"edm{_number_label(param)}"
     if grid_name == "auto":                      # auto:<q> designs for order q, whatever the table's
         return "auto" if param is None else f"auto{param}"
     if grid_name == "start":                     # <kind>@<rho_s>: the kind's grid from t_s, rho(t_s) = rho_s
-        return f"{_grid_label(*param[1])}-from-rho{param[0]:g}"
+        return f"{_grid_label(*param[1])}-from-rho{_number_label(param[0])}"
     return grid_name
 
 

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT, run_derive
 from derive import _cli, _pipeline, _tables, _writer
@@ -184,6 +185,28 @@ def test_manifest_same_whether_written_at_once_or_added_later(tmp_path):
 ])
 def test_names_follow_the_documented_rule(options, label):
     assert TableRequest(**options).label("x") == label
+
+
+_kappa = st.floats(0.1, 20, allow_nan=False)
+_rho_s = st.floats(1e-3, 1e6, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_kappa, _kappa, _rho_s, _rho_s)
+def test_different_grid_parameters_never_share_a_file_name(k1, k2, r1, r2):
+    """Power, edm and start-skip parameters are written in full (shortest round-trip text), so two
+    different values never map to one file (':g' kept 6 digits: power:3.0000001 was 'power3')."""
+    label = lambda grid: TableRequest(nfe=20, grid=grid).label("x")
+    for a, b in ((f"power:{k1!r}", f"power:{k2!r}"), (f"edm:{max(k1, 0.5)!r}", f"edm:{max(k2, 0.5)!r}"),
+                 (f"quadratic@{r1!r}", f"quadratic@{r2!r}")):
+        same_value = _pipeline._grids.parse_kind(a) == _pipeline._grids.parse_kind(b)
+        assert (label(a) == label(b)) == same_value, (a, b)
+
+
+def test_full_precision_grid_labels():
+    assert TableRequest(nfe=20, grid="power:3.0000001").label("x") == "x_nfe20_power3.0000001_q3"
+    assert TableRequest(nfe=20, grid="quadratic@25").label("x") == "x_nfe20_quadratic-from-rho25_q3"
+    assert TableRequest(nfe=20, grid="logsnr@12.5").label("x") == "x_nfe20_logsnr-from-rho12.5_q3"
 
 
 def test_grid_file_label(tmp_path):
