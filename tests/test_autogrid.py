@@ -60,6 +60,31 @@ def _bits(times):
     return b"".join(struct.pack("<d", v) for v in times)
 
 
+@pytest.fixture(scope="module")
+def rings(derived):
+    """rings(name) -> error(table, sampler): the mean endpoint error of a table on the 2-D rings
+    (validation.bench.rings, exact score), 500 fixed prior draws, against dopri5 (1e-8) + the final
+    denoising from the same draws (one reference per process, shared by the slow tests)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            from validation import bench
+            d = derived(name)
+            mix = MixtureScore(*bench.rings())
+            dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
+            base = d.table(nfe=2, order=1, verify="none").to_runtime()
+            x_T = bench.prior(base, 500, (2,), ("identity", ()))
+            ref, _ = bench.reference_endpoint(mix, dense, base, x_T, 1e-8)
+
+            def error(tab, sampler):
+                u = gr.sample(TableModel(mix, tab), tab, x_T=x_T, sampler=sampler, dtype=torch.float64)
+                return float((u[:, 0] - ref[:, 0]).norm(dim=-1).mean())
+            cache[name] = error
+        return cache[name]
+    return get
+
+
 @pytest.mark.parametrize("name", ["vp_linear", "cld", "ve", "bdm8", "chain3"])
 def test_grid_valid_and_deterministic(derived, name):
     d = derived(name)
@@ -244,23 +269,12 @@ def test_recommend_is_deterministic_and_sees_cld_stiffness(derived):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["cld", "psld"])
-def test_recommended_beats_paper_default_on_rings(derived, name):
+def test_recommended_beats_paper_default_on_rings(derived, rings, name):
     """The recommendation against the paper's default (quadratic grid, order 3, eps form in t) on the
     2-D rings (validation.bench.rings, exact score), same 500 prior draws, endpoint error against
     dopri5 (1e-8) + final denoising. Measured (validation/results/auto_default.md, 1000 draws):
     CLD 3.1x at NFE 10, 7x at 20; PSLD 4.6x, 6x; asserted with margin: 2x and 3x."""
-    from validation import bench
-    d = derived(name)
-    means, stds = bench.rings()
-    mix = MixtureScore(means, stds)
-    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
-    base = d.table(nfe=2, order=1, verify="none").to_runtime()
-    x_T = bench.prior(base, 500, (2,), ("identity", ()))
-    ref, _ = bench.reference_endpoint(mix, dense, base, x_T, 1e-8)
-
-    def err(tab, sampler):
-        u = gr.sample(TableModel(mix, tab), tab, x_T=x_T, sampler=sampler, dtype=torch.float64)
-        return float((u[:, 0] - ref[:, 0]).norm(dim=-1).mean())
+    d, err = derived(name), rings(name)
     for nfe, factor in ((10, 2), (20, 3)):
         rec = _autogrid.recommend(d.derivation, nfe)
         tab = d.table(nfe=nfe, order=rec["order"], grid=rec["grid"], variable=rec["variable"], form="x0",
@@ -295,25 +309,17 @@ def test_measured_density_telescopes_to_the_global_error(derived):
 
 
 @pytest.mark.slow
-def test_measured_grid_beats_gaussian_grid_on_cld_rings(derived, monkeypatch):
+def test_measured_grid_beats_gaussian_grid_on_cld_rings(derived, rings, monkeypatch):
     """Issue 12 (CLD at NFE 20): the same configuration as recommended at NFE 20 (order 4, data prediction
     + corrector) on the measured auto grid vs the Gaussian-proxy auto grid (GRID_SOURCE "gaussian", the
     grid before), 2-D rings, 500 prior draws, endpoint error against dopri5 (1e-8) + final denoising.
     Measured (1000 draws): 5.7e-3 vs 1.25e-2 at NFE 20 (2.2x), 6.5e-2 vs 1.27e-1 at NFE 10; asserted 1.5x."""
-    from validation import bench
-    d = derived("cld")
-    means, stds = bench.rings()
-    mix = MixtureScore(means, stds)
-    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
-    base = d.table(nfe=2, order=1, verify="none").to_runtime()
-    x_T = bench.prior(base, 500, (2,), ("identity", ()))
-    ref, _ = bench.reference_endpoint(mix, dense, base, x_T, 1e-8)
+    d, error = derived("cld"), rings("cld")
 
     def err(nfe):
         tab = d.table(nfe=nfe, order=4, grid="auto:4", variable="t", form="x0", corrector=True,
                       verify="none").to_runtime()
-        u = gr.sample(TableModel(mix, tab), tab, x_T=x_T, sampler="gddim_x0_pc", dtype=torch.float64)
-        return float((u[:, 0] - ref[:, 0]).norm(dim=-1).mean())
+        return error(tab, "gddim_x0_pc")
     for nfe in (10, 20):
         measured = err(nfe)
         with monkeypatch.context() as m:
@@ -323,18 +329,11 @@ def test_measured_grid_beats_gaussian_grid_on_cld_rings(derived, monkeypatch):
 
 
 @pytest.mark.slow
-def test_w1_score_recommends_better_on_cld_rings(derived, monkeypatch):
+def test_w1_score_recommends_better_on_cld_rings(derived, rings, monkeypatch):
     """recommend ranks by the proxies' W1 distance (SCORE "w1"): on the CLD rings at NFE 10 its pick beats
     the pick of the pathwise endpoint score (SCORE "endpoint") in endpoint error, 500 prior draws against
     dopri5 (1e-8). Measured (1000 draws, auto_default.csv): 7.8e-2 vs 1.16e-1; asserted 1.2x."""
-    from validation import bench
-    d = derived("cld")
-    means, stds = bench.rings()
-    mix = MixtureScore(means, stds)
-    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
-    base = d.table(nfe=2, order=1, verify="none").to_runtime()
-    x_T = bench.prior(base, 500, (2,), ("identity", ()))
-    ref, _ = bench.reference_endpoint(mix, dense, base, x_T, 1e-8)
+    d, error = derived("cld"), rings("cld")
 
     def err(score):
         with monkeypatch.context() as m:
@@ -342,7 +341,24 @@ def test_w1_score_recommends_better_on_cld_rings(derived, monkeypatch):
             rec = _autogrid.recommend(Derivation(d.spec), 10)
         tab = d.table(nfe=10, order=rec["order"], grid=rec["grid"], variable=rec["variable"], form="x0",
                       corrector=True, verify="none").to_runtime()
-        u = gr.sample(TableModel(mix, tab), tab, x_T=x_T, sampler=rec["sampler"], dtype=torch.float64)
-        return float((u[:, 0] - ref[:, 0]).norm(dim=-1).mean()), rec
+        return error(tab, rec["sampler"]), rec
     (w1, rec_w1), (ep, rec_ep) = err("w1"), err("endpoint")
     assert w1 * 1.2 < ep, (w1, rec_w1, ep, rec_ep)
+
+
+def test_across_data_finds_the_minimax_configuration(tmp_path):
+    """validation.bench_auto.across_data (the README's "no data-blind default within 1.2x" figure): per NFE the
+    configuration whose worst ratio over the data sets is smallest. Three configurations on two data sets:
+    A is best on d1 (ratio 1.5 on d2), B best on d2 (1.3 on d1), C 1.1 on both -> C, 1.10, one within 1.2x;
+    a row over its NFE (calls > target), a peer's row and a configuration run on one data set only do not count."""
+    from validation.bench_auto import across_data
+    rows = ["data,who,config,nfe_target,nfe,output,endpoint_error,cfd,cfd_floor"]
+    for cfg, e1, e2 in (("A", 1.0, 1.5), ("B", 1.3, 1.0), ("C", 1.1, 1.1)):
+        rows += [f"d1,gDDIM,{cfg},5,5,x0,{e1},{e2},0", f"d2,gDDIM,{cfg},5,5,x0,{e2},{e1},0"]
+    rows += ["d1,gDDIM,D,5,6,x0,0.1,0.1,0", "d2,gDDIM,D,5,6,x0,0.1,0.1,0", "d1,DEIS-3,E,5,5,x0,0.1,0.1,0", "d2,DEIS-3,E,5,5,x0,0.1,0.1,0",
+             "d1,gDDIM,F,5,5,x0,0.5,0.5,0"]
+    path = tmp_path / "peers.csv"
+    path.write_text("\n".join(rows) + "\n")
+    lines = across_data(path).splitlines()
+    assert lines[2] == "| 5 | endpoint | 3 | 1 | 1.10 (C) | 1.10, 1.10 |"
+    assert lines[3] == "| 5 | endpoint + CFD | 3 | 1 | 1.10 (C) | 1.10/1.10, 1.10/1.10 |"

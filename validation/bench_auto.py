@@ -346,6 +346,34 @@ def heldout_summary(rows, metrics=(("endpoint_error", "endpoint (mean)"), ("cfd"
     return "\n".join(out)
 
 
+def across_data(path, limit=1.2, metrics=(("endpoint_error",), ("endpoint_error", "cfd"))):
+    """Can one configuration per (process, NFE), chosen without the data, be within ``limit`` of the best
+    on every data set? From a peers CSV (validation.peers: our configurations on several VP data sets,
+    the same noise for all): per NFE and metric set, the configuration whose worst ratio to the per-data-set
+    best is smallest, that ratio, and how many configurations are within ``limit`` everywhere. Only
+    configurations run on every data set and within their NFE (calls <= target) count."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["who"] == "gDDIM" and int(r["nfe"]) <= int(r["nfe_target"])]
+    data = sorted({r["data"] for r in rows})
+    out = [f"| NFE | metrics | configurations on all {len(data)} data sets | within {limit}x of the best on every "
+           f"data set | the best single configuration: worst ratio (config) | its ratios ({', '.join(data)}) |",
+           "|---|---|---|---|---|---|"]
+    for nfe in sorted({int(r["nfe_target"]) for r in rows}):
+        val = {}
+        for r in rows:
+            if int(r["nfe_target"]) == nfe:
+                val.setdefault(r["config"], {})[r["data"]] = r
+        val = {c: v for c, v in val.items() if len(v) == len(data)}
+        for ms in metrics:
+            best = {(d, m): min(float(v[d][m]) for v in val.values()) for d in data for m in ms}
+            worst = {c: max(float(v[d][m]) / best[(d, m)] for d in data for m in ms) for c, v in val.items()}
+            c = min(worst, key=lambda c: (worst[c], c))
+            ratios = ", ".join("/".join(f"{float(val[c][d][m]) / best[(d, m)]:.2f}" for m in ms) for d in data)
+            out.append(f"| {nfe} | {' + '.join('CFD' if m == 'cfd' else 'endpoint' for m in ms)} | {len(val)} | "
+                       f"{sum(w <= limit for w in worst.values())} | {worst[c]:.2f} ({c}) | {ratios} |")
+    return "\n".join(out)
+
+
 def read_default_csv(paths):
     rows = {}
     for path in paths:
@@ -408,8 +436,16 @@ def main(argv=None):
     p.add_argument("--variables", nargs="+", default=["t", "rho", "logsnr"], help="variables offered (--default)")
     p.add_argument("--floor", action="store_true", help="recommended vs paper default vs the exact flow and EM at 1000")
     p.add_argument("--seed", type=int, default=0, help="prior noise seed of a --default run (0: validation.bench's)")
+    p.add_argument("--across-data", default=None, metavar="PEERS_CSV",
+                   help="from a validation.peers CSV: the best any single configuration does over all its data sets")
     args = p.parse_args(argv)
     start = time.perf_counter()
+    if args.across_data:
+        text = across_data(args.across_data)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return 0
     if args.floor:
         text = "\n\n".join(floor_run(s, args.nfe, args.batch or 4000, lambda *a: print(*a, flush=True))
                              for s in args.setups)
