@@ -29,7 +29,7 @@ import gddim_runtime as gr
 from derive import _grids
 
 from . import bench
-from .exact import MixtureScore, TableModel
+from .exact import DenseModel, MixtureScore, TableModel
 
 ROOT = Path(__file__).resolve().parents[1]
 NFES = (5, 10, 20)
@@ -374,6 +374,40 @@ def across_data(path, limit=1.2, metrics=(("endpoint_error",), ("endpoint_error"
     return "\n".join(out)
 
 
+def calibrated_run(setup, nfes, rows, log, batch=128, seed=1):
+    """validation.calibrate.choose with the exact model on ``batch`` prior draws of ``seed`` (not the rows'
+    noise), then its pick looked up in ``rows`` (a --default run on seed 0): the ratios to the best
+    configuration offered there and the recommendation's, per metric. Returns markdown table rows."""
+    from validation.calibrate import choose
+    means, stds, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch, seed)
+    model = DenseModel(mix, dense)
+    out = []
+    for nfe in nfes:
+        sel = [r for r in rows if (r["setup"], r["nfe"], r.get("seed", 0)) == (setup, nfe, 0)]
+        if not sel:
+            log(f"{setup} NFE {nfe}: no --default rows to compare with")
+            continue
+        t0 = time.perf_counter()
+        best, _ = choose(d, model, nfe, x_T)
+        seconds = time.perf_counter() - t0
+        form, corr = VARIANT_SAMPLERS[best["sampler"]]
+        key = ("auto", best["order"], form, best["variable"], int(corr))
+        pick = [r for r in sel if (r["grid"], r["order"], r["form"], r["variable"], int(r["corrector"])) == key][0]
+        rec = [r for r in sel if int(r["rec"])][0]
+        cells = []
+        for metric in ("endpoint_error", "cfd"):
+            b = min(r[metric] for r in sel)
+            cells.append(f"{pick[metric]:.2e} ({pick[metric] / b:.2f}) | {rec[metric] / b:.2f}")
+        out.append(f"| {pick['data']} ({pick['process']}) | {nfe} | {_config(pick)} | {' | '.join(cells)} | {seconds:.0f} |")
+        log(out[-1])
+    return out
+
+
+CALIBRATED_HEADER = ["| data (process) | NFE | calibrated pick (128 draws of seed 1) | its endpoint error on seed 0 "
+                     "(ratio to the best offered) | recommended: ratio | its CFD (ratio) | recommended: ratio | "
+                     "seconds |", "|---|---|---|---|---|---|---|---|"]
+
+
 def read_default_csv(paths):
     rows = {}
     for path in paths:
@@ -436,6 +470,8 @@ def main(argv=None):
     p.add_argument("--variables", nargs="+", default=["t", "rho", "logsnr"], help="variables offered (--default)")
     p.add_argument("--floor", action="store_true", help="recommended vs paper default vs the exact flow and EM at 1000")
     p.add_argument("--seed", type=int, default=0, help="prior noise seed of a --default run (0: validation.bench's)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="validation.calibrate's pick (exact model, 128 draws of seed 1) looked up in --from-csv's rows")
     p.add_argument("--across-data", default=None, metavar="PEERS_CSV",
                    help="from a validation.peers CSV: the best any single configuration does over all its data sets")
     args = p.parse_args(argv)
@@ -449,6 +485,15 @@ def main(argv=None):
     if args.floor:
         text = "\n\n".join(floor_run(s, args.nfe, args.batch or 4000, lambda *a: print(*a, flush=True))
                              for s in args.setups)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return 0
+    if args.calibrated:
+        rows = read_default_csv(args.from_csv)
+        mark_recommended(rows)
+        text = "\n".join(CALIBRATED_HEADER + [line for s in args.setups for line in
+                                              calibrated_run(s, args.nfe, rows, lambda *a: print(*a, flush=True))])
         print(text)
         if args.out:
             Path(args.out).write_text(text + "\n")

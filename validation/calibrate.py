@@ -1,0 +1,100 @@
+"""Choose the sampler configuration with the user's own model (issue 12).
+
+``--order auto`` (derive/_autogrid.recommend) chooses without the data: it simulates every candidate on
+two-mode proxies whose score is exact. No data-blind rule can be within 1.2x of the best on every data
+set: on three VP data sets (peers.csv) the best single configuration is 1.5-1.75x off somewhere at each
+NFE (``python -m validation.bench_auto --across-data``). The model knows the data, so this module asks
+it: each candidate runs with the model on a small batch of prior draws and is compared with the
+model's own probability flow from the same draws (adaptive dopri5, then the same final denoising);
+the smallest mean endpoint error wins. What is measured is the discretisation error of each sampler
+on this model -- what the samplers differ in -- not the model's error.
+
+    import derive, gddim_runtime as gr
+    from validation.calibrate import choose
+    d = derive.derive("cld")
+    best, errors = choose(d, model, nfe=10, batch=64, data_shape=(2,))
+    table = d.table(nfe=10, **best["table"]).to_runtime()
+    x = gr.sample(model, table, batch=10000, data_shape=(2,), sampler=best["sampler"])
+
+Cost: per NFE one table per (order, variable) (each serves the four samplers), the dopri5 reference
+(a few hundred model calls on the batch) and NFE calls per candidate on the batch.
+"""
+
+import math
+
+import torch
+
+import gddim_runtime as gr
+
+ORDERS = (1, 2, 3, 4)
+VARIABLES = ("t", "rho", "logsnr")
+SAMPLERS = {"gddim": ("eps", False), "gddim_pc": ("eps", True), "gddim_x0": ("x0", False),
+            "gddim_x0_pc": ("x0", True)}
+
+
+def _prior(table, batch, data_shape, generator, dtype):
+    """x_T = R_T z in data space (the runtime's own prior draw)."""
+    z = torch.randn((batch, table.k) + tuple(data_shape), generator=generator, dtype=torch.float64)
+    basis = table.basis
+    to_coef, from_coef = (gr.dct2, gr.idct2) if basis[0] == "dct2d" else ((lambda x: x),) * 2
+    return from_coef(gr.block_apply(table.tensors["R"][0], to_coef(z), basis)).to(dtype)
+
+
+def reference(derived, model, x_T, parametrization="eps_R", tol=1e-8, dtype=torch.float64):
+    """The model's probability flow from x_T to t_min (adaptive dopri5 at rtol = atol = tol on the dense
+    coefficients) followed by the final denoising with the model at t_min, as every table ends."""
+    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in derived.dense().tensors.items()}, {}, "")
+    one = derived.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
+    return gr.sample(model, one, x_T=x_T, sampler="probability_flow_rk45", dense=dense, rtol=tol, atol=tol,
+                     dtype=dtype, parametrization=parametrization)
+
+
+def candidates(orders=ORDERS, variables=VARIABLES, grids=("auto",), samplers=tuple(SAMPLERS)):
+    """(grid, order, variable, sampler) in tie-breaking order (simplest first); grid "auto" = auto:<order>."""
+    return [(g, q, v, s) for g in grids for q in orders for v in variables for s in samplers]
+
+
+def choose(derived, model, nfe, x_T=None, *, batch=64, data_shape=None, generator=None,
+           parametrization="eps_R", configs=None, tol=1e-8, dtype=torch.float64, log=None):
+    """(best, errors): the configuration with the smallest mean endpoint error |x - x_ref| / sqrt(dim) on
+    the batch, and {(grid, order, variable, sampler): error} (inf where a sampler fails or a variable is
+    undefined for the process). best: {"grid", "order", "variable", "sampler", "error", "table": the
+    keyword arguments of ``derived.table`` that build its table}. x_T: the prior draws in data space
+    (default: ``batch`` draws R_T z of shape data_shape from ``generator``)."""
+    configs = candidates() if configs is None else list(configs)
+    first = None
+    if x_T is None:
+        if data_shape is None:
+            raise ValueError("give x_T, or batch and data_shape")
+        first = derived.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
+        x_T = _prior(first, batch, data_shape, generator or torch.Generator().manual_seed(0), dtype)
+    ref = reference(derived, model, x_T, parametrization, tol, dtype)[:, 0]
+    dim = math.prod(ref.shape[1:])
+    tables, errors = {}, {}
+    for grid, q, variable, sampler in configs:
+        gname = f"auto:{q}" if grid == "auto" else grid
+        if (gname, q, variable) not in tables:
+            try:
+                tables[(gname, q, variable)] = derived.table(nfe=nfe, order=q, grid=gname, variable=variable,
+                                                             form="x0", corrector=True, verify="none").to_runtime()
+            except Exception as exc:                  # a variable undefined for the process (SpecError et al.)
+                tables[(gname, q, variable)] = exc
+        tab = tables[(gname, q, variable)]
+        key = (grid, q, variable, sampler)
+        if isinstance(tab, Exception):
+            errors[key] = math.inf
+            continue
+        u = gr.sample(model, tab, x_T=x_T, sampler=sampler, dtype=dtype, parametrization=parametrization)[:, 0]
+        e = float(((u - ref).reshape(len(u), -1).norm(dim=1) / math.sqrt(dim)).mean())
+        errors[key] = e if math.isfinite(e) else math.inf
+        if log:
+            log(f"  {gname} q{q} {variable} {sampler}: {errors[key]:.3e}")
+    if not any(math.isfinite(e) for e in errors.values()):
+        raise ValueError(f"no candidate configuration gave a finite endpoint at NFE {nfe}")
+    grid, q, variable, sampler = min(errors, key=lambda k: (errors[k], configs.index(k)))
+    form, corr = SAMPLERS[sampler]
+    best = {"grid": f"auto:{q}" if grid == "auto" else grid, "order": q, "variable": variable, "sampler": sampler,
+            "error": errors[(grid, q, variable, sampler)],
+            "table": {"order": q, "grid": f"auto:{q}" if grid == "auto" else grid, "variable": variable,
+                      "form": "x0", "corrector": True}}
+    return best, errors
