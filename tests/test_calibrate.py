@@ -12,13 +12,14 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import derive
 import gddim_runtime as gr
 from validation import bench
-from validation.calibrate import choose, reference
+from validation.calibrate import choose, pick, reference
 from validation.exact import DenseModel, MixtureScore
 
 
@@ -39,21 +40,35 @@ def test_reference_is_the_models_flow(vp):
     assert float((ref - exact).abs().max()) < 1e-5                 # 1.3e-6 measured
 
 
-def test_errors_are_endpoint_distances_and_the_smallest_wins(vp):
+def test_scores_are_endpoint_and_w1_distances(vp):
     d, model, x_T, exact = vp
     configs = [("auto", 1, "t", "gddim"), ("auto", 3, "t", "gddim_x0_pc"), ("uniform", 2, "t", "gddim")]
-    best, errors = choose(d, model, 8, x_T, configs=configs)
+    best, ev = choose(d, model, 8, x_T, configs=configs, score="endpoint")
     for grid, q, variable, sampler in configs:
         tab = d.table(nfe=8, order=q, grid=f"auto:{q}" if grid == "auto" else grid, variable=variable, form="x0",
                       corrector=True, verify="none").to_runtime()
         u = gr.sample(model, tab, x_T=x_T, sampler=sampler, dtype=torch.float64)[:, 0]
         e = float(((u - exact).norm(dim=1) / math.sqrt(2)).mean())
-        assert abs(errors[(grid, q, variable, sampler)] - e) < 1e-5 + 1e-3 * e, (grid, q, sampler)
-    assert best["error"] == min(errors.values())
+        w = sum(float(np.mean(np.abs(np.sort(u[:, j].numpy()) - np.sort(exact[:, j].numpy())))) for j in range(2)) / 2
+        got = ev[(grid, q, variable, sampler)]
+        assert abs(got["endpoint"] - e) < 1e-5 + 1e-3 * e and abs(got["w1"] - w) < 1e-5 + 1e-3 * w, (grid, q, sampler)
     assert (best["grid"], best["order"], best["sampler"]) == ("auto:3", 3, "gddim_x0_pc")
-    assert errors[("auto", 1, "t", "gddim")] > 3 * best["error"]
+    assert ev[("auto", 1, "t", "gddim")]["endpoint"] > 3 * best["endpoint"]
     tab = d.table(nfe=8, **best["table"]).to_runtime()
     assert tab.tensors["t"].shape[0] == 8                        # 7 steps + the final denoising
+
+
+def test_pick_by_each_score():
+    """A is best in endpoint (ratios 1 / 3), B in W1 (2 / 1), C close on both (1.2 / 1.1): "endpoint" -> A,
+    "w1" -> B, "both" (the larger ratio, smallest) -> C; ties go to the earlier candidate."""
+    ev = {"A": {"endpoint": 1.0, "w1": 3.0}, "B": {"endpoint": 2.0, "w1": 1.0}, "C": {"endpoint": 1.2, "w1": 1.1},
+          "D": {"endpoint": math.inf, "w1": math.inf}}
+    assert (pick(ev, "endpoint"), pick(ev, "w1"), pick(ev, "both")) == ("A", "B", "C")
+    assert pick({"X": {"endpoint": 1.0, "w1": 1.0}, "Y": {"endpoint": 1.0, "w1": 1.0}}, "both") == "X"
+    with pytest.raises(ValueError, match="finite"):
+        pick({"D": ev["D"]})
+    with pytest.raises(ValueError, match="score"):
+        pick(ev, "cfd")
 
 
 def test_an_undefined_candidate_is_skipped(vp, monkeypatch):
@@ -65,8 +80,8 @@ def test_an_undefined_candidate_is_skipped(vp, monkeypatch):
             raise derive.SpecError("x.yaml", "variable", "undefined here")
         return real(nfe, **kw)
     monkeypatch.setattr(d, "table", table)
-    best, errors = choose(d, model, 6, x_T, configs=[("auto", 2, "rho", "gddim_x0"), ("auto", 2, "t", "gddim_x0")])
-    assert errors[("auto", 2, "rho", "gddim_x0")] == math.inf and best["variable"] == "t"
+    best, ev = choose(d, model, 6, x_T, configs=[("auto", 2, "rho", "gddim_x0"), ("auto", 2, "t", "gddim_x0")])
+    assert ev[("auto", 2, "rho", "gddim_x0")]["endpoint"] == math.inf and best["variable"] == "t"
 
 
 def test_needs_draws(vp):

@@ -375,10 +375,10 @@ def across_data(path, limit=1.2, metrics=(("endpoint_error",), ("endpoint_error"
 
 
 def calibrated_run(setup, nfes, rows, log, batch=128, seed=1):
-    """validation.calibrate.choose with the exact model on ``batch`` prior draws of ``seed`` (not the rows'
-    noise), then its pick looked up in ``rows`` (a --default run on seed 0): the ratios to the best
-    configuration offered there and the recommendation's, per metric. Returns markdown table rows."""
-    from validation.calibrate import choose
+    """validation.calibrate with the exact model on ``batch`` prior draws of ``seed`` (not the rows' noise):
+    its pick under each score looked up in ``rows`` (a --default run on seed 0), as ratios to the best
+    configuration offered there per metric, beside the recommendation's. Returns markdown table rows."""
+    from validation.calibrate import SCORES, evaluate, pick
     means, stds, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch, seed)
     model = DenseModel(mix, dense)
     out = []
@@ -388,24 +388,24 @@ def calibrated_run(setup, nfes, rows, log, batch=128, seed=1):
             log(f"{setup} NFE {nfe}: no --default rows to compare with")
             continue
         t0 = time.perf_counter()
-        best, _ = choose(d, model, nfe, x_T)
+        ev = evaluate(d, model, nfe, x_T)
         seconds = time.perf_counter() - t0
-        form, corr = VARIANT_SAMPLERS[best["sampler"]]
-        key = ("auto", best["order"], form, best["variable"], int(corr))
-        pick = [r for r in sel if (r["grid"], r["order"], r["form"], r["variable"], int(r["corrector"])) == key][0]
-        rec = [r for r in sel if int(r["rec"])][0]
-        cells = []
-        for metric in ("endpoint_error", "cfd"):
-            b = min(r[metric] for r in sel)
-            cells.append(f"{pick[metric]:.2e} ({pick[metric] / b:.2f}) | {rec[metric] / b:.2f}")
-        out.append(f"| {pick['data']} ({pick['process']}) | {nfe} | {_config(pick)} | {' | '.join(cells)} | {seconds:.0f} |")
+        best = {m: min(r[m] for r in sel) for m in ("endpoint_error", "cfd")}
+        ratios = lambda r: f"{r['endpoint_error'] / best['endpoint_error']:.2f} / {r['cfd'] / best['cfd']:.2f}"
+        cells = [f"{ratios([r for r in sel if int(r['rec'])][0])}"]
+        for score in SCORES:
+            grid, q, variable, sampler = pick(ev, score)
+            form, corr = VARIANT_SAMPLERS[sampler]
+            key = (grid, q, form, variable, int(corr))
+            r = [r for r in sel if (r["grid"], r["order"], r["form"], r["variable"], int(r["corrector"])) == key][0]
+            cells.append(f"{_config(r)}: {ratios(r)}")
+        out.append(f"| {sel[0]['data']} ({sel[0]['process']}) | {nfe} | {' | '.join(cells)} | {seconds:.0f} |")
         log(out[-1])
     return out
 
 
-CALIBRATED_HEADER = ["| data (process) | NFE | calibrated pick (128 draws of seed 1) | its endpoint error on seed 0 "
-                     "(ratio to the best offered) | recommended: ratio | its CFD (ratio) | recommended: ratio | "
-                     "seconds |", "|---|---|---|---|---|---|---|---|"]
+CALIBRATED_HEADER = ["| data (process) | NFE | recommended (data-blind) | calibrated, score endpoint | "
+                     "calibrated, score w1 | calibrated, score both | seconds |", "|---|---|---|---|---|---|---|"]
 
 
 def read_default_csv(paths):

@@ -5,14 +5,15 @@ two-mode proxies whose score is exact. No data-blind rule can be within 1.2x of 
 set: on three VP data sets (peers.csv) the best single configuration is 1.5-1.75x off somewhere at each
 NFE (``python -m validation.bench_auto --across-data``). The model knows the data, so this module asks
 it: each candidate runs with the model on a small batch of prior draws and is compared with the
-model's own probability flow from the same draws (adaptive dopri5, then the same final denoising);
-the smallest mean endpoint error wins. What is measured is the discretisation error of each sampler
+model's own probability flow from the same draws (adaptive dopri5, then the same final denoising),
+by the mean endpoint error and by the per-coordinate W1 distance of the endpoints' distribution; the
+default score takes the candidate whose worse ratio to the per-metric best is smallest. What is measured is the discretisation error of each sampler
 on this model -- what the samplers differ in -- not the model's error.
 
     import derive, gddim_runtime as gr
     from validation.calibrate import choose
     d = derive.derive("cld")
-    best, errors = choose(d, model, nfe=10, batch=64, data_shape=(2,))
+    best, evaluations = choose(d, model, nfe=10, batch=256, data_shape=(2,))
     table = d.table(nfe=10, **best["table"]).to_runtime()
     x = gr.sample(model, table, batch=10000, data_shape=(2,), sampler=best["sampler"])
 
@@ -54,23 +55,17 @@ def candidates(orders=ORDERS, variables=VARIABLES, grids=("auto",), samplers=tup
     return [(g, q, v, s) for g in grids for q in orders for v in variables for s in samplers]
 
 
-def choose(derived, model, nfe, x_T=None, *, batch=64, data_shape=None, generator=None,
-           parametrization="eps_R", configs=None, tol=1e-8, dtype=torch.float64, log=None):
-    """(best, errors): the configuration with the smallest mean endpoint error |x - x_ref| / sqrt(dim) on
-    the batch, and {(grid, order, variable, sampler): error} (inf where a sampler fails or a variable is
-    undefined for the process). best: {"grid", "order", "variable", "sampler", "error", "table": the
-    keyword arguments of ``derived.table`` that build its table}. x_T: the prior draws in data space
-    (default: ``batch`` draws R_T z of shape data_shape from ``generator``)."""
+def evaluate(derived, model, nfe, x_T, *, parametrization="eps_R", configs=None, tol=1e-8, dtype=torch.float64,
+             log=None):
+    """{(grid, order, variable, sampler): {"endpoint": e, "w1": w}} for every candidate on the draws x_T (data
+    space): e the mean endpoint error |x - x_ref| / sqrt(dim), w the 1-D Wasserstein distance between the
+    draws' endpoints and the reference's per coordinate (sorted), averaged over the coordinates -- what a
+    distribution metric sees. inf where a sampler fails or a variable is undefined for the process."""
     configs = candidates() if configs is None else list(configs)
-    first = None
-    if x_T is None:
-        if data_shape is None:
-            raise ValueError("give x_T, or batch and data_shape")
-        first = derived.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
-        x_T = _prior(first, batch, data_shape, generator or torch.Generator().manual_seed(0), dtype)
-    ref = reference(derived, model, x_T, parametrization, tol, dtype)[:, 0]
-    dim = math.prod(ref.shape[1:])
-    tables, errors = {}, {}
+    ref = reference(derived, model, x_T, parametrization, tol, dtype)[:, 0].reshape(len(x_T), -1)
+    ref_sorted = ref.sort(dim=0).values
+    dim = ref.shape[1]
+    tables, out = {}, {}
     for grid, q, variable, sampler in configs:
         gname = f"auto:{q}" if grid == "auto" else grid
         if (gname, q, variable) not in tables:
@@ -79,22 +74,56 @@ def choose(derived, model, nfe, x_T=None, *, batch=64, data_shape=None, generato
                                                              form="x0", corrector=True, verify="none").to_runtime()
             except Exception as exc:                  # a variable undefined for the process (SpecError et al.)
                 tables[(gname, q, variable)] = exc
-        tab = tables[(gname, q, variable)]
-        key = (grid, q, variable, sampler)
+        tab, key = tables[(gname, q, variable)], (grid, q, variable, sampler)
         if isinstance(tab, Exception):
-            errors[key] = math.inf
+            out[key] = {"endpoint": math.inf, "w1": math.inf}
             continue
-        u = gr.sample(model, tab, x_T=x_T, sampler=sampler, dtype=dtype, parametrization=parametrization)[:, 0]
-        e = float(((u - ref).reshape(len(u), -1).norm(dim=1) / math.sqrt(dim)).mean())
-        errors[key] = e if math.isfinite(e) else math.inf
+        u = gr.sample(model, tab, x_T=x_T, sampler=sampler, dtype=dtype, parametrization=parametrization)
+        u = u[:, 0].reshape(len(x_T), -1)
+        e = float(((u - ref).norm(dim=1) / math.sqrt(dim)).mean())
+        w = float((u.sort(dim=0).values - ref_sorted).abs().mean())
+        out[key] = {m: v if math.isfinite(v) else math.inf for m, v in (("endpoint", e), ("w1", w))}
         if log:
-            log(f"  {gname} q{q} {variable} {sampler}: {errors[key]:.3e}")
-    if not any(math.isfinite(e) for e in errors.values()):
-        raise ValueError(f"no candidate configuration gave a finite endpoint at NFE {nfe}")
-    grid, q, variable, sampler = min(errors, key=lambda k: (errors[k], configs.index(k)))
-    form, corr = SAMPLERS[sampler]
-    best = {"grid": f"auto:{q}" if grid == "auto" else grid, "order": q, "variable": variable, "sampler": sampler,
-            "error": errors[(grid, q, variable, sampler)],
-            "table": {"order": q, "grid": f"auto:{q}" if grid == "auto" else grid, "variable": variable,
-                      "form": "x0", "corrector": True}}
-    return best, errors
+            log(f"  {gname} q{q} {variable} {sampler}: endpoint {out[key]['endpoint']:.3e}, W1 {out[key]['w1']:.3e}")
+    return out
+
+
+SCORES = ("endpoint", "w1", "both")
+
+
+def pick(evaluations, score="both"):
+    """The key of ``evaluate``'s dict with the smallest score (ties: the earlier candidate): "endpoint",
+    "w1", or "both" = the larger of its two ratios to the per-metric best (the configuration closest to
+    the best on both metrics at once)."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    keys = list(evaluations)
+    if not any(math.isfinite(v["endpoint"]) for v in evaluations.values()):
+        raise ValueError("no candidate configuration gave a finite endpoint")
+    if score == "both":
+        best = {m: min(v[m] for v in evaluations.values()) for m in ("endpoint", "w1")}
+        ratio = lambda v, b: v / b if b > 0 else (1.0 if v == 0 else math.inf)
+        value = lambda k: max(ratio(evaluations[k][m], best[m]) for m in best)
+    else:
+        value = lambda k: evaluations[k][score]
+    return min(keys, key=lambda k: (value(k), keys.index(k)))
+
+
+def choose(derived, model, nfe, x_T=None, *, batch=64, data_shape=None, generator=None, score="both",
+           parametrization="eps_R", configs=None, tol=1e-8, dtype=torch.float64, log=None):
+    """(best, evaluations): the configuration ``pick`` takes under ``score`` from ``evaluate``'s
+    evaluations on the draws x_T (default: ``batch`` draws R_T z of shape data_shape from ``generator``).
+    best: {"grid", "order", "variable", "sampler", "endpoint", "w1", "table": the keyword arguments of
+    ``derived.table`` that build its table}."""
+    if x_T is None:
+        if data_shape is None:
+            raise ValueError("give x_T, or batch and data_shape")
+        first = derived.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
+        x_T = _prior(first, batch, data_shape, generator or torch.Generator().manual_seed(0), dtype)
+    evaluations = evaluate(derived, model, nfe, x_T, parametrization=parametrization, configs=configs, tol=tol,
+                           dtype=dtype, log=log)
+    grid, q, variable, sampler = key = pick(evaluations, score)
+    gname = f"auto:{q}" if grid == "auto" else grid
+    best = {"grid": gname, "order": q, "variable": variable, "sampler": sampler, **evaluations[key],
+            "table": {"order": q, "grid": gname, "variable": variable, "form": "x0", "corrector": True}}
+    return best, evaluations
