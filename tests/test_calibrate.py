@@ -84,6 +84,19 @@ def test_an_undefined_candidate_is_skipped(vp, monkeypatch):
     assert ev[("auto", 2, "rho", "gddim_x0")]["endpoint"] == math.inf and best["variable"] == "t"
 
 
+def test_parametrization_is_passed_through(vp):
+    """The same exact model returning x0 (parametrization "x0") instead of eps_R: the same flow, so the same
+    evaluations (float64 conversions only)."""
+    d, model, x_T, _ = vp
+    configs = [("auto", 2, "t", "gddim"), ("auto", 2, "t", "gddim_x0_pc")]
+    _, a = choose(d, model, 6, x_T, configs=configs)
+    _, b = choose(d, DenseModel(model.mix, model.dense, parametrization="x0"), 6, x_T, configs=configs,
+                  parametrization="x0")
+    for key in configs:
+        for m in ("endpoint", "w1"):
+            assert abs(a[key][m] - b[key][m]) < 1e-7 * (1 + a[key][m]), (key, m, a[key][m], b[key][m])
+
+
 def test_needs_draws(vp):
     d, model, _, _ = vp
     with pytest.raises(ValueError, match="x_T"):

@@ -109,7 +109,7 @@ def pick(evaluations, score="both"):
     return min(keys, key=lambda k: (value(k), keys.index(k)))
 
 
-def choose(derived, model, nfe, x_T=None, *, batch=64, data_shape=None, generator=None, score="both",
+def choose(derived, model, nfe, x_T=None, *, batch=256, data_shape=None, generator=None, score="both",
            parametrization="eps_R", configs=None, tol=1e-8, dtype=torch.float64, log=None):
     """(best, evaluations): the configuration ``pick`` takes under ``score`` from ``evaluate``'s
     evaluations on the draws x_T (default: ``batch`` draws R_T z of shape data_shape from ``generator``).
