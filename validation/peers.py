@@ -547,18 +547,19 @@ def run_all(quick=False, out=None, spec_name="vp_linear", log=print, samples=Non
 
 def _kept_rows(out, result):
     """Rows of the data sets not rerun, from the existing peers csv in ``out``: (rows, data labels)."""
-    suffix = "_quick" if result["quick"] else ""
     suffix = result["suffix"]
     rerun = set() if result.get("add_forms") else {r["data"] for r in result["rows"]}
-    with open(out / f"peers{suffix}.csv", newline="") as f:
-        old = [r for r in csv.DictReader(f) if r["data"] not in rerun]
+    with open(out / f"peers{suffix}.csv", newline="") as f:          # --ours-only: the peers' rows of a rerun data set
+        old = [r for r in csv.DictReader(f) if r["data"] not in rerun or (result.get("ours_only") and (
+               r["who"] != "gDDIM" or int(r["nfe_target"]) not in result["nfes"]))]
     for r in old:
         r.update(nfe_target=int(r["nfe_target"]), nfe=int(r["nfe"]), endpoint_error=float(r["endpoint_error"]),
                  cfd=float(r["cfd"]), cfd_floor=float(r["cfd_floor"]))
     result["rows"] = old + result["rows"]
     order = [d[0] for d in datasets()]
     result["rows"].sort(key=lambda r: order.index(r["data"]) if r["data"] in order else len(order))
-    return sorted({r["data"] for r in old} - ({r["data"] for r in result["rows"]} if result.get("add_forms") else set()),
+    return sorted({r["data"] for r in old} - (rerun if result.get("ours_only") else
+                                              {r["data"] for r in result["rows"]} if result.get("add_forms") else set()),
                   key=lambda d: order.index(d) if d in order else len(order))
 
 
@@ -591,10 +592,17 @@ def write(result, out, command=None):
              f"; {result['seconds']:.0f} s); every other row is the previous "
              f"peers{source}.csv's, measured on the same noise and sample count (the runs are deterministic).", ""]
             if result.get("add_forms") else []),
+          *([f"This command reran every gDDIM configuration ({result['n_new_rows']} rows: the four forms, the "
+             f"data-prediction options [flat,correct,state] and the start grids {', '.join(START_GRIDS)}) on "
+             f"{', '.join(d for d in dict.fromkeys(r['data'] for r in rows) if d not in result['kept'])} "
+             f"({result['seconds']:.0f} s); the peers' rows there are the previous peers{source}.csv's (diffusers' runs "
+             "are deterministic: same noise, same sample count)"
+             + (f", and so is every row of {', '.join(result['kept'])}." if result["kept"] else "."), ""]
+            if result.get("ours_only") else []),
           *([f"Only {', '.join(sorted({r['data'] for r in rows} - set(result['kept'])))} rerun by this command; the rows "
              f"of {', '.join(result['kept'])} are kept from the previous peers{source}.csv (their runs: git log of "
              "that file and of this .md).", ""]
-            if result.get("kept") and not result.get("add_forms") else []),
+            if result.get("kept") and not result.get("add_forms") and not result.get("ours_only") else []),
           "Best of many configurations on the same noise favours the side with more configurations.", "",
           *(["Quick run: at each data set and NFE only the configurations that were best there in the committed "
              "`peers.csv` (per sampler and metric) and the defaults, on fewer samples; the claims in "
@@ -637,6 +645,10 @@ def main(argv=None):
     p.add_argument("--add-start", action="store_true", help="with --data: run only the gDDIM configurations on "
                    "grids that start below T (START_GRIDS) and keep every other row of the existing csv (with "
                    "--quick: of peers_quick.csv, written to peers_quick_start.*)")
+    p.add_argument("--ours-only", action="store_true", help="rerun every gDDIM configuration (the four forms, "
+                   "X0_OPTIONS, START_GRIDS) on the current code and keep the peers' rows of the existing csv (diffusers "
+                   "is deterministic: same noise, same samples; give the csv's --samples); with --data, every row of "
+                   "the other data sets is kept too")
     p.add_argument("--nfes", type=int, nargs="+", help=f"NFEs (default {' '.join(map(str, NFES))})")
     p.add_argument("--data", nargs="+", help="rerun only the data sets whose label contains one of these (e.g. "
                    "images); the other data sets' rows are kept from the existing peers.csv (said in peers.md)")
@@ -649,6 +661,11 @@ def main(argv=None):
     if args.add_start:
         new = start_variants()
         configs = lambda data, nfe: (new, [])                                    # noqa: E731
+    if args.ours_only:
+        if args.add_forms or args.add_start or args.other:
+            p.error("--ours-only: not with --add-forms, --add-start or --other")
+        new = ours_variants() + start_variants()
+        configs = lambda data, nfe: (new, [])                                    # noqa: E731
     res = run_all(args.quick, None, samples=samples, data=args.data, other=args.other, configs=configs,
                   nfes=tuple(args.nfes) if args.nfes else NFES)
     res["add_forms"] = ("only the gDDIM configurations on grids that start below T (START_GRIDS)" if args.add_start
@@ -657,10 +674,11 @@ def main(argv=None):
     cmd = "python -m validation.peers" + (" --quick" if args.quick else "") + (" --other" if args.other else "") + \
           (" --samples " + " ".join(map(str, args.samples)) if args.samples else "") + \
           (" --data " + " ".join(args.data) if args.data else "") + (" --add-start" if args.add_start else "") + \
-          (" --add-forms" if args.add_forms else "") + (" --nfes " + " ".join(map(str, args.nfes)) if args.nfes else "")
+          (" --add-forms" if args.add_forms else "") + (" --ours-only" if args.ours_only else "") + (" --nfes " + " ".join(map(str, args.nfes)) if args.nfes else "")
     if args.add_start and args.quick:                 # the benchmark's quick rows + the start rows: a file of its own
         res["out_suffix"] = "_quick_start"
-    if args.data:
+    res["ours_only"] = args.ours_only
+    if args.data or args.ours_only:
         new_rows = len(res["rows"])
         res["kept"] = _kept_rows(Path(args.out) if args.out else RESULTS, res)
         res["n_new_rows"] = new_rows
