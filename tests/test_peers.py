@@ -92,20 +92,20 @@ def test_gddim_default_beats_ddim_and_diffusers_defaults_at_10(rings_setup):
 
 
 # ----- the claims of validation/results/peers.md, on the quick run (python -m validation.peers --quick) -----
-# Measured ours / best peer (full run 1000/64/500 samples, images rows with the x0 options [flat,correct,state];
-# quick run 300/16/200), and the bound asserted. The
+# Measured ours / best peer (full run 1000/64/500 samples, every gDDIM row on the current code: the four forms, the
+# x0 options [flat,correct,state], the start grids; quick run 300/16/200), and the bound asserted. The
 # endpoint errors are paired on the same noise; the bounds leave the full-vs-quick spread plus ~20%.
-LEAD = {("rings (2-D)", 5, "endpoint_error"): 1.0,          # 0.63 full, 0.87 quick
-        ("rings (2-D)", 10, "endpoint_error"): 0.8,         # 0.48, 0.66
-        ("rings (2-D)", 20, "endpoint_error"): 0.4,         # 0.28, 0.27
-        ("rings (2-D)", 10, "cfd"): 0.8,                    # 0.45, 0.57 (floor 1.8e-4 / 7.2e-4)
+LEAD = {("rings (2-D)", 5, "endpoint_error"): 0.6,          # 0.44 full, 0.43 quick: x0[state] t q3 auto
+        ("rings (2-D)", 10, "endpoint_error"): 0.4,         # 0.28, 0.26: x0+pc[flat,correct] t q3 auto
+        ("rings (2-D)", 20, "endpoint_error"): 0.2,         # 0.10, 0.11: x0+pc[flat,correct] t q4 auto
+        ("rings (2-D)", 10, "cfd"): 0.7,                    # 0.36, 0.55 (floor 1.8e-4 / 7.2e-4)
         ("images 3x16x16", 5, "endpoint_error"): 0.6,       # 0.33, 0.39: x0[state] (5 steps, no denoising call)
         ("images 3x16x16", 10, "endpoint_error"): 1.0,      # 0.83, 0.82: x0+pc[flat,correct] (UniPC-2 bh2's recipe)
         ("images 3x16x16", 20, "endpoint_error"): 0.8,      # 0.52, 0.61
-        ("mixture 64-D", 5, "endpoint_error"): 1.0,         # 0.93, 0.87
-        ("mixture 64-D", 5, "cfd"): 0.7,                    # 0.32, 0.49 (floor 2.1e-3 / 5.6e-3)
-        ("mixture 64-D", 10, "endpoint_error"): 0.8,        # 0.57, 0.62
-        ("mixture 64-D", 20, "endpoint_error"): 0.75}       # 0.58, 0.55
+        ("mixture 64-D", 5, "endpoint_error"): 0.75,        # 0.61, 0.56: x0[state] t q3 quadratic@60 (from T 0.75)
+        ("mixture 64-D", 5, "cfd"): 0.6,                    # 0.24, 0.44 (floor 2.1e-3 / 5.6e-3)
+        ("mixture 64-D", 10, "endpoint_error"): 0.65,       # 0.53, 0.50
+        ("mixture 64-D", 20, "endpoint_error"): 0.65}       # 0.51, 0.49
 TRAIL = {}             # none left on the benchmark (images at NFE 5 / 10 trailed 1.19 / 1.08 before the x0 options)
 
 
@@ -178,3 +178,27 @@ def test_start_skip_removes_the_nfe5_trail_outside_the_benchmark():
     floors = {f["data"].split()[0]: f["endpoint_error"] for f in res["floors"]}
     assert floors["images-b"] < 0.2 * err[("images-b", ours[0][0])]
     assert floors["offset"] > 5 * floors["images-b"]
+
+
+def test_ours_only_keeps_the_peers_rows_and_replaces_ours(tmp_path):
+    """--ours-only (_kept_rows): the rerun data set's gDDIM rows at the rerun NFEs are replaced by the new ones;
+    its peers' rows, its gDDIM rows at other NFEs and every row of the other data sets are kept from the csv."""
+    import csv
+    from validation.peers import _kept_rows
+    keys = ["data", "who", "config", "nfe_target", "nfe", "output", "endpoint_error", "cfd", "cfd_floor"]
+    old = [dict(zip(keys, (d, w, c, n, n, "x0", 1.0, 1.0, 0.1))) for d in ("rings (2-D)", "mixture 64-D")
+           for w, c in (("gDDIM", "eps t q3 quadratic"), ("DEIS-3", "default")) for n in (5, 10)]
+    with open(tmp_path / "peers.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(old)
+    new = dict(zip(keys, ("rings (2-D)", "gDDIM", "eps t q3 quadratic", 5, 5, "x0", 0.5, 0.5, 0.1)))
+    result = {"rows": [new], "suffix": "", "quick": False, "nfes": (5,), "ours_only": True}
+    kept = _kept_rows(tmp_path, result)
+    assert kept == ["mixture 64-D"]
+    got = {(r["data"], r["who"], r["nfe_target"]): r["endpoint_error"] for r in result["rows"]}
+    assert len(result["rows"]) == len(old) == len(got)
+    assert got[("rings (2-D)", "gDDIM", 5)] == 0.5                    # replaced
+    assert got[("rings (2-D)", "gDDIM", 10)] == 1.0                   # another NFE: kept
+    assert got[("rings (2-D)", "DEIS-3", 5)] == 1.0                   # the peers: kept
+    assert all(v == 1.0 for k, v in got.items() if k[0] == "mixture 64-D")

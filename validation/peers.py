@@ -2,6 +2,7 @@
 
     python -m validation.peers            # every configuration -> validation/results/peers.md, peers.csv
     python -m validation.peers --quick    # the decisive ones of the committed run, fewer samples -> peers_quick.*
+    python -m validation.peers --samples 1000 64 500 --ours-only   # every gDDIM row again, the peers' rows kept
     python -m validation.bench --peers [--quick]   # the same
 
 Process: a VP spec (default ``vp_linear``: alpha_bar(t) = mean_t^2, t from T = 1 down to t_min = 1e-3).
