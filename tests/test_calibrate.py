@@ -117,7 +117,8 @@ def test_calibrated_pick_holds_on_fresh_noise_cld_rings():
     best, _ = choose(d, model, 10, batch=128, data_shape=(2,), generator=torch.Generator().manual_seed(1))
     base = d.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
     x_T = bench.prior(base, 500, (2,), ("identity", ()))
-    _, fresh = choose(d, model, 10, x_T)                         # every candidate on the fresh draws
+    _, ev = choose(d, model, 10, x_T)                            # every candidate on the fresh draws
+    fresh = {key: v["endpoint"] for key, v in ev.items()}
     rec = _autogrid.recommend(d.derivation, 10)
     rec_key = ("auto", rec["order"], rec["variable"], rec["sampler"])
     pick = fresh[("auto", best["order"], best["variable"], best["sampler"])]
