@@ -19,7 +19,7 @@ import torch
 import derive
 import gddim_runtime as gr
 from validation import bench
-from validation.calibrate import choose, pick, reference
+from validation.calibrate import choose, pick, prior_draws, reference
 from validation.exact import DenseModel, MixtureScore
 
 
@@ -95,6 +95,14 @@ def test_parametrization_is_passed_through(vp):
     for key in configs:
         for m in ("endpoint", "w1"):
             assert abs(a[key][m] - b[key][m]) < 1e-7 * (1 + a[key][m]), (key, m, a[key][m], b[key][m])
+
+
+def test_prior_draws_are_the_benchmarks(vp):
+    """prior_draws (R_T z) == validation.bench.prior's draws from the same seed (its own code path)."""
+    d = vp[0]
+    base = d.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
+    ours = prior_draws(base, 16, (2,), torch.Generator().manual_seed(0))
+    assert torch.equal(ours, bench.prior(base, 16, (2,), ("identity", ())))
 
 
 def test_needs_draws(vp):

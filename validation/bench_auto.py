@@ -172,12 +172,10 @@ def _score(x, ref, means, stds, dim, batch):
 
 def _prior(t_ref, batch, data_shape, basis, seed):
     """bench.prior's x_T = R_T z with z from ``seed`` (seed 0: bench.prior itself)."""
+    from .calibrate import prior_draws
     if seed == 0:
         return bench.prior(t_ref, batch, data_shape, basis)
-    z = torch.randn((batch, t_ref.k) + tuple(data_shape), generator=torch.Generator().manual_seed(seed),
-                    dtype=torch.float64)
-    to_coef, from_coef = (gr.dct2, gr.idct2) if basis[0] == "dct2d" else ((lambda x: x),) * 2
-    return from_coef(gr.block_apply(t_ref.tensors["R"][0], to_coef(z), basis))
+    return prior_draws(t_ref, batch, data_shape, torch.Generator().manual_seed(seed))
 
 
 def _setup(setup, batch, seed=0):

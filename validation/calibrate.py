@@ -42,8 +42,9 @@ SAMPLERS = {"gddim": ("eps", False), "gddim_pc": ("eps", True), "gddim_x0": ("x0
             "gddim_x0_pc": ("x0", True)}
 
 
-def _prior(table, batch, data_shape, generator, dtype):
-    """x_T = R_T z in data space (the runtime's own prior draw)."""
+def prior_draws(table, batch, data_shape, generator, dtype=torch.float64):
+    """x_T = R_T z in data space, z ~ N(0, I) from ``generator`` (the runtime's own prior draw; R_T applied
+    per frequency for a dct2d basis)."""
     z = torch.randn((batch, table.k) + tuple(data_shape), generator=generator, dtype=torch.float64)
     basis = table.basis
     to_coef, from_coef = (gr.dct2, gr.idct2) if basis[0] == "dct2d" else ((lambda x: x),) * 2
@@ -128,7 +129,7 @@ def choose(derived, model, nfe, x_T=None, *, batch=256, data_shape=None, generat
         if data_shape is None:
             raise ValueError("give x_T, or batch and data_shape")
         first = derived.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
-        x_T = _prior(first, batch, data_shape, generator or torch.Generator().manual_seed(0), dtype)
+        x_T = prior_draws(first, batch, data_shape, generator or torch.Generator().manual_seed(0), dtype)
     evaluations = evaluate(derived, model, nfe, x_T, parametrization=parametrization, configs=configs, tol=tol,
                            dtype=dtype, log=log)
     grid, q, variable, sampler = key = pick(evaluations, score)
