@@ -29,6 +29,8 @@ import gddim_runtime as gr
 from derive import _grids
 
 from . import bench
+from .calibrate import SAMPLERS as VARIANT_SAMPLERS
+from .calibrate import SCORES, evaluate, pick, prior_draws, reference
 from .exact import DenseModel, MixtureScore, TableModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,8 +161,6 @@ def markdown(rows, command, seconds=None):
 
 # ----- the recommended default (derive._autogrid.recommend) against every configuration offered -----
 
-VARIANT_SAMPLERS = {"gddim": ("eps", False), "gddim_pc": ("eps", True), "gddim_x0": ("x0", False),
-                    "gddim_x0_pc": ("x0", True)}
 VARIANT_GRIDS = ("auto", "quadratic")        # every order x form x variable x corrector on these
 OTHER_GRIDS = ("uniform", "power:3", "logsnr", "edm")   # eps form in t (the paper's rule), every order
 
@@ -172,7 +172,6 @@ def _score(x, ref, means, stds, dim, batch):
 
 def _prior(t_ref, batch, data_shape, basis, seed):
     """bench.prior's x_T = R_T z with z from ``seed`` (seed 0: bench.prior itself)."""
-    from .calibrate import prior_draws
     if seed == 0:
         return bench.prior(t_ref, batch, data_shape, basis)
     return prior_draws(t_ref, batch, data_shape, torch.Generator().manual_seed(seed))
@@ -376,9 +375,9 @@ def calibrated_run(setup, nfes, rows, log, batch=128, seed=1):
     """validation.calibrate with the exact model on ``batch`` prior draws of ``seed`` (not the rows' noise):
     its pick under each score looked up in ``rows`` (a --default run on seed 0), as ratios to the best
     configuration offered there per metric, beside the recommendation's. Returns markdown table rows."""
-    from validation.calibrate import SCORES, evaluate, pick
     means, stds, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch, seed)
     model = DenseModel(mix, dense)
+    ref = reference(d, model, x_T)                          # the model's flow from x_T: one for every NFE
     out = []
     for nfe in nfes:
         sel = [r for r in rows if (r["setup"], r["nfe"], r.get("seed", 0)) == (setup, nfe, 0)]
@@ -386,7 +385,7 @@ def calibrated_run(setup, nfes, rows, log, batch=128, seed=1):
             log(f"{setup} NFE {nfe}: no --default rows to compare with")
             continue
         t0 = time.perf_counter()
-        ev = evaluate(d, model, nfe, x_T)
+        ev = evaluate(d, model, nfe, x_T, ref=ref)
         seconds = time.perf_counter() - t0
         best = {m: min(r[m] for r in sel) for m in ("endpoint_error", "cfd")}
         ratios = lambda r: f"{r['endpoint_error'] / best['endpoint_error']:.2f} / {r['cfd'] / best['cfd']:.2f}"

@@ -35,11 +35,11 @@ import math
 import torch
 
 import gddim_runtime as gr
+from derive._autogrid import SAMPLER
 
 ORDERS = (1, 2, 3, 4)
 VARIABLES = ("t", "rho", "logsnr")
-SAMPLERS = {"gddim": ("eps", False), "gddim_pc": ("eps", True), "gddim_x0": ("x0", False),
-            "gddim_x0_pc": ("x0", True)}
+SAMPLERS = {sampler: form_corrector for form_corrector, sampler in SAMPLER.items()}   # name -> (form, corrector)
 
 
 def prior_draws(table, batch, data_shape, generator, dtype=torch.float64):
@@ -60,24 +60,32 @@ def reference(derived, model, x_T, parametrization="eps_R", tol=1e-8, dtype=torc
                      dtype=dtype, parametrization=parametrization)
 
 
+def _grid_name(grid, order):
+    """The grid text of a candidate: "auto" is the auto grid designed for the candidate's order."""
+    return f"auto:{order}" if grid == "auto" else grid
+
+
 def candidates(orders=ORDERS, variables=VARIABLES, grids=("auto",), samplers=tuple(SAMPLERS)):
     """(grid, order, variable, sampler) in tie-breaking order (simplest first); grid "auto" = auto:<order>."""
     return [(g, q, v, s) for g in grids for q in orders for v in variables for s in samplers]
 
 
 def evaluate(derived, model, nfe, x_T, *, parametrization="eps_R", configs=None, tol=1e-8, dtype=torch.float64,
-             log=None):
+             log=None, ref=None):
     """{(grid, order, variable, sampler): {"endpoint": e, "w1": w}} for every candidate on the draws x_T (data
     space): e the mean endpoint error |x - x_ref| / sqrt(dim), w the 1-D Wasserstein distance between the
     draws' endpoints and the reference's per coordinate (sorted), averaged over the coordinates -- what a
-    distribution metric sees. inf where a sampler fails or a variable is undefined for the process."""
+    distribution metric sees. inf where a sampler fails or a variable is undefined for the process.
+    ref: ``reference(derived, model, x_T, ...)`` when already computed (it does not depend on the NFE)."""
     configs = candidates() if configs is None else list(configs)
-    ref = reference(derived, model, x_T, parametrization, tol, dtype)[:, 0].reshape(len(x_T), -1)
+    if ref is None:
+        ref = reference(derived, model, x_T, parametrization, tol, dtype)
+    ref = ref[:, 0].reshape(len(x_T), -1)
     ref_sorted = ref.sort(dim=0).values
     dim = ref.shape[1]
     tables, out = {}, {}
     for grid, q, variable, sampler in configs:
-        gname = f"auto:{q}" if grid == "auto" else grid
+        gname = _grid_name(grid, q)
         if (gname, q, variable) not in tables:
             try:
                 tables[(gname, q, variable)] = derived.table(nfe=nfe, order=q, grid=gname, variable=variable,
@@ -133,7 +141,7 @@ def choose(derived, model, nfe, x_T=None, *, batch=256, data_shape=None, generat
     evaluations = evaluate(derived, model, nfe, x_T, parametrization=parametrization, configs=configs, tol=tol,
                            dtype=dtype, log=log)
     grid, q, variable, sampler = key = pick(evaluations, score)
-    gname = f"auto:{q}" if grid == "auto" else grid
+    gname = _grid_name(grid, q)
     best = {"grid": gname, "order": q, "variable": variable, "sampler": sampler, **evaluations[key],
             "table": {"order": q, "grid": gname, "variable": variable, "form": "x0", "corrector": True}}
     return best, evaluations
