@@ -8,7 +8,6 @@ import sympy as sp
 from sympy.printing.pycode import MpmathPrinter
 
 from ._derivation import INTERNAL
-from ._spec import t
 
 # Names the generated module defines or uses itself; a basis symbol with one of these names is
 # printed with a trailing underscore there (the Markdown keeps the user's name).

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from derive import derive
-from derive._spec import build_spec
 from validation._check import check_table
 
 # sigma_blur(t) = sigma_blur_max t, tau = sigma_blur^2 / 2 (the heat equation's time)

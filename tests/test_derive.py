@@ -8,8 +8,8 @@ import sympy as sp
 
 from conftest import run_derive
 from derive import _hp
-from derive._derivation import CLOSED, NUMERICAL, SEMI, Derivation
-from derive._spec import build_spec, load_spec
+from derive._derivation import CLOSED, NUMERICAL, Derivation
+from derive._spec import build_spec
 from validation._reference import MpReference
 
 TIMES = [1e-3, 0.01, 0.1, 0.3, 0.5, 0.77, 1.0]

@@ -15,7 +15,7 @@ from conftest import run_derive
 from derive import _hp
 from derive._errors import SpecError
 from derive._expr import parse
-from derive._spec import build_spec, load_spec, t as T_SYM
+from derive._spec import load_spec, t as T_SYM
 from validation import _evaluate as ev
 
 x, y, n = sp.symbols("x y n", real=True)

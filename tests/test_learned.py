@@ -11,7 +11,6 @@ its floor. The network is validation._nets' residual MLP with the Gaussian skip 
 import math
 import time
 
-import pytest
 import torch
 
 import gddim_runtime as gr

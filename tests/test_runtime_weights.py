@@ -5,7 +5,6 @@ measure), and exact zeros where derive has them (unused lags)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ import textwrap
 
 import pytest
 import sympy as sp
-import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import SDES, run_derive
@@ -217,7 +216,6 @@ def test_marginal_with_noiseless_dc_coordinate_is_accepted(tmp_path):
 
 def test_singular_sigma0_says_why_and_what_to_write(tmp_path):
     """k > 1 with a singular Sigma_0 (R_0 = 0): the refusal names the R ODE and the eps workaround."""
-    import yaml
     from derive import SpecError, load_spec
     for sigma0 in ("[[0, 0], [0, 0]]", "[[0, 0], [0, 1]]", "[[1, 1], [1, 1]]"):
         spec = GOOD.replace("[[eps, 0], [0, gamma * M + eps]]", sigma0)

@@ -85,7 +85,7 @@ def _check_table_properties(d, grid, corrector=True):
     order = 3
     times = _grids.make_grid(_grids.parse_kind(grid), 6, d)
     tab = _tables.build(d, times, order, corrector=corrector)
-    tt, W, C = tab["t"], tab["eps_weights"], tab["corrector_weights"]
+    W, C = tab["eps_weights"], tab["corrector_weights"]
     coords = sorted({0, d.Pu - 1})
     for i in range(len(times) - 1):
         target = tab["R"][i + 1] - tab["psi"][i] @ tab["R"][i]
