@@ -3,7 +3,11 @@
     python -m validation.bench_auto [--setups vp cld bdm] [--nfe 5 10 20] [--out validation/results/auto.md]
     python -m validation.bench_auto --default [--setups ...]   # derive._autogrid.recommend vs every
         configuration offered (validation/results/auto_default.md); --floor: the recommendation, the
-        paper default, the exact flow and EM at 1000 (CLD at NFE 10-30)
+        paper default, the exact flow and EM at 1000 (CLD at NFE 10-30); --auto-only: the auto-grid rows
+        alone (after a change to the auto grid; render with --from-csv OLD NEW)
+
+Setups: vp, cld, psld on the 2-D rings; bdm, bdm8 on the 4-mode image mixtures; vp64: VP on the 64-D
+mixture of validation.peers (unequal weights: the CFD and its floor use them).
 
 Data, prior noise, reference and metrics as ``validation.bench`` (its data builders: the 2-D
 rings for VP and CLD, the 4-mode image mixture for BDM in its DCT basis; exact mixture score,
@@ -32,26 +36,52 @@ from . import bench
 from .calibrate import SAMPLERS as VARIANT_SAMPLERS
 from .calibrate import SCORES, evaluate, pick, prior_draws, reference
 from .exact import DenseModel, MixtureScore, TableModel
+from .peers import draw, mixture64
 
 ROOT = Path(__file__).resolve().parents[1]
 NFES = (5, 10, 20)
 ORDERS = (1, 2, 3, 4)
 GRIDS = ("auto", "uniform", "quadratic", "power:3", "logsnr", "edm")
 REF_TOL = 1e-8
-# setup -> (spec, data builder, samples, dct basis size)
+# setup -> (spec, data builder: (means, stds[, weights]), samples, dct basis size)
 SETUPS = {"vp": ("vp_linear", bench.rings, 1000, None), "cld": ("cld", bench.rings, 1000, None),
           "psld": ("psld", bench.rings, 1000, None),
-          "bdm": ("bdm", lambda: bench.images(16), 64, (16, 16)), "bdm8": ("bdm", lambda: bench.images(8), 64, (8, 8))}
+          "bdm": ("bdm", lambda: bench.images(16), 64, (16, 16)), "bdm8": ("bdm", lambda: bench.images(8), 64, (8, 8)),
+          "vp64": ("vp_linear", lambda: mixture64(), 1000, None)}
+
+
+class Data:
+    """An exact-score mixture: means [C, *shape], stds [C], weights [C] or None (equal)."""
+
+    def __init__(self, means, stds, weights=None):
+        self.means, self.stds, self.weights = means, stds, weights
+        self.shape = tuple(means.shape[1:])
+        dim = math.prod(self.shape)
+        self.label = ("rings" if self.shape == (2,) else "images " + "x".join(map(str, self.shape))
+                      if len(self.shape) == 3 else f"mixture {dim}-D")
+
+    def cfd(self, x):
+        return bench.component_fd(x, self.means, self.stds, self.weights)[0]
+
+    def floor(self, batch):
+        """The CFD of ``batch`` exact samples (seed 2): the two-sample noise floor."""
+        gen = torch.Generator().manual_seed(2)
+        if self.weights is None:
+            return self.cfd(bench.exact_samples(self.means, self.stds, batch, gen))
+        return self.cfd(draw(self.means, self.stds, self.weights, batch, gen))
+
+    def score(self, basis):
+        return MixtureScore(self.means, self.stds, self.weights, basis=basis)
 
 
 def run(setup, nfes, rows, log, grids=GRIDS, orders=ORDERS, batch=None, cache=None):
     spec_name, data_fn, n, basis_size = SETUPS[setup]
     batch = batch or n
-    means, stds = data_fn()
-    data_shape = tuple(means.shape[1:])
+    data = Data(*data_fn())
+    data_shape = data.shape
     tabs = bench.Tables(spec_name, basis_size)
     basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
-    mix = MixtureScore(means, stds, basis=basis)
+    mix = data.score(basis)
     start = time.perf_counter()
     dense = tabs.dense_coeffs()
     t_ref = tabs.table(1, order=1)
@@ -64,8 +94,8 @@ def run(setup, nfes, rows, log, grids=GRIDS, orders=ORDERS, batch=None, cache=No
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(ref, path)
-    floor = bench.component_fd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)), means, stds)[0]
-    label = "rings" if data_shape == (2,) else "images " + "x".join(map(str, data_shape))
+    floor = data.floor(batch)
+    label = data.label
     log(f"{setup} ({label}, {batch} samples): reference dopri5 NFE {ref_nfe}, "
         f"{time.perf_counter() - start:.0f} s; CFD floor {floor:.2e}")
     dim = math.prod(data_shape)
@@ -82,7 +112,7 @@ def run(setup, nfes, rows, log, grids=GRIDS, orders=ORDERS, batch=None, cache=No
                                    return_info=True)
                 x = u[:, 0]
                 err = float((x - ref[:, 0]).reshape(batch, -1).norm(dim=1).mean() / math.sqrt(dim))
-                cfd = bench.component_fd(x, means, stds)[0]
+                cfd = data.cfd(x)
                 rows.append({"setup": setup, "process": spec_name, "data": label, "nfe": nfe, "calls": inf["nfe"],
                              "grid": grid, "order": q, "endpoint_error": err, "cfd": cfd, "cfd_floor": floor,
                              "grid_seconds": tgrid})
@@ -165,9 +195,9 @@ VARIANT_GRIDS = ("auto", "quadratic")        # every order x form x variable x c
 OTHER_GRIDS = ("uniform", "power:3", "logsnr", "edm")   # eps form in t (the paper's rule), every order
 
 
-def _score(x, ref, means, stds, dim, batch):
+def _score(x, ref, data, dim, batch):
     per = (x - ref[:, 0]).reshape(batch, -1).norm(dim=1) / math.sqrt(dim)
-    return float(per.mean()), float(per.median()), bench.component_fd(x, means, stds)[0]
+    return float(per.mean()), float(per.median()), data.cfd(x)
 
 
 def _prior(t_ref, batch, data_shape, basis, seed):
@@ -182,30 +212,28 @@ def _setup(setup, batch, seed=0):
     noise (seed 0: bench.prior's) of one setup."""
     import derive
     spec_name, data_fn, _, basis_size = SETUPS[setup]
-    means, stds = data_fn()
-    data_shape = tuple(means.shape[1:])
+    data = Data(*data_fn())
     tabs = bench.Tables(spec_name, basis_size)
     d = derive.derive(tabs.spec)
     basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
-    mix = MixtureScore(means, stds, basis=basis)
     t_ref = tabs.table(1, order=1)
-    x_T = _prior(t_ref, batch, data_shape, basis, seed)
-    return means, stds, data_shape, tabs, d, basis, mix, tabs.dense_coeffs(), t_ref, x_T
+    x_T = _prior(t_ref, batch, data.shape, basis, seed)
+    return data, data.shape, tabs, d, basis, data.score(basis), tabs.dense_coeffs(), t_ref, x_T
 
 
-def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t", "rho", "logsnr"), seed=0):
+def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t", "rho", "logsnr"), seed=0,
+                auto_only=False):
     """Per NFE: the recommended configuration, and every configuration offered (the grids of
     VARIANT_GRIDS x orders x forms x variables x correctors, OTHER_GRIDS x orders in eps/t), all
     from the same prior noise against the same dopri5 reference. Rows carry rec = 1 for the
-    recommendation (its configuration also appears among the offered ones)."""
+    recommendation (its configuration also appears among the offered ones). auto_only: the
+    auto-grid rows alone (after a change to the auto grid; the other rows do not depend on it)."""
     from derive import _autogrid
     spec_name, batch = SETUPS[setup][0], batch or SETUPS[setup][2]
-    means, stds, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch, seed)
+    data, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch, seed)
     start = time.perf_counter()
     ref, ref_nfe = bench.reference_endpoint(mix, dense, t_ref, x_T, REF_TOL)
-    floor = bench.component_fd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)), means, stds)[0]
-    ref_cfd = bench.component_fd(ref[:, 0], means, stds)[0]
-    label = "rings" if data_shape == (2,) else "images " + "x".join(map(str, data_shape))
+    floor, ref_cfd, label = data.floor(batch), data.cfd(ref[:, 0]), data.label
     log(f"{setup} ({label}, {batch} samples): reference dopri5 NFE {ref_nfe}, {time.perf_counter() - start:.0f} s; "
         f"CFD floor {floor:.2e}, CFD of the reference (exact flow) {ref_cfd:.2e}")
     dim = math.prod(data_shape)
@@ -223,13 +251,13 @@ def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t
         def add(grid, q, tab, sampler, variable):
             u, inf = gr.sample(TableModel(mix, tab), tab, x_T=x_T, sampler=sampler, dtype=torch.float64,
                                return_info=True)
-            err, med, cfd = _score(u[:, 0], ref, means, stds, dim, batch)
+            err, med, cfd = _score(u[:, 0], ref, data, dim, batch)
             form, corr = VARIANT_SAMPLERS[sampler]
             out.append({**base, "nfe": nfe, "calls": inf["nfe"], "grid": grid, "order": q, "form": form,
                         "variable": variable, "corrector": int(corr),
                         "rec": int((grid, q, form, variable, corr) == key_rec), "endpoint_error": err,
                         "endpoint_median": med, "cfd": cfd, "rec_seconds": t_rec})
-        for grid in VARIANT_GRIDS:
+        for grid in ("auto",) if auto_only else VARIANT_GRIDS:
             for q in orders:
                 for variable in variables:
                     gname = f"auto:{q}" if grid == "auto" else grid
@@ -248,7 +276,7 @@ def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t
             tab = d.table(nfe=nfe, order=rec["order"], grid=rec["grid"], variable=rec["variable"], form="x0",
                           corrector=True, verify="none").to_runtime()
             add("auto", rec["order"], tab, rec["sampler"], rec["variable"])
-        for grid in OTHER_GRIDS:
+        for grid in () if auto_only else OTHER_GRIDS:
             for q in orders:
                 times = _grids.make_grid(_grids.parse_kind(grid), nfe - 1, tabs.deriv, order=q)
                 add(grid, q, gr.table_from_dense(dense, order=q, grid=times, basis=basis), "gddim", "t")
@@ -375,7 +403,7 @@ def calibrated_run(setup, nfes, rows, log, batch=128, seed=1):
     """validation.calibrate with the exact model on ``batch`` prior draws of ``seed`` (not the rows' noise):
     its pick under each score looked up in ``rows`` (a --default run on seed 0), as ratios to the best
     configuration offered there per metric, beside the recommendation's. Returns markdown table rows."""
-    means, stds, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch, seed)
+    data, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch, seed)
     model = DenseModel(mix, dense)
     ref = reference(d, model, x_T)                          # the model's flow from x_T: one for every NFE
     out = []
@@ -425,11 +453,10 @@ def floor_run(setup, nfes, batch, log):
     at 1000 steps (fresh noise, seed 3, as validation.bench) and two exact sample sets (CFD floor)."""
     from derive import _autogrid
     spec_name = SETUPS[setup][0]
-    means, stds, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch)
+    data, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch)
     ref, _ = bench.reference_endpoint(mix, dense, t_ref, x_T, REF_TOL)
     dim = math.prod(data_shape)
-    cfd = lambda x: bench.component_fd(x, means, stds)[0]
-    floor = cfd(bench.exact_samples(means, stds, batch, torch.Generator().manual_seed(2)))
+    cfd, floor = data.cfd, data.floor(batch)
     em_table = tabs.table(999, 1, weights=False)
     em = gr.sample(TableModel(mix, em_table), em_table, x_T=x_T,
                    sampler="euler_maruyama", dtype=torch.float64, generator=torch.Generator().manual_seed(3), lam=1.0)
@@ -465,6 +492,9 @@ def main(argv=None):
                    help="the recommended default (derive._autogrid.recommend) vs every configuration offered")
     p.add_argument("--orders", type=int, nargs="+", default=list(ORDERS), help="orders offered (--default)")
     p.add_argument("--variables", nargs="+", default=["t", "rho", "logsnr"], help="variables offered (--default)")
+    p.add_argument("--auto-only", action="store_true",
+                   help="--default: run the auto-grid rows alone (render later with --from-csv OLD NEW: "
+                        "a later file's rows replace the earlier's)")
     p.add_argument("--floor", action="store_true", help="recommended vs paper default vs the exact flow and EM at 1000")
     p.add_argument("--seed", type=int, default=0, help="prior noise seed of a --default run (0: validation.bench's)")
     p.add_argument("--calibrated", action="store_true",
@@ -502,7 +532,8 @@ def main(argv=None):
         if not args.from_csv:
             for setup in args.setups:
                 run_default(setup, args.nfe, rows, lambda *a: print(*a, flush=True), batch=args.batch,
-                            orders=tuple(args.orders), variables=tuple(args.variables), seed=args.seed)
+                            orders=tuple(args.orders), variables=tuple(args.variables), seed=args.seed,
+                            auto_only=args.auto_only)
         if args.csv:
             with open(args.csv, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -10,10 +10,11 @@ by the mean endpoint error (the default score) or the per-coordinate W1 distance
 distribution ("w1"), or the larger of the two ratios to their best ("both").
 
 Measured (``python -m validation.bench_auto --calibrated``, validation/results/auto_default.md; the
-exact model, 128 draws of one noise seed, scored on 1000 draws of another): the endpoint pick is
-within 1.2x of the best of ~120 configurations in endpoint error at 10 of 12 (process, NFE) points
-(the data-blind recommendation at 5), but it does not look after the distribution: its component
-Frechet distance is within 1.2x at only 4. Per-coordinate W1 is no cure: on the rings (rotation
+exact model, 128 draws of one noise seed, scored on 1000 draws of another; rings, BDM 8x8 and the VP
+64-D mixture): the endpoint pick is within 1.2x of the best of ~120 configurations in endpoint error
+at 13 of 15 (process, NFE) points (the data-blind recommendation at 5; on the 64-D mixture it is 6.7x
+and 11x off at NFE 10 and 20, the pick 1.09x and 1.19x), but it does not look after the
+distribution: its component Frechet distance is within 1.2x at only 6. Per-coordinate W1 is no cure: on the rings (rotation
 symmetric, the marginals hardly see the modes) it picked configurations 3-255x off in CFD.
 
 What is measured is the discretisation error of each sampler on this model -- what the samplers differ
@@ -26,7 +27,8 @@ in -- not the model's error.
     table = d.table(nfe=10, **best["table"]).to_runtime()
     x = gr.sample(model, table, batch=10000, data_shape=(2,), sampler=best["sampler"])
 
-Cost: per NFE one table per (order, variable) (each serves the four samplers), the dopri5 reference
+Candidates: the auto:<q> and quadratic grids x orders 1-4 x variables t, rho, logsnr x the four samplers
+(96). Cost: per NFE one table per (grid, order, variable) (each serves the four samplers), the dopri5 reference
 (a few hundred model calls on the batch) and NFE calls per candidate on the batch.
 """
 
@@ -65,8 +67,14 @@ def _grid_name(grid, order):
     return f"auto:{order}" if grid == "auto" else grid
 
 
-def candidates(orders=ORDERS, variables=VARIABLES, grids=("auto",), samplers=tuple(SAMPLERS)):
-    """(grid, order, variable, sampler) in tie-breaking order (simplest first); grid "auto" = auto:<order>."""
+GRIDS = ("auto", "quadratic")
+
+
+def candidates(orders=ORDERS, variables=VARIABLES, grids=GRIDS, samplers=tuple(SAMPLERS)):
+    """(grid, order, variable, sampler) in tie-breaking order (simplest first); grid "auto" = auto:<order>.
+    The quadratic grid beside auto: auto's measured grid is built on two-mode proxies that part at low
+    noise, and on data whose modes part at high noise (the 64-D mixture) it is 5-20x behind the
+    quadratic grid at NFE 10-20 (validation/results/auto_default.md); offering both lets the model decide."""
     return [(g, q, v, s) for g in grids for q in orders for v in variables for s in samplers]
 
 
