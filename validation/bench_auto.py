@@ -429,8 +429,9 @@ def calibrated_run(setup, nfes, rows, log, batch=128, seed=1):
     return out
 
 
-CALIBRATED_HEADER = ["| data (process) | NFE | recommended (data-blind) | calibrated, score endpoint | "
-                     "calibrated, score w1 | calibrated, score both | seconds |", "|---|---|---|---|---|---|---|"]
+CALIBRATED_HEADER = ["| data (process) | NFE | recommended (data-blind) | "
+                     + " | ".join(f"calibrated, score {s}" for s in SCORES) + " | seconds |",
+                     "|---|---|---|" + "---|" * len(SCORES) + "---|"]
 
 
 def read_default_csv(paths):
