@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gddim_runtime as gr
-from conftest import ROOT, SDES
+from conftest import ROOT
 
 Z = 5.0          # tolerance in standard errors for every Monte-Carlo comparison
 
