@@ -7,7 +7,8 @@
         alone (after a change to the auto grid; render with --from-csv OLD NEW)
 
 Setups: vp, cld, psld on the 2-D rings; bdm, bdm8 on the 4-mode image mixtures; vp64: VP on the 64-D
-mixture of validation.peers (unequal weights: the CFD and its floor use them).
+mixture of validation.peers (unequal weights: the CFD and its floor use them); vpimg: VP on the 4-mode
+3 x 16 x 16 image mixture (pixel space, as in validation.peers).
 
 Data, prior noise, reference and metrics as ``validation.bench`` (its data builders: the 2-D
 rings for VP and CLD, the 4-mode image mixture for BDM in its DCT basis; exact mixture score,
@@ -47,7 +48,8 @@ REF_TOL = 1e-8
 SETUPS = {"vp": ("vp_linear", bench.rings, 1000, None), "cld": ("cld", bench.rings, 1000, None),
           "psld": ("psld", bench.rings, 1000, None),
           "bdm": ("bdm", lambda: bench.images(16), 64, (16, 16)), "bdm8": ("bdm", lambda: bench.images(8), 64, (8, 8)),
-          "vp64": ("vp_linear", lambda: mixture64(), 1000, None)}
+          "vp64": ("vp_linear", lambda: mixture64(), 1000, None),
+          "vpimg": ("vp_linear", lambda: bench.images(16), 64, None)}
 
 
 class Data:
