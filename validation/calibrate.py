@@ -12,7 +12,7 @@ endpoints to the reference's in data space ("energy"), or the larger of the endp
 ("endpoint+energy"). The held-out measurement below kept "endpoint" the default.
 
 Measured (``python -m validation.bench_auto --calibrated``, validation/results/auto_default.md; the
-exact model, 128 draws of one noise seed, scored on 1000 draws of another; rings, BDM 8x8, VP on the
+exact model, 128 draws of one noise seed, scored on 1000 draws of another, 64-128 for the images; rings, BDM 8x8, VP on the
 64-D mixture and on 3 x 16 x 16 images): the endpoint pick is within 1.2x of the best of ~120
 configurations in endpoint error at 16 of 18 (process, NFE) points (the data-blind recommendation at 5;
 on the 64-D mixture it is 6.7x and 11x off at NFE 10 and 20, the pick 1.09x and 1.19x), but it does
