@@ -82,10 +82,11 @@ def candidates(orders=ORDERS, variables=VARIABLES, grids=GRIDS, samplers=tuple(S
 
 def evaluate(derived, model, nfe, x_T, *, parametrization="eps_R", configs=None, tol=1e-8, dtype=torch.float64,
              log=None, ref=None):
-    """{(grid, order, variable, sampler): {"endpoint": e, "w1": w}} for every candidate on the draws x_T (data
-    space): e the mean endpoint error |x - x_ref| / sqrt(dim), w the 1-D Wasserstein distance between the
-    draws' endpoints and the reference's per coordinate (sorted), averaged over the coordinates -- what a
-    distribution metric sees. inf where a sampler fails or a variable is undefined for the process.
+    """{(grid, order, variable, sampler): {"endpoint": e, "w1": w, "energy": g}} for every candidate on the
+    draws x_T (data space): e the mean endpoint error |x - x_ref| / sqrt(dim), w the 1-D Wasserstein
+    distance between the draws' endpoints and the reference's per coordinate (sorted), averaged over the
+    coordinates, g their energy distance / sqrt(dim). inf where a sampler fails or a variable is
+    undefined for the process.
     ref: ``reference(derived, model, x_T, ...)`` when already computed (it does not depend on the NFE)."""
     configs = candidates() if configs is None else list(configs)
     if ref is None:
@@ -113,7 +114,7 @@ def evaluate(derived, model, nfe, x_T, *, parametrization="eps_R", configs=None,
         out[key] = {m: v if math.isfinite(v) else math.inf
                     for m, v in (("endpoint", e), ("w1", w), ("energy", energy_distance(u, ref) / math.sqrt(dim)))}
         if log:
-            log(f"  {gname} q{q} {variable} {sampler}: endpoint {out[key]['endpoint']:.3e}, W1 {out[key]['w1']:.3e}")
+            log(f"  {gname} q{q} {variable} {sampler}: " + ", ".join(f"{m} {v:.3e}" for m, v in out[key].items()))
     return out
 
 
@@ -126,25 +127,27 @@ def energy_distance(x, y):
     return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
 
 
-SCORES = ("endpoint", "w1", "both", "energy", "endpoint+energy")
+METRICS = {"endpoint": ("endpoint",), "w1": ("w1",), "both": ("endpoint", "w1"), "energy": ("energy",),
+           "endpoint+energy": ("endpoint", "energy")}      # score -> the metrics of evaluate it combines
+SCORES = tuple(METRICS)
 
 
 def pick(evaluations, score="endpoint"):
-    """The key of ``evaluate``'s dict with the smallest score (ties: the earlier candidate): "endpoint",
-    "w1", or "both" = the larger of its two ratios to the per-metric best (the configuration closest to
-    the best on both metrics at once)."""
-    if score not in SCORES:
+    """The key of ``evaluate``'s dict with the smallest score (ties: the earlier candidate). A score of one
+    metric ranks by that metric; one of two ("both", "endpoint+energy") by the larger of the candidate's
+    two ratios to the per-metric best (the configuration closest to the best on both at once)."""
+    if score not in METRICS:
         raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
     keys = list(evaluations)
     if not any(math.isfinite(v["endpoint"]) for v in evaluations.values()):
         raise ValueError("no candidate configuration gave a finite endpoint")
-    if score in ("both", "endpoint+energy"):
-        pair = ("endpoint", "w1") if score == "both" else ("endpoint", "energy")
-        best = {m: min(v[m] for v in evaluations.values()) for m in pair}
-        ratio = lambda v, b: v / b if b > 0 else (1.0 if v == 0 else math.inf)
-        value = lambda k: max(ratio(evaluations[k][m], best[m]) for m in best)
+    metrics = METRICS[score]
+    if len(metrics) == 1:
+        value = lambda k: evaluations[k][metrics[0]]
     else:
-        value = lambda k: evaluations[k][score]
+        best = {m: min(v[m] for v in evaluations.values()) for m in metrics}
+        ratio = lambda v, b: v / b if b > 0 else (1.0 if v == 0 else math.inf)
+        value = lambda k: max(ratio(evaluations[k][m], best[m]) for m in metrics)
     return min(keys, key=lambda k: (value(k), keys.index(k)))
 
 
@@ -152,7 +155,7 @@ def choose(derived, model, nfe, x_T=None, *, batch=256, data_shape=None, generat
            parametrization="eps_R", configs=None, tol=1e-8, dtype=torch.float64, log=None):
     """(best, evaluations): the configuration ``pick`` takes under ``score`` from ``evaluate``'s
     evaluations on the draws x_T (default: ``batch`` draws R_T z of shape data_shape from ``generator``).
-    best: {"grid", "order", "variable", "sampler", "endpoint", "w1", "table": the keyword arguments of
+    best: {"grid", "order", "variable", "sampler", "endpoint", "w1", "energy", "table": the keyword arguments of
     ``derived.table`` that build its table}."""
     if x_T is None:
         if data_shape is None:
