@@ -24,6 +24,7 @@ run time"), so only the grid and the order differ between rows.
 
 import argparse
 import csv
+import functools
 import math
 import time
 from pathlib import Path
@@ -77,22 +78,14 @@ class Data:
 
 
 def run(setup, nfes, rows, log, grids=GRIDS, orders=ORDERS, batch=None, cache=None):
-    spec_name, data_fn, n, basis_size = SETUPS[setup]
-    batch = batch or n
-    data = Data(*data_fn())
-    data_shape = data.shape
-    tabs = bench.Tables(spec_name, basis_size)
-    basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
-    mix = data.score(basis)
     start = time.perf_counter()
-    dense = tabs.dense_coeffs()
-    t_ref = tabs.table(1, order=1)
-    x_T = bench.prior(t_ref, batch, data_shape, basis)
+    st = Setup(setup, batch)
+    data, batch, spec_name, dense, basis = st.data, st.batch, st.spec_name, st.dense, st.basis
     path = None if cache is None else Path(cache) / f"bench_auto_ref_{setup}_{batch}.pt"
     if path is not None and path.is_file():                 # the reference of an earlier run (same noise)
         ref, ref_nfe = torch.load(path), "cached"
     else:
-        ref, ref_nfe = bench.reference_endpoint(mix, dense, t_ref, x_T, REF_TOL)
+        ref, ref_nfe = st.reference()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(ref, path)
@@ -100,7 +93,7 @@ def run(setup, nfes, rows, log, grids=GRIDS, orders=ORDERS, batch=None, cache=No
     label = data.label
     log(f"{setup} ({label}, {batch} samples): reference dopri5 NFE {ref_nfe}, "
         f"{time.perf_counter() - start:.0f} s; CFD floor {floor:.2e}")
-    dim = math.prod(data_shape)
+    tabs, mix, x_T, dim = st.tabs, st.mix, st.x_T, st.dim
     for nfe in nfes:
         for grid in grids:
             for q in orders:
@@ -209,18 +202,32 @@ def _prior(t_ref, batch, data_shape, basis, seed):
     return prior_draws(t_ref, batch, data_shape, torch.Generator().manual_seed(seed))
 
 
-def _setup(setup, batch, seed=0):
-    """The data, tables, derivation, exact mixture score, the one-step reference table and the prior
-    noise (seed 0: bench.prior's) of one setup."""
-    import derive
-    spec_name, data_fn, _, basis_size = SETUPS[setup]
-    data = Data(*data_fn())
-    tabs = bench.Tables(spec_name, basis_size)
-    d = derive.derive(tabs.spec)
-    basis = (tabs.spec.basis.kind, tuple(tabs.spec.basis.size))
-    t_ref = tabs.table(1, order=1)
-    x_T = _prior(t_ref, batch, data.shape, basis, seed)
-    return data, data.shape, tabs, d, basis, data.score(basis), tabs.dense_coeffs(), t_ref, x_T
+class Setup:
+    """One setup of SETUPS on ``batch`` samples (default: the setup's own) and prior-noise ``seed`` (0:
+    bench.prior's): the data, the in-memory tables, the exact mixture score, the dense coefficients, the
+    one-step reference table and x_T. ``derived`` (derive's full derivation, for ``Derived.table``) is
+    built on first use: the grid-only benchmark (``run``) does not need it."""
+
+    def __init__(self, name, batch=None, seed=0):
+        self.spec_name, data_fn, n, basis_size = SETUPS[name]
+        self.name, self.batch, self.seed = name, batch or n, seed
+        self.data = Data(*data_fn())
+        self.tabs = bench.Tables(self.spec_name, basis_size)
+        self.basis = (self.tabs.spec.basis.kind, tuple(self.tabs.spec.basis.size))
+        self.mix = self.data.score(self.basis)
+        self.dense = self.tabs.dense_coeffs()
+        self.t_ref = self.tabs.table(1, order=1)
+        self.x_T = _prior(self.t_ref, self.batch, self.data.shape, self.basis, seed)
+        self.dim = math.prod(self.data.shape)
+
+    @functools.cached_property
+    def derived(self):
+        import derive
+        return derive.derive(self.tabs.spec)
+
+    def reference(self):
+        """(the dopri5 reference endpoint from x_T with its final denoising, its NFE)."""
+        return bench.reference_endpoint(self.mix, self.dense, self.t_ref, self.x_T, REF_TOL)
 
 
 def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t", "rho", "logsnr"), seed=0,
@@ -231,14 +238,14 @@ def run_default(setup, nfes, rows, log, batch=None, orders=ORDERS, variables=("t
     recommendation (its configuration also appears among the offered ones). auto_only: the
     auto-grid rows alone (after a change to the auto grid; the other rows do not depend on it)."""
     from derive import _autogrid
-    spec_name, batch = SETUPS[setup][0], batch or SETUPS[setup][2]
-    data, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch, seed)
+    st = Setup(setup, batch, seed)
+    spec_name, batch, data, tabs, d, basis, mix, dense, x_T, dim = (
+        st.spec_name, st.batch, st.data, st.tabs, st.derived, st.basis, st.mix, st.dense, st.x_T, st.dim)
     start = time.perf_counter()
-    ref, ref_nfe = bench.reference_endpoint(mix, dense, t_ref, x_T, REF_TOL)
+    ref, ref_nfe = st.reference()
     floor, ref_cfd, label = data.floor(batch), data.cfd(ref[:, 0]), data.label
     log(f"{setup} ({label}, {batch} samples): reference dopri5 NFE {ref_nfe}, {time.perf_counter() - start:.0f} s; "
         f"CFD floor {floor:.2e}, CFD of the reference (exact flow) {ref_cfd:.2e}")
-    dim = math.prod(data_shape)
     base = {"setup": setup, "process": spec_name, "data": label, "batch": batch, "seed": seed, "cfd_floor": floor,
             "ref_cfd": ref_cfd}
     for nfe in nfes:
@@ -405,8 +412,8 @@ def calibrated_run(setup, nfes, rows, log, batch=128, seed=1):
     """validation.calibrate with the exact model on ``batch`` prior draws of ``seed`` (not the rows' noise):
     its pick under each score looked up in ``rows`` (a --default run on seed 0), as ratios to the best
     configuration offered there per metric, beside the recommendation's. Returns markdown table rows."""
-    data, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch, seed)
-    model = DenseModel(mix, dense)
+    st = Setup(setup, batch, seed)
+    d, x_T, model = st.derived, st.x_T, DenseModel(st.mix, st.dense)
     ref = reference(d, model, x_T)                          # the model's flow from x_T: one for every NFE
     out = []
     for nfe in nfes:
@@ -455,11 +462,10 @@ def floor_run(setup, nfes, batch, log):
     floor: the exact probability flow from the same noise (dopri5 + final denoising), Euler-Maruyama
     at 1000 steps (fresh noise, seed 3, as validation.bench) and two exact sample sets (CFD floor)."""
     from derive import _autogrid
-    spec_name = SETUPS[setup][0]
-    data, data_shape, tabs, d, basis, mix, dense, t_ref, x_T = _setup(setup, batch)
-    ref, _ = bench.reference_endpoint(mix, dense, t_ref, x_T, REF_TOL)
-    dim = math.prod(data_shape)
-    cfd, floor = data.cfd, data.floor(batch)
+    st = Setup(setup, batch)
+    spec_name, batch, tabs, d, mix, x_T, dim = st.spec_name, st.batch, st.tabs, st.derived, st.mix, st.x_T, st.dim
+    ref, _ = st.reference()
+    cfd, floor = st.data.cfd, st.data.floor(batch)
     em_table = tabs.table(999, 1, weights=False)
     em = gr.sample(TableModel(mix, em_table), em_table, x_T=x_T,
                    sampler="euler_maruyama", dtype=torch.float64, generator=torch.Generator().manual_seed(3), lam=1.0)
