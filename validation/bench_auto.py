@@ -408,34 +408,73 @@ def across_data(path, limit=1.2, metrics=(("endpoint_error",), ("endpoint_error"
     return "\n".join(out)
 
 
+def _key(r):
+    return r["grid"], r["order"], r["form"], r["variable"], int(r["corrector"])
+
+
+CAL_METRICS = ("endpoint_error", "cfd")
+
+
+def held_out_best(sel, other, metrics=CAL_METRICS):
+    """{metric: the seed-0 value of the configuration best on seed 1}, or None without seed-1 rows.
+    sel, other: {configuration: row} of one (setup, NFE) on seed 0 and on seed 1."""
+    common = [k for k in other if k in sel]
+    return {m: sel[min(common, key=lambda k: other[k][m])][m] for m in metrics} if common else None
+
+
 def calibrated_run(setup, nfes, rows, log, batch=128, seed=1):
     """validation.calibrate with the exact model on ``batch`` prior draws of ``seed`` (not the rows' noise):
     its pick under each score looked up in ``rows`` (a --default run on seed 0), as ratios to the best
-    configuration offered there per metric, beside the recommendation's. Returns markdown table rows."""
+    configuration offered there per metric -- in-sample (the best on seed 0 itself, a winner's-curse
+    oracle) and, where ``rows`` hold a --seed 1 run, held out (the configuration best on seed 1's rows,
+    scored on seed 0: the best a rule that does not see the scoring noise can claim) -- beside the
+    recommendation's. Returns (markdown table rows, records {"setup", "nfe", "rule", "in", "held"}: the
+    ratios per metric, "held" None without seed-1 rows)."""
     st = Setup(setup, batch, seed)
     d, x_T, model = st.derived, st.x_T, DenseModel(st.mix, st.dense)
     ref = reference(d, model, x_T)                          # the model's flow from x_T: one for every NFE
-    out = []
+    out, records = [], []
     for nfe in nfes:
-        sel = [r for r in rows if (r["setup"], r["nfe"], r.get("seed", 0)) == (setup, nfe, 0)]
+        sel = {_key(r): r for r in rows if (r["setup"], r["nfe"], r.get("seed", 0)) == (setup, nfe, 0)}
+        other = {_key(r): r for r in rows if (r["setup"], r["nfe"], r.get("seed", 0)) == (setup, nfe, 1)}
         if not sel:
             log(f"{setup} NFE {nfe}: no --default rows to compare with")
             continue
         t0 = time.perf_counter()
         ev = evaluate(d, model, nfe, x_T, ref=ref)
         seconds = time.perf_counter() - t0
-        best = {m: min(r[m] for r in sel) for m in ("endpoint_error", "cfd")}
-        ratios = lambda r: f"{r['endpoint_error'] / best['endpoint_error']:.2f} / {r['cfd'] / best['cfd']:.2f}"
-        cells = [f"{ratios([r for r in sel if int(r['rec'])][0])}"]
+        best = {m: min(r[m] for r in sel.values()) for m in CAL_METRICS}
+        held = held_out_best(sel, other)
+
+        def cell(rule, r):
+            rec = {"setup": setup, "nfe": nfe, "rule": rule, "in": {m: r[m] / best[m] for m in CAL_METRICS},
+                   "held": held and {m: r[m] / held[m] for m in CAL_METRICS}}
+            records.append(rec)
+            text = " / ".join(f"{rec['in'][m]:.2f}" for m in CAL_METRICS)
+            return text + (" [" + " / ".join(f"{rec['held'][m]:.2f}" for m in CAL_METRICS) + "]" if held else "")
+        cells = [cell("recommended", [r for r in sel.values() if int(r["rec"])][0])]
         for score in SCORES:
             grid, q, variable, sampler = pick(ev, score)
             form, corr = VARIANT_SAMPLERS[sampler]
-            key = (grid, q, form, variable, int(corr))
-            r = [r for r in sel if (r["grid"], r["order"], r["form"], r["variable"], int(r["corrector"])) == key][0]
-            cells.append(f"{_config(r)}: {ratios(r)}")
-        out.append(f"| {sel[0]['data']} ({sel[0]['process']}) | {nfe} | {' | '.join(cells)} | {seconds:.0f} |")
+            r = sel[(grid, q, form, variable, int(corr))]
+            cells.append(f"{_config(r)}: {cell(score, r)}")
+        out.append(f"| {r['data']} ({r['process']}) | {nfe} | {' | '.join(cells)} | {seconds:.0f} |")
         log(out[-1])
-    return out
+    return out, records
+
+
+def calibrated_counts(records, limit=1.2):
+    """Per rule: at how many (setup, NFE) points its pick is within ``limit`` of the best, per metric,
+    against the in-sample best (all points) and the held-out best (the points with seed-1 rows)."""
+    lines = [f"| rule | endpoint within {limit}x: in-sample | CFD: in-sample | endpoint: held out | CFD: held out |",
+             "|---|---|---|---|---|"]
+    for rule in dict.fromkeys(r["rule"] for r in records):
+        sel = [r for r in records if r["rule"] == rule]
+        held = [r for r in sel if r["held"]]
+        count = lambda rs, side, m: f"{sum(r[side][m] <= limit for r in rs)} of {len(rs)}"
+        lines.append(f"| {rule} | {count(sel, 'in', 'endpoint_error')} | {count(sel, 'in', 'cfd')} | "
+                     f"{count(held, 'held', 'endpoint_error')} | {count(held, 'held', 'cfd')} |")
+    return "\n".join(lines)
 
 
 CALIBRATED_HEADER = ["| data (process) | NFE | recommended (data-blind) | "
@@ -528,8 +567,12 @@ def main(argv=None):
     if args.calibrated:
         rows = read_default_csv(args.from_csv)
         mark_recommended(rows)
-        text = "\n".join(CALIBRATED_HEADER + [line for s in args.setups for line in
-                                              calibrated_run(s, args.nfe, rows, lambda *a: print(*a, flush=True))])
+        lines, records = [], []
+        for setup in args.setups:
+            more, recs = calibrated_run(setup, args.nfe, rows, lambda *a: print(*a, flush=True))
+            lines += more
+            records += recs
+        text = "\n".join(CALIBRATED_HEADER + lines) + "\n\n" + calibrated_counts(records)
         print(text)
         if args.out:
             Path(args.out).write_text(text + "\n")
