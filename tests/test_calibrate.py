@@ -152,6 +152,31 @@ def test_calibrated_pick_holds_on_fresh_noise_cld_rings():
 
 
 @pytest.mark.slow
+def test_calibrated_pick_is_within_1_2x_of_the_held_out_best_vp_rings():
+    """"Our best" for a rule that does not see the scoring noise: the candidate best on 1000 draws of seed 1,
+    scored on 1000 draws of seed 0 (validation.bench's prior). The pick from 128 draws of seed 1 is within
+    1.2x of it on seed 0 at NFE 5 and 10 (auto_default.md: 1.00 and 1.17; against the in-sample best of seed 0,
+    chosen after seeing it, NFE 10 is 1.30 -- winner's curse). Candidates: calibrate's 96 (auto_default.md's
+    held-out best ranges over ~120). The data-blind recommendation in the pick's place fails (NFE 5: 0.146
+    vs 1.2 x 0.067)."""
+    d = derive.derive("vp_linear")
+    mix = MixtureScore(*bench.rings())
+    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
+    model = DenseModel(mix, dense)
+    base = d.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
+    seed0 = bench.prior(base, 1000, (2,), ("identity", ()))
+    seed1 = prior_draws(base, 1000, (2,), torch.Generator().manual_seed(1))
+    for nfe in (5, 10):
+        best, _ = choose(d, model, nfe, batch=128, data_shape=(2,), generator=torch.Generator().manual_seed(1))
+        _, ev1 = choose(d, model, nfe, seed1)
+        _, ev0 = choose(d, model, nfe, seed0)
+        held = min(ev1, key=lambda k: ev1[k]["endpoint"])
+        grid = "auto" if best["grid"].startswith("auto") else best["grid"]
+        pick = ev0[(grid, best["order"], best["variable"], best["sampler"])]["endpoint"]
+        assert pick <= 1.2 * ev0[held]["endpoint"], (nfe, best, pick, held, ev0[held])
+
+
+@pytest.mark.slow
 def test_calibrated_pick_rescues_the_64d_mixture():
     """Where the data-blind default fails (VP, the 64-D mixture of validation.peers: auto's measured grid
     leaves the high-noise end with few steps), the model's choice -- with the quadratic grid offered
