@@ -422,8 +422,9 @@ def held_out_best(sel, other, metrics=CAL_METRICS):
     return {m: sel[min(common, key=lambda k: other[k][m])][m] for m in metrics} if common else None
 
 
-def calibrated_run(setup, nfes, rows, log, batch=128, seed=1):
-    """validation.calibrate with the exact model on ``batch`` prior draws of ``seed`` (not the rows' noise):
+def calibrated_run(setup, nfes, rows, log, batch=256, seed=1):
+    """validation.calibrate with the exact model on ``batch`` prior draws of ``seed`` (not the rows' noise;
+    256: ``calibrate.choose``'s default):
     its pick under each score looked up in ``rows`` (a --default run on seed 0), as ratios to the best
     configuration offered there per metric -- in-sample (the best on seed 0 itself, a winner's-curse
     oracle) and, where ``rows`` hold a --seed 1 run, held out (the configuration best on seed 1's rows,
@@ -546,7 +547,8 @@ def main(argv=None):
     p.add_argument("--floor", action="store_true", help="recommended vs paper default vs the exact flow and EM at 1000")
     p.add_argument("--seed", type=int, default=0, help="prior noise seed of a --default run (0: validation.bench's)")
     p.add_argument("--calibrated", action="store_true",
-                   help="validation.calibrate's pick (exact model, 128 draws of seed 1) looked up in --from-csv's rows")
+                   help="validation.calibrate's pick (exact model, --batch draws of seed 1, default 256 as "
+                        "calibrate.choose) looked up in --from-csv's rows")
     p.add_argument("--across-data", default=None, metavar="PEERS_CSV",
                    help="from a validation.peers CSV: the best any single configuration does over all its data sets")
     args = p.parse_args(argv)
@@ -569,7 +571,8 @@ def main(argv=None):
         mark_recommended(rows)
         lines, records = [], []
         for setup in args.setups:
-            more, recs = calibrated_run(setup, args.nfe, rows, lambda *a: print(*a, flush=True))
+            more, recs = calibrated_run(setup, args.nfe, rows, lambda *a: print(*a, flush=True),
+                                       batch=args.batch or 256)
             lines += more
             records += recs
         text = "\n".join(CALIBRATED_HEADER + lines) + "\n\n" + calibrated_counts(records)
