@@ -12,12 +12,13 @@ endpoints to the reference's in data space ("energy"), or the larger of the endp
 ("endpoint+energy"). The held-out measurement below kept "endpoint" the default.
 
 Measured (``python -m validation.bench_auto --calibrated``, validation/results/auto_default.md; the
-exact model, 128 draws of one noise seed, scored on 1000 draws of another, 64-128 for the images; rings, BDM 8x8, VP on the
-64-D mixture and on 3 x 16 x 16 images): the endpoint pick is within 1.2x in endpoint error of the
+exact model, 128 draws of one noise seed and again 256 (``choose``'s default; the same counts), scored on 1000
+draws of another, 64-128 for the images; rings, BDM 8x8, VP on the 64-D mixture and on 3 x 16 x 16 images):
+the endpoint pick is within 1.2x in endpoint error of the
 held-out best of ~120 configurations (the one best on another noise seed) at all 18 (process, NFE) points,
 of the in-sample best at 16 (the data-blind recommendation: 8 and 5; on the 64-D mixture it is 6.2x and
 9.4x off at NFE 10 and 20, the pick 1.00x), but it does not look after the distribution: its component
-Frechet distance is within 1.2x of the held-out best at 12 (in-sample 9). Per-coordinate W1 is no cure: on
+Frechet distance is within 1.2x of the held-out best at 12 (in-sample 9 and 11). Per-coordinate W1 is no cure: on
 the rings (rotation symmetric, the marginals hardly see the modes) it picked configurations 3-255x off in CFD.
 
 What is measured is the discretisation error of each sampler on this model -- what the samplers differ
