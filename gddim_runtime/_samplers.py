@@ -684,6 +684,7 @@ def _first_bad(plan):
     return int(bad[0, 0]) if len(bad) else -1
 
 
+@torch.no_grad()              # inference only: the steps write into buffers (out=), which autograd refuses
 def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", sampler=None,
            generator=None, x_T=None, dtype=torch.float32, denoise=None, callback=None, progress=None,
            lam=None, model_dtype=None, return_info=False, compile=False, **options):
@@ -692,7 +693,7 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     model: callable ``model(x, t)``: x [B, k, *data_shape] in data space (pixels also for a
         dct2d table; each sample contiguous, the batch may be a strided view of the sampler's
         buffer), t [B] (the grid time, in ``model_dtype`` or ``dtype``); returns a tensor of the
-        same shape ([B, 1, *data_shape] for ``eps_L_v``) in the given ``parametrization``.
+        same shape ([B, 1, *data_shape] for ``eps_L_v``) in ``parametrization``, under torch.no_grad().
     table: a Table from ``gddim_runtime.load`` or ``gddim_runtime.from_tensors``; its device is
         the device of the whole computation.
     batch, data_shape: number of samples and the shape of one state component (CLD on CIFAR:

@@ -165,6 +165,31 @@ def test_deterministic_given_generator():
     assert torch.equal(runs[0], runs[1]) and runs[0].dtype == torch.float32
 
 
+class _TrainableLinear(torch.nn.Module):
+    """A network as users hand it over: parameters that require grad, no torch.no_grad around the call."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, u, t):
+        return self.scale * u * t.view(-1, *([1] * (u.ndim - 1)))
+
+
+@pytest.mark.parametrize("sampler", ["gddim", "gddim_pc", "gddim_x0_pc", "heun", "euler_maruyama"])
+def test_a_trainable_network_samples_without_no_grad(sampler):
+    """sample() runs under torch.no_grad: a network whose parameters require grad samples as it does
+    inside the user's own no_grad block (bit-identical), and the samples carry no graph. Without it the
+    buffered steps (out=) raise "functions with out=... arguments don't support automatic differentiation"."""
+    tab = gr.load(_coeffs("cld", "cld_nfe20_auto3_q3_pc_x0.safetensors"))
+    net = _TrainableLinear()
+    kw = dict(batch=3, data_shape=(2,), sampler=sampler, generator=torch.Generator().manual_seed(7))
+    u = gr.sample(net, tab, **kw)
+    with torch.no_grad():
+        ref = gr.sample(net, tab, **{**kw, "generator": torch.Generator().manual_seed(7)})
+    assert not u.requires_grad and torch.equal(u, ref)
+
+
 def test_runtime_imports_no_sympy():
     import subprocess
     import sys

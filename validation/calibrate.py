@@ -51,19 +51,35 @@ SAMPLERS = {sampler: form_corrector for form_corrector, sampler in SAMPLER.items
 def prior_draws(table, batch, data_shape, generator, dtype=torch.float64):
     """x_T = R_T z in data space, z ~ N(0, I) from ``generator`` (the runtime's own prior draw; R_T applied
     per frequency for a dct2d basis)."""
-    z = torch.randn((batch, table.k) + tuple(data_shape), generator=generator, dtype=torch.float64)
+    R_T = table.tensors["R"][0]
+    z = torch.randn((batch, table.k) + tuple(data_shape), generator=generator, dtype=torch.float64,
+                    device=generator.device).to(R_T.device)
     basis = table.basis
     to_coef, from_coef = (gr.dct2, gr.idct2) if basis[0] == "dct2d" else ((lambda x: x),) * 2
-    return from_coef(gr.block_apply(table.tensors["R"][0], to_coef(z), basis)).to(dtype)
+    return from_coef(gr.block_apply(R_T, to_coef(z), basis)).to(dtype)
 
 
-def reference(derived, model, x_T, parametrization="eps_R", tol=1e-8, dtype=torch.float64):
+def model_dtype_of(model):
+    """The dtype a model runs in: that of its first floating-point parameter (a torch.nn.Module, e.g. a
+    float32 network), else None (the model takes the state's dtype, e.g. the exact mixture score)."""
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+def reference(derived, model, x_T, parametrization="eps_R", tol=1e-8, dtype=torch.float64, model_dtype=None):
     """The model's probability flow from x_T to t_min (adaptive dopri5 at rtol = atol = tol on the dense
-    coefficients) followed by the final denoising with the model at t_min, as every table ends."""
+    coefficients) followed by the final denoising with the model at t_min, as every table ends. Runs on
+    x_T's device; the model gets its inputs in ``model_dtype`` (default: ``model_dtype_of(model)``)."""
+    device = x_T.device
     dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in derived.dense().tensors.items()}, {}, "")
-    one = derived.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
-    return gr.sample(model, one, x_T=x_T, sampler="probability_flow_rk45", dense=dense, rtol=tol, atol=tol,
-                     dtype=dtype, parametrization=parametrization)
+    one = derived.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime(device)
+    return gr.sample(model, one, x_T=x_T, sampler="probability_flow_rk45", dense=dense.to(device), rtol=tol,
+                     atol=tol, dtype=dtype, parametrization=parametrization,
+                     model_dtype=model_dtype or model_dtype_of(model))
 
 
 def _grid_name(grid, order):
@@ -83,16 +99,19 @@ def candidates(orders=ORDERS, variables=VARIABLES, grids=GRIDS, samplers=tuple(S
 
 
 def evaluate(derived, model, nfe, x_T, *, parametrization="eps_R", configs=None, tol=1e-8, dtype=torch.float64,
-             log=None, ref=None):
+             log=None, ref=None, model_dtype=None):
     """{(grid, order, variable, sampler): {"endpoint": e, "w1": w, "energy": g}} for every candidate on the
     draws x_T (data space): e the mean endpoint error |x - x_ref| / sqrt(dim), w the 1-D Wasserstein
     distance between the draws' endpoints and the reference's per coordinate (sorted), averaged over the
     coordinates, g their energy distance / sqrt(dim). inf where a sampler fails or a variable is
     undefined for the process.
-    ref: ``reference(derived, model, x_T, ...)`` when already computed (it does not depend on the NFE)."""
+    ref: ``reference(derived, model, x_T, ...)`` when already computed (it does not depend on the NFE).
+    Runs on x_T's device; the model gets its inputs in ``model_dtype`` (default: ``model_dtype_of(model)``,
+    so a float32 network gets float32 while the sampler's state stays in ``dtype``)."""
     configs = candidates() if configs is None else list(configs)
+    model_dtype = model_dtype or model_dtype_of(model)
     if ref is None:
-        ref = reference(derived, model, x_T, parametrization, tol, dtype)
+        ref = reference(derived, model, x_T, parametrization, tol, dtype, model_dtype)
     ref = ref[:, 0].reshape(len(x_T), -1)
     ref_sorted = ref.sort(dim=0).values
     dim = ref.shape[1]
@@ -102,14 +121,16 @@ def evaluate(derived, model, nfe, x_T, *, parametrization="eps_R", configs=None,
         if (gname, q, variable) not in tables:
             try:
                 tables[(gname, q, variable)] = derived.table(nfe=nfe, order=q, grid=gname, variable=variable,
-                                                             form="x0", corrector=True, verify="none").to_runtime()
+                                                             form="x0", corrector=True,
+                                                             verify="none").to_runtime(x_T.device)
             except Exception as exc:                  # a variable undefined for the process (SpecError et al.)
                 tables[(gname, q, variable)] = exc
         tab, key = tables[(gname, q, variable)], (grid, q, variable, sampler)
         if isinstance(tab, Exception):
             out[key] = {"endpoint": math.inf, "w1": math.inf, "energy": math.inf}
             continue
-        u = gr.sample(model, tab, x_T=x_T, sampler=sampler, dtype=dtype, parametrization=parametrization)
+        u = gr.sample(model, tab, x_T=x_T, sampler=sampler, dtype=dtype, parametrization=parametrization,
+                      model_dtype=model_dtype)
         u = u[:, 0].reshape(len(x_T), -1)
         e = float(((u - ref).norm(dim=1) / math.sqrt(dim)).mean())
         w = float((u.sort(dim=0).values - ref_sorted).abs().mean())
@@ -154,18 +175,25 @@ def pick(evaluations, score="endpoint"):
 
 
 def choose(derived, model, nfe, x_T=None, *, batch=256, data_shape=None, generator=None, score="endpoint",
-           parametrization="eps_R", configs=None, tol=1e-8, dtype=torch.float64, log=None):
+           parametrization="eps_R", configs=None, tol=1e-8, dtype=torch.float64, log=None, device=None,
+           model_dtype=None):
     """(best, evaluations): the configuration ``pick`` takes under ``score`` from ``evaluate``'s
-    evaluations on the draws x_T (default: ``batch`` draws R_T z of shape data_shape from ``generator``).
+    evaluations on the draws x_T (default: ``batch`` draws R_T z of shape data_shape from ``generator``,
+    default a CPU generator seeded 0, so the draws are the same on every device).
+    device: where the samplers and the model run (default: x_T's device, else the CPU); the model must
+    live there. model_dtype: the dtype of the model's inputs (default: its parameters' dtype, see
+    ``model_dtype_of``; the samplers' state stays in ``dtype``).
     best: {"grid", "order", "variable", "sampler", "endpoint", "w1", "energy", "table": the keyword arguments of
     ``derived.table`` that build its table}."""
     if x_T is None:
         if data_shape is None:
             raise ValueError("give x_T, or batch and data_shape")
-        first = derived.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
+        first = derived.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime(device or "cpu")
         x_T = prior_draws(first, batch, data_shape, generator or torch.Generator().manual_seed(0), dtype)
+    elif device is not None:
+        x_T = x_T.to(device)
     evaluations = evaluate(derived, model, nfe, x_T, parametrization=parametrization, configs=configs, tol=tol,
-                           dtype=dtype, log=log)
+                           dtype=dtype, log=log, model_dtype=model_dtype)
     grid, q, variable, sampler = key = pick(evaluations, score)
     gname = _grid_name(grid, q)
     best = {"grid": gname, "order": q, "variable": variable, "sampler": sampler, **evaluations[key],
