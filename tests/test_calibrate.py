@@ -11,6 +11,7 @@
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,3 +254,30 @@ def test_a_float32_network_is_calibrated_in_float32(vp):
     for key in configs:
         assert ev[key]["endpoint"] == pytest.approx(ev64[key]["endpoint"], rel=1e-4), key
 
+
+
+def test_cli_writes_the_pick_and_refuses_bad_input(tmp_path, capsys, monkeypatch):
+    """python -m validation.calibrate: the pick equals choose()'s on the same draws (seed 0), the table it
+    writes is verified, has that configuration and samples with the picked sampler by default; bad
+    input exits 2 with one line on stderr and writes nothing."""
+    from validation.calibrate import main
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import toy_models
+    out = tmp_path / "chosen"
+    assert main(["vp_linear", "--model", "toy_models:vp_rings_exact", "--nfe", "5", "--batch", "32",
+                 "--out", str(out)]) == 0
+    best, _ = choose(derive.derive("vp_linear"), toy_models.vp_rings_exact(), 5, batch=32, data_shape=(2,))
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) == 1
+    table = gr.load(files[0])
+    assert gr.default_sampler(table) == best["sampler"] and table.order == best["order"]
+    assert (table.meta["grid"]["name"], table.meta.get("variable", "t")) == (best["grid"], best["variable"])
+    assert f"{best['sampler']} on {best['grid']}" in capsys.readouterr().out
+    for extra in (["--model", "toy_models"], ["--model", "no_such_module:f"], ["--model", "toy_models:broken"],
+                  ["--model", "toy_models:vp_rings_exact", "--nfe", "1"], ["--model", "toy_models:vp_rings_exact",
+                                                                          "--data-shape", "0"]):
+        args = ["vp_linear", "--nfe", "5", "--batch", "8", "--data-shape", "2", "--out", str(tmp_path / "bad")]
+        assert main(args + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err, (extra, err)
+    assert not (tmp_path / "bad").exists()

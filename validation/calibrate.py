@@ -31,6 +31,10 @@ in -- not the model's error.
     table = d.table(nfe=10, **best["table"]).to_runtime()
     x = gr.sample(model, table, batch=10000, data_shape=(2,), sampler=best["sampler"])
 
+From the shell (``main``; the model factory ``module:function`` as ``python -m gddim_runtime sample``):
+
+    python -m validation.calibrate cld --model mypkg.nets:make_model --nfe 10 20 --data-shape 2 --out chosen/
+
 Candidates: the auto:<q> and quadratic grids x orders 1-4 x variables t, rho, logsnr x the four samplers
 (96). Cost: per NFE one table per (grid, order, variable) (each serves the four samplers), the dopri5 reference
 (a few hundred model calls on the batch) and NFE calls per candidate on the batch.
@@ -199,3 +203,86 @@ def choose(derived, model, nfe, x_T=None, *, batch=256, data_shape=None, generat
     best = {"grid": gname, "order": q, "variable": variable, "sampler": sampler, **evaluations[key],
             "table": {"order": q, "grid": gname, "variable": variable, "form": "x0", "corrector": True}}
     return best, evaluations
+
+
+# ----- python -m validation.calibrate -----------------------------------------------------------------
+
+def _factory(text):
+    """The model factory ``module:function`` (called with no arguments), as ``python -m gddim_runtime``."""
+    import importlib
+
+    from derive._errors import SpecError
+    module, _, name = text.partition(":")
+    if not module or not name:
+        raise SpecError("--model", text, "expected module:function")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise SpecError("--model", text, f"cannot load: {exc}") from None
+
+
+def report(nfe, best, evaluations, score, top=5):
+    """Markdown: the ``top`` candidates by ``score`` (ties as ``pick``) with every metric; the pick first."""
+    ranked, rest = [pick(evaluations, score)], dict(evaluations)
+    while rest and len(ranked) < top:
+        rest.pop(ranked[-1], None)
+        if rest and any(math.isfinite(v["endpoint"]) for v in rest.values()):
+            ranked.append(pick(rest, score))
+        else:
+            break
+    lines = [f"NFE {nfe}: {best['sampler']} on {best['grid']}, order {best['order']}, variable {best['variable']}",
+             "", "| grid | order | variable | sampler | endpoint | w1 | energy |", "|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys(ranked):
+        v = evaluations[key]
+        lines.append(f"| {_grid_name(key[0], key[1])} | {key[1]} | {key[2]} | {key[3]} | {v['endpoint']:.3e} | "
+                     f"{v['w1']:.3e} | {v['energy']:.3e} |")
+    return "\n".join(lines)
+
+
+def _run(args):
+    import derive
+    from derive._errors import SpecError
+    if any(n < 2 for n in args.nfe) or args.batch < 2:
+        raise SpecError("options", "--nfe/--batch", "each NFE and the batch must be at least 2")
+    model = _factory(args.model)()
+    shape = args.data_shape or getattr(model, "data_shape", None)
+    if shape is None or any(s < 1 for s in shape):
+        raise SpecError("options", "--data-shape", "required (the model has no .data_shape), positive sizes")
+    d = derive.derive(args.spec)
+    for nfe in args.nfe:
+        try:
+            best, ev = choose(d, model, nfe, batch=args.batch, data_shape=tuple(shape), score=args.score,
+                              generator=torch.Generator().manual_seed(args.seed), device=args.device,
+                              parametrization=args.parametrization)
+        except gr.SamplingError as exc:
+            raise SpecError("--model", args.model, str(exc)) from None
+        print(report(nfe, best, ev, args.score) + "\n", flush=True)
+        if args.out:                        # the table of the picked form and corrector: its default sampler
+            form, corrector = SAMPLERS[best["sampler"]]
+            path = d.table(nfe=nfe, **{**best["table"], "form": form, "corrector": corrector}).save(args.out)
+            print(f"wrote {path} (its default sampler: {best['sampler']})\n", flush=True)
+    return 0
+
+
+def main(argv=None):
+    import argparse
+
+    from derive._errors import run_cli
+    p = argparse.ArgumentParser(prog="python -m validation.calibrate",
+                                description="Choose the sampler configuration per NFE with your own model.")
+    p.add_argument("spec", help="built-in spec name or spec file")
+    p.add_argument("--model", required=True, help="factory module:function returning model(u, t)")
+    p.add_argument("--nfe", type=int, nargs="+", required=True, help="model evaluations per sample")
+    p.add_argument("--data-shape", type=int, nargs="+", help="shape of one state component (default: model.data_shape)")
+    p.add_argument("--batch", type=int, default=256, help="prior draws the candidates run on (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default: %(default)s)")
+    p.add_argument("--score", default="endpoint", choices=SCORES, help="(default: %(default)s)")
+    p.add_argument("--parametrization", default="eps_R", help="the model's output (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device of the model and the samplers (default: cpu)")
+    p.add_argument("--out", help="write each chosen table (verified, as python -m derive) into this folder")
+    args = p.parse_args(argv)
+    return run_cli(lambda _: _run(args), None, "calibrate")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
