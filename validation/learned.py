@@ -4,6 +4,7 @@
     python -m validation.learned --quick     # cached checkpoints, fewer NFE/samplers: < 10 min on 2 cores
     python -m validation.learned             # the full table -> validation/results/learned/
     python -m validation.learned --retrain   # retrain every network first (the committed ones were made so)
+    python -m validation.learned --calibrated  # validation.calibrate with each network -> results/learned/calibrated.md
 
 Data that ship with packages: scikit-learn's 8 x 8 digits (1797 images, scaled to [-1, 1]) and the 2-D rings
 of validation.bench (12-component Gaussian mixture). Processes: VP (vp_linear), CLD, PSLD (non-isotropic,
@@ -151,6 +152,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="torch device for sampling, e.g. cuda (training, --train, runs on the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", help="output folder (default validation/results/learned[/quick])")
+    p.add_argument("--calibrated", action="store_true", help="validation.calibrate with each network vs the "
+                   "data-blind default and the paper's table at NFE 10 and 20 -> <out>/calibrated.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,6 +162,17 @@ def main(argv=None):
         train_all(log, args.retrain)
         if args.train:
             return
+    if args.calibrated:
+        from . import _learned_calibrated
+        start = time.perf_counter()
+        lines = _learned_calibrated.run(log=log)
+        out = Path(args.out) if args.out else OUT
+        out.mkdir(parents=True, exist_ok=True)
+        text = (f"# Calibrate with the learned networks (`python -m validation.learned --calibrated`, "
+                f"{time.perf_counter() - start:.0f} s)\n\n" + _learned_calibrated.__doc__.split("\n", 2)[2]
+                + "\n" + "\n".join(lines) + "\n")
+        (out / "calibrated.md").write_text(text)
+        return
     from ._learned_eval import run_all
     out = Path(args.out) if args.out else OUT / ("quick" if args.quick else "")
     run_all(quick=args.quick, out=out, device=args.device, log=log)
