@@ -275,7 +275,8 @@ def test_cli_writes_the_pick_and_refuses_bad_input(tmp_path, capsys, monkeypatch
     assert f"{best['sampler']} on {best['grid']}" in capsys.readouterr().out
     for extra in (["--model", "toy_models"], ["--model", "no_such_module:f"], ["--model", "toy_models:broken"],
                   ["--model", "toy_models:vp_rings_exact", "--nfe", "1"], ["--model", "toy_models:vp_rings_exact",
-                                                                          "--data-shape", "0"]):
+                                                                          "--data-shape", "0"],
+                  ["--model", "toy_models:vp_rings_exact", "--nfe", "2", "--out", "/proc/no_such_dir/x"]):
         args = ["vp_linear", "--nfe", "5", "--batch", "8", "--data-shape", "2", "--out", str(tmp_path / "bad")]
         assert main(args + extra) == 2, extra
         err = capsys.readouterr().err.strip()

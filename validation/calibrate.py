@@ -245,6 +245,8 @@ def _run(args):
     if any(n < 2 for n in args.nfe) or args.batch < 2:
         raise SpecError("options", "--nfe/--batch", "each NFE and the batch must be at least 2")
     model = _factory(args.model)()
+    if args.device and callable(getattr(model, "to", None)):
+        model = model.to(args.device)                       # a torch.nn.Module: onto the samplers' device
     shape = args.data_shape or getattr(model, "data_shape", None)
     if shape is None or any(s < 1 for s in shape):
         raise SpecError("options", "--data-shape", "required (the model has no .data_shape), positive sizes")
@@ -259,7 +261,11 @@ def _run(args):
         print(report(nfe, best, ev, args.score) + "\n", flush=True)
         if args.out:                        # the table of the picked form and corrector: its default sampler
             form, corrector = SAMPLERS[best["sampler"]]
-            path = d.table(nfe=nfe, **{**best["table"], "form": form, "corrector": corrector}).save(args.out)
+            table = d.table(nfe=nfe, **{**best["table"], "form": form, "corrector": corrector})
+            try:
+                path = table.save(args.out)
+            except OSError as exc:
+                raise SpecError(args.out, "--out", f"cannot write: {exc.strerror or exc}") from None
             print(f"wrote {path} (its default sampler: {best['sampler']})\n", flush=True)
     return 0
 
