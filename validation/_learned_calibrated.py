@@ -21,7 +21,7 @@ from . import learned as L
 from ._learned_eval import DigitsMetric, RingsMetric, SAMPLE_N, prior
 from .calibrate import choose, model_dtype_of, reference
 
-CASES = (("rings", "vp_linear"), ("rings", "cld"), ("rings", "psld"), ("digits", "cld"))
+CASES = tuple((kind, name) for kind, names in L.PROCESSES.items() for name in names)   # every committed network
 
 
 def _rules(d, nfe, net, shape):
