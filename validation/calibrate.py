@@ -159,23 +159,26 @@ METRICS = {"endpoint": ("endpoint",), "w1": ("w1",), "both": ("endpoint", "w1"),
 SCORES = tuple(METRICS)
 
 
-def pick(evaluations, score="endpoint"):
-    """The key of ``evaluate``'s dict with the smallest score (ties: the earlier candidate). A score of one
-    metric ranks by that metric; one of two ("both", "endpoint+energy") by the larger of the candidate's
+def ranking(evaluations, score="endpoint"):
+    """The keys of ``evaluate``'s dict, best first under ``score`` (ties: the earlier candidate). A score of
+    one metric ranks by that metric; one of two ("both", "endpoint+energy") by the larger of the candidate's
     two ratios to the per-metric best (the configuration closest to the best on both at once)."""
     if score not in METRICS:
         raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-    keys = list(evaluations)
     if not any(math.isfinite(v["endpoint"]) for v in evaluations.values()):
         raise ValueError("no candidate configuration gave a finite endpoint")
     metrics = METRICS[score]
-    if len(metrics) == 1:
-        value = lambda k: evaluations[k][metrics[0]]
-    else:
-        best = {m: min(v[m] for v in evaluations.values()) for m in metrics}
-        ratio = lambda v, b: v / b if b > 0 else (1.0 if v == 0 else math.inf)
-        value = lambda k: max(ratio(evaluations[k][m], best[m]) for m in metrics)
-    return min(keys, key=lambda k: (value(k), keys.index(k)))
+    best = {m: min(v[m] for v in evaluations.values()) for m in metrics}
+    ratio = lambda v, b: v / b if b > 0 else (1.0 if v == 0 else math.inf)
+    value = ((lambda v: v[metrics[0]]) if len(metrics) == 1 else
+             (lambda v: max(ratio(v[m], best[m]) for m in metrics)))
+    order = sorted(enumerate(evaluations), key=lambda ik: (value(evaluations[ik[1]]), ik[0]))
+    return [key for _, key in order]
+
+
+def pick(evaluations, score="endpoint"):
+    """The key of ``evaluate``'s dict with the smallest score: ``ranking``'s first."""
+    return ranking(evaluations, score)[0]
 
 
 def choose(derived, model, nfe, x_T=None, *, batch=256, data_shape=None, generator=None, score="endpoint",
@@ -222,17 +225,10 @@ def _factory(text):
 
 
 def report(nfe, best, evaluations, score, top=5):
-    """Markdown: the ``top`` candidates by ``score`` (ties as ``pick``) with every metric; the pick first."""
-    ranked, rest = [pick(evaluations, score)], dict(evaluations)
-    while rest and len(ranked) < top:
-        rest.pop(ranked[-1], None)
-        if rest and any(math.isfinite(v["endpoint"]) for v in rest.values()):
-            ranked.append(pick(rest, score))
-        else:
-            break
+    """Markdown: the ``top`` candidates by ``score`` (``ranking``'s order, the pick first) with every metric."""
     lines = [f"NFE {nfe}: {best['sampler']} on {best['grid']}, order {best['order']}, variable {best['variable']}",
              "", "| grid | order | variable | sampler | endpoint | w1 | energy |", "|---|---|---|---|---|---|---|"]
-    for key in dict.fromkeys(ranked):
+    for key in ranking(evaluations, score)[:top]:
         v = evaluations[key]
         lines.append(f"| {_grid_name(key[0], key[1])} | {key[1]} | {key[2]} | {key[3]} | {v['endpoint']:.3e} | "
                      f"{v['w1']:.3e} | {v['energy']:.3e} |")
