@@ -253,6 +253,37 @@ def test_proxy_reference_matches_dopri5(derived, name):
         assert abs(ref[b] - x.numpy()).max() < 1e-5, (m, abs(ref[b] - x.numpy()).max())
 
 
+def test_amplification_matches_an_independent_ddim_recursion(derived):
+    """Proxies.amplification (recommend's charge for model error) on VP with one Gaussian proxy N(0, 0.5^2)
+    (eps linear in the state), order 1 in eps form (DDIM), against the first-order deviation computed from
+    VP's closed forms alone: u_T = sigma_T z, u' = (alpha'/alpha) u + (sigma' - alpha' sigma / alpha)(eps + e_i),
+    eps = sigma u / (sigma^2 + alpha^2 c^2), x = (u_N - sigma_N (eps + e_N)) / alpha_N, with the errors
+    e_i = PROBE xi_i of _perturbed's seeds. At order 1 the data-prediction form is the same update
+    (DPM-Solver++ 1 = DDIM), so its amplification must agree too: that checks the D^-1 R mapping."""
+    import numpy as np
+    deriv = derived("vp_linear").derivation
+    P = _autogrid.Proxies(deriv, modes=(("0", "0.5"),))
+    times = [1.0, 0.6, 0.3, 0.1, 0.03, 0.01, 0.001]
+    st = _autogrid._Steps(deriv, times, P.coords)
+    amp = P.amplification(st, 1, "eps", "t", False, model_error=1e-3)
+    log_a = lambda t: -(0.1 * t + 19.9 * t * t / 2)
+    alpha = lambda t: math.exp(log_a(t) / 2)
+    sigma = lambda t: math.sqrt(-math.expm1(log_a(t)))
+    eps = lambda u, t: sigma(t) * u / (sigma(t) ** 2 + alpha(t) ** 2 * 0.25)
+
+    def run(size):
+        e = [size * np.random.default_rng(1000 + i).standard_normal((1, len(P.z), 1))[0, :, 0]
+             for i in range(len(times))]
+        u = sigma(times[0]) * P.z[:, 0]
+        for i, (s, t) in enumerate(zip(times[:-1], times[1:])):
+            u = alpha(t) / alpha(s) * u + (sigma(t) - alpha(t) * sigma(s) / alpha(s)) * (eps(u, s) + e[i])
+        return (u - sigma(times[-1]) * (eps(u, times[-1]) + e[-1])) / alpha(times[-1])
+    expected = np.mean(np.abs(run(_autogrid.PROBE) - run(0.0))) * 1e-3 / _autogrid.PROBE
+    assert amp == pytest.approx(expected, rel=1e-6)
+    assert P.amplification(st, 1, "x0", "t", False, model_error=1e-3) == pytest.approx(amp, rel=1e-6)
+    assert P.amplification(st, 1, "eps", "t", False, model_error=2e-3) == pytest.approx(2 * amp, rel=1e-12)
+
+
 def test_recommend_is_deterministic_and_sees_cld_stiffness(derived):
     """recommend: same answer from a fresh derivation; on CLD the proxies see what the rings show
     (validation/results/variants.md): the eps-form corrector diverges (proxy error >= 10x the
@@ -362,3 +393,14 @@ def test_across_data_finds_the_minimax_configuration(tmp_path):
     lines = across_data(path).splitlines()
     assert lines[2] == "| 5 | endpoint | 3 | 1 | 1.10 (C) | 1.10, 1.10 |"
     assert lines[3] == "| 5 | endpoint + CFD | 3 | 1 | 1.10 (C) | 1.10/1.10, 1.10/1.10 |"
+
+
+def test_model_error_sweep_scores_what_recommend_ranks(derived):
+    """validation.model_error re-ranks precomputed proxy scores for each MODEL_ERROR of its sweep: at the
+    committed MODEL_ERROR its pick is recommend's, and at 0 the pick of the W1 score alone."""
+    from validation import model_error as ME
+    d = derived("vp_linear").derivation
+    scores = ME.proxy_scores(d, 5)
+    key = lambda r: f"auto|{r['order']}|{r['variable']}|{r['sampler']}"
+    assert ME.pick(scores, _autogrid.MODEL_ERROR) == key(_autogrid.recommend(d, 5))
+    assert ME.pick(scores, 0.0) == min(scores, key=lambda k: scores[k][0])

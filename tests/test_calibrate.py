@@ -133,7 +133,7 @@ def test_calibrated_pick_holds_on_fresh_noise_cld_rings():
     """Chosen on 128 draws (seed 1), scored on 500 others (validation.bench's prior, seed 0) against
     the model's flow from those draws (dopri5 at 1e-8): within 1.2x of the best of the 96 candidates there, and at least 1.3x better than
     ``--order auto``'s data-blind pick (measured on 1000 draws, auto_default.csv: 4.76e-2 for the
-    calibrated auto q3 x0+pc/t vs 7.77e-2 recommended)."""
+    calibrated auto q3 x0+pc/t vs 6.52e-2 recommended, auto q4 x0+pc/rho; 7.77e-2 before the model-error charge)."""
     from derive import _autogrid
     d = derive.derive("cld")
     mix = MixtureScore(*bench.rings())
@@ -182,9 +182,10 @@ def test_calibrated_pick_rescues_the_64d_mixture():
     """Where the data-blind default fails (VP, the 64-D mixture of validation.peers: auto's measured grid
     leaves the high-noise end with few steps), the model's choice -- with the quadratic grid offered
     beside auto -- is held-out better: picked on 128 draws (seed 1), scored on 300 others (seed 0)
-    against dopri5 (1e-8) with the exact score. Measured on these draws: NFE 10 3.5e-2 vs 2.0e-1, NFE 20
-    6.5e-3 vs 5.6e-2 (auto_default.md, 1000 draws: 1.09x and 1.19x of the best vs 6.7x and 11x); asserted
-    3x at both. With auto alone on offer it fails (NFE 20: 4.6e-2)."""
+    against dopri5 (1e-8) with the exact score. Measured on these draws with the model-error charge in the
+    default (auto q4 x0+pc/rho at NFE 10): NFE 10 3.5e-2 vs 8.2e-2 (before the charge: 2.0e-1), NFE 20 6.5e-3 vs
+    3.8e-2 in auto_default.md's 1000 draws (10.5x the best); asserted 1.8x at NFE 10, 3x at NFE 20. With auto
+    alone on offer it fails (NFE 20: 4.6e-2)."""
     from derive import _autogrid
     from validation.peers import mixture64
     d = derive.derive("vp_linear")
@@ -199,13 +200,13 @@ def test_calibrated_pick_rescues_the_64d_mixture():
         u = gr.sample(model, d.table(nfe=nfe, verify="none", **table_kw).to_runtime(), x_T=x_T, sampler=sampler,
                       dtype=torch.float64)[:, 0]
         return float(((u - exact).norm(dim=1) / 8).mean())
-    for nfe in (10, 20):
+    for nfe, factor in ((10, 1.8), (20, 3)):
         best, _ = choose(d, model, nfe, batch=128, data_shape=(64,), generator=torch.Generator().manual_seed(1))
         rec = _autogrid.recommend(d.derivation, nfe)
         ours = err(best["table"], best["sampler"], nfe)
         default = err(dict(order=rec["order"], grid=rec["grid"], variable=rec["variable"], form="x0", corrector=True),
                       rec["sampler"], nfe)
-        assert 3 * ours < default, (nfe, best, ours, rec, default)
+        assert factor * ours < default, (nfe, best, ours, rec, default)
 
 
 def test_held_out_best_and_counts():

@@ -67,15 +67,19 @@ def test_trained_network_samples_the_data():
 
 
 @pytest.mark.slow
-def test_calibrate_rescues_the_default_on_the_learned_digits_cld():
-    """With the committed digits CLD network at NFE 10 the data-blind default (auto:2 q2 rho x0+pc, what
-    `python -m derive cld` writes) runs 4.3 per coordinate away from the network's own probability flow
-    (validation/results/learned/calibrated.md; classifier FD 2416 vs the flow's 287): its auto grid's
-    first step (1 -> 0.37) feeds the network's output at T into every later extrapolation. The pick of
-    validation.calibrate, made on 64 draws (seed 0) with the network itself, scored on 128 other draws
-    (seed 3) against the network's flow: at least 5x closer than the default (measured 0.15 vs 4.3)."""
+def test_model_error_charge_brings_the_default_closer_on_the_learned_digits_cld(monkeypatch):
+    """The digits CLD network at NFE 10, 128 draws (seed 3), endpoint error against the network's own
+    probability flow. Without the model-error charge (MODEL_ERROR = 0) the data-blind rule picks auto:2 q2
+    x0+pc/rho, 4.3 per coordinate from the flow (classifier FD 2416 vs the flow's 287;
+    validation/results/learned/calibrated.md before this revision); with it (what `python -m derive cld`
+    writes now) auto:4 q4 x0+pc/rho. This network was not used to choose MODEL_ERROR (the rings networks
+    were: validation/results/auto_default.md). Asserted: the charged default at least 5x closer than the
+    uncharged one, and within 6x of validation.calibrate's pick made with the network on 64 other draws
+    (seed 0): measured 0.63 vs 4.3 vs 0.15 on 898 draws (calibrated.md). Not asserted, because it does not
+    hold: the charged default is still far off in the metric (FD 1588 vs the flow's 287; the paper's table 308)."""
     import derive
     from derive import _autogrid
+    from derive._derivation import Derivation
     from validation import learned as L
     from validation._learned_eval import prior
     from validation.calibrate import choose, model_dtype_of, reference
@@ -90,8 +94,14 @@ def test_calibrate_rescues_the_default_on_the_learned_digits_cld():
         x = gr.sample(net, d.table(nfe=10, verify="none", **kw).to_runtime(), x_T=x_T, sampler=sampler,
                       dtype=torch.float64, model_dtype=model_dtype_of(net))[:, 0]
         return float(((x - ref).reshape(128, -1).norm(dim=1) / 8).mean())
+
+    def default(rec):
+        return err(dict(order=rec["order"], grid=rec["grid"], variable=rec["variable"], form="x0", corrector=True),
+                   rec["sampler"])
     rec = _autogrid.recommend(d.derivation, 10)
-    default = err(dict(order=rec["order"], grid=rec["grid"], variable=rec["variable"], form="x0", corrector=True),
-                  rec["sampler"])
-    ours = err(best["table"], best["sampler"])
-    assert 5 * ours < default, (best, ours, rec, default)
+    with monkeypatch.context() as m:
+        m.setattr(_autogrid, "MODEL_ERROR", 0.0)
+        uncharged = _autogrid.recommend(Derivation(d.spec), 10)
+    charged, before, ours = default(rec), default(uncharged), err(best["table"], best["sampler"])
+    assert 5 * charged < before, (rec, charged, uncharged, before)
+    assert charged < 6 * ours, (rec, charged, best, ours)

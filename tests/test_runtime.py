@@ -181,7 +181,7 @@ def test_a_trainable_network_samples_without_no_grad(sampler):
     """sample() runs under torch.no_grad: a network whose parameters require grad samples as it does
     inside the user's own no_grad block (bit-identical), and the samples carry no graph. Without it the
     buffered steps (out=) raise "functions with out=... arguments don't support automatic differentiation"."""
-    tab = gr.load(_coeffs("cld", "cld_nfe20_auto3_q3_pc_x0.safetensors"))
+    tab = gr.load(_coeffs("cld", "cld_nfe20_auto4_q4_pc_inrho_x0.safetensors"))
     net = _TrainableLinear()
     kw = dict(batch=3, data_shape=(2,), sampler=sampler, generator=torch.Generator().manual_seed(7))
     u = gr.sample(net, tab, **kw)
