@@ -545,8 +545,8 @@ class Proxies:
         the proxies (inf if not finite), x(probe) the run with errors of rms PROBE. First order on purpose: at
         larger errors single draws near a proxy's decision boundary change mode, and those discrete jumps
         (2m / N_NOISE each) would decide the ranking. The exact score has no error, so ``error`` cannot see
-        this, and candidates of similar exact-score error differ by up to ~100x in it (per unit error, VP NFE 10:
-        1.5 for auto:4 x0+pc/rho, 21 for auto:2 x0+pc/t; CLD NFE 10: 4 to 245; auto_default.md)."""
+        this, and candidates of similar exact-score error differ in it by factors up to 65 (per unit error, VP NFE 10:
+        1.5 for auto:4 x0+pc/rho to 97 for auto:1 eps/t; CLD NFE 10: 4 to 245; auto_default.md)."""
         with np.errstate(all="ignore"):
             d = np.abs(self.simulate(st, order, form, variable, corrector, model_error=PROBE)
                        - self.endpoint(st, order, form, variable, corrector))
