@@ -16,7 +16,7 @@ exact model, 128 draws of one noise seed and again 256 (``choose``'s default; th
 draws of another, 64-128 for the images; rings, BDM 8x8, VP on the 64-D mixture and on 3 x 16 x 16 images):
 the endpoint pick is within 1.2x in endpoint error of the
 held-out best of ~120 configurations (the one best on another noise seed) at all 18 (process, NFE) points,
-of the in-sample best at 16 (the data-blind recommendation: 8 and 5; on the 64-D mixture it is 6.2x and
+of the in-sample best at 16 (the data-blind recommendation before its model-error charge: 8 and 5; on the 64-D mixture it is 6.2x and
 9.4x off at NFE 10 and 20, the pick 1.00x), but it does not look after the distribution: its component
 Frechet distance is within 1.2x of the held-out best at 12 (in-sample 9 and 11). Per-coordinate W1 is no cure: on
 the rings (rotation symmetric, the marginals hardly see the modes) it picked configurations 3-255x off in CFD.
