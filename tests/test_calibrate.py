@@ -183,9 +183,9 @@ def test_calibrated_pick_rescues_the_64d_mixture():
     leaves the high-noise end with few steps), the model's choice -- with the quadratic grid offered
     beside auto -- is held-out better: picked on 128 draws (seed 1), scored on 300 others (seed 0)
     against dopri5 (1e-8) with the exact score. Measured on these draws with the model-error charge in the
-    default (auto q4 x0+pc/rho at NFE 10): NFE 10 3.5e-2 vs 8.2e-2 (before the charge: 2.0e-1), NFE 20 6.5e-3 vs
-    3.8e-2 in auto_default.md's 1000 draws (10.5x the best); asserted 1.8x at NFE 10, 3x at NFE 20. With auto
-    alone on offer it fails (NFE 20: 4.6e-2)."""
+    default (auto q4 x0+pc/rho at NFE 10): NFE 10 3.5e-2 vs 8.2e-2 (before the charge: 2.0e-1); NFE 20 the pick
+    6.5e-3 on these draws, the default 3.8e-2 on auto_default.md's 1000 (10.5x the best there); asserted 1.8x
+    at NFE 10, 3x at NFE 20. With auto alone on offer it fails (NFE 20: 4.6e-2)."""
     from derive import _autogrid
     from validation.peers import mixture64
     d = derive.derive("vp_linear")
