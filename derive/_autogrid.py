@@ -437,8 +437,13 @@ class Proxies:
         return eps, x0
 
     def endpoint(self, st, order, form="eps", variable="t", corrector=False):
-        """Data coordinate after the final denoising [B, n] of the sampler on the grid ``st``."""
-        return self.simulate(st, order, form, variable, corrector)
+        """Data coordinate after the final denoising [B, n] of the sampler on the grid ``st`` (kept on ``st``:
+        ``error`` and ``amplification`` both need it)."""
+        cache = st.__dict__.setdefault("_proxy_endpoints", {})
+        key = (tuple(self.m), tuple(self.c), order, form, variable, corrector)
+        if key not in cache:
+            cache[key] = self.simulate(st, order, form, variable, corrector)
+        return cache[key]
 
     def simulate(self, st, order, form="eps", variable="t", corrector=False, start=0, u=None, history=None,
                  record=False, model_error=0.0):
@@ -630,6 +635,34 @@ def candidates(orders=ORDERS, forms=FORMS, variables=VARIABLES, correctors=(Fals
     return [(q, f, v, c) for q in orders for f in forms for v in variables for c in correctors]
 
 
+def candidate_scores(deriv, nfe, configs=None, model_error=MODEL_ERROR, prune=False):
+    """The two terms of ``recommend``'s score per candidate: ({config: exact-score proxy error},
+    {config: ``amplification`` at ``model_error``}), each candidate on its own auto:<q> grid for ``nfe``
+    model calls. A candidate whose variable is undefined for the process (singular Sigma or D on the grid)
+    is left out. prune: skip the amplification of candidates that cannot win (their exact-score error
+    alone exceeds a total already reached; the amplification is >= 0), which leaves the pick unchanged."""
+    if nfe < 2:
+        raise SpecError("--order", "order", f"auto needs NFE >= 2 (one step + the final denoising), got {nfe}")
+    configs = candidates() if configs is None else configs
+    proxies = Proxies(deriv)
+    steps, exact, amp = {}, {}, {}
+    for cfg in configs:
+        q = cfg[0]
+        if q not in steps:                    # the auto:<q> grid the table will be derived on
+            steps[q] = _Steps(deriv, make_auto_grid(deriv, nfe - 1, q), proxies.coords)
+        try:
+            exact[cfg] = proxies.error(steps[q], *cfg)
+        except _hp.EvaluationError:
+            continue
+    reached = math.inf
+    for cfg in sorted(exact, key=lambda c: (exact[c], configs.index(c))):
+        if prune and exact[cfg] > reached:
+            break
+        amp[cfg] = proxies.amplification(steps[cfg[0]], *cfg, model_error=model_error)
+        reached = min(reached, exact[cfg] + amp[cfg])
+    return exact, amp
+
+
 def recommend(deriv, nfe, configs=None, scores=False):
     """The recommended configuration for ``nfe`` model calls (NFE - 1 steps + final denoising):
     {"grid": "auto:<q>", "order": q, "form", "variable", "corrector", "sampler", "proxy_error"}.
@@ -642,19 +675,9 @@ def recommend(deriv, nfe, configs=None, scores=False):
     tables broke with learned networks (validation/results/auto_default.md, "Model error in the score"). A candidate whose variable is undefined for the process (singular Sigma or D on
     the grid) is skipped. Deterministic: the grid is MPFR; the simulation is float64 numpy from
     a fixed seed. scores: also return {config: proxy error}."""
-    if nfe < 2:
-        raise SpecError("--order", "order", f"auto needs NFE >= 2 (one step + the final denoising), got {nfe}")
     configs = candidates() if configs is None else configs
-    proxies = Proxies(deriv)
-    steps, table = {}, {}
-    for q, form, variable, corr in configs:
-        if q not in steps:                    # the auto:<q> grid the table will be derived on
-            steps[q] = _Steps(deriv, make_auto_grid(deriv, nfe - 1, q), proxies.coords)
-        try:
-            table[(q, form, variable, corr)] = (proxies.error(steps[q], q, form, variable, corr)
-                                                + proxies.amplification(steps[q], q, form, variable, corr, MODEL_ERROR))
-        except _hp.EvaluationError:
-            continue
+    exact, amp = candidate_scores(deriv, nfe, configs, MODEL_ERROR, prune=not scores)
+    table = {cfg: exact[cfg] + amp[cfg] for cfg in configs if cfg in amp}
     best = min(table, key=lambda key: (table[key], configs.index(key)))
     q, form, variable, corr = best
     out = {"grid": f"auto:{q}", "order": q, "form": form, "variable": variable, "corrector": corr,

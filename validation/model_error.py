@@ -63,21 +63,11 @@ def collect(path=LEARNED_JSON, log=print):
 
 
 def proxy_scores(deriv, nfe):
-    """{"auto|q|variable|sampler": (exact-score proxy error, amplification per unit model error)}."""
-    P = _autogrid.Proxies(deriv)
-    out = {}
-    for q in _autogrid.ORDERS:
-        st = _autogrid._Steps(deriv, _autogrid.make_auto_grid(deriv, nfe - 1, q), P.coords)
-        for form in _autogrid.FORMS:
-            for variable in _autogrid.VARIABLES:
-                for corr in (False, True):
-                    try:
-                        e = P.error(st, q, form, variable, corr)
-                        a = P.amplification(st, q, form, variable, corr, model_error=1.0)
-                    except _autogrid._hp.EvaluationError:
-                        continue
-                    out[f"auto|{q}|{variable}|{_autogrid.SAMPLER[(form, corr)]}"] = (e, a)
-    return out
+    """{"auto|q|variable|sampler": (exact-score proxy error, amplification per unit model error)}: recommend's
+    two terms (``_autogrid.candidate_scores``, none pruned), in its candidate order."""
+    exact, amp = _autogrid.candidate_scores(deriv, nfe, model_error=1.0)
+    return {f"auto|{q}|{variable}|{_autogrid.SAMPLER[(form, corr)]}": (exact[cfg], amp[cfg])
+            for cfg in _autogrid.candidates() if cfg in amp for q, form, variable, corr in [cfg]}
 
 
 def pick(scores, model_error):
