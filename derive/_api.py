@@ -124,6 +124,11 @@ class DenseTable:
         write_folder(folder, {self.filename: self.to_bytes()})
         return Path(folder) / self.filename
 
+    def to_runtime(self, device="cpu"):
+        """``gddim_runtime.DenseCoefficients`` on ``device`` (coefficients at any t), without a file."""
+        import gddim_runtime
+        return gddim_runtime.dense_from_tensors(self.tensors, self.meta, device, f"<memory>/{self.filename}")
+
 
 class Derived:
     """A spec with its derivation (sympy closed forms or numerical fallbacks), done once.

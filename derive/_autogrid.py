@@ -665,7 +665,8 @@ def candidate_scores(deriv, nfe, configs=None, model_error=MODEL_ERROR, prune=Fa
 
 def recommend(deriv, nfe, configs=None, scores=False):
     """The recommended configuration for ``nfe`` model calls (NFE - 1 steps + final denoising):
-    {"grid": "auto:<q>", "order": q, "form", "variable", "corrector", "sampler", "proxy_error"}.
+    {"grid": "auto:<q>", "order": q, "form", "variable", "corrector", "sampler", "proxy_error", "table": the
+    keyword arguments of ``Derived.table`` that build a table serving it (as calibrate's pick has)}.
 
     Each candidate (order, form, variable, corrector) runs on its own auto:<q> grid over the
     two-mode proxies (``Proxies``); the smallest summed score wins: the exact-score error (SCORE "w1": the
@@ -681,5 +682,6 @@ def recommend(deriv, nfe, configs=None, scores=False):
     best = min(table, key=lambda key: (table[key], configs.index(key)))
     q, form, variable, corr = best
     out = {"grid": f"auto:{q}", "order": q, "form": form, "variable": variable, "corrector": corr,
-           "sampler": SAMPLER[(form, corr)], "proxy_error": table[best]}
+           "sampler": SAMPLER[(form, corr)], "proxy_error": table[best],
+           "table": {"order": q, "grid": f"auto:{q}", "variable": variable, "form": "x0", "corrector": True}}
     return (out, table) if scores else out

@@ -17,7 +17,7 @@ _LAZY = {
     "load": "._table", "Table": "._table", "split": "._table", "merge": "._table", "block_apply": "._table",
     "sample": "._samplers", "default_sampler": "._samplers", "SAMPLERS": "._samplers", "PARAMETRIZATIONS": "._samplers",
     "SamplingError": "._samplers", "dct2": "._dct", "idct2": "._dct", "final_denoise": "._samplers",
-    "load_dense": "._dense", "DenseCoefficients": "._dense",
+    "load_dense": "._dense", "dense_from_tensors": "._dense", "DenseCoefficients": "._dense",
     "table_from_dense": "._weights", "GDDIMScheduler": ".diffusers",
     "add_noise": "._training", "training_target": "._training", "diffusion_loss": "._training", "sample_times": "._training",
     "gaussian_eps": "._training",

@@ -84,8 +84,18 @@ class DenseCoefficients:
         return DenseCoefficients({k: v.to(device) for k, v in tensors.items()}, self.meta, self.path)
 
 
-def load_dense(path, device="cpu"):
+def dense_from_tensors(tensors, meta=None, device="cpu", path="<memory>"):
+    """DenseCoefficients from in-memory arrays (no file): dict name -> float64 numpy array or torch tensor,
+    named as in the dense file (edges, nodes, F, GGT, R, L, D), uploaded to ``device``."""
     import numpy as np
+    missing = [n for n in ("edges", "nodes", *NAMES) if n not in tensors]
+    if missing:
+        raise TableError(f"{path}: missing dense tensors {missing}")
+    out = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v).to(device)
+           for k, v in tensors.items()}
+    return DenseCoefficients(out, meta or {}, path)
+
+
+def load_dense(path, device="cpu"):
     arrays, meta = read_table(path, kind=DENSE_FORMAT)
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
-    return DenseCoefficients(tensors, meta, str(path))
+    return dense_from_tensors(arrays, meta, device, str(path))

@@ -44,6 +44,17 @@ def test_dense_equals_committed_file(vp):
     _same_as_file(vp.dense(), COEFFS / "vp_linear" / "vp_linear_dense.safetensors", kind=DENSE_FORMAT)
 
 
+def test_dense_to_runtime_equals_the_loaded_file(vp):
+    """DenseTable.to_runtime gives what gr.load_dense reads from the committed file: the same coefficients at
+    any t (the file is compared with the derivation above); a tensor missing is named."""
+    mem, disk = vp.dense().to_runtime(), gr.load_dense(COEFFS / "vp_linear" / "vp_linear_dense.safetensors")
+    t = torch.tensor([1e-3, 0.0123, 0.5, 0.999], dtype=torch.float64)
+    a, b = mem.at(t), disk.at(t)
+    assert all(torch.equal(a[n], b[n]) for n in b) and mem.path == "<memory>/vp_linear_dense.safetensors"
+    with pytest.raises(gr.TableError, match="missing dense tensors .'R'."):
+        gr.dense_from_tensors({k: v for k, v in vp.dense().tensors.items() if k != "R"})
+
+
 def test_spec_as_path_text_or_name_gives_the_same_table(vp):
     text = (SDES / "vp_linear.yaml").read_text()
     ref = vp.table(nfe=6, order=2, grid="logsnr", verify="none").tensors

@@ -72,7 +72,7 @@ def rings(derived):
             from validation import bench
             d = derived(name)
             mix = MixtureScore(*bench.rings())
-            dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
+            dense = d.dense().to_runtime()
             base = d.table(nfe=2, order=1, verify="none").to_runtime()
             x_T = bench.prior(base, 500, (2,), ("identity", ()))
             ref, _ = bench.reference_endpoint(mix, dense, base, x_T, 1e-8)
@@ -136,7 +136,7 @@ def test_auto_beats_uniform_on_gaussian_data(derived, name, monkeypatch):
     the proxies decide) must beat the uniform grid; on the finer data (c = 0.05) the part alone must
     also beat the quadratic grid (measured 1.3-2x on VP; at c = 0.3 it is level with it)."""
     d = derived(name)
-    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
+    dense = d.dense().to_runtime()
     k = d.spec.k
     base = d.table(nfe=2, order=1, verify="none").to_runtime()
     z = torch.randn((64, k, 1), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -172,7 +172,7 @@ def test_proxy_flow_matches_dopri5(derived, name):
     finally:
         _autogrid.PROXY_VARIANCES = saved
     Y0 = torch.tensor([[float(v) for v in row] for row in Y[0, 0]], dtype=torch.float64)      # [k, k]
-    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
+    dense = d.dense().to_runtime()
     base = d.table(nfe=2, order=1, verify="none").to_runtime()
     k = d.spec.k
     z = torch.eye(k, dtype=torch.float64)[:, :, None]                                     # [k samples, k, 1]
@@ -241,7 +241,7 @@ def test_proxy_reference_matches_dopri5(derived, name):
     the errors being ranked (1e-3 and up at NFE <= 20). Slow: dopri5 at 1e-10 takes 110-210 s here."""
     d = derived(name)
     P = _autogrid.Proxies(d.derivation)
-    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
+    dense = d.dense().to_runtime()
     base = d.table(nfe=2, order=1, verify="none").to_runtime()
     x_T = gr.block_apply(base.tensors["R"][0], torch.from_numpy(P.z)[:, :, None], base.basis)
     ref = P.reference()

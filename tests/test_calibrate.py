@@ -29,7 +29,7 @@ from validation.exact import DenseModel, MixtureScore
 def vp():
     d = derive.derive("vp_linear")
     mix = MixtureScore(*bench.rings())
-    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
+    dense = d.dense().to_runtime()
     base = d.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
     x_T = bench.prior(base, 32, (2,), ("identity", ()))
     exact, _ = bench.reference_endpoint(mix, dense, base, x_T, 1e-9)
@@ -137,7 +137,7 @@ def test_calibrated_pick_holds_on_fresh_noise_cld_rings():
     from derive import _autogrid
     d = derive.derive("cld")
     mix = MixtureScore(*bench.rings())
-    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
+    dense = d.dense().to_runtime()
     model = DenseModel(mix, dense)
     best, _ = choose(d, model, 10, batch=128, data_shape=(2,), generator=torch.Generator().manual_seed(1))
     base = d.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
@@ -162,7 +162,7 @@ def test_calibrated_pick_is_within_1_2x_of_the_held_out_best_vp_rings():
     vs 1.2 x 0.067)."""
     d = derive.derive("vp_linear")
     mix = MixtureScore(*bench.rings())
-    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
+    dense = d.dense().to_runtime()
     model = DenseModel(mix, dense)
     base = d.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
     seed0 = bench.prior(base, 1000, (2,), ("identity", ()))
@@ -190,7 +190,7 @@ def test_calibrated_pick_rescues_the_64d_mixture():
     from validation.peers import mixture64
     d = derive.derive("vp_linear")
     mix = MixtureScore(*mixture64())
-    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
+    dense = d.dense().to_runtime()
     model = DenseModel(mix, dense)
     base = d.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
     x_T = bench.prior(base, 300, (64,), ("identity", ()))
@@ -204,7 +204,7 @@ def test_calibrated_pick_rescues_the_64d_mixture():
         best, _ = choose(d, model, nfe, batch=128, data_shape=(64,), generator=torch.Generator().manual_seed(1))
         rec = _autogrid.recommend(d.derivation, nfe)
         ours = err(best["table"], best["sampler"], nfe)
-        default = err(dict(order=rec["order"], grid=rec["grid"], variable=rec["variable"], form="x0", corrector=True),
+        default = err(rec["table"],
                       rec["sampler"], nfe)
         assert factor * ours < default, (nfe, best, ours, rec, default)
 

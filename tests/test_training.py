@@ -21,7 +21,7 @@ Z = 5.0          # tolerance in standard errors for every Monte-Carlo comparison
 def _dense_of(deriv):
     from derive import _tables
     arrays = _tables.dense(deriv)                       # what python -m derive --dense writes (tol 1e-14)
-    return gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in arrays.items()}, {}, deriv.spec.name)
+    return gr.dense_from_tensors(arrays, path=deriv.spec.name)
 
 
 @pytest.fixture(scope="module")

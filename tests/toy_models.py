@@ -21,11 +21,10 @@ def broken():
 def vp_rings_exact():
     """The exact eps_R of validation.bench's 2-D rings under vp_linear (python -m validation.calibrate)."""
     import derive
-    import gddim_runtime as gr
     from validation import bench
     from validation.exact import DenseModel, MixtureScore
     d = derive.derive("vp_linear")
-    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in d.dense().tensors.items()}, {}, "")
+    dense = d.dense().to_runtime()
     model = DenseModel(MixtureScore(*bench.rings()), dense)
     model.data_shape = (2,)
     return model

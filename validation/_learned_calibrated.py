@@ -24,38 +24,39 @@ from .calibrate import choose, model_dtype_of, reference
 CASES = tuple((kind, name) for kind, names in L.PROCESSES.items() for name in names)   # every committed network
 
 
-def _rules(d, nfe, net, shape):
+def _rules(d, nfe, net, shape, device="cpu"):
     """label -> (table keyword arguments, sampler), and the seconds calibrate took."""
     from derive import _autogrid
     t0 = time.perf_counter()
-    best, _ = choose(d, net, nfe, batch=256, data_shape=shape, generator=torch.Generator().manual_seed(0))
+    best, _ = choose(d, net, nfe, batch=256, data_shape=shape, generator=torch.Generator().manual_seed(0),
+                     device=device)
     seconds = time.perf_counter() - t0
     rec = _autogrid.recommend(d.derivation, nfe)
     return {"calibrated": (best["table"], best["sampler"]),
-            "recommended (data-blind)": (dict(order=rec["order"], grid=rec["grid"], variable=rec["variable"],
-                                              form="x0", corrector=True), rec["sampler"]),
+            "recommended (data-blind)": (rec["table"], rec["sampler"]),
             "paper (quadratic q3 eps/t)": (dict(order=3, grid="quadratic"), "gddim")}, seconds
 
 
-def run(nfes=(10, 20), cases=CASES, log=print):
-    """Markdown lines: one row per (case, NFE, rule)."""
+def run(nfes=(10, 20), cases=CASES, log=print, device="cpu"):
+    """Markdown lines: one row per (case, NFE, rule); the networks, samplers and flows run on ``device`` (the
+    prior draws come from a CPU generator, so they are the same on every device)."""
     metrics = {"rings": RingsMetric(), "digits": DigitsMetric(log)}
     lines = ["| data / process | NFE | rule | configuration | endpoint error | metric / TV | exact flow of the net | "
              "noise floor | calibrate (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for kind, name in cases:
         proc, shape, n = L.Process(name), L.SHAPES[kind], SAMPLE_N[kind]
-        net = L.network(kind, proc, log)[0].eval()
-        d, x_T, metric = derive.derive(name), prior(proc, n, shape), metrics[kind]
+        net = L.network(kind, proc, log)[0].eval().to(device)
+        d, x_T, metric = derive.derive(name), prior(proc, n, shape).to(device), metrics[kind]
         ref = reference(d, net, x_T)[:, 0]
-        flow, floor = metric(ref), metric.floor(n)
+        flow, floor = metric(ref.cpu()), metric.floor(n)
         for nfe in nfes:
-            rules, seconds = _rules(d, nfe, net, shape)
+            rules, seconds = _rules(d, nfe, net, shape, device)
             for label, (kw, sampler) in rules.items():
-                tab = d.table(nfe=nfe, verify="none", **kw).to_runtime()
+                tab = d.table(nfe=nfe, verify="none", **kw).to_runtime(device)
                 x = gr.sample(net, tab, x_T=x_T, sampler=sampler, dtype=torch.float64,
                               model_dtype=model_dtype_of(net))[:, 0]
                 err = float(((x - ref).reshape(n, -1).norm(dim=1) / math.sqrt(math.prod(shape))).mean())
-                m, tv = metric(x)
+                m, tv = metric(x.cpu())
                 config = f"{kw['grid']} q{kw['order']} {kw.get('variable', 't')} {sampler}"
                 lines.append(f"| {kind} / {name} | {nfe} | {label} | {config} | {err:.2e} | {m:.4g} / {tv:.3f} | "
                              f"{flow[0]:.4g} / {flow[1]:.3f} | {floor[0]:.3g} / {floor[1]:.3f} | {seconds:.0f} |")

@@ -141,7 +141,7 @@ class Tables:
     def dense_coeffs(self):
         if self.dense is None:
             arrays = _tables.dense(self.deriv, tol=1e-12, n=16)
-            self.dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in arrays.items()}, {}, "")
+            self.dense = gr.dense_from_tensors(arrays)
         return self.dense
 
 

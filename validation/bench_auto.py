@@ -516,7 +516,7 @@ def floor_run(setup, nfes, batch, log):
         rec = _autogrid.recommend(d.derivation, nfe)
         for label, kw, sampler in (
                 (f"recommended: {rec['grid']} {rec['form']}{'+pc' if rec['corrector'] else ''}/{rec['variable']}",
-                 dict(order=rec["order"], grid=rec["grid"], variable=rec["variable"], form="x0", corrector=True),
+                 rec["table"],
                  rec["sampler"]),
                 ("paper default: quadratic q3 eps/t", dict(order=3, grid="quadratic"), "gddim")):
             tab = d.table(nfe=nfe, verify="none", **kw).to_runtime()

@@ -79,9 +79,9 @@ def reference(derived, model, x_T, parametrization="eps_R", tol=1e-8, dtype=torc
     coefficients) followed by the final denoising with the model at t_min, as every table ends. Runs on
     x_T's device; the model gets its inputs in ``model_dtype`` (default: ``model_dtype_of(model)``)."""
     device = x_T.device
-    dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in derived.dense().tensors.items()}, {}, "")
+    dense = derived.dense().to_runtime(device)
     one = derived.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime(device)
-    return gr.sample(model, one, x_T=x_T, sampler="probability_flow_rk45", dense=dense.to(device), rtol=tol,
+    return gr.sample(model, one, x_T=x_T, sampler="probability_flow_rk45", dense=dense, rtol=tol,
                      atol=tol, dtype=dtype, parametrization=parametrization,
                      model_dtype=model_dtype or model_dtype_of(model))
 

@@ -72,7 +72,7 @@ class Process:
         self.tabs = Tables(name)
         self.k = self.tabs.spec.k
         arrays = _tables.dense(self.tabs.deriv)       # what `python -m derive NAME --dense` writes (tol 1e-14)
-        self.dense = gr.DenseCoefficients({k: torch.from_numpy(v) for k, v in arrays.items()}, {}, name)
+        self.dense = gr.dense_from_tensors(arrays, path=name)
 
 
 # ----- checkpoints ----------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="cached checkpoints, NFE 10/20/50, fewer samplers (< 10 min)")
     p.add_argument("--train", action="store_true", help="only train the missing checkpoints")
     p.add_argument("--retrain", action="store_true", help="retrain every network before measuring")
-    p.add_argument("--device", default="cpu", help="torch device for sampling, e.g. cuda (training, --train, runs on the CPU)")
+    p.add_argument("--device", default="cpu", help="torch device for sampling and --calibrated, e.g. cuda (training, --train, runs on the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", help="output folder (default validation/results/learned[/quick])")
     p.add_argument("--calibrated", action="store_true", help="validation.calibrate with each network vs the "
@@ -165,7 +165,7 @@ def main(argv=None):
     if args.calibrated:
         from . import _learned_calibrated
         start = time.perf_counter()
-        lines = _learned_calibrated.run(log=log)
+        lines = _learned_calibrated.run(log=log, device=args.device)
         out = Path(args.out) if args.out else OUT
         out.mkdir(parents=True, exist_ok=True)
         text = (f"# Calibrate with the learned networks (`python -m validation.learned --calibrated`, "
