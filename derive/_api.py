@@ -155,10 +155,13 @@ class Derived:
         d = self.derivation
         return {"psi": d.psi_kind, "sigma": d.sigma_kind, "R": d.R_kind}
 
-    def request(self, nfe, order=None, grid=None, lam=None, corrector=None, denoise=None, variable=None, form=None):
-        """A TableRequest; options left None take the spec's ``tables`` defaults (variable t, form eps)."""
+    def request(self, nfe, order=None, grid=None, lam=None, corrector=None, denoise=None, variable=None, form=None,
+                model_error=None):
+        """A TableRequest; options left None take the spec's ``tables`` defaults (variable t, form eps);
+        model_error: what order auto's recommendation charges for (``TableOptions``)."""
         options = TableOptions(nfe=(nfe,), order=order, grid=grid, lam=None if lam is None else (lam,),
-                               corrector=corrector, denoise=denoise, variable=variable, form=form)
+                               corrector=corrector, denoise=denoise, variable=variable, form=form,
+                               model_error=model_error)
         return options.requests(self.spec, self.derivation)[0]
 
     def requests(self, options=None):
@@ -166,7 +169,7 @@ class Derived:
         return (options or TableOptions()).requests(self.spec, self.derivation)
 
     def table(self, nfe, order=None, grid=None, lam=None, corrector=None, denoise=None, variable=None, form=None, *,
-              verify="fast"):
+              verify="fast", model_error=None):
         """Build one table in memory (see ``TableRequest`` for the options; None: spec default).
 
         variable: "t" | "rho" | "logsnr" (the multistep polynomial's variable); form: "eps" | "x0"
@@ -175,7 +178,8 @@ class Derived:
         verify: "fast" (default; the check ``python -m derive`` runs before writing), "full"
         (45-digit reference) or "none"; a failed check raises ``VerificationFailed``.
         """
-        return self.tables([self.request(nfe, order, grid, lam, corrector, denoise, variable, form)], verify=verify)[0]
+        return self.tables([self.request(nfe, order, grid, lam, corrector, denoise, variable, form, model_error)],
+                           verify=verify)[0]
 
     def tables(self, requests=None, *, verify="fast", jobs=1):
         """Build several tables (default: the spec's defaults); jobs > 1 forks that many workers."""

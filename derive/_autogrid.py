@@ -663,7 +663,7 @@ def candidate_scores(deriv, nfe, configs=None, model_error=MODEL_ERROR, prune=Fa
     return exact, amp
 
 
-def recommend(deriv, nfe, configs=None, scores=False):
+def recommend(deriv, nfe, configs=None, scores=False, model_error=None):
     """The recommended configuration for ``nfe`` model calls (NFE - 1 steps + final denoising):
     {"grid": "auto:<q>", "order": q, "form", "variable", "corrector", "sampler", "proxy_error", "table": the
     keyword arguments of ``Derived.table`` that build a table serving it (as calibrate's pick has)}.
@@ -675,9 +675,11 @@ def recommend(deriv, nfe, configs=None, scores=False):
     the proxies, whose score is exact, preferred candidates that multiply model error most, and the default
     tables broke with learned networks (validation/results/auto_default.md, "Model error in the score"). A candidate whose variable is undefined for the process (singular Sigma or D on
     the grid) is skipped. Deterministic: the grid is MPFR; the simulation is float64 numpy from
-    a fixed seed. scores: also return {config: proxy error}."""
+    a fixed seed. scores: also return {config: proxy error}. model_error: the charge's rms error (default
+    MODEL_ERROR; 0 ranks by the exact-score error alone, for a model whose score is exact)."""
     configs = candidates() if configs is None else configs
-    exact, amp = candidate_scores(deriv, nfe, configs, MODEL_ERROR, prune=not scores)
+    model_error = MODEL_ERROR if model_error is None else model_error
+    exact, amp = candidate_scores(deriv, nfe, configs, model_error, prune=not scores)
     table = {cfg: exact[cfg] + amp[cfg] for cfg in configs if cfg in amp}
     best = min(table, key=lambda key: (table[key], configs.index(key)))
     q, form, variable, corr = best

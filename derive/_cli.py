@@ -61,6 +61,9 @@ def _parser():
     p.add_argument("--form", choices=["eps", "x0"], default=None,
                    help="x0: also the data-prediction tensors x0_psi, x0_weights_ms (DPM-Solver++ for VP "
                         "with --variable logsnr); file name suffix _x0 (default: eps)")
+    p.add_argument("--model-error", type=float, default=None,
+                   help="with --order auto: the rms error of the model's eps output per call that the recommendation "
+                        "charges for (default 1e-3, measured on trained networks; 0 for an exact score)")
     p.add_argument("--no-tables", action="store_true", help="closed forms only, no sampler tables")
     p.add_argument("--dense", action="store_true",
                    help="also write <name>_dense.safetensors (interpolants of F, G G^T, R, L, D for the "
@@ -87,7 +90,8 @@ def _options(args):
     """The table options as data (None: the spec's default), the only thing the core sees of argparse."""
     return TableOptions(nfe=None if args.nfe is None else tuple(args.nfe), order=args.order, grid=args.grid,
                         lam=None if args.lam is None else tuple(args.lam), corrector=args.corrector,
-                        denoise=args.denoise, variable=args.variable, form=args.form)
+                        denoise=args.denoise, variable=args.variable, form=args.form,
+                        model_error=args.model_error)
 
 
 def derive_main(args):

@@ -11,6 +11,7 @@ the caller passes it, or it is looked up among the installed entry points of the
 import concurrent.futures
 import dataclasses
 import importlib.metadata
+import math
 import multiprocessing
 import os
 import re
@@ -194,6 +195,7 @@ class TableOptions:
     denoise: bool | None = None
     variable: str | None = None
     form: str | None = None
+    model_error: float | None = None
 
     def requests(self, spec, deriv=None):
         """One TableRequest per (nfe, lam), in that order; a file grid fixes the NFE itself.
@@ -202,7 +204,8 @@ class TableOptions:
         ``_autogrid.recommend(deriv, nfe)`` picks (order, auto:<q> grid, variable, form, corrector);
         options given explicitly, and a grid the spec names, still win. An auto order that is only the
         default falls back to the paper's order 3 where auto cannot run (no final denoising, no
-        derivation at hand)."""
+        derivation at hand). model_error: the rms model error the recommendation charges for (order auto
+        only; default ``_autogrid.MODEL_ERROR``)."""
         d = spec.tables
         pick = lambda value, default: default if value is None else value
         order, grid = pick(self.order, d.order), pick(self.grid, d.grid)
@@ -213,6 +216,13 @@ class TableOptions:
             if self.order == "auto":
                 raise SpecError("--order", "order", "auto needs the derivation and the final denoising")
             order = 3
+        if self.model_error is not None:
+            me = self.model_error
+            if isinstance(me, bool) or not isinstance(me, (int, float)) or not math.isfinite(me) or me < 0:
+                raise SpecError("--model-error", "model_error", f"needs a finite number >= 0, got {me!r}")
+            if order != "auto":
+                raise SpecError("--model-error", "model_error", "only applies with --order auto (it steers the "
+                                f"recommendation), got order {order}")
         grid_name, grid_param = _grids.parse_kind(pick(grid, "quadratic"))
         if grid_name == "file" and self.nfe is None:        # the file's steps decide; one table
             nfes = [len(_grids.read_times(grid_param)) - 1 + int(denoise)]
@@ -224,7 +234,7 @@ class TableOptions:
             elif order == "auto":
                 from ._autogrid import recommend
                 _stage(spec, "derivation", deriv.prepare_ode_solutions)   # its failures are the spec's
-                rec = _stage(spec, "order auto", lambda: recommend(deriv, nfe))
+                rec = _stage(spec, "order auto", lambda: recommend(deriv, nfe, model_error=self.model_error))
                 q, v, f = rec["order"], pick(self.variable, rec["variable"]), pick(self.form, rec["form"])
                 g = pick(grid, rec["grid"])
                 c = corrector or rec["corrector"]

@@ -55,6 +55,22 @@ def test_dense_to_runtime_equals_the_loaded_file(vp):
         gr.dense_from_tensors({k: v for k, v in vp.dense().tensors.items() if k != "R"})
 
 
+def test_model_error_option_steers_the_recommendation(vp):
+    """model_error=0 (an exact score): the pick is the candidate of smallest exact-score proxy error alone,
+    from the two terms computed separately; the default charge (1e-3) picks another configuration at NFE 10
+    (auto:2 x0+pc/t -> auto:4 x0+pc/rho, validation/results/model_error.md); a non-auto order refuses it."""
+    from derive import _autogrid
+    exact, _ = _autogrid.candidate_scores(vp.derivation, 10, model_error=0.0)
+    cfgs = _autogrid.candidates()
+    q, form, variable, corr = min(exact, key=lambda c: (exact[c], cfgs.index(c)))
+    assert vp.request(10, order="auto", model_error=0.0) == TableRequest(
+        nfe=10, order=q, grid=f"auto:{q}", corrector=corr, variable=variable, form=form)
+    assert vp.request(10, order="auto") != vp.request(10, order="auto", model_error=0.0)
+    assert vp.request(10, order="auto") == vp.request(10, order="auto", model_error=_autogrid.MODEL_ERROR)
+    with pytest.raises(SpecError, match="only applies with --order auto"):
+        vp.request(10, order=3, model_error=0.0)
+
+
 def test_spec_as_path_text_or_name_gives_the_same_table(vp):
     text = (SDES / "vp_linear.yaml").read_text()
     ref = vp.table(nfe=6, order=2, grid="logsnr", verify="none").tensors

@@ -81,7 +81,12 @@ def test_failed_verification_exit_1_nothing_written(tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize("args, fragment", [(["--order", "5"], "--order: order: must be 1..4"),
                                             (["--jobs", "0"], "--jobs: jobs"),
-                                            (["--lam", "0"], "--lam: lam: must be > 0")])
+                                            (["--lam", "0"], "--lam: lam: must be > 0"),
+                                            (["--order", "3", "--model-error", "0.1"],
+                                             "--model-error: model_error: only applies with --order auto"),
+                                            (["--order", "auto", "--model-error=-1e-3"],
+                                             "--model-error: model_error: needs a finite number >= 0, got -0.001"),
+                                            (["--model-error", "nan"], "needs a finite number >= 0, got nan")])
 def test_bad_input_still_exit_2(tmp_path, monkeypatch, capsys, args, fragment):
     monkeypatch.setattr(_tables, "build", _boom)       # never reached: options are checked first
     code = _cli.main(["vp_linear", "--quiet", "--out", str(tmp_path / "out"), *args])
