@@ -635,21 +635,24 @@ def candidates(orders=ORDERS, forms=FORMS, variables=VARIABLES, correctors=(Fals
     return [(q, f, v, c) for q in orders for f in forms for v in variables for c in correctors]
 
 
-def candidate_scores(deriv, nfe, configs=None, model_error=MODEL_ERROR, prune=False):
+def candidate_scores(deriv, nfe, configs=None, model_error=MODEL_ERROR, prune=False, proxies=None, grid=None):
     """The two terms of ``recommend``'s score per candidate: ({config: exact-score proxy error},
     {config: ``amplification`` at ``model_error``}), each candidate on its own auto:<q> grid for ``nfe``
     model calls. A candidate whose variable is undefined for the process (singular Sigma or D on the grid)
     is left out. prune: skip the amplification of candidates that cannot win (their exact-score error
-    alone exceeds a total already reached; the amplification is >= 0), which leaves the pick unchanged."""
+    alone exceeds a total already reached; the amplification is >= 0), which leaves the pick unchanged.
+    proxies (default ``Proxies(deriv)``) and grid ((deriv, n_steps, q) -> times, default ``make_auto_grid``):
+    for validation.model_error's measured alternatives."""
     if nfe < 2:
         raise SpecError("--order", "order", f"auto needs NFE >= 2 (one step + the final denoising), got {nfe}")
     configs = candidates() if configs is None else configs
-    proxies = Proxies(deriv)
+    proxies = Proxies(deriv) if proxies is None else proxies
+    grid = make_auto_grid if grid is None else grid
     steps, exact, amp = {}, {}, {}
     for cfg in configs:
         q = cfg[0]
         if q not in steps:                    # the auto:<q> grid the table will be derived on
-            steps[q] = _Steps(deriv, make_auto_grid(deriv, nfe - 1, q), proxies.coords)
+            steps[q] = _Steps(deriv, grid(deriv, nfe - 1, q), proxies.coords)
         try:
             exact[cfg] = proxies.error(steps[q], *cfg)
         except _hp.EvaluationError:

@@ -13,6 +13,7 @@
 import math
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -404,3 +405,22 @@ def test_model_error_sweep_scores_what_recommend_ranks(derived):
     key = lambda r: f"auto|{r['order']}|{r['variable']}|{r['sampler']}"
     assert ME.pick(scores, _autogrid.MODEL_ERROR) == key(_autogrid.recommend(d, 5))
     assert ME.pick(scores, 0.0) == min(scores, key=lambda k: scores[k][0])
+
+
+def test_model_error_variants_keep_the_eps_x0_relation_and_the_rule(derived):
+    """validation.model_error's alternatives: the x0-constant error keeps x0 = D^-1 (u - R eps) between the
+    perturbed outputs (so both forms see the same model) with the x0 output off by exactly the drawn error;
+    auto+quadratic scores the rule's candidates unchanged and adds the quadratic grid's."""
+    from validation import model_error as ME
+    d = derived("cld").derivation
+    P = ME.X0ErrorProxies(d)
+    st = _autogrid._Steps(d, _autogrid.make_auto_grid(d, 4, 2), P.coords)
+    u = np.einsum("bij,nj->bni", st.R[2][P.cidx], P.z)
+    x00, (eps1, x01) = P._models(st)[2][1], P._models(st, 1e-3)[2]
+    zeta = 1e-3 * np.random.default_rng(1002).standard_normal((len(P.cidx), len(P.z), st.k))
+    assert np.allclose(x01(u) - x00(u), zeta, rtol=0, atol=1e-15)
+    D, R = st.D[2][P.cidx], st.R[2][P.cidx]
+    assert np.allclose(x01(u), _autogrid._mv(np.linalg.inv(D), u - _autogrid._mv(R, eps1(u))), rtol=1e-10, atol=1e-12)
+    both, rule = ME.proxy_scores(d, 3, "auto+quadratic"), ME.proxy_scores(d, 3)
+    assert {k: v for k, v in both.items() if k.startswith("auto|")} == rule
+    assert len([k for k in both if k.startswith("quadratic|")]) == len(rule)
