@@ -50,6 +50,7 @@ Deterministic: MPFR arithmetic is correctly rounded, no float64 library call ent
 """
 
 import math
+import numbers
 
 import gmpy2
 import numpy as np
@@ -312,6 +313,7 @@ SCORE = "w1"                     # recommend ranks by "w1" (distribution error) 
 MODEL_ERROR = 1e-3               # rms error of every model output (eps_R units) whose effect recommend adds to the score:
                                  # chosen on the three learned rings networks (1e-4..1e-2 tried), held out on the four
                                  # digits networks (auto_default.md, "Model error in the score")
+MODEL_ERROR_MAX = 1.0            # an eps error of rms 1 is as large as eps itself: the model knows nothing
 PROBE = 1e-6                     # the error size amplification measures the first-order effect with
 SAMPLER = {("eps", False): "gddim", ("eps", True): "gddim_pc", ("x0", False): "gddim_x0",
            ("x0", True): "gddim_x0_pc"}
@@ -440,9 +442,10 @@ class Proxies:
         """Data coordinate after the final denoising [B, n] of the sampler on the grid ``st`` (kept on ``st``:
         ``error`` and ``amplification`` both need it)."""
         cache = st.__dict__.setdefault("_proxy_endpoints", {})
-        key = (tuple(self.m), tuple(self.c), order, form, variable, corrector)
+        key = (type(self), tuple(self.m), tuple(self.c), order, form, variable, corrector)
         if key not in cache:
             cache[key] = self.simulate(st, order, form, variable, corrector)
+            cache[key].setflags(write=False)
         return cache[key]
 
     def simulate(self, st, order, form="eps", variable="t", corrector=False, start=0, u=None, history=None,
@@ -490,7 +493,7 @@ class Proxies:
         (xi_i standard normal [B, n, k], numpy PCG64 seeded 1000 + i, independent between calls), and the x0
         output by the same error mapped through x0 = D^-1 (u - R eps)."""
         cache = st.__dict__.setdefault("_proxy_models", {})
-        key = (tuple(self.m), tuple(self.c), model_error)
+        key = (type(self), tuple(self.m), tuple(self.c), model_error)
         if key not in cache:
             if not model_error:
                 cache[key] = [self._model(st, i) for i in range(st.N + 1)]
@@ -635,6 +638,14 @@ def candidates(orders=ORDERS, forms=FORMS, variables=VARIABLES, correctors=(Fals
     return [(q, f, v, c) for q in orders for f in forms for v in variables for c in correctors]
 
 
+def check_model_error(value):
+    """The model error a user may set (--model-error): a real number in [0, MODEL_ERROR_MAX]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= MODEL_ERROR_MAX:
+        raise SpecError("--model-error", "model_error", f"needs a number in [0, {MODEL_ERROR_MAX:g}] (rms of the eps "
+                        f"error per call), got {value!r}")
+    return float(value)
+
+
 def candidate_scores(deriv, nfe, configs=None, model_error=MODEL_ERROR, prune=False, proxies=None, grid=None):
     """The two terms of ``recommend``'s score per candidate: ({config: exact-score proxy error},
     {config: ``amplification`` at ``model_error``}), each candidate on its own auto:<q> grid for ``nfe``
@@ -642,9 +653,10 @@ def candidate_scores(deriv, nfe, configs=None, model_error=MODEL_ERROR, prune=Fa
     is left out. prune: skip the amplification of candidates that cannot win (their exact-score error
     alone exceeds a total already reached; the amplification is >= 0), which leaves the pick unchanged.
     proxies (default ``Proxies(deriv)``) and grid ((deriv, n_steps, q) -> times, default ``make_auto_grid``):
-    for validation.model_error's measured alternatives."""
+    for validation.model_error's measured alternatives. model_error: see ``check_model_error``."""
     if nfe < 2:
         raise SpecError("--order", "order", f"auto needs NFE >= 2 (one step + the final denoising), got {nfe}")
+    check_model_error(model_error)
     configs = candidates() if configs is None else configs
     proxies = Proxies(deriv) if proxies is None else proxies
     grid = make_auto_grid if grid is None else grid
@@ -661,7 +673,8 @@ def candidate_scores(deriv, nfe, configs=None, model_error=MODEL_ERROR, prune=Fa
     for cfg in sorted(exact, key=lambda c: (exact[c], configs.index(c))):
         if prune and exact[cfg] > reached:
             break
-        amp[cfg] = proxies.amplification(steps[cfg[0]], *cfg, model_error=model_error)
+        amp[cfg] = (proxies.amplification(steps[cfg[0]], *cfg, model_error=model_error) if model_error
+                    else 0.0)                 # no charge: not even a diverging probe run counts
         reached = min(reached, exact[cfg] + amp[cfg])
     return exact, amp
 
@@ -669,7 +682,9 @@ def candidate_scores(deriv, nfe, configs=None, model_error=MODEL_ERROR, prune=Fa
 def recommend(deriv, nfe, configs=None, scores=False, model_error=None):
     """The recommended configuration for ``nfe`` model calls (NFE - 1 steps + final denoising):
     {"grid": "auto:<q>", "order": q, "form", "variable", "corrector", "sampler", "proxy_error", "table": the
-    keyword arguments of ``Derived.table`` that build a table serving it (as calibrate's pick has)}.
+    keyword arguments of ``Derived.table`` that build a table serving it (as calibrate's pick has: the x0
+    tensors and corrector weights, which serve every sampler; ``--order auto`` writes only what its form and
+    corrector need)}.
 
     Each candidate (order, form, variable, corrector) runs on its own auto:<q> grid over the
     two-mode proxies (``Proxies``); the smallest summed score wins: the exact-score error (SCORE "w1": the

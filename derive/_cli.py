@@ -101,7 +101,8 @@ def derive_main(args):
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     path = resolve_spec(args.spec)
     d = Derived(path, spec_arg=spec_name_for(path, args.spec))
-    requests = [] if args.no_tables else d.requests(_options(args))
+    options = _options(args)                                 # checked even with --no-tables
+    requests = [] if args.no_tables else d.requests(options)
     kinds = d.kinds
     say(f"{d.spec.name}: Psi {kinds['psi']}, Sigma {kinds['sigma']}, R {kinds['R']}")
     tables = d.tables(requests, verify="none" if args.no_verify else args.verify, jobs=args.jobs)

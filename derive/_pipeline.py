@@ -11,7 +11,6 @@ the caller passes it, or it is looked up among the installed entry points of the
 import concurrent.futures
 import dataclasses
 import importlib.metadata
-import math
 import multiprocessing
 import os
 import re
@@ -197,6 +196,11 @@ class TableOptions:
     form: str | None = None
     model_error: float | None = None
 
+    def __post_init__(self):
+        if self.model_error is not None:                    # checked even when no table is asked for
+            from ._autogrid import check_model_error
+            check_model_error(self.model_error)
+
     def requests(self, spec, deriv=None):
         """One TableRequest per (nfe, lam), in that order; a file grid fixes the NFE itself.
 
@@ -215,14 +219,13 @@ class TableOptions:
         if order == "auto" and (deriv is None or not denoise):
             if self.order == "auto":
                 raise SpecError("--order", "order", "auto needs the derivation and the final denoising")
+            if self.model_error is not None:
+                raise SpecError("--model-error", "model_error", "steers order auto's recommendation, which cannot "
+                                "run here (it needs the final denoising and the derivation)")
             order = 3
-        if self.model_error is not None:
-            me = self.model_error
-            if isinstance(me, bool) or not isinstance(me, (int, float)) or not math.isfinite(me) or me < 0:
-                raise SpecError("--model-error", "model_error", f"needs a finite number >= 0, got {me!r}")
-            if order != "auto":
-                raise SpecError("--model-error", "model_error", "only applies with --order auto (it steers the "
-                                f"recommendation), got order {order}")
+        if self.model_error is not None and order != "auto":
+            raise SpecError("--model-error", "model_error", "only applies with --order auto (it steers the "
+                            f"recommendation), got order {order}")
         grid_name, grid_param = _grids.parse_kind(pick(grid, "quadratic"))
         if grid_name == "file" and self.nfe is None:        # the file's steps decide; one table
             nfes = [len(_grids.read_times(grid_param)) - 1 + int(denoise)]

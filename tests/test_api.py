@@ -69,6 +69,10 @@ def test_model_error_option_steers_the_recommendation(vp):
     assert vp.request(10, order="auto") == vp.request(10, order="auto", model_error=_autogrid.MODEL_ERROR)
     with pytest.raises(SpecError, match="only applies with --order auto"):
         vp.request(10, order=3, model_error=0.0)
+    for bad in (True, "1e-3", None.__class__, -1e-3, float("nan"), 2.0):
+        with pytest.raises(SpecError, match=r"--model-error: model_error: needs a number in \[0, 1\]"):
+            vp.request(10, order="auto", model_error=bad)
+    assert vp.request(10, order="auto", model_error=np.float32(0.0)) == vp.request(10, order="auto", model_error=0)
 
 
 def test_spec_as_path_text_or_name_gives_the_same_table(vp):

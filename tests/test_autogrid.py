@@ -410,6 +410,7 @@ def test_model_error_sweep_scores_what_recommend_ranks(derived):
 def test_model_error_variants_keep_the_eps_x0_relation_and_the_rule(derived):
     """validation.model_error's alternatives: the x0-constant error keeps x0 = D^-1 (u - R eps) between the
     perturbed outputs (so both forms see the same model) with the x0 output off by exactly the drawn error;
+    two proxy classes on one grid do not share their cached models (the same amplification as on a fresh grid);
     auto+quadratic scores the rule's candidates unchanged and adds the quadratic grid's."""
     from validation import model_error as ME
     d = derived("cld").derivation
@@ -421,6 +422,10 @@ def test_model_error_variants_keep_the_eps_x0_relation_and_the_rule(derived):
     assert np.allclose(x01(u) - x00(u), zeta, rtol=0, atol=1e-15)
     D, R = st.D[2][P.cidx], st.R[2][P.cidx]
     assert np.allclose(x01(u), _autogrid._mv(np.linalg.inv(D), u - _autogrid._mv(R, eps1(u))), rtol=1e-10, atol=1e-12)
+    rule_p, fresh = _autogrid.Proxies(d), _autogrid._Steps(d, _autogrid.make_auto_grid(d, 4, 2), P.coords)
+    a_rule = rule_p.amplification(st, 2, "x0", "t", True)           # on the grid P's models are cached on
+    assert P.amplification(st, 2, "x0", "t", True) == P.amplification(fresh, 2, "x0", "t", True) != a_rule
+    assert not rule_p.endpoint(st, 2, "x0", "t", True).flags.writeable
     both, rule = ME.proxy_scores(d, 3, "auto+quadratic"), ME.proxy_scores(d, 3)
     assert {k: v for k, v in both.items() if k.startswith("auto|")} == rule
     assert len([k for k in both if k.startswith("quadratic|")]) == len(rule)

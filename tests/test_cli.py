@@ -85,8 +85,15 @@ def test_failed_verification_exit_1_nothing_written(tmp_path, monkeypatch, capsy
                                             (["--order", "3", "--model-error", "0.1"],
                                              "--model-error: model_error: only applies with --order auto"),
                                             (["--order", "auto", "--model-error=-1e-3"],
-                                             "--model-error: model_error: needs a finite number >= 0, got -0.001"),
-                                            (["--model-error", "nan"], "needs a finite number >= 0, got nan")])
+                                             "--model-error: model_error: needs a number in [0, 1] (rms of the eps "
+                                             "error per call), got -0.001"),
+                                            (["--model-error", "nan"], "needs a number in [0, 1]"),
+                                            (["--model-error", "inf"], "needs a number in [0, 1]"),
+                                            (["--model-error", "1.5"], "got 1.5"),
+                                            (["--no-tables", "--model-error", "nan"], "needs a number in [0, 1]"),
+                                            (["--no-denoise", "--model-error", "0"],
+                                             "--model-error: model_error: steers order auto's recommendation, which "
+                                             "cannot run here")])
 def test_bad_input_still_exit_2(tmp_path, monkeypatch, capsys, args, fragment):
     monkeypatch.setattr(_tables, "build", _boom)       # never reached: options are checked first
     code = _cli.main(["vp_linear", "--quiet", "--out", str(tmp_path / "out"), *args])
