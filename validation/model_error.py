@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 import derive
 from derive import _autogrid
 
