@@ -118,3 +118,17 @@ def test_calibrate_with_the_committed_rings_network_beats_both_tables_on_fresh_n
     assert set(rows) == {"calibrated", "recommended (data-blind)", "paper (quadratic q3 eps/t)"}
     err = {rule: float(cells[4]) for rule, cells in rows.items()}
     assert err["calibrated"] < min(err["recommended (data-blind)"], err["paper (quadratic q3 eps/t)"])
+
+
+def test_preconditioned_network_moves_its_skip_coefficients_with_it():
+    """Preconditioned's Gaussian skip reads dense coefficients that are not module tensors: .to(device) must
+    move them too (here to the meta device, which needs no GPU), and .float() must leave them float64."""
+    from validation._nets import Preconditioned, ResMLP
+    from derive import derive
+    dense = derive("cld").dense().to_runtime()
+    net = Preconditioned(ResMLP(2, (2,), hidden=8, layers=1), dense, (2,), torch.zeros(2), 1.0)
+    net.float()
+    assert net.dense.nodes.dtype == torch.float64 and net.dense.nodes.device.type == "cpu"
+    net.to("meta")
+    assert {v.device.type for v in (net.dense.edges, net.dense.nodes, *net.dense.values.values())} == {"meta"}
+    assert net.mean.device.type == "meta"

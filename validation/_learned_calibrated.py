@@ -45,8 +45,7 @@ def run(nfes=(10, 20), cases=CASES, log=print, device="cpu"):
              "noise floor | calibrate (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for kind, name in cases:
         proc, shape, n = L.Process(name), L.SHAPES[kind], SAMPLE_N[kind]
-        net = L.network(kind, proc, log)[0].eval().to(device)
-        net.dense = net.dense.to(device)                # its Gaussian skip's coefficients (not a buffer)
+        net = L.network(kind, proc, log)[0].eval().to(device)     # the skip's coefficients move with it
         if kind not in metrics:
             metrics[kind] = RingsMetric() if kind == "rings" else DigitsMetric(log)
         d, x_T, metric = derive.derive(name), prior(proc, n, shape).to(device), metrics[kind]

@@ -129,8 +129,7 @@ def run_process(kind, proc, net, metric, n, quick, nfes, rows, samples, log, dev
     t0, c0 = time.perf_counter(), time.process_time()
     x_T = prior(proc, n, shape).to(device)
     dense = proc.dense.to(device)
-    net = net.to(device)
-    net.dense = dense
+    net = net.to(device)                                   # the skip's coefficients move with it
     gen = lambda: torch.Generator(device=device).manual_seed(5)
 
     def record(label, nfe_target, nfe, x, sec):

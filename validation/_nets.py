@@ -68,6 +68,13 @@ class Preconditioned(nn.Module):
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float64).reshape(data_shape), persistent=False)
         self.var = float(var)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device)``, ``.cuda()``, ... also move the skip's dense coefficients (not module tensors): to
+        the device ``fn`` sends a float64 probe to; they stay float64 whatever dtype the module takes."""
+        super()._apply(fn, recurse)
+        self.dense = self.dense.to(fn(torch.zeros((), dtype=torch.float64)).device)
+        return self
+
     def forward(self, u, t):
         eps_g = gr.gaussian_eps(self.dense, u, t, self.mean, self.var).to(torch.float64)
         return (eps_g + self.net(u, t).to(torch.float64)).to(u.dtype)
