@@ -418,6 +418,7 @@ class Proxies:
         self.c = np.repeat([float(c) for _, c in modes], C) * scale[self.cidx]
         self.z = np.random.default_rng(0).standard_normal((N_NOISE, k))
         self._ref = None
+        self._key = (type(self), tuple(self.m), tuple(self.c))        # what the caches on a grid are keyed by
 
     def _model(self, st, i):
         """(eps(u), x0hat(u)) maps at grid index i for the proxies' batch u [B, n, k]."""
@@ -442,7 +443,7 @@ class Proxies:
         """Data coordinate after the final denoising [B, n] of the sampler on the grid ``st`` (kept on ``st``:
         ``error`` and ``amplification`` both need it)."""
         cache = st.__dict__.setdefault("_proxy_endpoints", {})
-        key = (type(self), tuple(self.m), tuple(self.c), order, form, variable, corrector)
+        key = self._key + (order, form, variable, corrector)
         if key not in cache:
             cache[key] = self.simulate(st, order, form, variable, corrector)
             cache[key].setflags(write=False)
@@ -493,7 +494,7 @@ class Proxies:
         (xi_i standard normal [B, n, k], numpy PCG64 seeded 1000 + i, independent between calls), and the x0
         output by the same error mapped through x0 = D^-1 (u - R eps)."""
         cache = st.__dict__.setdefault("_proxy_models", {})
-        key = (type(self), tuple(self.m), tuple(self.c), model_error)
+        key = self._key + (model_error,)
         if key not in cache:
             if not model_error:
                 cache[key] = [self._model(st, i) for i in range(st.N + 1)]
@@ -638,6 +639,12 @@ def candidates(orders=ORDERS, forms=FORMS, variables=VARIABLES, correctors=(Fals
     return [(q, f, v, c) for q in orders for f in forms for v in variables for c in correctors]
 
 
+def serving_table(order, grid, variable):
+    """Keyword arguments of ``Derived.table`` for a table that serves every sampler of SAMPLER (the x0 tensors
+    and the corrector weights beside the eps ones): what recommend and validation.calibrate hand out."""
+    return {"order": order, "grid": grid, "variable": variable, "form": "x0", "corrector": True}
+
+
 def check_model_error(value):
     """The model error a user may set (--model-error): a real number in [0, MODEL_ERROR_MAX]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= MODEL_ERROR_MAX:
@@ -703,5 +710,5 @@ def recommend(deriv, nfe, configs=None, scores=False, model_error=None):
     q, form, variable, corr = best
     out = {"grid": f"auto:{q}", "order": q, "form": form, "variable": variable, "corrector": corr,
            "sampler": SAMPLER[(form, corr)], "proxy_error": table[best],
-           "table": {"order": q, "grid": f"auto:{q}", "variable": variable, "form": "x0", "corrector": True}}
+           "table": serving_table(q, f"auto:{q}", variable)}
     return (out, table) if scores else out

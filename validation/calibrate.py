@@ -45,7 +45,7 @@ import math
 import torch
 
 import gddim_runtime as gr
-from derive._autogrid import SAMPLER
+from derive._autogrid import SAMPLER, serving_table
 
 ORDERS = (1, 2, 3, 4)
 VARIABLES = ("t", "rho", "logsnr")
@@ -124,8 +124,7 @@ def evaluate(derived, model, nfe, x_T, *, parametrization="eps_R", configs=None,
         gname = _grid_name(grid, q)
         if (gname, q, variable) not in tables:
             try:
-                tables[(gname, q, variable)] = derived.table(nfe=nfe, order=q, grid=gname, variable=variable,
-                                                             form="x0", corrector=True,
+                tables[(gname, q, variable)] = derived.table(nfe=nfe, **serving_table(q, gname, variable),
                                                              verify="none").to_runtime(x_T.device)
             except Exception as exc:                  # a variable undefined for the process (SpecError et al.)
                 tables[(gname, q, variable)] = exc
@@ -204,7 +203,7 @@ def choose(derived, model, nfe, x_T=None, *, batch=256, data_shape=None, generat
     grid, q, variable, sampler = key = pick(evaluations, score)
     gname = _grid_name(grid, q)
     best = {"grid": gname, "order": q, "variable": variable, "sampler": sampler, **evaluations[key],
-            "table": {"order": q, "grid": gname, "variable": variable, "form": "x0", "corrector": True}}
+            "table": serving_table(q, gname, variable)}
     return best, evaluations
 
 
