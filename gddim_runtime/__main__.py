@@ -53,6 +53,19 @@ def _sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _check_outputs(args, error):
+    """Before any work: --out and --png must name files in existing folders (not folders themselves)."""
+    from pathlib import Path
+    for flag, path in (("--out", args.out), ("--png", args.png)):
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise error(f"{flag} {str(path)!r}: is a folder; give a file name")
+        if not path.parent.is_dir():
+            raise error(f"{flag} {str(path)!r}: folder {str(path.parent)!r} does not exist")
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     import torch
@@ -63,6 +76,7 @@ def main(argv=None):
     try:
         if args.batch < 1 or (args.max_batch is not None and args.max_batch < 1):
             raise gr.SamplingError("--batch and --max-batch must be positive")
+        _check_outputs(args, gr.SamplingError)
         device = dist.init(args.device)
         table = gr.load(args.coeffs, device=device)
         mod_name, _, fn_name = args.model.partition(":")

@@ -3,6 +3,7 @@ shard + manifest output, per-sample noise, and the --png grid."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -84,3 +85,24 @@ def test_png_grid(tmp_path):
     proc = _cli(tmp_path / "t.pt", "--data-shape", "8", "--png", str(tmp_path / "no.png"))   # not an image
     assert proc.returncode == 2 and proc.stderr.startswith("error: --png needs image-shaped data")
     assert not (tmp_path / "no.png").exists() and not (tmp_path / "t.pt").exists()
+
+
+def test_output_locations_are_checked_before_sampling(tmp_path, capsys, monkeypatch):
+    """An --out or --png in a missing folder (or naming a folder) used to fail with a traceback after
+    all the sampling work; now: one line, exit 2, before the model is even built."""
+    import toy_models
+    from gddim_runtime.__main__ import main
+    built = []
+    monkeypatch.setattr(toy_models, "counted", lambda: built.append(1) or (lambda u, t: torch.zeros_like(u)),
+                        raising=False)
+    base = ["sample", "--coeffs", str(TABLE), "--model", "toy_models:counted", "--batch", "2", "--data-shape", "1", "4", "4"]
+    for extra, message in ((["--out", str(tmp_path / "no" / "s.pt")], "--out .*folder .* does not exist"),
+                           (["--out", str(tmp_path)], "--out .*is a folder"),
+                           (["--out", str(tmp_path / "s.pt"), "--png", str(tmp_path / "no" / "g.png")],
+                            "--png .*does not exist")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not built and list(tmp_path.iterdir()) == []
+    assert main(base + ["--out", str(tmp_path / "s.pt")]) == 0 and built == [1]
+    assert gr.read_samples(tmp_path / "s.pt").shape == (2, 2, 1, 4, 4)

@@ -157,6 +157,28 @@ def test_bad_inputs(derivations):
         gr.sample(ok, tab, batch=1, data_shape=(3, 32, 32), sampler="gddim_pc")
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(batch=0), "batch must be a positive integer"), (dict(batch=-3), "batch must be a positive integer"),
+    (dict(batch=2.0), "batch must be a positive integer"), (dict(batch=True), "batch must be a positive integer"),
+    (dict(data_shape=(0,)), "data_shape must be"), (dict(data_shape=(2, -1)), "data_shape must be"),
+    (dict(data_shape=(2.5,)), "data_shape must be"),
+    (dict(sampler="euler_maruyama", lam=-1.0), "lam must be a finite number >= 0"),
+    (dict(sampler="euler_maruyama", lam=float("nan")), "lam must be"), (dict(lam=float("inf")), "lam must be"),
+    (dict(sampler="euler_maruyama", lam="1"), "lam must be")])
+def test_bad_batch_shape_and_lam_are_refused_before_any_work(kw, match):
+    """A negative lam used to run Euler-Maruyama with the lam^2 drift and no noise (neither SDE nor flow);
+    batch 0 or a negative size failed deep inside torch with a reshape error."""
+    tab = gr.load(_coeffs("vp_linear", "vp_linear_nfe10_quadratic_q3.safetensors"))
+    calls = []
+    model = lambda u, t: calls.append(1) or torch.zeros_like(u)
+    with pytest.raises(gr.SamplingError, match=match):
+        gr.sample(model, tab, **{"batch": 2, "data_shape": (3,), **kw})
+    assert not calls
+    x = gr.sample(model, tab, batch=np.int64(2), data_shape=3, sampler="euler_maruyama", lam=np.float32(0.5),
+                  generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, 3) and torch.isfinite(x).all()
+
+
 def test_deterministic_given_generator():
     tab = gr.load(_coeffs("cld", "cld_nfe10_quadratic_q3.safetensors"))
     model = lambda u, t: 0.1 * u
