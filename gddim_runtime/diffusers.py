@@ -25,6 +25,7 @@ diffusers is optional: ``pip install gddim-toolkit[diffusers]``.
 
 import math
 
+import numpy as np
 import torch
 
 try:
@@ -198,6 +199,11 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
             raise NotImplementedError("GDDIMScheduler.add_noise: dct2d families: use gddim_runtime.add_noise")
         cfg = self.config
         t = ((timesteps.double().reshape(-1).cpu() - cfg.timestep_shift) / cfg.timestep_scale).numpy()
+        slack = 1 / abs(cfg.timestep_scale)                   # one model timestep: rounding of the grid's ends
+        if not (np.isfinite(t).all() and (t >= self.t_min - slack).all() and (t <= self.T + slack).all()):
+            lo, hi = sorted(cfg.timestep_scale * v + cfg.timestep_shift for v in (self.t_min, self.T))
+            raise ValueError(f"GDDIMScheduler.add_noise: timesteps must lie in [{lo:g}, {hi:g}] (t in [t_min, T]); "
+                             f"got {timesteps.min().item():g} .. {timesteps.max().item():g}")
         v = _Interp(self.dense)(("D", "R"), t.clip(self.t_min, self.T))
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         D = torch.from_numpy(v["D"][:, 0, 0, 0]).to(original_samples.device, original_samples.dtype).view(shape)

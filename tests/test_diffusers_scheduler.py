@@ -183,3 +183,19 @@ def test_dct2d_family_matches_gr_sample(tmp_path):
         x = sched.step(model(x, ((tau + 1) / 1000).expand(2)), tau, x).prev_sample
     ref = gr.sample(model, sched.table, x_T=z[:, None], dtype=torch.float64)[:, 0]
     assert float((x - ref).abs().max() / ref.abs().max()) < 1e-12
+
+
+def test_add_noise_is_the_forward_marginal_and_refuses_timesteps_outside_the_process():
+    """x_t = D_t x0 + R_t noise at tau = 1000 t - 1 (D, R written out in vp_linear above); timesteps beyond the
+    process's [t_min, T] by more than one step were clipped silently (a training bug hidden)."""
+    sched = GDDIMScheduler(DENSE)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64), torch.randn(4, 3, 2, 2, generator=g,
+                                                                                      dtype=torch.float64)
+    tau = torch.tensor([0, 17, 500, 999])
+    D, R = vp_linear((tau.double() + 1) / 1000)
+    want = D.view(-1, 1, 1, 1) * x0 + R.view(-1, 1, 1, 1) * noise
+    assert torch.allclose(sched.add_noise(x0, noise, tau), want, rtol=1e-12, atol=1e-12)
+    for bad in ([0, 1001], [-2, 5], [float("nan"), 3]):
+        with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
+            sched.add_noise(x0[:2], noise[:2], torch.tensor(bad))
