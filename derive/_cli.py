@@ -14,6 +14,7 @@ and problem), 3 internal error (one line naming the stage; GDDIM_DEBUG=1 prints 
 
 import argparse
 import sys
+from pathlib import Path
 
 from ._api import Derived, spec_name_for
 from ._errors import SpecError, run_cli
@@ -98,6 +99,8 @@ def derive_main(args):
     """python -m derive SPEC: derive, build and check the tables, write OUT/<name>/."""
     if args.jobs is not None and args.jobs < 1:
         raise SpecError("--jobs", "jobs", f"must be >= 1, got {args.jobs}")
+    if not args.out or (Path(args.out).exists() and not Path(args.out).is_dir()):
+        raise SpecError("--out", "out", f"{args.out!r}: " + ("empty" if not args.out else "exists and is not a folder"))
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     path = resolve_spec(args.spec)
     d = Derived(path, spec_arg=spec_name_for(path, args.spec))

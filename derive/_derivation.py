@@ -29,6 +29,7 @@ import sympy as sp
 
 from . import _hp
 from ._evaluators import Evaluators, _lyapunov_system, _lyapunov_terms, _pairs
+from ._errors import SpecError
 from ._spec import t
 
 # Internal symbols are Dummies (never equal to a user Symbol of the same name) whose names start
@@ -231,9 +232,48 @@ class Derivation(Evaluators):
         self._G = _hp.compile_matrix(spec.G)
         self._derive_psi()
         self._derive_sigma()
+        self._check_noise_at_t_min()
         self._derive_R()
         self._dense, self._backward = {}, {}     # none computed by the probes above is kept
         self.noise_free = self._noise_free()
+
+    def _check_noise_at_t_min(self):
+        self.check_noise_at(self.spec.t_min, "time.t_min")
+
+    def check_noise_at(self, time, key, where=None):
+        """Sigma_time must be positive definite and resolved: the tables need R_t^-1 at every grid time
+        (once positive, Sigma stays so: Psi Sigma_s Psi^T > 0). It is not when Sigma_0 is singular and
+        no noise has entered by then (G = 0 on [0, time], or everywhere at some coordinate), when the
+        noise is beyond float64 (exp(-1/t) noise: Sigma ~ 1e-869 at 1e-3), or below the evaluation's
+        rounding: a closed form is evaluated again at twice the precision and must agree to 2^-20
+        relative (1 - exp(-t^2) cancels to 0 at t = 1e-40); an ODE route's Sigma must stand 1e10 above
+        its tolerance _hp.TOL relative to its size."""
+        tt = np.array([_hp.mpf(time)], dtype=object)
+        S = self.sigma(tt)[0]
+        if self._sigma_mode == "closed":
+            base = self._sigma.precision
+            self._sigma.precision = 2 * base
+            try:
+                finer = self.sigma(tt)[0]
+            finally:
+                self._sigma.precision = base
+            resolved = [_hp.abs_max(finer[p] - S[p]) <= _hp.abs_max(finer[p]) * gmpy2.mpfr(2) ** -20
+                        for p in range(self.n_distinct)]
+            floor = [0] * self.n_distinct
+        else:
+            top = self.sigma(np.array([_hp.mpf(self.spec.T)], dtype=object))[0]
+            resolved = [True] * self.n_distinct
+            floor = [_hp.TOL * 10 ** 10 * max(_hp.abs_max(S[p]), _hp.abs_max(top[p])) for p in range(self.n_distinct)]
+        for p in range(self.n_distinct):
+            if (resolved[p] and all(gmpy2.is_finite(v) for v in np.ravel(S[p]))
+                    and _positive_definite(S[p] - floor[p] * _hp.eye(self.k))):
+                continue
+            at = "" if self.spec.basis.symbol is None else f" ({self.spec.basis.symbol.name} = {float(self.coord_values[p]):.6g})"
+            raise SpecError(where or self.spec.path, key,
+                            f"Sigma_t at t = {float(time):.6g}{at} is singular or below the rounding of its evaluation "
+                            "(Sigma_0 singular and no noise entered by then, noise beyond float64, or a closed form "
+                            "cancelling at tiny t), but R_t^-1 is needed at every grid time: raise t_min (time.t_min "
+                            "or the grid's last time) or give a positive initial_covariance")
 
     def _noise_free(self):
         """Boolean [n_distinct]: coordinates where G G^T is identically zero (exactly, by sympy).
@@ -274,7 +314,9 @@ class Derivation(Evaluators):
             self._psi_mode = "marginal"
             # the mean is a closed form like any other: where its terms cancel (1 - exp(-c t)
             # with a tiny c), the probe raises its evaluation precision
-            self._finite(lambda tt: self._mean(self._env(tt), self._shape(tt)), self._mean)
+            if not self._finite(lambda tt: self._mean(self._env(tt), self._shape(tt)), self._mean):
+                raise SpecError(spec.path, "marginal.mean", "not finite (or not accurate at four times the working "
+                                f"precision) on [0, T] = [0, {spec.T}]: overflow or cancellation in the expression")
             return
         F = spec.F
         if F.is_zero_matrix:
@@ -368,6 +410,9 @@ class Derivation(Evaluators):
         if self.sigma_expr is not None and self._finite(self.sigma, self._sigma):
             self.sigma_kind = CLOSED
             return
+        if spec.form == "marginal":                # Sigma = std^2 is the spec itself: no other route
+            raise SpecError(spec.path, "marginal.std", "std^2 is not finite (or not accurate at four times the "
+                            f"working precision) on [0, T] = [0, {spec.T}]: overflow or cancellation in the expression")
         self.sigma_expr, self.sigma_kind = None, NUMERICAL
         if self._sigma_lyapunov_numeric():
             self.notes.append("Sigma: G G^T = f(t) B with F = f(t) A; Sigma = Psi(t,0) Sigma_0 Psi(t,0)^T "
@@ -543,3 +588,11 @@ def _expm_2x2(A):
     return E.applyfunc(sp.expand)
 
 
+def _positive_definite(S):
+    """An MPFR matrix [k, k] has a Cholesky factor whose pivots are within float64's reach (> 2^-500,
+    so that R_t^-1 and the tables' products stay finite: exp(-1/t) noise gives Sigma ~ 1e-869 at 1e-3)."""
+    try:
+        L = _hp.cholesky(S)
+    except _hp.EvaluationError:
+        return False
+    return all(L[j, j] > gmpy2.mpfr(2) ** -500 for j in range(S.shape[0]))

@@ -27,6 +27,9 @@ RESERVED = set(FUNCTIONS) | set(CONSTANTS) | {"t"}
 MAX_LENGTH = 4000        # characters in one expression
 MAX_NODES = 2000         # syntax-tree nodes in one expression
 MAX_EXPONENT = 256       # |integer exponent| of a numeric power, guards 10**10**10
+MAX_EXP_ARG = 10 ** 5    # |numeric argument| of exp, sinh, cosh: guards exp(exp(exp(100))), which hangs evalf
+MAX_LITERAL = 100        # characters of one number (a 3000-digit decimal broke the file writer's int -> str)
+GROWING = ("exp", "sinh", "cosh", "expm1")
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
@@ -44,6 +47,8 @@ def check_name(name):
 
 def exact_number(text):
     """Exact rational from a decimal literal such as '0.04', '1e-6', '3' (no eval)."""
+    if len(text) > MAX_LITERAL:
+        raise ExprError(f"number longer than {MAX_LITERAL} characters: {text[:20]}...")
     try:
         frac = Fraction(text.replace("_", ""))
     except (ValueError, ZeroDivisionError) as exc:
@@ -64,6 +69,9 @@ def parse(text, names):
         raise ExprError("empty expression")
     if len(text) > MAX_LENGTH:
         raise ExprError(f"expression longer than {MAX_LENGTH} characters")
+    if not text.isascii():                  # Python folds look-alikes (NFKC): fullwidth 'ｔ' would be read as t
+        bad = next(c for c in text if not c.isascii())
+        raise ExprError(f"non-ASCII character {bad!r} (U+{ord(bad):04X}) in {text!r}: names are [A-Za-z][A-Za-z0-9_]*")
     try:
         tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
@@ -120,6 +128,8 @@ def _build(node, text, names):
         if len(node.args) != 1 or node.keywords:
             raise ExprError(f"{node.func.id}() takes exactly one positional argument")
         arg = _build(node.args[0], text, names)
+        if node.func.id in GROWING and arg.is_number and arg.is_real and abs(sp.N(arg, 15)) > MAX_EXP_ARG:
+            raise ExprError(f"{node.func.id}() of {sp.N(arg, 6)} is out of range (|argument| <= {MAX_EXP_ARG})")
         value = FUNCTIONS[node.func.id](arg)
         if value.has(sp.zoo, sp.nan) or (value.is_number and value.is_real is False):
             raise ExprError(f"{node.func.id}({arg}) is undefined")

@@ -69,6 +69,8 @@ def parse_kind(text, where="--grid"):
     path = text[5:] if text.startswith("file:") else text
     if Path(path).is_file():
         return ("file", path)
+    if text.startswith("file:") or any(c in text for c in "/\\") or Path(text).suffix:
+        raise SpecError(where, "grid", f"no such file of times: {path!r}")
     raise SpecError(where, "grid", f"unknown grid {text!r}: use uniform, quadratic, power:<kappa>, "
                                    "logsnr, edm[:<rho>], auto[:<q>], <kind>@<rho_s> or a file of times")
 
@@ -82,6 +84,8 @@ def read_times(path):
         values = [float(v) for v in text.replace(",", " ").split()]
     except ValueError as exc:
         raise SpecError(path, "grid", f"not a list of numbers: {exc}") from None
+    if len(values) < 2:
+        raise SpecError(path, "grid", f"needs at least two times (T first, t_min last), found {len(values)}")
     return values
 
 
@@ -109,7 +113,10 @@ def make_grid(kind, n_steps, deriv, where="--grid", order=None):
     spec = deriv.spec
     T, t_min = float(_hp.mpf(spec.T)), float(_hp.mpf(spec.t_min))
     if kind_name == "file":
-        return _check(read_times(param), param, t_min, T)
+        times = _check(read_times(param), param, t_min, T)
+        if times[-1] < t_min:                               # below the spec's t_min: is Sigma resolved there?
+            deriv.check_noise_at(times[-1], "grid", param)
+        return times
     if n_steps < 1:
         raise SpecError(where, "nfe", "needs at least one sampling step")
     if kind_name == "start":

@@ -95,10 +95,19 @@ def plot(tensors, meta, path, coord=0):
 
 def inspect_main(file, plot_path=None, coord=0):
     """python -m derive inspect FILE: print the table's text (and draw it to ``plot_path``)."""
+    from pathlib import Path
+    if Path(file).is_dir():
+        raise SpecError(file, "table", "is a folder; give a .safetensors table file")
+    if plot_path is not None and (Path(plot_path).is_dir() or not Path(plot_path).parent.is_dir()):
+        raise SpecError("--plot", "plot", f"{plot_path!r}: " + ("is a folder" if Path(plot_path).is_dir() else
+                                                               f"folder {str(Path(plot_path).parent)!r} does not exist"))
     try:
         tensors, meta = read_table(file)
     except TableError as exc:
         raise SpecError(file, "table", str(exc).split(": ", 1)[-1]) from None
+    P = tensors["psi"].shape[1]
+    if not 0 <= coord < P:
+        raise SpecError("--coord", "coord", f"must be in 0..{P - 1} (the table's coordinates), got {coord}")
     print(describe(tensors, meta, coord), end="")
     if plot_path:
         plot(tensors, meta, plot_path, coord)

@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import importlib.metadata
 import multiprocessing
+import numbers
 import os
 import re
 from pathlib import Path
@@ -108,9 +109,8 @@ class TableRequest:
     def __post_init__(self):
         order, nfe = self.order, self.nfe
         if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= 4:
-            raise SpecError("--order", "order", f"must be 1..4, got {order}")
-        if not isinstance(nfe, int) or isinstance(nfe, bool) or not 1 <= nfe <= 10000:
-            raise SpecError("--nfe", "nfe", f"must be in 1..10000, got {nfe}")
+            raise SpecError("--order", "order", f"must be an integer 1..4, got {order!r}")
+        _check_nfe(nfe)
         for key in ("corrector", "denoise"):
             if not isinstance(getattr(self, key), bool):
                 raise SpecError(f"--{key}", key, f"expected True or False, got {getattr(self, key)!r}")
@@ -183,6 +183,13 @@ class TableRequest:
         return " ".join(parts)
 
 
+def _check_nfe(nfe):
+    """The NFE as an int (numpy integers accepted); SpecError unless an integer in 1..10000."""
+    if not isinstance(nfe, numbers.Integral) or isinstance(nfe, bool) or not 1 <= nfe <= 10000:
+        raise SpecError("--nfe", "nfe", f"must be an integer in 1..10000, got {nfe!r}")
+    return int(nfe)
+
+
 @dataclasses.dataclass(frozen=True)
 class TableOptions:
     """What a user asked for; None takes the spec's ``tables`` default. Expands to TableRequests."""
@@ -213,6 +220,8 @@ class TableOptions:
         d = spec.tables
         pick = lambda value, default: default if value is None else value
         order, grid = pick(self.order, d.order), pick(self.grid, d.grid)
+        if isinstance(order, numbers.Integral) and not isinstance(order, bool):
+            order = int(order)                              # numpy integers; TableRequest checks the range
         corrector, denoise = pick(self.corrector, d.corrector), pick(self.denoise, d.denoise)
         lams = list(pick(self.lam, d.lam)) or [None]
         nfes = list(pick(self.nfe, d.nfe))
@@ -230,7 +239,7 @@ class TableOptions:
         if grid_name == "file" and self.nfe is None:        # the file's steps decide; one table
             nfes = [len(_grids.read_times(grid_param)) - 1 + int(denoise)]
         out = []
-        for nfe in nfes:
+        for nfe in map(_check_nfe, nfes):
             q, g, v, f, c = order, pick(grid, "quadratic"), pick(self.variable, "t"), pick(self.form, "eps"), corrector
             if order == "auto" and nfe < 2 and self.order != "auto":
                 q = 3                                       # no step to recommend for: the grid says so

@@ -95,7 +95,14 @@ class _Decimal(str):
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    """SafeLoader with exact decimals and no duplicate keys, and without aliases: ``*name`` shares a
+    node, so a few hundred bytes of nested aliases expand to 10^9 entries when the spec is read."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported in a spec",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
 
 def _construct_float(loader, node):
@@ -207,15 +214,18 @@ def _matrix(value, where, key, names, rows=None, cols=None):
     return sp.Matrix(entries)
 
 
-def _canonical(value):
-    """Plain-data copy of the YAML content with numbers as exact text (for hashing / writing)."""
+def _canonical(value, where, key=""):
+    """Plain-data copy of the YAML content with numbers as exact text (for hashing / writing); a
+    number that is not one (.inf, .nan) is a SpecError naming its key."""
     if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
+        return {str(k): _canonical(v, where, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_canonical(v) for v in value]
+        return [_canonical(v, where, f"{key}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, _Decimal):
-        x = exact_number(str(value))
-        return str(x)
+        try:
+            return str(exact_number(str(value)))
+        except ExprError as exc:
+            raise SpecError(where, key or "number", str(exc)) from None
     if isinstance(value, (bool, int, str)) or value is None:
         return value
     return str(value)
@@ -225,10 +235,7 @@ def build_spec(data, where="<spec>"):
     """Validate the parsed YAML mapping ``data`` and build a Spec (one helper per section, in
     the order the errors are reported)."""
     _check_keys(data, TOP_KEYS, where, "", REQUIRED)
-    try:
-        normalized = _canonical(data)
-    except ExprError as exc:
-        raise SpecError(where, "number", str(exc)) from None
+    normalized = _canonical(data, where)
     name, description = _name(data, where)
     claim = _NameClaims(where)
     state = _state(data, where, claim)
@@ -343,10 +350,16 @@ def _marginal(data, where, state, names, basis, t_min, T):
         raise SpecError(where, "marginal.mean", "must not be zero (Psi(t, s) = mean_t / mean_s)")
     if std.is_zero:
         raise SpecError(where, "marginal.std", "must not be zero (Sigma_t = std_t^2 must be positive for t > 0)")
+    std0 = std.subs(t, 0)
+    if std0.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
+        raise SpecError(where, "marginal.std", f"not defined at t = 0 (it evaluates to {std0}; Sigma_0 = std(0)^2): "
+                        "write it in a form that is finite at t = 0 (limits are not taken)")
+    if std0.is_real is False or (std0.is_number and sp.N(std0, 30).as_real_imag()[1] != 0):
+        raise SpecError(where, "marginal.std", f"not a real number at t = 0 (std(0) = {std0})")
     f = sp.diff(mean, t) / mean
     dstd2, drift_part = sp.diff(std ** 2, t), 2 * f * std ** 2
     g2 = dstd2 - drift_part
-    _check_marginal(where, mean, g2, dstd2, drift_part, basis, t_min, T)
+    _check_marginal(where, (mean, std), g2, dstd2, drift_part, basis, t_min, T)
     return sp.Matrix([[f]]), sp.Matrix([[sp.sqrt(g2)]]), sp.Matrix([[std.subs(t, 0) ** 2]]), mean, std
 
 
@@ -417,13 +430,15 @@ def _probe_values(basis):
     return values
 
 
-def _check_marginal(where, mean, g2, dstd2, drift_part, basis, t_min, T):
-    """A marginal family is a forward diffusion only if std/mean does not decrease (G^2 >= 0)
-    and mean does not vanish; probed on a grid of [t_min, T] at (a sample of) every coordinate."""
+def _check_marginal(where, mean_std, g2, dstd2, drift_part, basis, t_min, T):
+    """A marginal family is a forward diffusion only if mean and std are real, std/mean does not
+    decrease (G^2 >= 0) and mean does not vanish; probed on a grid of [t_min, T] at (a sample of)
+    every coordinate."""
     from ._hp import Unsupported, compile_expr, mpf
     import numpy as np
+    mean, std = mean_std
     try:
-        fm, fg, fa, fb = (compile_expr(e) for e in (mean, g2, dstd2, drift_part))
+        fm, fs, fg, fa, fb = (compile_expr(e) for e in (mean, std, g2, dstd2, drift_part))
     except Unsupported:
         return                                 # _check_evaluable names the function
     times = np.array([mpf(t_min + (T - t_min) * sp.Rational(k, 8)) for k in range(9)], dtype=object)
@@ -432,11 +447,15 @@ def _check_marginal(where, mean, g2, dstd2, drift_part, basis, t_min, T):
         if basis.symbol is not None:
             env[basis.symbol.name] = compile_expr(value)({})
         m = np.broadcast_to(np.asarray(fm(env), dtype=object), times.shape)
+        sd = np.broadcast_to(np.asarray(fs(env), dtype=object), times.shape)
         g = np.broadcast_to(np.asarray(fg(env), dtype=object), times.shape)
         scale = (np.broadcast_to(np.asarray(fa(env), dtype=object), times.shape),
                  np.broadcast_to(np.asarray(fb(env), dtype=object), times.shape))
         at = "" if basis.symbol is None else f" ({basis.symbol.name} = {sp.N(value, 6)})"
         for i, tv in enumerate(times):
+            for key, v in (("marginal.mean", m[i]), ("marginal.std", sd[i])):
+                if v != v:                     # MPFR: nan for the root or log of a negative number
+                    raise SpecError(where, key, f"not a real number at t = {float(tv):.6g}{at}")
             if m[i] == 0:
                 raise SpecError(where, "marginal.mean", f"is zero at t = {float(tv):.6g}{at} (Psi = mean_t / mean_s)")
             size = abs(scale[0][i]) + abs(scale[1][i])

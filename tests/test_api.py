@@ -163,6 +163,24 @@ def test_bad_requests_refused_before_any_work(options, fragment):
         TableRequest(**options)
 
 
+@pytest.mark.parametrize("options, fragment", [
+    (dict(nfe="10"), r"--nfe: nfe: must be an integer in 1..10000, got '10'"),
+    (dict(nfe=10.0), r"got 10.0"), (dict(nfe=True), r"got True"),
+    (dict(nfe=10, order="3"), r"--order: order: must be an integer 1..4, got '3'"),
+    (dict(nfe=[10]), r"got \[10\]")])
+def test_table_arguments_of_the_wrong_type_name_the_type(vp, options, fragment):
+    """A string NFE failed with TypeError ''<' not supported between str and int', a float NFE inside order
+    auto's recommendation; '3' for the order was reported as 'must be 1..4, got 3'."""
+    with pytest.raises(SpecError, match=fragment):
+        vp.table(**options)
+
+
+def test_numpy_integers_are_accepted_as_nfe_and_order(vp):
+    import numpy as np
+    a = vp.table(nfe=np.int64(5), order=np.int32(2), verify="none")
+    assert a.to_bytes() == vp.table(nfe=5, order=2, verify="none").to_bytes()
+
+
 def test_request_is_a_frozen_value():
     r = TableRequest(nfe=10, lam="0.5")
     assert r.lam == "1/2" and r == TableRequest(nfe=10, lam="1/2") and hash(r) == hash(TableRequest(nfe=10, lam="1/2"))

@@ -197,3 +197,52 @@ time: {{t_min: 1e-2, T: 1}}
 def test_coefficients_rough_at_zero(template, c, f):
     d, tab = _table(template.format(c=c, f=f), nfe=5, order=3)
     _passes(d.spec, tab.tensors, tab.meta, "fast")
+
+
+# ----- no noise at t_min, and expressions that cannot be evaluated there (refused, one line, named) -----
+
+NO_NOISE_YET = """\
+name: late
+drift: [[-1]]
+diffusion: [["{g}"]]
+time: {{t_min: {t_min}, T: 1}}
+"""
+
+
+@pytest.mark.parametrize("g, t_min", [
+    ("0", "1e-3"),                                       # no noise at all and Sigma_0 = 0
+    ("t - 1/2 + sqrt((t - 1/2)**2)", "1e-3"),            # G = 0 on [0, 1/2]: Sigma's closed form is rounding there
+    ("exp(-1/t)", "1e-3")])                              # Sigma ~ exp(-2000) at t_min, far below any precision used
+def test_sigma_singular_at_t_min_is_refused_naming_the_time(g, t_min):
+    """These went on to fail with 'LinAlgError: Singular matrix' (exit 2 with no key) or wrote R = 0."""
+    from derive._errors import SpecError
+    with pytest.raises(SpecError, match=r"time\.t_min: Sigma_t at t = 0\.001 is singular or below the rounding"):
+        derive(NO_NOISE_YET.format(g=g, t_min=t_min)).derivation
+
+
+def test_sigma_cancelling_at_a_tiny_time_is_refused_and_a_resolved_one_is_kept(tmp_path):
+    """std = sqrt(1 - exp(-t^2)) cancels to 0 at 200 bits for t <= 1e-31: a table with t_min = 1e-40 failed its
+    check (R = 0), and a grid file ending at 1e-300 (below the spec's t_min) was written with R = 0 and passed
+    the fast check. Refused now; t_min = 1e-12 (resolved at 200 bits) still derives and checks out."""
+    from derive._errors import SpecError
+    spec = "name: sq\nmarginal: {{mean: exp(-t**2/2), std: sqrt(1 - exp(-t**2))}}\ntime: {{t_min: {}, T: 3}}\n"
+    with pytest.raises(SpecError, match=r"time\.t_min: Sigma_t at t = 1e-40 is singular or below"):
+        derive(spec.format("1e-40")).derivation
+    d = derive(spec.format("1e-5"))
+    grid = tmp_path / "times.txt"
+    grid.write_text("1 0.5 0.1 1e-300\n")
+    with pytest.raises(SpecError, match=r"times.txt: grid: Sigma_t at t = 1e-300"):
+        d.table(nfe=3, order=1, grid=str(grid), denoise=False)
+    tab = derive(spec.format("1e-12")).table(nfe=3, order=1, grid="quadratic", verify="full")
+    assert tab.meta["steps"] == 2
+
+
+@pytest.mark.parametrize("mean, std, key", [("1", "sqrt(t) * exp(exp(10000 * t))", "marginal.std"),
+                                            ("1", "sqrt(t) * sinh(exp(50 * t))", "marginal.std"),
+                                            ("exp(exp(100) * t)", "exp(exp(100) * t) * sqrt(t)", "marginal.mean")])
+def test_marginal_that_overflows_is_refused_naming_its_key(mean, std, key):
+    """A marginal family's Sigma is std^2 itself: when it overflows the derivation fell through to the
+    routes for a drift/diffusion spec and died with AttributeError '_linear' (exit 3)."""
+    from derive._errors import SpecError
+    with pytest.raises(SpecError, match=rf"{key}: .*not finite"):
+        derive(f"name: big\nmarginal: {{mean: {mean}, std: {std}}}\ntime: {{t_min: 1e-3, T: 1}}\n").derivation

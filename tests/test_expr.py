@@ -42,6 +42,13 @@ def test_parse_is_exact(text, expected):
     ("1 / 0", "division by zero"),
     ("t / (a - a)", "division by zero"),
     ("10**10**10", "exponent"),
+    ("exp(exp(exp(100)))", "exp() of 2.68812E+43 is out of range"),   # sympy's evalf hung on it (or overflowed)
+    ("sinh(exp(50))", "sinh() of 5.18471E+21 is out of range"),
+    ("cosh(-1e6) * t", "cosh() of -1.00000E+6 is out of range"),
+    ("expm1(2e5)", "expm1() of 200000 is out of range"),
+    ("0." + "0" * 3000 + "1 + t", "number longer than 100 characters"),   # the file writer's int -> str refused it
+    ("\uff53\uff51\uff52\uff54(\uff54)", "non-ASCII character"),     # fullwidth 'sqrt(t)': Python folds it to sqrt(t)
+    ("sqrt(\U0001d41a * t)", "non-ASCII character '\U0001d41a'"),       # mathematical bold a -> a
     ("t if t else t", "forbidden syntax (IfExp)"),
     ("t == 1", "forbidden syntax (Compare)"),
     ("t // 2", "forbidden syntax"),

@@ -181,3 +181,25 @@ def test_inspect_and_plot(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "derive", "inspect", str(bad)], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_and_out_refuse_bad_locations_before_any_work(tmp_path, capsys):
+    """inspect --coord out of range was clamped silently, a folder as FILE said 'No such device', --plot into a
+    missing folder ended in NotADirectoryError (exit 3); derive --out naming a file failed only after deriving."""
+    from derive._cli import main
+    table = str(COEFFS / "bdm" / "bdm_nfe10_quadratic_q3.safetensors")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv, message in ((["inspect", table, "--coord", "1024"], "--coord: coord: must be in 0..1023"),
+                          (["inspect", table, "--coord", "-1"], "--coord: coord: must be in 0..1023"),
+                          (["inspect", str(COEFFS / "bdm")], "table: is a folder"),
+                          (["inspect", table, "--plot", str(afile / "p.png")], "--plot: plot: .* does not exist"),
+                          (["inspect", table, "--plot", str(tmp_path)], "--plot: plot: .* is a folder"),
+                          (["vp_linear", "--out", str(afile)], "--out: out: .* exists and is not a folder"),
+                          (["vp_linear", "--out", ""], "--out: out: '': empty")):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and re.search(message, lines[0]), captured.err
+        assert captured.out == ""                          # refused before anything was described or derived
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -164,7 +164,9 @@ def test_bad_inputs(derivations):
     (dict(data_shape=(2.5,)), "data_shape must be"),
     (dict(sampler="euler_maruyama", lam=-1.0), "lam must be a finite number >= 0"),
     (dict(sampler="euler_maruyama", lam=float("nan")), "lam must be"), (dict(lam=float("inf")), "lam must be"),
-    (dict(sampler="euler_maruyama", lam="1"), "lam must be")])
+    (dict(sampler="euler_maruyama", lam="1"), "lam must be"),
+    (dict(dtype=torch.int64), "dtype must be a floating torch dtype"), (dict(dtype="float32"), "dtype must be"),
+    (dict(model_dtype=torch.int32), "model_dtype must be a floating")])
 def test_bad_batch_shape_and_lam_are_refused_before_any_work(kw, match):
     """A negative lam used to run Euler-Maruyama with the lam^2 drift and no noise (neither SDE nor flow);
     batch 0 or a negative size failed deep inside torch with a reshape error."""

@@ -63,6 +63,21 @@ BAD = [
     (GOOD + "R0: [[1, 0], [0, 1]]\n", "R0", "must equal"),
     (GOOD + "tables: {order: 7}\n", "tables.order", "1..4"),
     (GOOD + "tables: {order: automatic}\n", "tables.order", "1..4 or auto"),
+    (GOOD.replace("beta: 4", "beta: .inf"), "parameters.beta", "not a number: '.inf'"),
+    (GOOD.replace("T: 1}", "T: .nan}"), "time.T", "not a number"),
+    ("name: m\nmarginal: {mean: 1, std: sin(t)/sqrt(t)}\ntime: {t_min: 1e-3, T: 1}\n", "marginal.std",
+     "not defined at t = 0"),                            # was 'initial_covariance: must be symmetric' (nan != nan)
+    ("name: m\nmarginal: {mean: 1, std: sqrt(t - 2)}\ntime: {t_min: 1e-3, T: 1}\n", "marginal.std",
+     "not a real number at t = 0"),                      # was 'initial_covariance: variance -2 is negative'
+    ("name: m\nmarginal: {mean: 1, std: sqrt(t * (t - 1/2))}\ntime: {t_min: 1e-3, T: 1}\n", "marginal.std",
+     "not a real number at t = 0.001"),
+    ("name: m\nmarginal: {mean: log(t - 1/2), std: sqrt(t)}\ntime: {t_min: 1e-3, T: 1}\n", "marginal.mean",
+     "not a real number at t = 0.001"),
+    # nested aliases: each level multiplies the entries (9 levels of 10 were 10^9 entries to walk: a hang;
+    # 5 here, so that the test fails rather than hangs without the refusal)
+    (GOOD.replace("gamma: 0.04,", "gamma: 0.04, " + ", ".join(
+        f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i else "1"] * 10) + "]" for i in range(5)) + ","),
+     "yaml", "aliases (*name) are not supported"),
 ]
 
 
@@ -226,3 +241,19 @@ def test_singular_sigma0_says_why_and_what_to_write(tmp_path):
         msg = str(err.value)
         assert "initial_covariance" in msg and "singular" in msg and "small eps on the diagonal" in msg
         assert "\n" not in msg
+
+
+def test_grid_file_messages_name_the_file_and_the_problem(tmp_path):
+    """An empty file of times was reported as '--nfe: must be in 1..10000, got 0', a missing one as an
+    unknown grid name."""
+    from derive._grids import parse_kind, read_times
+    empty = tmp_path / "times.txt"
+    empty.write_text("\n")
+    assert parse_kind(str(empty)) == ("file", str(empty))
+    with pytest.raises(SpecError, match=r"times.txt: grid: needs at least two times .* found 0"):
+        read_times(empty)
+    for text in (str(tmp_path / "missing.txt"), "file:missing", "missing.txt"):
+        with pytest.raises(SpecError, match=r"--grid: grid: no such file of times"):
+            parse_kind(text)
+    with pytest.raises(SpecError, match="unknown grid 'zigzag'"):
+        parse_kind("zigzag")
