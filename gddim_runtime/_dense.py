@@ -41,14 +41,19 @@ class DenseCoefficients:
     def basis(self, data_shape):
         """(kind, size) for data of ``data_shape``: identity when P = 1, else dct2d over the last two axes.
 
-        The dense file does not record the basis (its meta holds the spec's name and hash only); the only
-        per-coordinate basis a spec can declare is dct2d, so P = H * W identifies it given the data shape."""
+        The only per-coordinate basis a spec can declare is dct2d. Its size [H, W] is in the file's meta
+        (spec.basis.size, derive writes it) and the data's last two axes must equal it: images of the same
+        H * W but transposed or reshaped would put each frequency's coefficients on another DCT frequency.
+        A file without it (in-memory tensors) is matched on H * W = P alone."""
         if self.P == 1:
             return ("identity", ())
         size = tuple(int(n) for n in tuple(data_shape)[-2:])
-        if len(size) != 2 or size[0] * size[1] != self.P:
+        recorded = ((self.meta or {}).get("spec") or {}).get("basis") or {}
+        want = tuple(recorded["size"]) if recorded.get("kind") == "dct2d" and recorded.get("size") else None
+        if len(size) != 2 or size[0] * size[1] != self.P or (want is not None and size != want):
+            need = f"must be {want}" if want is not None else f"must multiply to {self.P}"
             raise TableError(f"{self.path}: {self.P} frequency blocks (dct2d) do not fit data of shape "
-                             f"{tuple(data_shape)}: the last two axes must multiply to {self.P}")
+                             f"{tuple(data_shape)}: the last two axes {need}")
         return ("dct2d", size)
 
     def at(self, t):

@@ -50,8 +50,24 @@ def _lift(x0, k):
 
 
 def _coefficients(dense, t, like):
-    c = dense.at(t.to(device=dense.edges.device).reshape(-1))
+    """The dense coefficients at the times t; t outside [t_min, T] (or NaN) is refused by a device-side
+    assert (no host sync): the Chebyshev panels extrapolate there (NaN at 1.5 T, a wrong Sigma at 5 T),
+    which would train on garbage pairs without a word (timesteps 0..999 passed for t, say)."""
+    if not torch.is_tensor(t) or not t.is_floating_point():
+        got = f"a {t.dtype} tensor" if torch.is_tensor(t) else type(t).__name__
+        raise TypeError(f"t must be a floating-point tensor of times [B], got {got}")
+    tt = t.to(device=dense.edges.device, dtype=torch.float64).reshape(-1)
+    slack = 1e-12 * dense.T
+    torch._assert_async(((tt >= dense.t_min - slack) & (tt <= dense.T + slack)).all(),
+                        f"gddim_runtime: t outside [t_min, T] of {dense.path} (or NaN): draw times with sample_times")
+    c = dense.at(tt)
     return {n: v.to(device=like.device) for n, v in c.items()}
+
+
+def _check_data(x, name):
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 1 or x.shape[0] < 1:
+        got = (f"{x.dtype} of shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__)
+        raise ValueError(f"{name} must be a real floating tensor [B, *data_shape] with B >= 1, got {got}")
 
 
 def add_noise(dense, x0, t, generator=None):
@@ -61,9 +77,11 @@ def add_noise(dense, x0, t, generator=None):
     dtype; the result has it); t [B] times in [t_min, T] (one per sample). Coefficients are evaluated
     in float64 (interpolation error <= 1e-12 relative) and cast to x0's dtype once.
     """
+    _check_data(x0, "x0")
     B = x0.shape[0]
-    if t.shape != (B,):
-        raise ValueError(f"t must have shape [{B}] (one time per sample), got {tuple(t.shape)}")
+    if not torch.is_tensor(t) or t.shape != (B,):
+        got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        raise ValueError(f"t must be a tensor of shape [{B}] (one time per sample), got {got}")
     basis = dense.basis(x0.shape[1:])
     k = dense.k
     c = _coefficients(dense, t, x0)
@@ -123,7 +141,13 @@ def diffusion_loss(dense, output, x0, t, eps, parametrization="eps_R", weighting
     """
     if parametrization not in PARAMETRIZATIONS:
         raise ValueError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
-    err = output - training_target(dense, x0, t, eps, parametrization)
+    target = training_target(dense, x0, t, eps, parametrization)
+    if not torch.is_tensor(output) or output.shape != target.shape:
+        got = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
+        raise ValueError(f"output has shape {got}, the {parametrization} target {tuple(target.shape)} "
+                         "([B, k, *data_shape]; a network returning [B, *data_shape] for k = 1 needs .unsqueeze(1)): "
+                         "broadcasting them would train on a wrong loss")
+    err = output - target
     lam = None
     if isinstance(weighting, str):
         if weighting != "eps":
@@ -141,7 +165,10 @@ def diffusion_loss(dense, output, x0, t, eps, parametrization="eps_R", weighting
             to_coef, to_data = _codec(basis)
             err = to_data(_per_sample(M.to(err.dtype), to_coef(err), basis))
     elif weighting is not None:
-        lam = weighting
+        lam = torch.as_tensor(weighting, device=err.device)
+        if lam.shape not in ((), (err.shape[0],)):
+            raise ValueError(f"weighting must be a number, 'eps' or a tensor [{err.shape[0]}] (one weight per sample), "
+                             f"got shape {tuple(lam.shape)}")
     per = err.pow(2).flatten(1).mean(dim=1)
     if lam is not None:
         per = per * lam.to(per.dtype)
@@ -158,6 +185,14 @@ def gaussian_eps(dense, u, t, mean=0.0, var=1.0):
     space, t [B]; mean a number or a [*data_shape] tensor. Use it as a skip connection (the network learns
     eps - gaussian_eps): near T, where the true eps is this linear function of u, a plain network's small
     errors are amplified by the backward flow's expanding Psi (CLD diverges without it in a few thousand steps)."""
+    _check_data(u, "u")
+    if u.ndim < 2 or u.shape[1] != dense.k:
+        raise ValueError(f"u must be [B, k = {dense.k}, *data_shape], got shape {tuple(u.shape)}")
+    if not torch.is_tensor(t) or t.numel() not in (1, u.shape[0]):
+        got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        raise ValueError(f"t must be a tensor of shape [{u.shape[0]}] or a single time, got {got}")
+    if not (isinstance(var, (int, float)) and var >= 0) and not torch.is_tensor(var):
+        raise ValueError(f"var must be a number >= 0 (the data's variance), got {var!r}")
     data_shape = tuple(u.shape[2:])
     basis = dense.basis(data_shape)
     c = _coefficients(dense, t.reshape(-1).expand(u.shape[0]), u)

@@ -24,6 +24,7 @@ diffusers is optional: ``pip install gddim-toolkit[diffusers]``.
 """
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -68,6 +69,11 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"GDDIMScheduler: prediction_type: {prediction_type!r} is not one of {PREDICTION_TYPES}")
         if not isinstance(solver_order, int) or not 1 <= solver_order <= 4:
             raise ValueError(f"GDDIMScheduler: solver_order: needs 1-4, got {solver_order!r}")
+        for name, value in (("timestep_scale", timestep_scale), ("timestep_shift", timestep_shift)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                    name == "timestep_scale" and value == 0):
+                raise ValueError(f"GDDIMScheduler: {name}: needs a finite number{' other than 0' if name == 'timestep_scale' else ''} "
+                                 f"(model timestep tau = timestep_scale * t + timestep_shift), got {value!r}")
         self.dense = load_dense(dense_path)
         k, P = self.dense.values["R"].shape[-1], self.dense.values["R"].shape[-3]
         if k != 1:
@@ -114,6 +120,8 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int, device=None):
         """Build the table for ``num_inference_steps`` model evaluations (float64, from the dense file)."""
         cfg = self.config
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
+            raise ValueError(f"GDDIMScheduler: num_inference_steps: needs an integer, got {num_inference_steps!r}")
         n = int(num_inference_steps)
         if n < (2 if cfg.denoise_final else 1):
             raise ValueError(f"GDDIMScheduler: num_inference_steps: needs at least {2 if cfg.denoise_final else 1}, got {n}")
@@ -149,6 +157,8 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
         if self.timesteps is None:
             raise ValueError("GDDIMScheduler: call set_timesteps(num_inference_steps) before step()")
         tau = float(timestep)
+        if not math.isfinite(tau):
+            raise ValueError(f"GDDIMScheduler: timestep {tau!r} is not one of scheduler.timesteps")
         i = int((self.timesteps.double().cpu() - tau).abs().argmin())
         if abs(float(self.timesteps[i]) - tau) > 1e-6 * (abs(tau) + 1):
             raise ValueError(f"GDDIMScheduler: timestep {tau!r} is not one of scheduler.timesteps")

@@ -79,7 +79,7 @@ def test_failed_verification_exit_1_nothing_written(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, fragment", [(["--order", "5"], "--order: order: must be 1..4"),
+@pytest.mark.parametrize("args, fragment", [(["--order", "5"], "--order: order: must be an integer 1..4"),
                                             (["--jobs", "0"], "--jobs: jobs"),
                                             (["--lam", "0"], "--lam: lam: must be > 0"),
                                             (["--order", "3", "--model-error", "0.1"],
@@ -261,4 +261,9 @@ def test_unwritable_out_is_bad_input(tmp_path, capsys):
     blocker.write_text("not a folder")
     code = _cli.main(["vp_linear", "--nfe", "4", "--jobs", "1", "--quiet", "--no-verify", "--out", str(blocker)])
     line = _one_line(capsys.readouterr().err)
-    assert code == 2 and line.startswith(f"error: {blocker / 'vp_linear'}: --out: cannot write")
+    assert code == 2 and line == f"error: --out: out: {str(blocker)!r}: exists and is not a folder"   # before deriving
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "vp_linear").write_text("a file where the spec's folder goes")
+    code = _cli.main(["vp_linear", "--nfe", "4", "--jobs", "1", "--quiet", "--no-verify", "--out", str(tmp_path / "root")])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and line.startswith(f"error: {tmp_path / 'root' / 'vp_linear'}: --out: cannot write")

@@ -199,3 +199,22 @@ def test_add_noise_is_the_forward_marginal_and_refuses_timesteps_outside_the_pro
     for bad in ([0, 1001], [-2, 5], [float("nan"), 3]):
         with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
             sched.add_noise(x0[:2], noise[:2], torch.tensor(bad))
+
+
+def test_scheduler_refuses_nonsense_timesteps_and_settings():
+    """timestep_scale 0 (every tau -1, NaN samples) or NaN was accepted; set_timesteps(2.7) became 2 and '5'
+    was taken; a NaN timestep passed the membership test (NaN comparisons are False) and restarted the run."""
+    for kw in (dict(timestep_scale=0.0), dict(timestep_scale=float("nan")), dict(timestep_shift=float("inf")),
+               dict(timestep_scale="1000")):
+        with pytest.raises(ValueError, match=r"timestep_(scale|shift): needs a finite number"):
+            GDDIMScheduler(DENSE, **kw)
+    sched = GDDIMScheduler(DENSE)
+    for n in (2.7, "5", True):
+        with pytest.raises(ValueError, match="num_inference_steps: needs an integer"):
+            sched.set_timesteps(n)
+    sched.set_timesteps(np.int64(5))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x = sched.step(torch.zeros_like(x), sched.timesteps[0], x).prev_sample
+    with pytest.raises(ValueError, match="timestep nan is not one of scheduler.timesteps"):
+        sched.step(torch.zeros_like(x), float("nan"), x)
+    assert sched.step(torch.zeros_like(x), sched.timesteps[1], x).prev_sample.shape == x.shape   # the run goes on

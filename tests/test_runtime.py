@@ -1,6 +1,7 @@
 """gddim_runtime on CPU against exact-score data: exactness, convergence order, noise, DCT, errors."""
 
 import inspect
+import warnings
 
 import numpy as np
 import pytest
@@ -487,3 +488,39 @@ def test_committed_default_tables_beat_the_papers(name):
         assert ours <= 0.6 * paper, (path.name, ours, paper)
         if name == "cld" and nfe == 20:
             assert ours < 0.15 * paper, (ours, paper)
+
+
+def test_rk45_refuses_a_dense_file_of_another_process():
+    """A dense file of another spec with the same k ran silently with the wrong F and G G^T (the spec hashes
+    both files record were never compared); a path string failed with AttributeError."""
+    tab = gr.load(_coeffs("cld", "cld_nfe10_quadratic_q3.safetensors"))
+    model = lambda u, t: torch.zeros_like(u)
+    own = gr.load_dense(_coeffs("cld", "cld_dense.safetensors"))
+    other = gr.load_dense(_coeffs("vp_linear", "vp_linear_dense.safetensors"))
+    imposter = gr.DenseCoefficients({"edges": own.edges, "nodes": own.nodes, **own.values},
+                                    {"spec": {**own.meta["spec"], "name": "two23", "sha256": "0" * 64}}, "two23_dense")
+    for dense, match in ((other, "derived from spec 'vp_linear'"), (imposter, "derived from spec 'two23'"),
+                         (str(_coeffs("cld", "cld_dense.safetensors")), "dense= takes gddim_runtime.load_dense")):
+        with pytest.raises(gr.SamplingError, match=match):
+            gr.sample(model, tab, batch=2, data_shape=(2,), sampler="probability_flow_rk45", dense=dense)
+    x = gr.sample(model, tab, batch=2, data_shape=(2,), sampler="probability_flow_rk45", dense=own)
+    assert torch.isfinite(x).all()
+
+
+def test_eps_form_corrector_warns_below_float64_where_it_loses_a_point_mass():
+    """gddim_pc (eps-form PEC) amplifies rounding ~1e11 on CLD: with the exact eps of a point mass, float32 ends
+    far off while gddim ends at float32 rounding; in float64 it is fine. The warning says so (a helper's sweep)."""
+    dense = gr.load_dense(_coeffs("cld", "cld_dense.safetensors"))
+    tab = gr.table_from_dense(dense, nfe=10, order=3, grid="quadratic", corrector=True)
+    model = lambda u, t: gr.gaussian_eps(dense, u, t.double(), mean=0.7, var=0.0).to(u.dtype)
+    err = {}
+    for sampler, dtype in (("gddim", torch.float32), ("gddim_pc", torch.float32), ("gddim_pc", torch.float64)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x = gr.sample(model, tab, batch=64, data_shape=(2,), sampler=sampler, dtype=dtype,
+                          generator=torch.Generator().manual_seed(0))
+        warned = any("amplifies rounding" in str(w.message) for w in caught)
+        assert warned == (sampler == "gddim_pc" and dtype == torch.float32)
+        err[sampler, dtype] = float((x[:, 0] - 0.7).abs().max())
+    assert err["gddim", torch.float32] < 1e-6 and err["gddim_pc", torch.float64] < 1e-3
+    assert err["gddim_pc", torch.float32] > 1.0

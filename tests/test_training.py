@@ -283,3 +283,74 @@ def test_sample_times(kind, transform, dense):
     mean, var = (a + b) / 2, (b - a) ** 2 / 12
     assert abs(float(v.mean()) - mean) <= Z * math.sqrt(var / n)
     assert abs(float(v.var()) - var) <= Z * math.sqrt((b - a) ** 4 / 180 / n)
+
+
+# ----- bad input to the training helpers (a second hostile-user sweep) ------------------------------
+
+def test_loss_refuses_outputs_that_would_broadcast(dense):
+    """A UNet returning [B, C, H, W] for k = 1 (target [B, 1, C, H, W]) broadcast to [B, B, C, H, W]: the
+    exact eps scored 1.97 instead of 0 and memory grew B times; a [B, 1] weighting broadcast to [B, B]."""
+    d = dense("vp_linear")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = gr.sample_times(d, 4, generator=g)
+    u, eps = gr.add_noise(d, x0, t, generator=g)
+    assert float(gr.diffusion_loss(d, eps, x0, t, eps)) == 0.0
+    with pytest.raises(ValueError, match=r"output has shape \(4, 3, 4, 4\), the eps_R target \(4, 1, 3, 4, 4\)"):
+        gr.diffusion_loss(d, eps[:, 0], x0, t, eps)
+    with pytest.raises(ValueError, match=r"output has shape \(4, 1, 3, 4, 4\), the x0 target \(4, 2, 3, 4, 4\)"):
+        gr.diffusion_loss(dense("cld"), eps, x0, t, torch.cat([eps, eps], 1), parametrization="x0")
+    with pytest.raises(ValueError, match=r"weighting must be .* got shape \(4, 1\)"):
+        gr.diffusion_loss(d, eps, x0, t, eps, weighting=torch.ones(4, 1))
+    zero = torch.zeros_like(eps)
+    per = gr.diffusion_loss(d, zero, x0, t, eps, reduction="none")
+    assert torch.allclose(gr.diffusion_loss(d, zero, x0, t, eps, weighting=2.0), 2 * per.mean())
+    assert torch.allclose(gr.diffusion_loss(d, zero, x0, t, eps, weighting=t), (t * per).mean())
+
+
+@pytest.mark.parametrize("bad_t", [torch.full((3,), 5.0), torch.tensor([0.5, 1.5, 0.5]), torch.tensor([0.5, -0.5, 0.2]),
+                                   torch.tensor([0.5, float("nan"), 0.2]), torch.tensor([0.5, 2e-4, 0.2])])
+def test_times_outside_the_process_are_refused(dense, bad_t):
+    """The Chebyshev panels extrapolate outside [t_min, T]: at t = 5 Sigma came out 0.23 for 0.56, at 1.5 NaN; a
+    NaN time gave NaN pairs; all silently (timesteps 0..999 handed over as t, say). The device-side assert
+    keeps the helpers free of host syncs."""
+    d = dense("cld")
+    x0 = torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"t outside \[t_min, T\]"):
+        gr.add_noise(d, x0, bad_t.double())
+    u, eps = gr.add_noise(d, x0, torch.tensor([1e-3, 1.0, 0.3], dtype=torch.float64))   # the ends are in
+    with pytest.raises(RuntimeError, match=r"t outside \[t_min, T\]"):
+        gr.training_target(d, x0, bad_t.double(), eps, "score")
+    with pytest.raises(RuntimeError, match=r"t outside \[t_min, T\]"):
+        gr.gaussian_eps(d, u, bad_t.double())
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda d, x0, t: gr.add_noise(d, x0, torch.arange(3)), "t must be a floating-point tensor"),
+    (lambda d, x0, t: gr.add_noise(d, x0, 0.5), r"t must be a tensor of shape \[3\]"),
+    (lambda d, x0, t: gr.add_noise(d, x0.long(), t), "x0 must be a real floating tensor"),
+    (lambda d, x0, t: gr.add_noise(d, x0.to(torch.complex128), t), "x0 must be a real floating tensor"),
+    (lambda d, x0, t: gr.add_noise(d, x0[:0], t[:0]), "with B >= 1"),
+    (lambda d, x0, t: gr.gaussian_eps(d, x0[:, :1], t), r"u must be \[B, k = 2, \*data_shape\], got shape \(3, 1\)"),
+    (lambda d, x0, t: gr.gaussian_eps(d, torch.stack([x0, x0], 1), t[:2]), r"t must be a tensor of shape \[3\]"),
+    (lambda d, x0, t: gr.gaussian_eps(d, torch.stack([x0, x0], 1), t, var=-1.0), "var must be a number >= 0")])
+def test_training_helpers_name_bad_arguments(dense, call, match):
+    d = dense("cld")
+    x0, t = torch.randn(3, 2, dtype=torch.float64), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(d, x0, t)
+
+
+def test_dct_size_recorded_in_the_dense_file_is_enforced(dense, derivations):
+    """Images of the same H * W but another shape put each frequency's coefficients on another frequency;
+    the sampler refused them but the training helpers took any H * W = P."""
+    from derive import _tables
+    arrays = _tables.dense(derivations("bdm8"))
+    recorded = gr.dense_from_tensors(arrays, meta={"spec": {"basis": {"kind": "dct2d", "size": [8, 8]}}}, path="bdm8")
+    bare = gr.dense_from_tensors(arrays, path="bdm8")
+    assert recorded.basis((3, 8, 8)) == bare.basis((3, 8, 8)) == ("dct2d", (8, 8))
+    assert bare.basis((3, 4, 16)) == ("dct2d", (4, 16))              # nothing recorded: H * W = P is all it has
+    with pytest.raises(gr.TableError, match=r"last two axes must be \(8, 8\)"):
+        recorded.basis((3, 4, 16))
+    with pytest.raises(gr.TableError, match=r"last two axes must be \(8, 8\)"):
+        gr.add_noise(recorded, torch.zeros(2, 3, 4, 16), torch.tensor([0.1, 0.2]))
