@@ -24,6 +24,7 @@ Psi(t, a) Psi(a, r) chains the pieces of one step.
 
 import decimal
 import math
+import numbers
 
 import numpy as np
 
@@ -346,12 +347,18 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
     """
     from ._table import from_tensors
     ip = _Interp(dense)
-    if not isinstance(order, int) or not 1 <= order <= 4:
-        raise TableError(f"order: needs 1-4, got {order!r}")
+    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or not 1 <= order <= 4:
+        raise TableError(f"order: needs an integer 1-4, got {order!r}")
+    if not isinstance(denoise, (bool, np.bool_)) or not isinstance(corrector, (bool, np.bool_)):
+        raise TableError(f"denoise, corrector: need True or False, got {denoise!r}, {corrector!r}")
+    order, denoise, corrector = int(order), bool(denoise), bool(corrector)
     explicit = not isinstance(grid, str)
     if not explicit:
-        if nfe is None or not isinstance(nfe, int) or nfe - (1 if denoise else 0) < 1:
+        if nfe is None or isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral):
+            raise TableError(f"nfe: needs an integer (model evaluations), got {nfe!r}")
+        if nfe - (1 if denoise else 0) < 1:
             raise TableError(f"nfe: needs at least {2 if denoise else 1} (one sampling step), got {nfe!r}")
+        nfe = int(nfe)
     steps = None if explicit else nfe - (1 if denoise else 0)
     times = make_times(ip, grid, steps)
     lam = _parse_lam(lam, ip)
@@ -427,7 +434,16 @@ def _table_basis(ip, basis):
         basis = ("identity", ()) if P == 1 else ("dct2d", (side, side))
         if P > 1 and side * side != P:
             raise TableError(f"{ip.path}: P = {P} coordinates: give basis=('dct2d', (H, W))")
-    name, size = basis[0], [int(v) for v in basis[1]]
-    if (name == "dct2d" and size[0] * size[1] != P) or (name != "dct2d" and P != 1):
-        raise TableError(f"{ip.path}: basis {basis!r} does not match the dense file's P = {P} coordinates")
+    recorded = dmeta.get("basis") if isinstance(dmeta.get("basis"), dict) else None
+    try:
+        name, size = basis[0], [int(v) for v in basis[1]]
+    except (TypeError, ValueError, IndexError):
+        raise TableError(f"basis: expected (kind, size) such as ('dct2d', (H, W)), got {basis!r}") from None
+    bad = (name not in ("identity", "dct2d") or (name == "dct2d" and (len(size) != 2 or min(size) < 1
+                                                                      or size[0] * size[1] != P))
+           or (name != "dct2d" and P != 1)
+           or (recorded is not None and recorded.get("kind") == "dct2d" and size != [int(v) for v in recorded["size"]]))
+    if bad:
+        raise TableError(f"{ip.path}: basis {basis!r} does not match the dense file's P = {P} coordinates"
+                         + (f" (its spec's basis: {recorded['kind']} {recorded.get('size')})" if recorded else ""))
     return name, size

@@ -120,6 +120,18 @@ def test_validation_bad_input_exit_2(tmp_path, capsys):
     assert _one_line(capsys.readouterr().err).startswith(f"error: {bad}: table: ")
 
 
+def test_validation_of_a_table_moved_away_from_its_spec(tmp_path, capsys):
+    """Without spec.yaml beside it the message was 'spec.yaml: file: cannot read'; now it says what to give,
+    and --spec takes a built-in name as python -m derive does."""
+    import validation.__main__ as vmain
+    table = tmp_path / "cld_nfe10_quadratic_q3.safetensors"
+    table.write_bytes((ROOT / "coeffs" / "cld" / table.name).read_bytes())
+    assert vmain.main([str(table)]) == 2
+    assert "no spec.yaml beside the table" in _one_line(capsys.readouterr().err)
+    assert vmain.main([str(table), "--spec", "cld", "--level", "fast"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+
+
 # ---- --jobs ----------------------------------------------------------------------------------
 
 def test_jobs_1_does_not_fork_and_gives_the_same_bytes(tmp_path, monkeypatch):

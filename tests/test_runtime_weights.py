@@ -146,8 +146,13 @@ def test_sampling_matches_derive_table():
 @pytest.mark.parametrize("kw, message", [
     ({"grid": "cubic"}, "unknown grid 'cubic'"),
     ({"grid": "power:99"}, "unknown grid"),
-    ({"order": 5}, "order: needs 1-4"),
+    ({"order": 5}, "order: needs an integer 1-4"),
+    ({"order": True}, "order: needs an integer 1-4"),            # was numpy's 'an integer is required'
     ({"nfe": 1}, "nfe: needs at least 2"),
+    ({"nfe": 10.0}, "nfe: needs an integer"), ({"nfe": True, "denoise": False}, "nfe: needs an integer"),
+    ({"denoise": "yes"}, "denoise, corrector: need True or False"),
+    ({"basis": ("nonsense", ())}, r"basis \('nonsense', \(\)\) does not match"),
+    ({"basis": "dct2d"}, "basis: expected"),
     ({"grid": [1.0, 0.5, 0.5, 0.001]}, "decrease strictly"),
     ({"grid": [2.0, 0.5, 0.001]}, "must lie in"),
     ({"lam": 0}, "lam: needs lam > 0"),
@@ -157,6 +162,24 @@ def test_bad_input(kw, message):
     args = {"nfe": 10, "order": 3, "grid": "quadratic", **kw}
     with pytest.raises(gr.TableError, match=message):
         gr.table_from_dense(ROOT / "coeffs" / "vp_linear" / "vp_linear_dense.safetensors", **args)
+
+
+def test_numpy_integers_and_recorded_basis():
+    """np.int64 NFE / order were refused with 'needs at least 2 ... got np.int64(10)'; a basis contradicting the
+    dct2d size the dense file records (transposed, reshaped, negative) was accepted."""
+    import numpy as np
+    path = ROOT / "coeffs" / "vp_linear" / "vp_linear_dense.safetensors"
+    a = gr.table_from_dense(path, nfe=np.int64(10), order=np.int32(2))
+    b = gr.table_from_dense(path, nfe=10, order=2)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in b.tensors)
+    dense = gr.load_dense(path)
+    fake = gr.DenseCoefficients({"edges": dense.edges, "nodes": dense.nodes,
+                                 **{n: v.expand(-1, -1, 24, -1, -1).contiguous() for n, v in dense.values.items()}},
+                                {"spec": {"basis": {"kind": "dct2d", "size": [4, 6]}}}, "p24")
+    assert gr.table_from_dense(fake, nfe=4, order=1).basis == ("dct2d", (4, 6))
+    for bad in (("dct2d", (6, 4)), ("dct2d", (24, 1)), ("dct2d", (-4, -6)), ("identity", ())):
+        with pytest.raises(gr.TableError, match="does not match the dense file's P = 24"):
+            gr.table_from_dense(fake, nfe=4, order=1, basis=bad)
 
 
 def test_lam_needs_k1():

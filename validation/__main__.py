@@ -16,6 +16,7 @@ from pathlib import Path
 
 from derive import derive
 from derive._errors import SpecError, run_cli, stage
+from derive._pipeline import resolve_spec
 from derive._spec import load_spec
 from gddim_runtime._format import TableError, read_table
 
@@ -27,7 +28,7 @@ def _parser():
                                 epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="table file, folder of tables, or spec")
     p.add_argument("--level", choices=["fast", "full"], default="full", help="check level (default: %(default)s)")
-    p.add_argument("--spec", default=None, help="spec file for the tables (default: spec.yaml beside them)")
+    p.add_argument("--spec", default=None, help="spec file or built-in name for the tables (default: spec.yaml beside them)")
     p.add_argument("--coords", type=int, default=None,
                    help="coordinates checked for a basis spec (default: 2 fast, 6 full, spread over the spectrum)")
     return p
@@ -39,7 +40,11 @@ def _read_tables(path, spec_arg):
              if path.is_dir() else [path])
     if not files:
         raise SpecError(path, "path", "no .safetensors tables here")
-    spec = load_spec(Path(spec_arg) if spec_arg else files[0].parent / "spec.yaml")
+    beside = files[0].parent / "spec.yaml"
+    if not spec_arg and not beside.is_file():
+        raise SpecError(str(beside), "file", "no spec.yaml beside the table (python -m derive writes one); "
+                        "give the spec with --spec SPEC.yaml")
+    spec = load_spec(resolve_spec(spec_arg) if spec_arg else beside)
     jobs = []
     for f in files:
         try:
