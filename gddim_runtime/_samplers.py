@@ -472,6 +472,8 @@ def probability_flow_rk45(run, *, dense=None, rtol=1e-5, atol=1e-5):
     """
     if dense is None:
         raise SamplingError("probability_flow_rk45 needs dense=gddim_runtime.load_dense(<name>_dense.safetensors)")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (rtol, atol)):
+        raise SamplingError(f"probability_flow_rk45: rtol and atol must be finite numbers > 0, got {rtol!r}, {atol!r}")
     if not hasattr(dense, "at") or not hasattr(dense, "meta"):
         raise SamplingError(f"dense= takes gddim_runtime.load_dense(<name>_dense.safetensors), got {type(dense).__name__}")
     spec_t, spec_d = ((m or {}).get("spec") or {} for m in (run.plan.table.meta, dense.meta))
@@ -826,6 +828,11 @@ def _checked_request(table, sampler, parametrization, compile, options, generato
     if lam is not None and (isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam)
                             or lam < 0):
         raise SamplingError(f"lam must be a finite number >= 0 (0: the probability flow), got {lam!r}")
+    if lam is not None and sampler != "euler_maruyama":
+        raise SamplingError(f"lam is Euler-Maruyama's noise scale; sampler {sampler!r} does not take it (gddim_sde "
+                            "uses the lam its table was derived with: python -m derive --lam)")
+    if denoise not in (None, True, False):
+        raise SamplingError(f"denoise must be True, False or None (the table's default), got {denoise!r}")
     if parametrization == "eps_L_v" and not table.noise_on_last_only():
         raise SamplingError("eps_L_v needs k > 1 and noise on the last state component only (as CLD)")
     batch, data_shape = _batch_shape(table, x_T, batch, data_shape)
@@ -854,7 +861,11 @@ def _batch_shape(table, x_T, batch, data_shape):
     if x_T is not None:
         if x_T.ndim < 3 or x_T.shape[1] != k:
             raise SamplingError(f"x_T has shape {tuple(x_T.shape)}; expected [B, {k}, *data_shape]")
+        given = (batch, None if data_shape is None else tuple(data_shape))
         batch, data_shape = x_T.shape[0], tuple(x_T.shape[2:])
+        if given[0] not in (None, batch) or given[1] not in (None, data_shape):
+            raise SamplingError(f"batch={given[0]!r}, data_shape={given[1]!r} contradict x_T's shape "
+                                f"{tuple(x_T.shape)}; give x_T alone")
     if batch is None or data_shape is None:
         raise SamplingError("give batch and data_shape (or x_T)")
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:

@@ -64,6 +64,17 @@ def _coefficients(dense, t, like):
     return {n: v.to(device=like.device) for n, v in c.items()}
 
 
+def _as_dense(dense):
+    """The dense coefficients, checked: a path is refused (reading the file at every training step would be
+    the hidden cost), and so is a sampling Table (it holds the grid's coefficients only)."""
+    from ._dense import DenseCoefficients
+    if isinstance(dense, DenseCoefficients):
+        return dense
+    hint = (": load it once, dense = gddim_runtime.load_dense(path)" if isinstance(dense, (str, bytes))
+            or hasattr(dense, "__fspath__") else "")
+    raise TypeError(f"dense must be gddim_runtime.load_dense(<name>_dense.safetensors), got {type(dense).__name__}{hint}")
+
+
 def _check_data(x, name):
     if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 1 or x.shape[0] < 1:
         got = (f"{x.dtype} of shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__)
@@ -77,6 +88,7 @@ def add_noise(dense, x0, t, generator=None):
     dtype; the result has it); t [B] times in [t_min, T] (one per sample). Coefficients are evaluated
     in float64 (interpolation error <= 1e-12 relative) and cast to x0's dtype once.
     """
+    dense = _as_dense(dense)
     _check_data(x0, "x0")
     B = x0.shape[0]
     if not torch.is_tensor(t) or t.shape != (B,):
@@ -104,6 +116,7 @@ def training_target(dense, x0, t, eps, parametrization="eps_R"):
     Each minimiser is the conditional expectation given u_t: the true eps_R, eps_L, score or
     E[D^-1 (u_t - R eps) | u_t], exactly what ``sample(..., parametrization=...)`` converts.
     """
+    dense = _as_dense(dense)
     if parametrization == "eps_R":
         return eps
     if parametrization == "x0":
@@ -139,6 +152,7 @@ def diffusion_loss(dense, output, x0, t, eps, parametrization="eps_R", weighting
     the eps_R loss of the equivalent network), or a tensor [B] of per-sample weights lambda(t).
     reduction: "mean" (scalar) or "none" ([B]).
     """
+    dense = _as_dense(dense)
     if parametrization not in PARAMETRIZATIONS:
         raise ValueError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
     target = training_target(dense, x0, t, eps, parametrization)
@@ -185,6 +199,7 @@ def gaussian_eps(dense, u, t, mean=0.0, var=1.0):
     space, t [B]; mean a number or a [*data_shape] tensor. Use it as a skip connection (the network learns
     eps - gaussian_eps): near T, where the true eps is this linear function of u, a plain network's small
     errors are amplified by the backward flow's expanding Psi (CLD diverges without it in a few thousand steps)."""
+    dense = _as_dense(dense)
     _check_data(u, "u")
     if u.ndim < 2 or u.shape[1] != dense.k:
         raise ValueError(f"u must be [B, k = {dense.k}, *data_shape], got shape {tuple(u.shape)}")
@@ -209,6 +224,11 @@ def sample_times(dense, batch, kind="uniform", generator=None, device=None, dtyp
     """t [batch] in [t_min, T]: uniform in t ("uniform"), uniform in sqrt(t) ("quadratic", the variable
     in which the paper's quadratic sampling grid is uniform: more weight at small t), or uniform in
     log t ("log"). Drawn on ``device`` (default: the dense file's) without host syncs."""
+    dense = _as_dense(dense)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
     dev = dense.edges.device if device is None else device
     lo, hi = dense.t_min.to(dev), dense.T.to(dev)
     v = torch.rand(batch, generator=generator, device=dev, dtype=torch.float64)

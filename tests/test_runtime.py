@@ -167,7 +167,11 @@ def test_bad_inputs(derivations):
     (dict(sampler="euler_maruyama", lam=float("nan")), "lam must be"), (dict(lam=float("inf")), "lam must be"),
     (dict(sampler="euler_maruyama", lam="1"), "lam must be"),
     (dict(dtype=torch.int64), "dtype must be a floating torch dtype"), (dict(dtype="float32"), "dtype must be"),
-    (dict(model_dtype=torch.int32), "model_dtype must be a floating")])
+    (dict(model_dtype=torch.int32), "model_dtype must be a floating"),
+    (dict(lam=0.5), "sampler 'gddim' does not take it"),                # was ignored
+    (dict(denoise="yes"), "denoise must be True, False or None"),
+    (dict(x_T=torch.zeros(2, 1, 3), batch=5), "contradict x_T's shape"),   # the explicit arguments were ignored
+    (dict(x_T=torch.zeros(2, 1, 3), data_shape=(4,)), "contradict x_T's shape")])
 def test_bad_batch_shape_and_lam_are_refused_before_any_work(kw, match):
     """A negative lam used to run Euler-Maruyama with the lam^2 drift and no noise (neither SDE nor flow);
     batch 0 or a negative size failed deep inside torch with a reshape error."""
@@ -499,6 +503,8 @@ def test_rk45_refuses_a_dense_file_of_another_process():
     other = gr.load_dense(_coeffs("vp_linear", "vp_linear_dense.safetensors"))
     imposter = gr.DenseCoefficients({"edges": own.edges, "nodes": own.nodes, **own.values},
                                     {"spec": {**own.meta["spec"], "name": "two23", "sha256": "0" * 64}}, "two23_dense")
+    with pytest.raises(gr.SamplingError, match="rtol and atol must be finite numbers > 0"):
+        gr.sample(model, tab, batch=2, data_shape=(2,), sampler="probability_flow_rk45", dense=own, rtol=-1, atol=-1)
     for dense, match in ((other, "derived from spec 'vp_linear'"), (imposter, "derived from spec 'two23'"),
                          (str(_coeffs("cld", "cld_dense.safetensors")), "dense= takes gddim_runtime.load_dense")):
         with pytest.raises(gr.SamplingError, match=match):

@@ -354,3 +354,19 @@ def test_dct_size_recorded_in_the_dense_file_is_enforced(dense, derivations):
         recorded.basis((3, 4, 16))
     with pytest.raises(gr.TableError, match=r"last two axes must be \(8, 8\)"):
         gr.add_noise(recorded, torch.zeros(2, 3, 4, 16), torch.tensor([0.1, 0.2]))
+
+
+def test_dense_argument_and_sample_times_arguments_are_checked(dense):
+    """A path or a sampling Table as ``dense`` failed with AttributeError / "'tuple' object is not callable";
+    sample_times(batch=-1 or 2.5) with raw torch errors, and dtype=int64 returned zeros."""
+    path = ROOT / "coeffs" / "vp_linear" / "vp_linear_dense.safetensors"
+    x0, t = torch.zeros(2, 3), torch.tensor([0.1, 0.2], dtype=torch.float64)
+    with pytest.raises(TypeError, match="load it once"):
+        gr.add_noise(str(path), x0, t)
+    with pytest.raises(TypeError, match="got Table"):
+        gr.add_noise(gr.load(ROOT / "coeffs" / "vp_linear" / "vp_linear_nfe10_quadratic_q3.safetensors"), x0, t)
+    d = dense("vp_linear")
+    for kw, match in ((dict(batch=-1), "batch must be a positive integer"), (dict(batch=2.5), "batch must be"),
+                      (dict(batch=3, dtype=torch.int64), "dtype must be a floating")):
+        with pytest.raises(ValueError, match=match):
+            gr.sample_times(d, **kw)
