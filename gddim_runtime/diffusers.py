@@ -98,6 +98,35 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._history = []
 
+    # ----- saving: the dense file travels with the config ----------------------------------------
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """The config (diffusers' scheduler_config.json) plus a copy of the dense file beside it, recorded by
+        its name: the saved folder loads anywhere (the absolute or working-directory path did not)."""
+        import shutil
+        from pathlib import Path
+        src, folder = Path(self.config.dense_path), Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / src.name).exists() or not (folder / src.name).samefile(src):
+            shutil.copyfile(src, folder / src.name)
+        before = self.config.dense_path
+        self.register_to_config(dense_path=src.name)
+        try:
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        finally:
+            self.register_to_config(dense_path=before)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' loader, with a relative dense_path taken inside the saved folder (save_pretrained's copy)."""
+        import os
+        config, kwargs, _ = cls.load_config(pretrained_model_name_or_path=pretrained_model_name_or_path,
+                                            subfolder=subfolder, return_unused_kwargs=True, return_commit_hash=True,
+                                            **kwargs)
+        inside = os.path.join(str(pretrained_model_name_or_path), subfolder or "", config.get("dense_path", ""))
+        if config.get("dense_path") and not os.path.isabs(config["dense_path"]) and os.path.isfile(inside):
+            config = {**config, "dense_path": inside}
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     # ----- set-up -----------------------------------------------------------------------------
     def _basis(self):
         size = self.config.dct_size
@@ -174,6 +203,12 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
         """One gDDIM step from t_i = timesteps[i]: x_{i+1} = psi_i x_i + sum_j C_ij eps_{i-j}; the last
         call (denoise_final) returns D^-1 (x - R eps) at t_min. ``generator`` is unused (deterministic)."""
         i = self._index(timestep)
+        if not (torch.is_tensor(model_output) and torch.is_tensor(sample)) or model_output.shape != sample.shape:
+            raise ValueError(f"GDDIMScheduler: model_output {_shape(model_output)} and sample {_shape(sample)} must be "
+                             "tensors of the same shape")
+        if i > 0 and self._history and self._history[0].shape != sample.shape:
+            raise ValueError(f"GDDIMScheduler: sample shape {tuple(sample.shape)} changed mid-run (was "
+                             f"{tuple(self._history[0].shape)}): start again at scheduler.timesteps[0]")
         dtype = torch.promote_types(sample.dtype, torch.float32)
         dct = self._basis()[0] == "dct2d"
         u = sample.to(dtype)
@@ -208,6 +243,11 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
         if self._basis()[0] != "identity":
             raise NotImplementedError("GDDIMScheduler.add_noise: dct2d families: use gddim_runtime.add_noise")
         cfg = self.config
+        timesteps = torch.as_tensor(timesteps)
+        if timesteps.numel() not in (1, original_samples.shape[0]) or noise.shape != original_samples.shape:
+            raise ValueError(f"GDDIMScheduler.add_noise: timesteps ({timesteps.numel()}) must be one per sample "
+                             f"({original_samples.shape[0]}) and noise {tuple(noise.shape)} shaped as the samples "
+                             f"{tuple(original_samples.shape)}")
         t = ((timesteps.double().reshape(-1).cpu() - cfg.timestep_shift) / cfg.timestep_scale).numpy()
         slack = 1 / abs(cfg.timestep_scale)                   # one model timestep: rounding of the grid's ends
         if not (np.isfinite(t).all() and (t >= self.t_min - slack).all() and (t <= self.T + slack).all()):
@@ -219,3 +259,7 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
         D = torch.from_numpy(v["D"][:, 0, 0, 0]).to(original_samples.device, original_samples.dtype).view(shape)
         R = torch.from_numpy(v["R"][:, 0, 0, 0]).to(original_samples.device, original_samples.dtype).view(shape)
         return D * original_samples + R * noise
+
+
+def _shape(x):
+    return tuple(x.shape) if torch.is_tensor(x) else type(x).__name__

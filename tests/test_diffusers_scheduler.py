@@ -218,3 +218,36 @@ def test_scheduler_refuses_nonsense_timesteps_and_settings():
     with pytest.raises(ValueError, match="timestep nan is not one of scheduler.timesteps"):
         sched.step(torch.zeros_like(x), float("nan"), x)
     assert sched.step(torch.zeros_like(x), sched.timesteps[1], x).prev_sample.shape == x.shape   # the run goes on
+
+
+def test_saved_scheduler_carries_its_dense_file_and_loads_from_anywhere(tmp_path, monkeypatch):
+    """save_pretrained stored dense_path verbatim (an absolute or working-directory path), so the saved folder
+    did not load elsewhere; now the dense file is copied beside the config and recorded by its name."""
+    import json
+    sched = GDDIMScheduler(DENSE, solver_order=2, grid="logsnr")
+    sched.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "scheduler_config.json").read_text())
+    assert config["dense_path"] == "vp_linear_dense.safetensors" and sched.config.dense_path == DENSE
+    assert (tmp_path / "saved" / "vp_linear_dense.safetensors").read_bytes() == open(DENSE, "rb").read()
+    monkeypatch.chdir(tmp_path)                                        # somewhere the relative name means nothing
+    again = GDDIMScheduler.from_pretrained(tmp_path / "saved")
+    again.set_timesteps(6)
+    sched.set_timesteps(6)
+    assert torch.equal(again.timesteps, sched.timesteps) and again.config.solver_order == 2
+
+
+def test_step_refuses_a_batch_that_changes_mid_run():
+    sched = GDDIMScheduler(DENSE)
+    sched.set_timesteps(5)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x = sched.step(torch.zeros_like(x), sched.timesteps[0], x).prev_sample
+    y = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"sample shape \(3, 3, 4, 4\) changed mid-run"):
+        sched.step(torch.zeros_like(y), sched.timesteps[1], y)
+    with pytest.raises(ValueError, match="must be tensors of the same shape"):
+        sched.step(torch.zeros(2, 3, 4), sched.timesteps[1], x)
+    y = sched.step(torch.zeros_like(y), sched.timesteps[0], y).prev_sample     # a new run may change it
+    assert y.shape == (3, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"timesteps \(3\) must be one per sample \(2\)"):
+        sched.add_noise(x, torch.randn_like(x), [10, 20, 30])
+    assert sched.add_noise(x, torch.randn_like(x), [10, 20]).shape == x.shape
