@@ -279,3 +279,22 @@ def test_unwritable_out_is_bad_input(tmp_path, capsys):
     code = _cli.main(["vp_linear", "--nfe", "4", "--jobs", "1", "--quiet", "--no-verify", "--out", str(tmp_path / "root")])
     line = _one_line(capsys.readouterr().err)
     assert code == 2 and line.startswith(f"error: {tmp_path / 'root' / 'vp_linear'}: --out: cannot write")
+
+
+def test_validation_holds_each_table_to_the_manifest_beside_it(tmp_path, capsys):
+    """A table renamed (nfe10_q3 -> nfe99_q1) or replaced by another's bytes passed: the manifest python -m derive
+    writes (file names and sha256) was never read."""
+    import shutil
+    import validation.__main__ as vmain
+    folder = tmp_path / "vp_linear"
+    shutil.copytree(ROOT / "coeffs" / "vp_linear", folder)
+    table = folder / "vp_linear_nfe10_quadratic_q3.safetensors"
+    assert vmain.main([str(table), "--level", "fast"]) == 0
+    capsys.readouterr()
+    renamed = table.rename(folder / "vp_linear_nfe99_quadratic_q1.safetensors")
+    assert vmain.main([str(renamed), "--level", "fast"]) == 1
+    assert "not listed in manifest.json" in capsys.readouterr().out
+    renamed.rename(table)
+    table.write_bytes((folder / "vp_linear_nfe20_quadratic_q3.safetensors").read_bytes())
+    assert vmain.main([str(table), "--level", "fast"]) == 1
+    assert "bytes differ from the sha256 manifest.json records" in capsys.readouterr().out

@@ -51,14 +51,33 @@ def _read_tables(path, spec_arg):
             tensors, meta = read_table(f)
         except TableError as exc:
             raise SpecError(f, "table", str(exc).split(": ", 1)[-1]) from None
-        jobs.append((f.name, tensors, meta))
+        jobs.append((f.name, tensors, meta, _manifest_problem(f)))
     return spec, jobs
+
+
+def _manifest_problem(file):
+    """None, or what is wrong with ``file`` against the manifest.json python -m derive wrote beside it: not
+    listed (renamed or added by hand) or other bytes than recorded (edited or replaced)."""
+    import hashlib
+    import json
+    manifest = file.parent / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        entries = {e["file"]: e for e in json.loads(manifest.read_text())["files"]}
+    except (ValueError, KeyError, TypeError):
+        return f"{manifest} is not a manifest python -m derive wrote"
+    if file.name not in entries:
+        return f"not listed in {manifest.name} (renamed or added by hand: the file name no longer tells what it holds)"
+    if hashlib.sha256(file.read_bytes()).hexdigest() != entries[file.name].get("sha256"):
+        return f"its bytes differ from the sha256 {manifest.name} records (edited or replaced after python -m derive)"
+    return None
 
 
 def _build_tables(spec_arg):
     """(spec, [(name, tensors, meta)]) of a spec's default tables, built in memory (unchecked)."""
     d = derive(spec_arg)
-    return d.spec, [(tab.name, tab.tensors, tab.meta) for tab in d.tables(verify="none")]
+    return d.spec, [(tab.name, tab.tensors, tab.meta, None) for tab in d.tables(verify="none")]
 
 
 def _main(argv):
@@ -70,9 +89,11 @@ def _main(argv):
     else:
         spec, jobs = _build_tables(args.path)
     ok = True
-    for name, tensors, meta in jobs:
+    for name, tensors, meta, problem in jobs:
         with stage(f"checking {name}"):
             report = check_table(spec, tensors, meta, level=args.level, n_coords=args.coords)
+            if problem:
+                report.add("manifest", [(0, float("inf"), float("inf"))], problem, 0.0)
         print(f"## {name}\n{report.text()}\n", flush=True)
         ok &= report.passed
     return 0 if ok else 1

@@ -216,7 +216,9 @@ def check_table(spec, tensors, meta, level="fast", n_coords=None, budget_s=None)
     start = time.perf_counter()
     report = Report(f"{meta['spec']['name']} nfe{meta['nfe']} q{meta['order']}", level)
     if meta["spec"]["sha256"] != spec.sha256:
-        report.add("spec hash", [(0, float("inf"), float("inf"))], "table built from another spec", 0.0)
+        report.add("spec hash", [(0, float("inf"), float("inf"))],
+                   f"table built from another spec: its sha256 {meta['spec']['sha256'][:12]} ({meta['spec']['name']}), "
+                   f"this spec's {spec.sha256[:12]} ({spec.name}); any edit of the spec counts, its description too", 0.0)
         return report
     identities(report, tensors, meta)
     P = tensors["psi"].shape[1]
