@@ -155,6 +155,8 @@ class _Evaluator:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != self.expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise SamplingError(f"model returned {got} at {where()}, expected {self.expected}")
+        if not out.is_floating_point():                 # complex: its imaginary part would be dropped by the copy
+            raise SamplingError(f"model returned a {out.dtype} tensor at {where()}; expected real floating point")
         self.nfe += 1
         return out
 

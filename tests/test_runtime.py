@@ -156,6 +156,8 @@ def test_bad_inputs(derivations):
         gr.sample(nan_late, tab, batch=1, data_shape=(3, 32, 32))
     with pytest.raises(gr.SamplingError, match="no corrector weights"):
         gr.sample(ok, tab, batch=1, data_shape=(3, 32, 32), sampler="gddim_pc")
+    with pytest.raises(gr.SamplingError, match=r"model returned a torch.complex64 tensor at step 0"):
+        gr.sample(lambda u, t: torch.zeros_like(u, dtype=torch.complex64), tab, batch=1, data_shape=(3, 32, 32))
 
 
 @pytest.mark.parametrize("kw, match", [
