@@ -771,7 +771,7 @@ def _check_dtypes(sampler, dtype, model_dtype):
     if sampler == "gddim_pc" and dtype != torch.float64:
         warnings.warn("gddim_pc (the eps-form predictor-corrector) amplifies rounding by up to ~1e11 on stiff processes: "
                       "in float32 a point mass with the exact eps ends 4e3 (CLD, NFE 10) / 3e-2 (NFE 50) away, gddim 6e-8; "
-                      "sample with dtype=torch.float64, or use the x0 form (gddim_x0_pc)", RuntimeWarning, stacklevel=3)
+                      "sample with dtype=torch.float64, or use the x0 form (gddim_x0_pc)", RuntimeWarning, stacklevel=4)
 
 
 def default_sampler(table):
