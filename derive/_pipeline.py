@@ -40,11 +40,15 @@ def builtin_names():
 def resolve_spec(arg):
     """Path of a spec given as a file path or a built-in name."""
     path = Path(arg)
-    if path.is_file():
-        return path
-    if path.suffix == "" and (builtin_dir() / f"{arg}.yaml").is_file():
-        return builtin_dir() / f"{arg}.yaml"
-    raise SpecError(arg, "spec", f"no such file or built-in spec (built-ins: {', '.join(builtin_names())})")
+    try:
+        if path.is_file():
+            return path
+        if path.suffix == "" and (builtin_dir() / f"{arg}.yaml").is_file():
+            return builtin_dir() / f"{arg}.yaml"
+    except (OSError, ValueError):                 # a name too long for the file system, a NUL byte
+        pass
+    shown = str(arg) if len(str(arg)) <= 80 else str(arg)[:77] + "..."
+    raise SpecError(shown, "spec", f"no such file or built-in spec (built-ins: {', '.join(builtin_names())})")
 
 
 def tool_versions():

@@ -15,7 +15,7 @@ import sympy as sp
 import yaml
 
 from ._errors import SpecError
-from ._expr import ExprError, check_name, exact_number, parse
+from ._expr import MAX_LITERAL, ExprError, check_name, exact_number, parse
 
 t = sp.Symbol("t", real=True, nonnegative=True)
 
@@ -109,6 +109,16 @@ def _construct_float(loader, node):
     return _Decimal(loader.construct_scalar(node))
 
 
+def _construct_int(loader, node):
+    """YAML ints as PyYAML reads them, but none longer than MAX_LITERAL characters (a 5000-digit one
+    failed Python's int <-> str limit deep inside the hashing)."""
+    text = loader.construct_scalar(node)
+    if len(text) > MAX_LITERAL:
+        raise yaml.constructor.ConstructorError(None, None, f"number longer than {MAX_LITERAL} characters",
+                                                node.start_mark)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
 def _construct_mapping(loader, node, deep=False):
     seen = set()
     for key_node, _ in node.value:
@@ -120,6 +130,7 @@ def _construct_mapping(loader, node, deep=False):
 
 
 _Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 

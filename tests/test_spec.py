@@ -64,6 +64,7 @@ BAD = [
     (GOOD + "tables: {order: 7}\n", "tables.order", "1..4"),
     (GOOD + "tables: {order: automatic}\n", "tables.order", "1..4 or auto"),
     (GOOD.replace("beta: 4", "beta: .inf"), "parameters.beta", "not a number: '.inf'"),
+    (GOOD.replace("beta: 4", "beta: 1" + "0" * 5000), "yaml", "number longer than 100 characters"),  # was exit 3
     (GOOD.replace("T: 1}", "T: .nan}"), "time.T", "not a number"),
     ("name: m\nmarginal: {mean: 1, std: sin(t)/sqrt(t)}\ntime: {t_min: 1e-3, T: 1}\n", "marginal.std",
      "not defined at t = 0"),                            # was 'initial_covariance: must be symmetric' (nan != nan)
@@ -257,3 +258,10 @@ def test_grid_file_messages_name_the_file_and_the_problem(tmp_path):
             parse_kind(text)
     with pytest.raises(SpecError, match="unknown grid 'zigzag'"):
         parse_kind("zigzag")
+
+
+def test_a_spec_name_too_long_for_the_file_system_is_bad_input():
+    """Path.is_file() raises for names beyond NAME_MAX: 'internal error ... File name too long' (exit 3)."""
+    from derive import derive
+    with pytest.raises(SpecError, match=r"^a{77}\.\.\.: spec: no such file or built-in spec"):
+        derive("a" * 300)
