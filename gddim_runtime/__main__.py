@@ -77,6 +77,8 @@ def main(argv=None):
         if args.batch < 1 or (args.max_batch is not None and args.max_batch < 1):
             raise gr.SamplingError("--batch and --max-batch must be positive")
         _check_outputs(args, gr.SamplingError)
+        if rank == 0:
+            dist.remove_manifest(args.out)                  # a failed run must not leave the last one's manifest
         device = dist.init(args.device)
         table = gr.load(args.coeffs, device=device)
         mod_name, _, fn_name = args.model.partition(":")
@@ -87,6 +89,9 @@ def main(argv=None):
         except (ImportError, AttributeError) as exc:
             raise gr.SamplingError(f"--model {args.model!r}: {exc}") from None
         model = factory()
+        if not callable(model):
+            raise gr.SamplingError(f"--model {args.model!r}: the factory returned {type(model).__name__}, not a "
+                                   "callable model(u, t)")
         shape = args.data_shape or getattr(model, "data_shape", None)
         if shape is None:
             raise gr.SamplingError("--data-shape is required (the model has no .data_shape)")

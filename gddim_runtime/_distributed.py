@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 MANIFEST_FORMAT = "gddim-samples"
+MANIFEST_VERSION = 1                  # readers accept 1..this; version 1 manifests may lack the shard sha256
 
 
 def sample_seed(seed, index):
@@ -100,39 +101,99 @@ def write_shard(u, out, rank, world_size):
 
 
 def write_manifest(out, world_size, total, info):
-    """After every shard exists (call after a barrier): the JSON manifest, written atomically."""
+    """After every shard exists (call after a barrier): the JSON manifest, written atomically. Each shard's
+    sha256 is recorded, so that ``read_samples`` refuses a shard of another run (a failed rerun into the same
+    --out left the old shards beside the new ones, and they were read back mixed, without a word)."""
     shards = []
     for r in range(world_size):
         start, count = split(total, world_size, r)
-        shards.append({"file": shard_path(out, r, world_size).name, "rank": r, "start": start, "count": count})
-    manifest = {"format": MANIFEST_FORMAT, "format_version": 1, "world_size": world_size, "total": total,
-                "shards": shards, **info}
+        file = shard_path(out, r, world_size)
+        shards.append({"file": file.name, "rank": r, "start": start, "count": count, "sha256": _sha256(file)})
+    manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "world_size": world_size,
+                "total": total, "shards": shards, **info}
     _atomic_save(json.dumps(manifest, indent=1, sort_keys=True) + "\n", manifest_path(out))
     return manifest
 
 
+def remove_manifest(out):
+    """Before a run writes its shards: the previous run's manifest must not describe them."""
+    try:
+        manifest_path(out).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def read_samples(path):
-    """All samples of a run in global index order, from its manifest (or the --out path itself)."""
+    """All samples of a run in global index order, from its manifest (or the --out path itself). The
+    manifest is checked whole: its format and version, shards that tile [0, total) once each, and every
+    shard's bytes against the sha256 recorded when it was written; any defect is a SamplingError."""
     from ._samplers import SamplingError
     path = Path(path)
     mpath = path if path.suffix == ".json" else manifest_path(path)
-    if not mpath.exists():
-        if path.exists() and path.suffix != ".json":
-            return torch.load(path)
+    if not mpath.is_file():
+        if path.is_file() and path.suffix != ".json":
+            return _load(path, SamplingError)
         raise SamplingError(f"{mpath}: no such manifest")
     try:
         manifest = json.loads(mpath.read_text())
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise SamplingError(f"{mpath}: not a JSON manifest ({exc})") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise SamplingError(f"{mpath}: not a {MANIFEST_FORMAT} manifest")
+    shards = _checked_shards(manifest, mpath, SamplingError)
     parts = []
-    for shard in sorted(manifest["shards"], key=lambda s: s["start"]):
-        u = torch.load(mpath.with_name(shard["file"]))
+    for shard in shards:
+        file = mpath.with_name(shard["file"])
+        if not file.is_file():
+            raise SamplingError(f"{mpath}: shard {shard['file']} is missing")
+        if "sha256" in shard and _sha256(file) != shard["sha256"]:
+            raise SamplingError(f"{mpath}: shard {shard['file']} is not the one this run wrote (sha256 differs: "
+                                "another run's shard, or replaced)")
+        u = _load(file, SamplingError)
         if u.shape[0] != shard["count"]:
             raise SamplingError(f"{mpath}: shard {shard['file']} holds {u.shape[0]} samples, manifest says {shard['count']}")
+        if parts and (u.shape[1:] != parts[0].shape[1:] or u.dtype != parts[0].dtype):
+            raise SamplingError(f"{mpath}: shard {shard['file']} is {u.dtype} {tuple(u.shape)}, the first "
+                                f"{parts[0].dtype} {tuple(parts[0].shape)}")
         parts.append(u)
     return torch.cat(parts)
+
+
+def _checked_shards(manifest, mpath, error):
+    """The manifest's shards in start order, after checking that they tile [0, total) once each."""
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise error(f"{mpath}: not a {MANIFEST_FORMAT} manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= MANIFEST_VERSION:
+        raise error(f"{mpath}: format_version {version!r} (this gddim_runtime reads 1..{MANIFEST_VERSION})")
+    shards, total = manifest.get("shards"), manifest.get("total")
+    fields = ("file", "start", "count")
+    if (not isinstance(shards, list) or not shards or not isinstance(total, int)
+            or not all(isinstance(x, dict) and all(k in x for k in fields) for x in shards)):
+        raise error(f"{mpath}: needs 'total' and a list of 'shards' with {', '.join(fields)}")
+    shards = sorted(shards, key=lambda x: x["start"])
+    at = 0
+    for x in shards:
+        if x["start"] != at or not isinstance(x["count"], int) or x["count"] < 0:
+            raise error(f"{mpath}: shards do not tile [0, {total}) once each (at {at}: {x['file']} starts at {x['start']})")
+        at += x["count"]
+    if at != total or manifest.get("world_size", len(shards)) != len(shards):
+        raise error(f"{mpath}: shards hold {at} samples in {len(shards)} files; manifest says total {total}, "
+                    f"world_size {manifest.get('world_size')}")
+    return shards
+
+
+def _load(file, error):
+    try:
+        u = torch.load(file, weights_only=True)
+    except Exception as exc:                               # torch's unpickling errors are long; one line here
+        raise error(f"{file}: not a samples file written by gddim_runtime ({type(exc).__name__})") from None
+    if not torch.is_tensor(u):
+        raise error(f"{file}: holds a {type(u).__name__}, not a samples tensor")
+    return u
 
 
 def png_grid(x, path):

@@ -465,10 +465,13 @@ def ancestral(run):
     return _two_slot_step(run, c_x0 * Dinv + c_u, -c_x0 * Dinv * plan.fold(R[:-1], steps), noise=std)
 
 
-def probability_flow_rk45(run, *, dense=None, rtol=1e-5, atol=1e-5):
+def probability_flow_rk45(run, *, dense=None, rtol=1e-5, atol=1e-5, max_steps=10_000):
     """Adaptive Dormand-Prince 5(4) (torchdiffeq dopri5) on the probability flow, T -> t_min, NFE counted.
 
     Needs coefficients off the grid: ``dense`` = gddim_runtime.load_dense(<name>_dense.safetensors).
+    max_steps: accepted steps at most (calibrate's references at 1e-8 take ~150); a model whose output
+    is not finite, explodes or differs between calls on the same input (dropout left in train mode) never
+    settles the step size, and ends in a SamplingError instead of running for ever.
     The score comes from triangular solves with L (no inverse); the adaptive step control itself
     reads error norms on the host (inherent to adaptive stepping).
     """
@@ -476,6 +479,8 @@ def probability_flow_rk45(run, *, dense=None, rtol=1e-5, atol=1e-5):
         raise SamplingError("probability_flow_rk45 needs dense=gddim_runtime.load_dense(<name>_dense.safetensors)")
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (rtol, atol)):
         raise SamplingError(f"probability_flow_rk45: rtol and atol must be finite numbers > 0, got {rtol!r}, {atol!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise SamplingError(f"probability_flow_rk45: max_steps must be a positive integer, got {max_steps!r}")
     if not hasattr(dense, "at") or not hasattr(dense, "meta"):
         raise SamplingError(f"dense= takes gddim_runtime.load_dense(<name>_dense.safetensors), got {type(dense).__name__}")
     spec_t, spec_d = ((m or {}).get("spec") or {} for m in (run.plan.table.meta, dense.meta))
@@ -500,7 +505,13 @@ def probability_flow_rk45(run, *, dense=None, rtol=1e-5, atol=1e-5):
         return block_apply(plan.cast(D_u), x, basis) + block_apply(plan.cast(D_o), o, basis)
 
     times = torch.stack([plan.t[0], plan.t[-1]]).to(plan.dtype)
-    u = odeint(flow, run.u0, times, method="dopri5", rtol=rtol, atol=atol)[-1]
+    try:
+        u = odeint(flow, run.u0, times, method="dopri5", rtol=rtol, atol=atol,
+                   options={"max_num_steps": int(max_steps)})[-1]
+    except AssertionError as exc:                 # torchdiffeq: 'underflow in dt ...', 'max_num_steps exceeded ...'
+        raise SamplingError(f"probability_flow_rk45 did not reach t_min ({exc}): the model's output is not finite, "
+                            "explodes, or changes between calls on the same input (dropout in train mode? "
+                            "call model.eval())") from None
     slots = run.allocate(2, u)
     run.notify(plan.N - 1, slots[0])
     return slots[0], None

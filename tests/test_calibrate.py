@@ -283,3 +283,52 @@ def test_cli_writes_the_pick_and_refuses_bad_input(tmp_path, capsys, monkeypatch
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err, (extra, err)
     assert not (tmp_path / "bad").exists()
+
+
+def test_choose_names_bad_candidates_and_nfe(vp):
+    """nfe 1, configs=[] or a candidate with an unknown grid / order 9 all ended in 'no candidate configuration
+    gave a finite endpoint' after deriving tables; a 3-tuple in a raw unpacking error."""
+    vp = vp[0]
+    model = lambda u, t: torch.zeros_like(u)
+    for kw, match in ((dict(nfe=1), "nfe must be an integer >= 2"), (dict(nfe=6, configs=[]), "configs is empty"),
+                      (dict(nfe=6, configs=[("bogus", 2, "t", "gddim")]), r"candidate \('bogus'"),
+                      (dict(nfe=6, configs=[("quadratic", 9, "t", "gddim")]), r"candidate \('quadratic', 9"),
+                      (dict(nfe=6, configs=[("quadratic", 2, "t")]), r"candidate \('quadratic', 2, 't'\) is not")):
+        with pytest.raises(ValueError, match=match):
+            choose(vp, model, batch=4, data_shape=(2,), **kw)
+
+
+def test_reference_of_a_model_that_never_settles_ends_in_a_sampling_error(vp):
+    """A NaN/inf output ended in torchdiffeq's 'AssertionError: underflow in dt 0.0' (calibrate: exit 3); a
+    model whose output changes between calls on the same input (dropout in train mode) ran dopri5 for ever."""
+    vp = vp[0]
+    x_T = torch.randn(4, 1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    nan_late = lambda u, t: torch.full_like(u, float("nan")) if float(t[0]) < 0.5 else torch.zeros_like(u)
+    with pytest.raises(gr.SamplingError, match="did not reach t_min .*underflow in dt"):
+        reference(vp, nan_late, x_T)
+    gen = torch.Generator().manual_seed(1)
+    jitter = lambda u, t: 0.01 * torch.randn(u.shape, generator=gen, dtype=u.dtype)     # differs on every call
+    dense = vp.dense().to_runtime("cpu")
+    one = vp.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime("cpu")
+    with pytest.raises(gr.SamplingError, match="max_num_steps exceeded"):
+        gr.sample(jitter, one, x_T=x_T, sampler="probability_flow_rk45", dense=dense, rtol=1e-8, atol=1e-8,
+                  dtype=torch.float64, max_steps=200)
+
+
+def test_calibrate_cli_checks_model_device_and_out_before_the_work(tmp_path, capsys, monkeypatch):
+    import types
+
+    from validation.calibrate import main
+    mod = types.ModuleType("calib_models")
+    mod.none = lambda: None
+    mod.zero = lambda: (lambda u, t: torch.zeros_like(u))
+    monkeypatch.setitem(__import__("sys").modules, "calib_models", mod)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["vp_linear", "--nfe", "4", "--data-shape", "2", "--batch", "4"]
+    for extra, match in ((["--model", "calib_models:none"], "the factory returned NoneType"),
+                         (["--model", "calib_models:zero", "--device", "meta"], "--device: meta: holds no data"),
+                         (["--model", "calib_models:zero", "--out", str(afile)], "exists and is not a folder")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err

@@ -106,3 +106,60 @@ def test_output_locations_are_checked_before_sampling(tmp_path, capsys, monkeypa
     assert not built and list(tmp_path.iterdir()) == []
     assert main(base + ["--out", str(tmp_path / "s.pt")]) == 0 and built == [1]
     assert gr.read_samples(tmp_path / "s.pt").shape == (2, 2, 1, 4, 4)
+
+
+def test_read_samples_refuses_a_manifest_that_does_not_describe_the_files(tmp_path, monkeypatch):
+    """A rerun that failed half-way left the last run's manifest and shards beside the new ones, and
+    read_samples returned them mixed (first half seed 7, second half seed 0) without a word; a shard of
+    another run, a shard listed twice, edited totals and a newer format_version were read as well.
+    Now: each shard's sha256 is in the manifest, the shards must tile [0, total) once each, and a run
+    removes the previous manifest before it samples."""
+    import shutil
+
+    import toy_models
+    from gddim_runtime.__main__ import main
+    base = ["sample", "--coeffs", str(TABLE), "--model", "toy_models:shrink", "--batch", "5", "--data-shape", "2"]
+    assert main(base + ["--seed", "7", "--out", str(tmp_path / "b.pt")]) == 0
+    assert main(base + ["--out", str(tmp_path / "a.pt")]) == 0
+    good = gr.read_samples(tmp_path / "a.pt")
+    manifest = json.loads((tmp_path / "a.manifest.json").read_text())
+    assert good.shape == (5, 2, 2) and len(manifest["shards"][0]["sha256"]) == 64
+
+    def broken(edit=None, swap=False):
+        folder = tmp_path / f"case{len(list(tmp_path.glob('case*')))}"
+        folder.mkdir()
+        shutil.copy(tmp_path / "a.pt", folder / "a.pt")
+        m = json.loads(json.dumps(manifest))
+        if edit:
+            edit(m)
+        (folder / "a.manifest.json").write_text(json.dumps(m))
+        if swap:
+            shutil.copy(tmp_path / "b.pt", folder / "a.pt")       # another run's shard under this name
+        return folder / "a.pt"
+
+    cases = [(dict(swap=True), "not the one this run wrote"),
+             (dict(edit=lambda m: m.update(total=1000)), "manifest says total 1000"),
+             (dict(edit=lambda m: m["shards"].append(dict(m["shards"][0]))), "do not tile"),
+             (dict(edit=lambda m: m.update(format_version=99)), "format_version 99"),
+             (dict(edit=lambda m: m.update(shards=[])), "a list of 'shards'"),
+             (dict(edit=lambda m: m.update(shards=None)), "a list of 'shards'")]
+    for kw, match in cases:
+        with pytest.raises(gr.SamplingError, match=match):
+            gr.read_samples(broken(**kw))
+    missing = broken()
+    missing.unlink()
+    with pytest.raises(gr.SamplingError, match="shard a.pt is missing"):
+        gr.read_samples(missing)
+
+    def failing():
+        raise RuntimeError("the model cannot be built")
+    monkeypatch.setattr(toy_models, "failing", failing, raising=False)
+    with pytest.raises(RuntimeError):                                   # a rerun into the same --out that fails
+        main(["sample", "--coeffs", str(TABLE), "--model", "toy_models:failing", "--batch", "5", "--data-shape", "2",
+              "--out", str(tmp_path / "a.pt")])
+    assert not (tmp_path / "a.manifest.json").exists()                 # no manifest describes a run that failed
+    assert torch.equal(gr.read_samples(tmp_path / "a.pt"), good)         # one process: its file is still whole
+    shard = tmp_path / "c.rank0-of-2.pt"                                  # several: shards alone are not a run
+    shutil.copy(tmp_path / "a.pt", shard)
+    with pytest.raises(gr.SamplingError, match="no such manifest"):
+        gr.read_samples(tmp_path / "c.pt")

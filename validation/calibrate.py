@@ -41,6 +41,7 @@ Candidates: the auto:<q> and quadratic grids x orders 1-4 x variables t, rho, lo
 """
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -102,6 +103,21 @@ def candidates(orders=ORDERS, variables=VARIABLES, grids=GRIDS, samplers=tuple(S
     return [(g, q, v, s) for g in grids for q in orders for v in variables for s in samplers]
 
 
+def _checked_configs(configs):
+    """The candidates as a list, each (grid in GRIDS, order 1-4, variable, sampler) or a ValueError naming it:
+    a wrong one was evaluated as inf and the call ended in 'no candidate gave a finite endpoint'."""
+    configs = list(configs)
+    if not configs:
+        raise ValueError("configs is empty: give candidates (grid, order, variable, sampler), or None for all")
+    for c in configs:
+        ok = (isinstance(c, (tuple, list)) and len(c) == 4 and c[0] in GRIDS and c[1] in ORDERS
+              and c[2] in VARIABLES and c[3] in SAMPLERS)
+        if not ok:
+            raise ValueError(f"candidate {c!r} is not (grid in {GRIDS}, order in {ORDERS}, variable in {VARIABLES}, "
+                             f"sampler in {tuple(SAMPLERS)})")
+    return [tuple(c) for c in configs]
+
+
 def evaluate(derived, model, nfe, x_T, *, parametrization="eps_R", configs=None, tol=1e-8, dtype=torch.float64,
              log=None, ref=None, model_dtype=None):
     """{(grid, order, variable, sampler): {"endpoint": e, "w1": w, "energy": g}} for every candidate on the
@@ -112,7 +128,9 @@ def evaluate(derived, model, nfe, x_T, *, parametrization="eps_R", configs=None,
     ref: ``reference(derived, model, x_T, ...)`` when already computed (it does not depend on the NFE).
     Runs on x_T's device; the model gets its inputs in ``model_dtype`` (default: ``model_dtype_of(model)``,
     so a float32 network gets float32 while the sampler's state stays in ``dtype``)."""
-    configs = candidates() if configs is None else list(configs)
+    configs = candidates() if configs is None else _checked_configs(configs)
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 2:
+        raise ValueError(f"nfe must be an integer >= 2 (one step and the final denoising), got {nfe!r}")
     model_dtype = model_dtype or model_dtype_of(model)
     if ref is None:
         ref = reference(derived, model, x_T, parametrization, tol, dtype, model_dtype)
@@ -239,7 +257,19 @@ def _run(args):
     from derive._errors import SpecError
     if any(n < 2 for n in args.nfe) or args.batch < 2:
         raise SpecError("options", "--nfe/--batch", "each NFE and the batch must be at least 2")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SpecError("--out", args.out, "exists and is not a folder")
+    if args.device:
+        try:
+            device = torch.device(args.device)
+            torch.empty(0, device=device) if device.type != "meta" else None
+        except (RuntimeError, AssertionError) as exc:          # "cuda" without CUDA, an unknown name
+            raise SpecError("--device", args.device, f"not usable here: {str(exc).splitlines()[0]}") from None
+        if device.type == "meta":
+            raise SpecError("--device", args.device, "holds no data: give cpu or cuda")
     model = _factory(args.model)()
+    if not callable(model):
+        raise SpecError("--model", args.model, f"the factory returned {type(model).__name__}, not a callable model(u, t)")
     if args.device and callable(getattr(model, "to", None)):
         model = model.to(args.device)                       # a torch.nn.Module: onto the samplers' device
     shape = args.data_shape or getattr(model, "data_shape", None)
@@ -278,7 +308,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256, help="prior draws the candidates run on (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default: %(default)s)")
     p.add_argument("--score", default="endpoint", choices=SCORES, help="(default: %(default)s)")
-    p.add_argument("--parametrization", default="eps_R", help="the model's output (default: %(default)s)")
+    p.add_argument("--parametrization", default="eps_R", choices=gr.PARAMETRIZATIONS,
+                   help="the model's output (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device of the model and the samplers (default: cpu)")
     p.add_argument("--out", help="write each chosen table (verified, as python -m derive) into this folder")
     args = p.parse_args(argv)
