@@ -208,3 +208,35 @@ def test_order_auto_takes_the_recommendation_and_samples_with_its_sampler():
     assert torch.equal(gr.sample(model, tab, x_T=x_T, dtype=torch.float64),
                        gr.sample(model, tab, x_T=x_T, dtype=torch.float64, sampler=rec["sampler"]))
     assert d.table(nfe=10, order=2, grid="quadratic").request.order == 2              # explicit wins
+
+
+def test_saved_tables_verify_as_they_are_and_folders_keep_one_spec(vp, tmp_path, capsys):
+    """save() wrote the table, its .md and the manifest but no spec.yaml, so `python -m validation FOLDER` stopped
+    with 'no spec.yaml beside the table'; a cld table saved into a vp_linear folder went in without a word.
+    The spec.yaml is the one python -m derive writes (same bytes)."""
+    import validation.__main__ as vmain
+    tab = vp.table(nfe=5, order=2, verify="none")
+    path = tab.save(tmp_path / "mine")
+    assert path == tmp_path / "mine" / tab.filename
+    written = vp.write(tmp_path / "cli", [tab])
+    assert (tmp_path / "mine" / "spec.yaml").read_bytes() == (tmp_path / "cli" / "vp_linear" / "spec.yaml").read_bytes()
+    assert vmain.main([str(tmp_path / "mine"), "--level", "fast"]) == 0 and written
+    capsys.readouterr()
+    tab.save(tmp_path / "mine")                                              # again: fine
+    other = derive.derive("ve").table(nfe=4, order=1, verify="none")
+    with pytest.raises(SpecError, match="holds the tables of another spec"):
+        other.save(tmp_path / "mine")
+    with pytest.raises(SpecError, match="save: cannot write"):
+        tab.save(path)                                                       # a file, not a folder
+
+
+def test_api_calls_of_the_wrong_kind_are_named(vp, tmp_path):
+    """verify('bogus') raised KeyError, tables([(10, 2)]) an internal error, write(out, tab) a TypeError and
+    write(..., dense=True) an AttributeError."""
+    tab = vp.table(nfe=5, order=2, verify="none")
+    for call, match in ((lambda: tab.verify("bogus"), "verify: level: must be 'fast' or 'full'"),
+                        (lambda: vp.tables([(10, 2)]), "expected TableRequest values"),
+                        (lambda: vp.write(tmp_path, [tab], dense=True), "expected BuiltTable values")):
+        with pytest.raises(SpecError, match=match):
+            call()
+    assert [p.name for p in vp.write(tmp_path, tab)][0] == tab.filename     # one table is taken as [tab]
