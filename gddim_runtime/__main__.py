@@ -66,6 +66,21 @@ def _check_outputs(args, error):
             raise error(f"{flag} {str(path)!r}: folder {str(path.parent)!r} does not exist")
 
 
+def _model(text, error):
+    """model(u, t) from the factory ``module:function`` (called with no arguments)."""
+    mod_name, _, fn_name = text.partition(":")
+    if not fn_name:
+        raise error(f"--model {text!r}: expected module:function")
+    try:
+        factory = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise error(f"--model {text!r}: {exc}") from None
+    model = factory()
+    if not callable(model):
+        raise error(f"--model {text!r}: the factory returned {type(model).__name__}, not a callable model(u, t)")
+    return model
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     import torch
@@ -81,17 +96,7 @@ def main(argv=None):
             dist.remove_manifest(args.out)                  # a failed run must not leave the last one's manifest
         device = dist.init(args.device)
         table = gr.load(args.coeffs, device=device)
-        mod_name, _, fn_name = args.model.partition(":")
-        if not fn_name:
-            raise gr.SamplingError(f"--model {args.model!r}: expected module:function")
-        try:
-            factory = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            raise gr.SamplingError(f"--model {args.model!r}: {exc}") from None
-        model = factory()
-        if not callable(model):
-            raise gr.SamplingError(f"--model {args.model!r}: the factory returned {type(model).__name__}, not a "
-                                   "callable model(u, t)")
+        model = _model(args.model, gr.SamplingError)
         shape = args.data_shape or getattr(model, "data_shape", None)
         if shape is None:
             raise gr.SamplingError("--data-shape is required (the model has no .data_shape)")

@@ -104,17 +104,24 @@ def candidates(orders=ORDERS, variables=VARIABLES, grids=GRIDS, samplers=tuple(S
 
 
 def _checked_configs(configs):
-    """The candidates as a list, each (grid in GRIDS, order 1-4, variable, sampler) or a ValueError naming it:
+    """The candidates as a list, each (a grid derive knows, order 1-4, variable, sampler) or a ValueError naming it:
     a wrong one was evaluated as inf and the call ended in 'no candidate gave a finite endpoint'."""
     configs = list(configs)
     if not configs:
         raise ValueError("configs is empty: give candidates (grid, order, variable, sampler), or None for all")
+    from derive._errors import SpecError
+    from derive._grids import parse_kind
     for c in configs:
-        ok = (isinstance(c, (tuple, list)) and len(c) == 4 and c[0] in GRIDS and c[1] in ORDERS
+        ok = (isinstance(c, (tuple, list)) and len(c) == 4 and isinstance(c[0], str) and c[1] in ORDERS
               and c[2] in VARIABLES and c[3] in SAMPLERS)
+        if ok:
+            try:
+                parse_kind(_grid_name(c[0], c[1]))
+            except SpecError:
+                ok = False
         if not ok:
-            raise ValueError(f"candidate {c!r} is not (grid in {GRIDS}, order in {ORDERS}, variable in {VARIABLES}, "
-                             f"sampler in {tuple(SAMPLERS)})")
+            raise ValueError(f"candidate {c!r} is not (a grid python -m derive knows, e.g. {GRIDS}, order in {ORDERS}, "
+                             f"variable in {VARIABLES}, sampler in {tuple(SAMPLERS)})")
     return [tuple(c) for c in configs]
 
 
