@@ -47,12 +47,6 @@ def _parser():
     return p
 
 
-def _sha256(path):
-    import hashlib
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def _check_outputs(args, error):
     """Before any work: --out and --png must name files in existing folders (not folders themselves)."""
     from pathlib import Path
@@ -119,7 +113,7 @@ def main(argv=None):
         dist.barrier()
         if rank == 0:
             dist.write_manifest(args.out, world_size, args.batch, {
-                "seed": args.seed, "coeffs": str(args.coeffs), "coeffs_sha256": _sha256(args.coeffs),
+                "seed": args.seed, "coeffs": str(args.coeffs), "coeffs_sha256": dist.sha256(args.coeffs),
                 "sampler": args.sampler or gr.default_sampler(table), "parametrization": args.parametrization, "dtype": args.dtype,
                 "shape": [table.k, *shape], "nfe_per_sample": nfe, "denoise": not args.no_denoise})
             where = args.out if world_size == 1 else f"{world_size} shards of {args.out}"

@@ -108,7 +108,7 @@ def write_manifest(out, world_size, total, info):
     for r in range(world_size):
         start, count = split(total, world_size, r)
         file = shard_path(out, r, world_size)
-        shards.append({"file": file.name, "rank": r, "start": start, "count": count, "sha256": _sha256(file)})
+        shards.append({"file": file.name, "rank": r, "start": start, "count": count, "sha256": sha256(file)})
     manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "world_size": world_size,
                 "total": total, "shards": shards, **info}
     _atomic_save(json.dumps(manifest, indent=1, sort_keys=True) + "\n", manifest_path(out))
@@ -123,7 +123,7 @@ def remove_manifest(out):
         pass
 
 
-def _sha256(path):
+def sha256(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -149,7 +149,7 @@ def read_samples(path):
         file = mpath.with_name(shard["file"])
         if not file.is_file():
             raise SamplingError(f"{mpath}: shard {shard['file']} is missing")
-        if "sha256" in shard and _sha256(file) != shard["sha256"]:
+        if "sha256" in shard and sha256(file) != shard["sha256"]:
             raise SamplingError(f"{mpath}: shard {shard['file']} is not the one this run wrote (sha256 differs: "
                                 "another run's shard, or replaced)")
         u = _load(file, SamplingError)

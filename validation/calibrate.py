@@ -269,11 +269,11 @@ def _run(args):
     if args.device:
         try:
             device = torch.device(args.device)
-            torch.empty(0, device=device) if device.type != "meta" else None
-        except (RuntimeError, AssertionError) as exc:          # "cuda" without CUDA, an unknown name
+            if device.type == "meta":
+                raise SpecError("--device", args.device, "holds no data: give cpu or cuda")
+            torch.empty(0, device=device)                      # "cuda" without CUDA fails here
+        except (RuntimeError, AssertionError) as exc:          # ... and an unknown device name above
             raise SpecError("--device", args.device, f"not usable here: {str(exc).splitlines()[0]}") from None
-        if device.type == "meta":
-            raise SpecError("--device", args.device, "holds no data: give cpu or cuda")
     model = _factory(args.model)()
     if not callable(model):
         raise SpecError("--model", args.model, f"the factory returned {type(model).__name__}, not a callable model(u, t)")
