@@ -71,10 +71,10 @@ def read_table(path, kind=FORMAT):
     if not isinstance(header, dict) or header.get("format") != kind:
         found = header.get("format") if isinstance(header, dict) else None
         raise TableError(f"{path}: not a {kind} file (format {found!r})")
-    try:
-        version = int(header.get("format_version", ""))
-    except ValueError:
-        raise TableError(f"{path}: bad format_version {header.get('format_version')!r}") from None
+    version = header.get("format_version")
+    if not (isinstance(version, str) and version.isascii() and version.isdigit()):   # as written: str(int)
+        raise TableError(f"{path}: bad format_version {version!r}")
+    version = int(version)
     if version > FORMAT_VERSION:
         raise TableError(f"{path}: written by a newer format version {version}; this reader knows "
                          f"{FORMAT_VERSION} (upgrade gddim-toolkit)")

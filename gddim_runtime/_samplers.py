@@ -110,7 +110,7 @@ class _Plan:
         self.device = self.t.device
         t_model = self.t.to(model_dtype or dtype).unsqueeze(1).expand(self.N + 1, batch)
         self.t_model = t_model.unbind(0)                                       # views, one per grid time
-        self.ok = torch.ones(self.N + 1, dtype=torch.bool, device=self.device)
+        self.ok = torch.ones(self.N + 2, dtype=torch.bool, device=self.device)  # per grid time; last: u_T
         self.ok_at = self.ok.unbind(0)
         A, B = _conversion(parametrization, tensors["R"], tensors["L"], tensors["data_to_state"])
         self.A = A                                                            # float64 [N+1, P, k, k] or None
@@ -696,8 +696,9 @@ def final_denoise(table, x, out, parametrization="eps_R"):
 
 
 def _first_bad(plan):
-    """The first grid index whose model output was not finite, or -1: one host read after the loop
-    (on CUDA through a non-blocking copy and an event wait, so no implicit synchronisation)."""
+    """The first grid index whose model output was not finite, N + 1 for a non-finite u_T, or -1: one
+    host read after the loop (on CUDA through a non-blocking copy and an event wait, so no implicit
+    synchronisation)."""
     ok = plan.ok
     if ok.device.type == "cuda":
         host = torch.empty(ok.shape, dtype=ok.dtype, pin_memory=True)
@@ -706,6 +707,8 @@ def _first_bad(plan):
         done.record()
         done.synchronize()
         ok = host
+    if not bool(ok[-1]):
+        return len(ok) - 1
     bad = (~ok).nonzero()
     return int(bad[0, 0]) if len(bad) else -1
 
@@ -931,6 +934,7 @@ class _Progress:
 
 def _integrate(run, sampler, compile, denoise, options):
     """The sampler's loop from u_T to t_N, then the shared ending: the final denoising step."""
+    run.plan.ok_at[-1].logical_and_(torch.isfinite(run.u0.sum()))   # a NaN x_T; a model may not propagate it
     if compile:
         mode = compile if isinstance(compile, str) else ("reduce-overhead" if run.plan.device.type == "cuda" else "default")
         u, o = _gddim_compiled(run, mode)
@@ -942,6 +946,8 @@ def _integrate(run, sampler, compile, denoise, options):
 def _raise_if_not_finite(plan):
     """SamplingError naming the first step whose model output was NaN/inf (one host read, after the loop)."""
     step = _first_bad(plan)
+    if step == plan.N + 1:
+        raise SamplingError("x_T is not finite (NaN/inf): the initial state must be finite")
     if step >= 0:
         raise SamplingError(f"model output is not finite (NaN/inf) at step {step} (t = {float(plan.t[step]):.6g})")
 

@@ -152,17 +152,21 @@ def test_reader_refuses_bad_files(tmp_path):
     (tmp_path / "edit.safetensors").write_bytes(bytes(edited))
     with pytest.raises(TableError, match="hash mismatch"):
         read_table(tmp_path / "edit.safetensors")
-    # a newer format version
+    # a newer format version; versions not written as derive writes them (str(int)): int() took " 1", a list
+    # or None was a TypeError
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     inner = json.loads(header["__metadata__"][HEADER_KEY])
-    inner["format_version"] = "99"
-    header["__metadata__"][HEADER_KEY] = json.dumps(inner)
-    raw = json.dumps(header).encode()
-    raw += b" " * ((8 - len(raw) % 8) % 8)
-    (tmp_path / "new.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
-    with pytest.raises(TableError, match="newer format version 99"):
-        read_table(tmp_path / "new.safetensors")
+    for version, match in [("99", "newer format version 99"), (" 1", "bad format_version ' 1'"),
+                           ("1.0", "bad format_version"), (1, "bad format_version 1"), (None, "bad format_version None"),
+                           (["1"], "bad format_version"), ("\u0661", "bad format_version"), ("0", "unknown format_version 0")]:
+        inner["format_version"] = version
+        header["__metadata__"][HEADER_KEY] = json.dumps(inner)
+        raw = json.dumps(header).encode()
+        raw += b" " * ((8 - len(raw) % 8) % 8)
+        (tmp_path / "new.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+        with pytest.raises(TableError, match=re.escape(match) if "'" in match else match):
+            read_table(tmp_path / "new.safetensors")
     with pytest.raises(TableError, match="no such file"):
         read_table(tmp_path / "missing.safetensors")
 

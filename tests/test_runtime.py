@@ -188,6 +188,20 @@ def test_bad_batch_shape_and_lam_are_refused_before_any_work(kw, match):
     assert x.shape == (2, 1, 3) and torch.isfinite(x).all()
 
 
+@pytest.mark.parametrize("sampler", ["gddim", "gddim_x0_pc", "heun", "euler_maruyama"])
+def test_non_finite_x_T_is_named(sampler):
+    """A NaN x_T went through untold when the model's output stayed finite (a model returning zeros, a
+    clamp in the network): only the outputs were checked. The start state has its own flag now."""
+    tab = gr.load(_coeffs("cld", "cld_nfe10_auto4_q4_pc_inrho_x0.safetensors"))
+    zeros = lambda u, t: torch.zeros_like(u)
+    x_T = torch.zeros(2, 2, 3)
+    x_T[1, 0, 2] = float("inf") if sampler == "heun" else float("nan")
+    with pytest.raises(gr.SamplingError, match=r"x_T is not finite"):
+        gr.sample(zeros, tab, x_T=x_T, sampler=sampler)
+    x_T[1, 0, 2] = 0.0
+    assert torch.isfinite(gr.sample(zeros, tab, x_T=x_T, sampler=sampler)).all()
+
+
 def test_deterministic_given_generator():
     tab = gr.load(_coeffs("cld", "cld_nfe10_quadratic_q3.safetensors"))
     model = lambda u, t: 0.1 * u
