@@ -3,6 +3,7 @@
 import torch
 
 from ._format import DENSE_FORMAT, TableError, read_table
+from ._table import usable_device
 
 NAMES = ("F", "GGT", "R", "L", "D")
 
@@ -85,6 +86,7 @@ class DenseCoefficients:
         return out
 
     def to(self, device):
+        device = usable_device(device)
         tensors = {"edges": self.edges, "nodes": self.nodes, **self.values}
         return DenseCoefficients({k: v.to(device) for k, v in tensors.items()}, self.meta, self.path)
 
@@ -93,6 +95,7 @@ def dense_from_tensors(tensors, meta=None, device="cpu", path="<memory>"):
     """DenseCoefficients from in-memory arrays (no file): dict name -> float64 numpy array or torch tensor,
     named as in the dense file (edges, nodes, F, GGT, R, L, D), uploaded to ``device``."""
     import numpy as np
+    device = usable_device(device)
     missing = [n for n in ("edges", "nodes", *NAMES) if n not in tensors]
     if missing:
         raise TableError(f"{path}: missing dense tensors {missing}")
@@ -102,5 +105,6 @@ def dense_from_tensors(tensors, meta=None, device="cpu", path="<memory>"):
 
 
 def load_dense(path, device="cpu"):
+    usable_device(device)                             # before reading the file
     arrays, meta = read_table(path, kind=DENSE_FORMAT)
     return dense_from_tensors(arrays, meta, device, str(path))

@@ -14,6 +14,23 @@ import torch
 from ._format import REQUIRED, TableError, read_table
 
 
+def usable_device(device, what="device"):
+    """torch.device(device) when tensors can live there in this process, else TableError in one line
+    ("cuda" without CUDA, "meta" (holds no data), a name torch does not know, a bad type). ``what``
+    names the argument in the message."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise TableError(f"{what} {device!r}: not a torch device ({str(exc).splitlines()[0]})") from None
+    if dev.type == "meta":
+        raise TableError(f"{what} {device!r}: the meta device holds no data; give cpu or cuda")
+    try:
+        torch.empty(0, device=dev)                    # "cuda" without CUDA, a missing cuda:N, "mps" ...
+    except (RuntimeError, AssertionError) as exc:
+        raise TableError(f"{what} {device!r}: not usable here ({str(exc).splitlines()[0]})") from None
+    return dev
+
+
 @dataclasses.dataclass
 class Table:
     """Float64 coefficient tensors on one device plus the file's metadata."""
@@ -62,6 +79,7 @@ class Table:
         return name in self.tensors
 
     def to(self, device):
+        device = usable_device(device)
         return Table({n: v.to(device) for n, v in self.tensors.items()}, self.meta, self.path,
                      {n: v.to(device) if isinstance(v, torch.Tensor) else v for n, v in self.derived.items()})
 
@@ -94,6 +112,7 @@ def from_tensors(tensors, meta, device="cpu", path="<memory>"):
     ``read_table`` returns (at least ``spec.basis``). The tensors are uploaded to ``device``
     as float64; ``path`` names the table in error messages.
     """
+    device = usable_device(device)
     missing = [n for n in REQUIRED if n not in tensors]
     if missing:
         raise TableError(f"{path}: missing tensors {missing}")
@@ -134,6 +153,7 @@ def from_tensors(tensors, meta, device="cpu", path="<memory>"):
 
 def load(path, device="cpu"):
     """Read, check (format version, content hash) and upload a table once; float64 on ``device``."""
+    usable_device(device)                             # before reading the file
     arrays, meta = read_table(path)
     return from_tensors(arrays, meta, device=device, path=str(path))
 

@@ -327,7 +327,7 @@ def test_calibrate_cli_checks_model_device_and_out_before_the_work(tmp_path, cap
     afile.write_text("x")
     base = ["vp_linear", "--nfe", "4", "--data-shape", "2", "--batch", "4"]
     for extra, match in ((["--model", "calib_models:none"], "the factory returned NoneType"),
-                         (["--model", "calib_models:zero", "--device", "meta"], "--device: meta: holds no data"),
+                         (["--model", "calib_models:zero", "--device", "meta"], "--device: meta: the meta device holds no data"),
                          (["--model", "calib_models:zero", "--out", str(afile)], "exists and is not a folder")):
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -1,6 +1,7 @@
 """gddim_runtime on CPU against exact-score data: exactness, convergence order, noise, DCT, errors."""
 
 import inspect
+import re
 import warnings
 
 import numpy as np
@@ -200,6 +201,24 @@ def test_non_finite_x_T_is_named(sampler):
         gr.sample(zeros, tab, x_T=x_T, sampler=sampler)
     x_T[1, 0, 2] = 0.0
     assert torch.isfinite(gr.sample(zeros, tab, x_T=x_T, sampler=sampler)).all()
+
+
+@pytest.mark.parametrize("device, match", [
+    ("meta", "the meta device holds no data"), ("foo", "not a torch device"), (None, "not a torch device"),
+    pytest.param("cuda", "not usable here", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+    pytest.param("cuda:97", "not usable here", marks=pytest.mark.skipif(torch.cuda.device_count() > 97,
+                                                                         reason="has 98 GPUs"))])
+def test_unusable_device_is_one_line(device, match):
+    """gr.load(..., device="cuda") without CUDA gave torch's AssertionError, "meta" a NotImplementedError
+    from deep inside the upload, None a TypeError listing torch.device's overloads."""
+    path = _coeffs("cld", "cld_nfe10_quadratic_q3.safetensors")
+    dense = _coeffs("cld", "cld_dense.safetensors")
+    calls = [lambda: gr.load(path, device=device), lambda: gr.load(path).to(device),
+             lambda: gr.load_dense(dense, device=device), lambda: gr.load_dense(dense).to(device),
+             lambda: gr.from_tensors(*gr.read_table(path), device=device)]
+    for call in calls:
+        with pytest.raises(gr.TableError, match=rf"^device {re.escape(repr(device))}: {match}"):
+            call()
 
 
 def test_deterministic_given_generator():

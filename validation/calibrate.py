@@ -267,13 +267,11 @@ def _run(args):
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise SpecError("--out", args.out, "exists and is not a folder")
     if args.device:
+        from gddim_runtime._table import usable_device
         try:
-            device = torch.device(args.device)
-            if device.type == "meta":
-                raise SpecError("--device", args.device, "holds no data: give cpu or cuda")
-            torch.empty(0, device=device)                      # "cuda" without CUDA fails here
-        except (RuntimeError, AssertionError) as exc:          # ... and an unknown device name above
-            raise SpecError("--device", args.device, f"not usable here: {str(exc).splitlines()[0]}") from None
+            usable_device(args.device)
+        except gr.TableError as exc:
+            raise SpecError("--device", args.device, str(exc).split(": ", 1)[1]) from None
     model = _factory(args.model)()
     if not callable(model):
         raise SpecError("--model", args.model, f"the factory returned {type(model).__name__}, not a callable model(u, t)")
