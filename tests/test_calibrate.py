@@ -332,3 +332,31 @@ def test_calibrate_cli_checks_model_device_and_out_before_the_work(tmp_path, cap
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0], err
+
+
+def test_calibrate_cli_reports_the_users_code_failing_as_the_users(capsys, monkeypatch):
+    """A model (or factory) that raises was reported as 'internal error in calibrate: <its message>' (exit 3):
+    calibrate's bug by its words, with the traceback hidden. Now: the user's traceback, then one line naming
+    --model and the exception, exit 2. The exception is the user's own class, so nothing of ours can mimic it."""
+    import types
+
+    from validation.calibrate import main
+
+    class NetBroke(Exception):
+        pass
+
+    def forward(u, t):
+        raise NetBroke("mat1 and mat2 shapes cannot be multiplied (4x2 and 3x8)")
+
+    def factory():
+        raise NetBroke("checkpoint.pt not found")
+    mod = types.ModuleType("calib_raising")
+    mod.bad_model, mod.bad_factory = (lambda: forward), factory
+    monkeypatch.setitem(__import__("sys").modules, "calib_raising", mod)
+    base = ["vp_linear", "--nfe", "4", "--data-shape", "2", "--batch", "4"]
+    for name, what, message in (("bad_model", "the model", "mat1 and mat2"), ("bad_factory", "the factory", "checkpoint")):
+        assert main(base + ["--model", f"calib_raising:{name}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0].startswith("Traceback") and any("NetBroke" in line for line in err[1:-1])
+        assert err[-1].startswith(f"error: --model: calib_raising:{name}: {what} raised NetBroke: {message}"), err[-1]
+        assert "internal error" not in "\n".join(err)

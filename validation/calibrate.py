@@ -41,6 +41,7 @@ Candidates: the auto:<q> and quadratic grids x orders 1-4 x variables t, rho, lo
 """
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -248,6 +249,41 @@ def _factory(text):
         raise SpecError("--model", text, f"cannot load: {exc}") from None
 
 
+class _UserCodeRaised(Exception):
+    """An exception from the user's factory or model (its cause), told apart from calibrate's own."""
+
+
+class _Guarded:
+    """The user's model with its exceptions marked as the model's; everything else is the model's own."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args):
+        try:
+            return self.model(*args)
+        except Exception as exc:
+            raise _UserCodeRaised("the model") from exc
+
+
+def _users_code(text, call):
+    """``call()``; an exception from the user's code becomes one SpecError line naming --model, after
+    its traceback (the user's code, so the user's to read; not an 'internal error in calibrate')."""
+    import traceback
+
+    from derive._errors import SpecError
+    try:
+        return call()
+    except _UserCodeRaised as exc:
+        cause = exc.__cause__
+        traceback.print_exception(cause, file=sys.stderr)
+        first = str(cause).splitlines()[0] if str(cause) else ""
+        raise SpecError("--model", text, f"{exc} raised {type(cause).__name__}: {first} (traceback above)") from None
+
+
 def report(nfe, best, evaluations, score, top=5):
     """Markdown: the ``top`` candidates by ``score`` (``ranking``'s order, the pick first) with every metric."""
     lines = [f"NFE {nfe}: {best['sampler']} on {best['grid']}, order {best['order']}, variable {best['variable']}",
@@ -272,20 +308,29 @@ def _run(args):
             usable_device(args.device)
         except gr.TableError as exc:
             raise SpecError("--device", args.device, str(exc).split(": ", 1)[1]) from None
-    model = _factory(args.model)()
+    factory = _factory(args.model)
+
+    def build():
+        try:
+            return factory()
+        except Exception as exc:
+            raise _UserCodeRaised("the factory") from exc
+    model = _users_code(args.model, build)
     if not callable(model):
         raise SpecError("--model", args.model, f"the factory returned {type(model).__name__}, not a callable model(u, t)")
     if args.device and callable(getattr(model, "to", None)):
         model = model.to(args.device)                       # a torch.nn.Module: onto the samplers' device
+    model = _Guarded(model)
     shape = args.data_shape or getattr(model, "data_shape", None)
     if shape is None or any(s < 1 for s in shape):
         raise SpecError("options", "--data-shape", "required (the model has no .data_shape), positive sizes")
     d = derive.derive(args.spec)
     for nfe in args.nfe:
         try:
-            best, ev = choose(d, model, nfe, batch=args.batch, data_shape=tuple(shape), score=args.score,
-                              generator=torch.Generator().manual_seed(args.seed), device=args.device,
-                              parametrization=args.parametrization)
+            best, ev = _users_code(args.model, lambda: choose(
+                d, model, nfe, batch=args.batch, data_shape=tuple(shape), score=args.score,
+                generator=torch.Generator().manual_seed(args.seed), device=args.device,
+                parametrization=args.parametrization))
         except gr.SamplingError as exc:
             raise SpecError("--model", args.model, str(exc)) from None
         print(report(nfe, best, ev, args.score) + "\n", flush=True)
