@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import _hp
 from ._api import Derived, spec_name_for
 from ._errors import SpecError, run_cli
 from ._pipeline import TableOptions, resolve_spec
@@ -109,10 +110,14 @@ def derive_main(args):
     kinds = d.kinds
     say(f"{d.spec.name}: Psi {kinds['psi']}, Sigma {kinds['sigma']}, R {kinds['R']}")
     tables = d.tables(requests, verify="none" if args.no_verify else args.verify, jobs=args.jobs)
+    T = float(_hp.mpf(d.spec.T))
     for tab in tables:
         r, v = tab.request, tab.meta["verification"]
         say(f"  {tab.name}: {tab.meta['steps']} steps, order {r.order}" + (f", lam {r.lam}" if r.lam is not None else "")
             + f", verification {v.get('worst', v['level'])}")
+        if "@" in r.grid and float(tab.tensors["t"][0]) == T:
+            say(f"    note: --grid {r.grid}: the noise-to-signal ratio at T is at or below {r.grid.split('@')[1]}, "
+                "so this grid starts at T (nothing is skipped)")
     dense = d.dense() if d.spec.basis.n_coords == 1 or args.dense else None
     if dense is not None:
         say(f"  {d.spec.name}_dense: {dense.meta['panels']} Chebyshev panels for off-grid baselines")

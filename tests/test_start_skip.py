@@ -113,15 +113,6 @@ def test_start_tables_pass_the_full_check(name):
     assert float(tab.tensors["t"][0]) == times[0] < float(_start._hp.mpf(d.spec.T))
 
 
-def _grid_syntax_wired():
-    try:
-        return _grids.parse_kind("quadratic@25")[0] == "start"
-    except SpecError:
-        return False
-
-
-@pytest.mark.skipif(not _grid_syntax_wired(), reason="derive's --grid '<kind>@<rho_s>' needs "
-                    "/work/helper_notes/H12g_patch.diff (derive/_grids.py, _pipeline.py, _cli.py)")
 def test_grid_option_start(vp, tmp_path):
     """derive's own grid option '<kind>@<rho_s>': the same times as derive/_start.py, its own file name, the runtime
     starts there (fresh noise R_t0 z), bad starts refused in one line; the CLI writes such a table."""
@@ -146,3 +137,11 @@ def test_grid_option_start(vp, tmp_path):
                           "logsnr@25", "--out", str(tmp_path), "--verify", "fast"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert list((tmp_path / "vp_linear").glob("*logsnr-from-rho25*.safetensors"))
+    assert "note" not in out.stdout
+    # rho(T) = 149 for vp_linear: a start at 1e6 skips nothing, and the CLI says so (it said nothing)
+    rho_T = float(_grids._rho(vp.derivation, np.array([_start._hp.mpf(1)], dtype=object))[0])
+    assert 100 < rho_T < 1e6
+    out = subprocess.run([sys.executable, "-m", "derive", "vp_linear", "--nfe", "6", "--order", "2", "--grid",
+                          "logsnr@1e6", "--out", str(tmp_path), "--verify", "fast"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "note: --grid logsnr@1e6: " in out.stdout and "starts at T" in out.stdout, out
