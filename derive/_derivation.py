@@ -266,7 +266,7 @@ class Derivation(Evaluators):
             floor = [_hp.TOL * 10 ** 10 * max(_hp.abs_max(S[p]), _hp.abs_max(top[p])) for p in range(self.n_distinct)]
         for p in range(self.n_distinct):
             if (resolved[p] and all(gmpy2.is_finite(v) for v in np.ravel(S[p]))
-                    and _positive_definite(S[p] - floor[p] * _hp.eye(self.k))):
+                    and _float64_factorable(S[p] - floor[p] * _hp.eye(self.k))):
                 continue
             at = "" if self.spec.basis.symbol is None else f" ({self.spec.basis.symbol.name} = {float(self.coord_values[p]):.6g})"
             raise SpecError(where or self.spec.path, key,
@@ -588,7 +588,7 @@ def _expm_2x2(A):
     return E.applyfunc(sp.expand)
 
 
-def _positive_definite(S):
+def _float64_factorable(S):
     """An MPFR matrix [k, k] has a Cholesky factor whose pivots are within float64's reach (> 2^-500,
     so that R_t^-1 and the tables' products stay finite: exp(-1/t) noise gives Sigma ~ 1e-869 at 1e-3)."""
     try:
