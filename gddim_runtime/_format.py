@@ -86,7 +86,12 @@ def read_table(path, kind=FORMAT):
     if content_hash(tensors, meta_json) != header.get("content_sha256"):
         raise TableError(f"{path}: content hash mismatch (file edited or corrupted); regenerate it "
                          "with python -m derive")
-    meta = json.loads(meta_json)
+    try:
+        meta = json.loads(meta_json)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise TableError(f"{path}: meta is not a JSON object")
     missing = [n for n in (REQUIRED if kind == FORMAT else DENSE_REQUIRED) if n not in tensors]
     if missing:
         raise TableError(f"{path}: missing tensors {missing}")

@@ -129,7 +129,7 @@ def from_tensors(tensors, meta, device="cpu", path="<memory>"):
         out[name] = a.to(device)
     try:
         basis_name, size = meta["spec"]["basis"]["kind"], tuple(meta["spec"]["basis"]["size"])
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, IndexError):
         raise TableError(f"{path}: meta has no spec.basis (kind, size)") from None
     table = Table(out, meta, str(path))
     if out["t"].ndim != 1 or out["psi"].ndim != 4 or out["eps_weights"].ndim != 5:
@@ -138,17 +138,47 @@ def from_tensors(tensors, meta, device="cpu", path="<memory>"):
     shapes = {"t": (N + 1,), "psi": (N, P, k, k), "eps_weights": (N, q, P, k, k), "x0_weights": (2, P, k, k),
               "corrector_weights": (N, q + 1, P, k, k), "eps_weights_sde": (N, P, k, k), "noise_chol": (N, P, k, k)}
     shapes.update({n: (N + 1, P, k, k) for n in ("R", "sigma", "L", "data_to_state", "F", "GGT")})
+    shapes.update(x0_psi=(N, P, k, k), x0_weights_ms=(N, q, P, k, k), x0_weights_flat=(N, q, P, k, k),
+                  x0_corrector_weights=(N, q + 1, P, k, k))
     for name, a in out.items():
         if name in shapes and tuple(a.shape) != shapes[name]:
             raise TableError(f"{path}: tensor {name} has shape {tuple(a.shape)}, expected {shapes[name]}")
-    if basis_name == "dct2d" and P != size[0] * size[1]:
-        raise TableError(f"{path}: basis {size} does not match P = {P}")
+    _check_values(out, meta, basis_name, size, P, path)
     if torch.device(device).type != "cpu":
         # what samplers derive from the table with host decisions (eigh, structure checks), done here
         # on the CPU copy so that sampling on an accelerator never waits for the host
         cpu = Table({"GGT": torch.as_tensor(tensors["GGT"]), "psi": out["psi"][:0].cpu()}, meta)
         table.derived.update(ggt_sqrt=cpu.ggt_sqrt().to(device), noise_on_last_only=cpu.noise_on_last_only())
     return table
+
+
+def _check_values(tensors, meta, basis_name, size, P, path):
+    """What the samplers take on trust, checked once at load (TableError naming the tensor or key): every
+    coefficient finite (a NaN weight was blamed on the model: "model output is not finite"), the grid
+    strictly decreasing and positive, the basis and the meta entries the samplers read well-formed."""
+    for name, a in tensors.items():
+        if not bool(torch.isfinite(a).all()):
+            raise TableError(f"{path}: tensor {name} holds NaN or inf")
+    t = tensors["t"]
+    if not bool((t[1:] < t[:-1]).all()) or not bool(t[-1] > 0):
+        raise TableError(f"{path}: tensor t must decrease strictly from t_0 to t_N = t_min > 0")
+    if basis_name not in ("identity", "dct2d") or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                          for n in size) or len(size) != (2 if basis_name == "dct2d" else 0):
+        raise TableError(f"{path}: meta spec.basis {basis_name!r} of size {list(size)} is not a basis gddim_runtime knows")
+    if basis_name == "dct2d" and P != size[0] * size[1]:
+        raise TableError(f"{path}: basis {size} does not match P = {P}")
+    lam = meta.get("lam")
+    if lam is not None:
+        from fractions import Fraction
+        try:
+            ok = isinstance(lam, str) and Fraction(lam) > 0
+        except (ValueError, ZeroDivisionError):
+            ok = False
+        if not ok:
+            raise TableError(f"{path}: meta lam {lam!r} is not an exact number > 0 (as derive --lam writes it)")
+    for key, allowed in (("denoise", (True, False)), ("form", ("eps", "x0")), ("variable", ("t", "rho", "logsnr"))):
+        if key in meta and meta[key] not in allowed:
+            raise TableError(f"{path}: meta {key} {meta[key]!r} is not one of {allowed}")
 
 
 def load(path, device="cpu"):

@@ -207,3 +207,51 @@ def test_inspect_and_out_refuse_bad_locations_before_any_work(tmp_path, capsys):
         assert len(lines) == 1 and re.search(message, lines[0]), captured.err
         assert captured.out == ""                          # refused before anything was described or derived
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def _tampered(edit):
+    """The committed CLD x0+pc table's tensors and meta after ``edit(tensors, meta)`` (a file re-hashed
+    after editing loads exactly like this: the content hash guards against corruption, not against forgery)."""
+    tensors, meta = read_table(COEFFS / "cld" / "cld_nfe10_auto4_q4_pc_inrho_x0.safetensors")
+    tensors = {n: a.copy() for n, a in tensors.items()}
+    meta = json.loads(json.dumps(meta))
+    edit(tensors, meta)
+    return tensors, meta
+
+
+def _nan_in(name):
+    def edit(tensors, meta):
+        tensors[name].flat[tensors[name].size // 2] = np.nan
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_nan_in("eps_weights"), "tensor eps_weights holds NaN or inf"),       # was: "model output is not finite at step 4"
+    (_nan_in("x0_weights"), "tensor x0_weights holds NaN or inf"),         # was: NaN samples returned, no error
+    (_nan_in("sigma"), "tensor sigma holds NaN or inf"),
+    (lambda ts, m: ts["t"].__setitem__(3, ts["t"][5]), "t must decrease strictly"),     # heun stepped backwards
+    (lambda ts, m: ts["t"].__setitem__(-1, 0.0), "t must decrease strictly from t_0 to t_N = t_min > 0"),
+    (lambda ts, m: ts.__setitem__("x0_weights_ms", ts["x0_weights_ms"][:5]), r"x0_weights_ms has shape \(5,"),
+    (lambda ts, m: ts.__setitem__("x0_psi", ts["x0_psi"][:, :0]), "x0_psi has shape"),  # ValueError in the sampler
+    (lambda ts, m: m.update(lam="abc"), "meta lam 'abc' is not an exact number > 0"),     # ValueError per call
+    (lambda ts, m: m.update(lam="-1/2"), "meta lam '-1/2'"),
+    (lambda ts, m: m.update(form="bogus"), "meta form 'bogus' is not one of"),
+    (lambda ts, m: m.update(denoise="no"), "meta denoise 'no'"),
+    (lambda ts, m: m["spec"]["basis"].update(size=["a"]), "meta spec.basis 'identity' of size"),  # raw TypeError
+    (lambda ts, m: m["spec"]["basis"].update(kind="fourier"), "is not a basis gddim_runtime knows")])
+def test_values_the_samplers_trust_are_checked_at_load(edit, match):
+    """Each of these loaded and then sampled wrong, raised a raw error, or blamed the model (sweep of forged
+    tables, re-hashed so that they pass the content hash)."""
+    from gddim_runtime import from_tensors
+    from_tensors(*_tampered(lambda ts, m: None))                                  # the untouched table loads
+    with pytest.raises(TableError, match=match):
+        from_tensors(*_tampered(edit))
+
+
+def test_meta_that_is_not_an_object_is_one_line(tmp_path):
+    tensors, _ = read_table(COEFFS / "cld" / "cld_nfe10_quadratic_q3.safetensors")
+    for meta in ([1, 2], "text", None):
+        path = tmp_path / "m.safetensors"
+        path.write_bytes(table_bytes(tensors, meta))
+        with pytest.raises(TableError, match="meta is not a JSON object"):
+            read_table(path)
