@@ -662,7 +662,7 @@ def _sampler_options(name):
 
 
 def _denoise(run, u, o):
-    """E[u_0 | u_{t_N}] = D^-1 (u - R eps): the final denoising step at t_min (reuses o if evaluated)."""
+    """E[[x0; 0] | u_{t_N}] = D^-1 (u - R eps): the final denoising step at t_min (reuses o if evaluated)."""
     if o is None:
         o = torch.zeros_like(u)
         run.evaluate(u, run.plan.N, o)
@@ -678,12 +678,13 @@ def _apply_denoise(plan, u, o):
 
 
 def final_denoise(table, x, out, parametrization="eps_R"):
-    """The final denoising step that ``sample`` takes, on its own: E[u_0 | u_{t_N}] = D^-1 (u - R eps_R)
+    """The final denoising step that ``sample`` takes, on its own: E[[x0; 0] | u_{t_N}] = D^-1 (u - R eps_R)
     at the table's last grid time t_N = t_min, with the table's x0_weights.
 
     x: the state at t_N [B, k, *data] (data space, as ``sample(..., denoise=False)`` returns it);
     out: the model's output at (x, t_N) in ``parametrization`` (not "eps_L_v": its eps has no x half).
-    Returns E[u_0 | u_{t_N}] in data space, in x's dtype.
+    Returns E[[x0; 0] | u_{t_N}] (the data's posterior mean, zeros in the auxiliary components) in data
+    space, in x's dtype.
     """
     if parametrization == "eps_L_v":
         raise SamplingError("eps_L_v cannot take the final denoising step (it needs the x half of the score)")
@@ -729,7 +730,7 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
         64 and (3, 32, 32); a dct2d table needs its basis size as the last two axes). Taken from
         ``x_T`` when given.
     parametrization: what the model outputs: "eps_R" (gDDIM's eps, s = -R^-T eps), "eps_L"
-        (Cholesky, as CLD-SGM), "score", "x0" (E[u_0 | u_t]), "eps_L_v" (only the last
+        (Cholesky, as CLD-SGM), "score", "x0" (E[[x0; 0] | u_t]: zeros in CLD's v), "eps_L_v" (only the last
         component of eps_L, [B, 1, *data_shape]; no final denoising).
     sampler: a name in ``SAMPLERS``: "gddim" (multistep of the table's order), "gddim_pc"
         (with the corrector; table with corrector weights), "gddim_sde" (table with lam > 0),
@@ -743,14 +744,14 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
         maps there as R_t0 R_T^-1 u_T, derive/_start.py), [B, k, *data_shape] in data space, e.g.
         R_t0 z for z ~ N(0, I) (what ``sample`` draws when x_T is None).
     dtype: the state's dtype, float32 by default (float64 for reference work; the table stays float64).
-    denoise: take the final denoising step E[u_0 | u_{t_N}] at t_min (one more model
+    denoise: take the final denoising step E[[x0; 0] | u_{t_N}] at t_min (one more model
         evaluation); default: what the table's NFE accounting assumes (meta "denoise").
     callback: called after every step with {"i": step, "t": t_{i+1} (0-d tensor), "u": a copy
         of the state in coefficient space}.
     progress: a tqdm bar (default: on a terminal, for 50 steps or more).
     lam: Euler-Maruyama's noise scale (0: probability flow; default 1, or the table's lam).
-    model_dtype: the dtype the model runs in (e.g. torch.bfloat16); its input is cast to it and
-        its output cast back to ``dtype``. Default: ``dtype``.
+    model_dtype: the dtype the model runs in (its input cast to it, its output back to ``dtype``);
+        default: a torch.nn.Module's own (``model_dtype_of``), else ``dtype``.
     return_info: also return {"nfe": model evaluations}.
     compile: False (eager); "graph" (CUDA; what True means there): the whole call captured once
         as one CUDA graph per (model, table, sampler, shapes, dtypes) and replayed (README "GPU":
@@ -767,7 +768,7 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     sampler = default_sampler(table) if sampler is None else sampler
     if compile is True and table.tensors["t"].device.type == "cuda":
         compile = "graph"                          # measured on an H200: 1.65-5.8x eager; the compiled step 0.64x
-    _check_dtypes(sampler, dtype, model_dtype)
+    model_dtype = _checked_dtypes(model, sampler, dtype, model_dtype)
     noise, batch, data_shape, denoise = _checked_request(
         table, sampler, parametrization, compile, options, generator, x_T, batch, data_shape, denoise, callback, lam)
     call = _graph_call if compile == "graph" else _eager_call
@@ -776,8 +777,20 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     return (out, {"nfe": nfe}) if return_info else out
 
 
-def _check_dtypes(sampler, dtype, model_dtype):
-    """Floating dtypes only; the eps-form corrector below float64 gets a warning with its measured cost."""
+def model_dtype_of(model):
+    """The dtype a model runs in: that of its first floating-point parameter (a torch.nn.Module, e.g. a
+    float32 network), else None (the model takes the state's dtype, e.g. an exact score function)."""
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            if isinstance(p, torch.Tensor) and p.is_floating_point():
+                return p.dtype
+    return None
+
+
+def _checked_dtypes(model, sampler, dtype, model_dtype):
+    """The model's dtype (given, else ``model_dtype_of``); floating dtypes only; the eps-form corrector
+    below float64 gets a warning with its measured cost."""
     for name, value in (("dtype", dtype), ("model_dtype", model_dtype)):
         if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
             raise SamplingError(f"{name} must be a floating torch dtype (torch.float32, torch.float64, "
@@ -786,6 +799,7 @@ def _check_dtypes(sampler, dtype, model_dtype):
         warnings.warn("gddim_pc (the eps-form predictor-corrector) amplifies rounding by up to ~1e11 on stiff processes: "
                       "in float32 a point mass with the exact eps ends 4e3 (CLD, NFE 10) / 3e-2 (NFE 50) away, gddim 6e-8; "
                       "sample with dtype=torch.float64, or use the x0 form (gddim_x0_pc)", RuntimeWarning, stacklevel=4)
+    return model_dtype_of(model) if model_dtype is None else model_dtype
 
 
 def default_sampler(table):

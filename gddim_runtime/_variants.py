@@ -6,7 +6,7 @@ exactly and x0hat is extrapolated by the Lagrange polynomial of the table's vari
 
     u_{i+1} = x0_psi[i] u_i + sum_j x0_weights_ms[i, j] x0hat_{i-j},   x0hat = D^-1 (u - R eps_R)
 
-(x0hat is the full k-vector E[u_0 | u_t]; its first component estimates the data). For VP with
+(x0hat is the k-vector E[[x0; 0] | u_t]: the data's posterior mean, zeros in the auxiliary components). For VP with
 ``--variable logsnr`` this is DPM-Solver++ (2M with the exact phi_2 weight; 3M the exact
 quadratic). Same model calls as ``gddim``: one per step, plus the final denoising at t_min.
 

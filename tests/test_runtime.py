@@ -254,6 +254,37 @@ def test_a_trainable_network_samples_without_no_grad(sampler):
     assert not u.requires_grad and torch.equal(u, ref)
 
 
+class _Float32Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, u, t):
+        return self.lin(u.flatten(1)).view(u.shape)
+
+
+@pytest.mark.parametrize("sampler", ["gddim", "gddim_x0_pc", "probability_flow_rk45"])
+def test_a_float32_network_samples_in_float64_state(sampler):
+    """A float32 torch.nn.Module sampled with dtype=torch.float64 raised "mat1 and mat2 must have the same
+    dtype" (the model got float64 inputs unless model_dtype= was given; the sample CLI could not give it).
+    The model's own dtype is now the default: the same samples as with model_dtype=torch.float32 passed
+    explicitly, and the exact-score function (no parameters) still gets float64."""
+    cld = "cld_nfe20_auto4_q4_pc_inrho_x0.safetensors" if sampler != "probability_flow_rk45" else \
+        "cld_nfe10_quadratic_q3.safetensors"
+    tab = gr.load(_coeffs("cld", cld))
+    opts = {"dense": gr.load_dense(_coeffs("cld", "cld_dense.safetensors"))} if sampler == "probability_flow_rk45" else {}
+    torch.manual_seed(0)
+    model = _Float32Net()
+    kw = dict(batch=3, data_shape=(2,), sampler=sampler, dtype=torch.float64, **opts)
+    assert gr.model_dtype_of(model) == torch.float32 and gr.model_dtype_of(lambda u, t: u) is None
+    u = gr.sample(model, tab, generator=torch.Generator().manual_seed(3), **kw)
+    ref = gr.sample(model, tab, generator=torch.Generator().manual_seed(3), model_dtype=torch.float32, **kw)
+    assert u.dtype == torch.float64 and torch.equal(u, ref)
+    seen = []
+    gr.sample(lambda u, t: seen.append(u.dtype) or torch.zeros_like(u), tab, **kw)
+    assert set(seen) == {torch.float64}
+
+
 def test_runtime_imports_no_sympy():
     import subprocess
     import sys

@@ -11,7 +11,7 @@ Metrics:
   endpoint error  mean over samples of |u - u_ref| / sqrt(dim) on the data channel, where u_ref is
                   the probability-flow solution from the same prior noise (adaptive dopri5 at
                   rtol = atol = 1e-9 with the exact score) followed by the same final denoising
-                  step E[u_0 | u_t_min] that the samplers take; deterministic samplers only.
+                  step E[[x0; 0] | u_t_min] that the samplers take; deterministic samplers only.
   CFD             component Frechet distance (main table): each sample is assigned to its most
                   likely mixture component; per component FD_c = |mean - mu_c|^2/d + (s - sigma_c)^2
                   for the isotropic fit s^2 = E|x - mean|^2/d; CFD = sum_c w_c FD_c (an empty mode
@@ -147,7 +147,7 @@ class Tables:
 
 # ----- one experiment -----------------------------------------------------------------------
 
-# The samplers' final step E[u_0 | u_t_min] = D^-1 (u - R eps) on data-space u and eps (eps_R), the
+# The samplers' final step E[[x0; 0] | u_t_min] = D^-1 (u - R eps) on data-space u and eps (eps_R), the
 # runtime's own (kept under this name for bench_auto, bench_variants and peers).
 denoise = gr.final_denoise
 
@@ -163,7 +163,7 @@ def prior(t_ref, batch, data_shape, basis):
 
 def reference_endpoint(mix, dense, t_ref, x_T, tol=1e-9):
     """(reference endpoint, its dopri5 NFE): the probability flow from x_T (dopri5 at rtol = atol =
-    tol, exact score) followed by the same final denoising evaluation E[u_0 | u_tmin] =
+    tol, exact score) followed by the same final denoising evaluation E[[x0; 0] | u_tmin] =
     D^-1 (u - R eps) with the exact eps that every sampler applies."""
     ref, info = gr.sample(DenseModel(mix, dense), t_ref, x_T=x_T, sampler="probability_flow_rk45", dense=dense,
                           rtol=tol, atol=tol, dtype=torch.float64, denoise=False, return_info=True)

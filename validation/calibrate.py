@@ -48,6 +48,7 @@ import torch
 
 import gddim_runtime as gr
 from derive._autogrid import SAMPLER, serving_table
+from gddim_runtime import model_dtype_of
 
 ORDERS = (1, 2, 3, 4)
 VARIABLES = ("t", "rho", "logsnr")
@@ -63,17 +64,6 @@ def prior_draws(table, batch, data_shape, generator, dtype=torch.float64):
     basis = table.basis
     to_coef, from_coef = (gr.dct2, gr.idct2) if basis[0] == "dct2d" else ((lambda x: x),) * 2
     return from_coef(gr.block_apply(R_T, to_coef(z), basis)).to(dtype)
-
-
-def model_dtype_of(model):
-    """The dtype a model runs in: that of its first floating-point parameter (a torch.nn.Module, e.g. a
-    float32 network), else None (the model takes the state's dtype, e.g. the exact mixture score)."""
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        for p in params():
-            if p.is_floating_point():
-                return p.dtype
-    return None
 
 
 def reference(derived, model, x_T, parametrization="eps_R", tol=1e-8, dtype=torch.float64, model_dtype=None):

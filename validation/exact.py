@@ -87,7 +87,7 @@ class TableModel:
             out = -block_apply(R.transpose(-1, -2), s, self.mix.basis)
         elif self.parametrization == "eps_L":
             out = -block_apply(L.transpose(-1, -2), s, self.mix.basis)
-        elif self.parametrization == "x0":                               # E[u_0|u_t] = D^-1 (u + Sigma s)
+        elif self.parametrization == "x0":                               # E[[x0; 0]|u_t] = D^-1 (u + Sigma s)
             Dinv = torch.linalg.inv(D)
             out = block_apply(Dinv, u + block_apply(S, s, self.mix.basis), self.mix.basis)
         else:
