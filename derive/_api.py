@@ -17,9 +17,10 @@ import dataclasses
 import functools
 from pathlib import Path
 
+import numpy as np
 import yaml
 
-from . import _codegen, _spec
+from . import _codegen, _hp, _spec
 from ._derivation import Derivation
 from ._errors import SpecError, stage
 from ._inspect import describe
@@ -178,6 +179,19 @@ class Derived:
         """How Psi, Sigma and R were obtained: 'closed form', 'semi-closed' or 'numerical'."""
         d = self.derivation
         return {"psi": d.psi_kind, "sigma": d.sigma_kind, "R": d.R_kind}
+
+    @functools.cached_property
+    def data_left_at_T(self):
+        """How visible the data still is at T: max over coordinates of |L_T^-1 D_T e_0| (L_T L_T^T = Sigma_T),
+        the shift of u_T, in its own standard deviations, that one unit of data causes. Sampling starts
+        from N(0, Sigma_T), which ignores that shift: with data of size s the prior is off by about s
+        times this figure (vp_linear 6.6e-3, cld 4.0e-3, bdm 1.2e-2, ve 2e-2; an oscillator run to T = 2
+        0.19 left its mode weights 0.46 / 0.30 / 0.24 for 0.50 / 0.30 / 0.20 with the exact score)."""
+        T = np.array([_hp.mpf(self.spec.T)], dtype=object)
+        d = self.derivation
+        D = _hp.to_float64(d.data_to_state(T), "data_to_state")[0][..., :1]
+        L = np.linalg.cholesky(_hp.to_float64(d.sigma(T), "sigma")[0])
+        return float(np.linalg.norm(np.linalg.solve(L, D)[..., 0], axis=-1).max())
 
     def request(self, nfe, order=None, grid=None, lam=None, corrector=None, denoise=None, variable=None, form=None,
                 model_error=None):

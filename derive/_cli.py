@@ -96,6 +96,9 @@ def _options(args):
                         model_error=args.model_error)
 
 
+DATA_LEFT_NOTE = 0.05         # ve.yaml's 1 / sigma_max = 2e-2 is the largest among the built-ins
+
+
 def derive_main(args):
     """python -m derive SPEC: derive, build and check the tables, write OUT/<name>/."""
     if args.jobs is not None and args.jobs < 1:
@@ -109,6 +112,11 @@ def derive_main(args):
     requests = [] if args.no_tables else d.requests(options)
     kinds = d.kinds
     say(f"{d.spec.name}: Psi {kinds['psi']}, Sigma {kinds['sigma']}, R {kinds['R']}")
+    if d.data_left_at_T > DATA_LEFT_NOTE:
+        say(f"  note: the data is still visible at T = {d.spec.T}: one unit of data shifts u_T by "
+            f"{d.data_left_at_T:.3g} of its standard deviations (|L_T^-1 D_T e_0|), but sampling starts from "
+            "N(0, Sigma_T), so samples come out biased by about that much per unit of data; raise time.T or "
+            "strengthen the drift / noise (Derived.data_left_at_T)")
     tables = d.tables(requests, verify="none" if args.no_verify else args.verify, jobs=args.jobs)
     T = float(_hp.mpf(d.spec.T))
     for tab in tables:
