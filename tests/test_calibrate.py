@@ -36,6 +36,25 @@ def vp():
     return d, DenseModel(mix, dense), x_T, exact[:, 0]
 
 
+def test_a_pick_that_does_not_follow_the_model_is_flagged(vp):
+    """best["spread"] is the rms spread of the reference's samples, computed here from the independent exact
+    endpoints; the warning fires when even the best candidate is off by more than FOLLOWS of it (NFE 2: one
+    step from T; a learned 3-state chain gave samples 1e2-2e4 off at NFE 10-20 and calibrate wrote its pick
+    without a word) and not at NFE 8, where the pick is within 1.5 % of the spread."""
+    from validation.calibrate import FOLLOWS, not_followed
+    d, model, x_T, exact = vp
+    spread = float((exact - exact.mean(0)).square().mean().sqrt())
+    configs = [("uniform", 1, "t", "gddim"), ("auto", 3, "t", "gddim_x0_pc")]
+    coarse, _ = choose(d, model, 2, x_T, configs=configs[:1])
+    fine, _ = choose(d, model, 8, x_T, configs=configs)
+    for best in (coarse, fine):
+        assert abs(best["spread"] - spread) < 1e-5 * spread
+    assert coarse["endpoint"] > 2 * FOLLOWS * spread and fine["endpoint"] < 0.5 * FOLLOWS * spread
+    warning = not_followed(coarse)
+    assert warning.startswith(f"warning: the best candidate ends {coarse['endpoint']:.3g} from the model's own flow")
+    assert not_followed(fine) is None
+
+
 def test_reference_is_the_models_flow(vp):
     d, model, x_T, exact = vp
     ref = reference(d, model, x_T)[:, 0]
