@@ -96,6 +96,21 @@ def _options(args):
                         model_error=args.model_error)
 
 
+def _warn_if_unstable(tab):
+    """A warning (stderr, also with --quiet) when the table's own sampler blows up on Gaussian data with the
+    exact score (gr.gaussian_probe above PROBE_LIMIT): the numbers are right, the multistep is unstable."""
+    import gddim_runtime as gr
+    from gddim_runtime._samplers import default_sampler
+    rt = tab.to_runtime()
+    ratio = gr.gaussian_probe(rt)
+    if not ratio < PROBE_LIMIT:
+        print(f"warning: {tab.name}: its sampler ({default_sampler(rt)}) is unstable on this process: with the exact "
+              f"score of Gaussian data its samples come out {ratio:.3g} times the data's size (gr.gaussian_probe); "
+              "the coefficients are right, the multistep extrapolation is not (a stiff drift?): use --order auto, "
+              "a lower --order or more steps", file=sys.stderr, flush=True)
+
+
+PROBE_LIMIT = 10              # committed tables: 0.59-1.01; unstable ones 1e25-1e61 or inf
 DATA_LEFT_NOTE = 0.05         # ve.yaml's 1 / sigma_max = 2e-2 is the largest among the built-ins
 
 
@@ -123,6 +138,7 @@ def derive_main(args):
         r, v = tab.request, tab.meta["verification"]
         say(f"  {tab.name}: {tab.meta['steps']} steps, order {r.order}" + (f", lam {r.lam}" if r.lam is not None else "")
             + f", verification {v.get('worst', v['level'])}")
+        _warn_if_unstable(tab)
         if "@" in r.grid and float(tab.tensors["t"][0]) == T:
             say(f"    note: --grid {r.grid}: the noise-to-signal ratio at T is at or below {r.grid.split('@')[1]}, "
                 "so this grid starts at T (nothing is skipped)")

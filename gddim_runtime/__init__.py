@@ -21,7 +21,7 @@ _LAZY = {
     "load_dense": "._dense", "dense_from_tensors": "._dense", "DenseCoefficients": "._dense",
     "table_from_dense": "._weights", "GDDIMScheduler": ".diffusers",
     "add_noise": "._training", "training_target": "._training", "diffusion_loss": "._training", "sample_times": "._training",
-    "gaussian_eps": "._training",
+    "gaussian_eps": "._training", "gaussian_probe": "._probe",
 }
 
 __all__ = ["FORMAT_VERSION", "TableError", "read_table", *_LAZY]
