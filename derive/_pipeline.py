@@ -250,7 +250,7 @@ class TableOptions:
             elif order == "auto":
                 from ._autogrid import recommend
                 _stage(spec, "derivation", deriv.prepare_ode_solutions)   # its failures are the spec's
-                rec = _stage(spec, "order auto", lambda: recommend(deriv, nfe, model_error=self.model_error))
+                rec = _stage(spec, "order auto", lambda: _recommend(recommend, deriv, nfe, self.model_error))
                 q, v, f = rec["order"], pick(self.variable, rec["variable"]), pick(self.form, rec["form"])
                 g = pick(grid, rec["grid"])
                 c = corrector or rec["corrector"]
@@ -273,6 +273,19 @@ def find_verifier():
         return found[0].load()
     except (ImportError, AttributeError) as exc:
         raise SpecError("verifier", VERIFIER_GROUP, f"{found[0].value} cannot be loaded: {exc}") from None
+
+
+def _recommend(recommend, deriv, nfe, model_error):
+    """``recommend``; its proxies need D_t^-1 at every grid time (the data-prediction reference), which
+    float64 cannot hold when the drift contracts the data past its range (a rate 1000 over t = 1:
+    exp(-1000) underflows to 0, numpy's "Singular matrix"): said so, with what to give instead."""
+    import numpy as np
+    try:
+        return recommend(deriv, nfe, model_error=model_error)
+    except np.linalg.LinAlgError:
+        raise SpecError(deriv.spec.path, "order auto", "its proxies need D_t^-1 = Psi(t, 0)^-1 on the grid, which "
+                        "float64 cannot hold for this process (the drift contracts the data below 1e-308, e.g. "
+                        "exp(-1000)); give --order and --grid (and check gr.gaussian_probe's warning)") from None
 
 
 def _stage(spec, what, fn):

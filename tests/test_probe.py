@@ -8,6 +8,8 @@ error anywhere.
 
 import math
 
+import pytest
+
 import derive
 import gddim_runtime as gr
 from conftest import ROOT, run_derive
@@ -64,3 +66,29 @@ def test_derive_warns_on_stderr_even_when_quiet(tmp_path):
                                                    "unstable on this process"), lines
     out = run_derive(spec, "--nfe", "50", "--order", "1", "--grid", "quadratic", "--out", tmp_path / "o", "--quiet")
     assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+STIFFER = """\
+name: stiff3
+state: [a, b, c]
+parameters: {k1: 1000, k3: 1e-3, eps: 1e-6}
+drift: [[-k1, 1, 0], [0, -1, 1], [0, 0, -k3]]
+diffusion: [[0], [0], [1]]
+initial_covariance: [[eps, 0, 0], [0, eps, 0], [0, 0, eps]]
+time: {t_min: 1e-3, T: 1}
+"""
+
+
+@pytest.mark.slow          # 30 s: the semi-closed R of a rate-1000 chain
+def test_stiffer_chain_right_tables_pass_and_order_auto_says_why_not():
+    """Rates -1000 .. -1e-3: Psi reaches 2.7e88 over the first step, and float64 rounds Psi R_s at
+    |Psi| |R_s|, far above R_t: the identity check scaled by |Psi R_s| refused right tables ("sum_j
+    eps_weights 2.6e-12 FAIL", exit 1; an independent scipy reference agreed to 1e-14, sweep 4). Scaled
+    by |Psi| |R_s| they pass; the probe names them unstable; order auto says what float64 cannot do."""
+    from derive._errors import SpecError
+    d = derive.derive(STIFFER)
+    tab = d.table(nfe=10, order=3, grid="quadratic", verify="fast")
+    assert tab.meta["verification"]["passed"] and abs(tab.tensors["psi"]).max() > 1e80
+    assert not gr.gaussian_probe(tab.to_runtime()) < 1e10
+    with pytest.raises(SpecError, match="order auto: its proxies need D_t"):
+        d.table(nfe=10, verify="none")

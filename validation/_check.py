@@ -147,12 +147,14 @@ def identities(report, tensors, meta):
     psi, R, S, L, W = (tensors[n] for n in ("psi", "R", "sigma", "L", "eps_weights"))
     N, q = W.shape[0], W.shape[1]
     transpose = lambda A: np.swapaxes(A, -1, -2)
-    # per coordinate, relative to the terms summed: R_t and Psi R_s (a huge Psi at one frequency
-    # must not hide the others, an exactly zero difference must not divide by itself)
+    # per coordinate, relative to the terms summed: R_t and the products inside Psi R_s, |Psi| |R_s|
+    # (float64 rounds Psi R_s at that size: on a stiff drift Psi reaches 1e88 over one step and the
+    # product cancels to R_t's size; a huge Psi at one frequency must not hide the others, an exactly
+    # zero difference must not divide by itself)
     errs = []
     for i in range(N):
         PR = psi[i] @ R[i]
-        terms = np.maximum(_amax(R[i + 1]), _amax(PR))
+        terms = np.maximum(_amax(R[i + 1]), _amax(np.abs(psi[i]) @ np.abs(R[i])))
         errs.append((i, *_err_coords(W[i].sum(axis=0), R[i + 1] - PR, terms)))
     report.add("sum_j eps_weights", errs, "identity R_t - Psi R_s", TOL_IDENTITY)
     unused = [(i, float(np.max(np.abs(W[i, min(q, i + 1):]))) if min(q, i + 1) < q else 0.0, 0.0) for i in range(N)]
@@ -168,7 +170,7 @@ def identities(report, tensors, meta):
         errs = []
         for i in range(N):
             PR = psi[i] @ R[i]
-            terms = np.maximum(_amax(R[i + 1]), _amax(PR))
+            terms = np.maximum(_amax(R[i + 1]), _amax(np.abs(psi[i]) @ np.abs(R[i])))
             errs.append((i, *_err_coords(C[i].sum(axis=0), R[i + 1] - PR, terms)))
         report.add("sum_j corrector_weights", errs, "identity R_t - Psi R_s", TOL_IDENTITY)
     if "noise_chol" in tensors:
