@@ -167,6 +167,12 @@ def _check_values(tensors, meta, basis_name, size, P, path):
         raise TableError(f"{path}: meta spec.basis {basis_name!r} of size {list(size)} is not a basis gddim_runtime knows")
     if basis_name == "dct2d" and P != size[0] * size[1]:
         raise TableError(f"{path}: basis {size} does not match P = {P}")
+    order = meta.get("order")
+    if order is not None and order != tensors["eps_weights"].shape[1]:
+        raise TableError(f"{path}: meta order {order!r}, but eps_weights hold {tensors['eps_weights'].shape[1]} lags")
+    missing = [n for n in ("x0_psi", "x0_weights_ms") if meta.get("form") == "x0" and n not in tensors]
+    if missing:
+        raise TableError(f"{path}: meta form 'x0' without the data-prediction tensors {missing}")
     lam = meta.get("lam")
     if lam is not None:
         from fractions import Fraction

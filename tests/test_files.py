@@ -238,7 +238,9 @@ def _nan_in(name):
     (lambda ts, m: m.update(form="bogus"), "meta form 'bogus' is not one of"),
     (lambda ts, m: m.update(denoise="no"), "meta denoise 'no'"),
     (lambda ts, m: m["spec"]["basis"].update(size=["a"]), "meta spec.basis 'identity' of size"),  # raw TypeError
-    (lambda ts, m: m["spec"]["basis"].update(kind="fourier"), "is not a basis gddim_runtime knows")])
+    (lambda ts, m: m["spec"]["basis"].update(kind="fourier"), "is not a basis gddim_runtime knows"),
+    (lambda ts, m: m.update(order=5), "meta order 5, but eps_weights hold 4 lags"),    # validation: ValueError
+    (lambda ts, m: ts.pop("x0_psi"), r"meta form 'x0' without the data-prediction tensors \['x0_psi'\]")])
 def test_values_the_samplers_trust_are_checked_at_load(edit, match):
     """Each of these loaded and then sampled wrong, raised a raw error, or blamed the model (sweep of forged
     tables, re-hashed so that they pass the content hash)."""

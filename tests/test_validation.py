@@ -39,6 +39,11 @@ def _mutants(tensors):
     t = {k: v.copy() for k, v in tensors.items()}
     t["R"] = t["L"].copy()
     out.append(("L instead of R", t))
+    # what the samplers read besides the weights: unchecked before (sweep 6: edited and re-hashed, they passed)
+    for name in ("x0_weights", "data_to_state", "F", "GGT"):
+        t = {k: v.copy() for k, v in tensors.items()}
+        t[name][np.unravel_index(np.argmax(np.abs(t[name])), t[name].shape)] *= 1 + 1e-6
+        out.append((f"its largest {name} entry off by 1e-6", t))
     return out
 
 
@@ -68,7 +73,8 @@ def test_full_check_of_every_quantity(vp_small):
     assert report.passed, report.text()
     checked = {r.quantity.split(" (")[0] for r in report.rows if r.method.startswith("mpmath")}
     assert checked == {"psi", "sigma", "R", "L", "eps_weights", "corrector_weights", "eps_weights_sde", "noise_chol",
-                       "x0_weights"}, checked
+                       "x0_weights", "data_to_state"}, checked
+    assert any(r.quantity == "F, G G^T" for r in report.rows)
     assert max(r.rel for r in report.rows) < 1e-13
     ref = MpReference(spec)
     with mpmath.workdps(DPS):
@@ -354,3 +360,29 @@ def test_fast_check_of_a_weight_across_a_kink(tmp_path):
     for level in ("fast", "full"):
         report = check_table(spec, tensors, meta, level=level)
         assert report.passed, report.text()
+
+
+def test_cli_refuses_a_structurally_broken_table_in_one_line(tmp_path):
+    """python -m validation on a table whose meta contradicts its tensors (order 5 over 3 lags) or an x0 table
+    without x0_psi ended in 'internal error in checking' (exit 3, sweep 6): the runtime's load checks now
+    run first and name the problem."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from derive._writer import table_bytes
+    from gddim_runtime._format import read_table
+    src = ROOT / "coeffs" / "vp_linear"
+    for edit, match in ((lambda ts, m: m.update(order=5), "meta order 5, but eps_weights hold 3 lags"),):
+        folder = tmp_path / "t"
+        shutil.copytree(src, folder, dirs_exist_ok=True)
+        name = "vp_linear_nfe10_quadratic_q3.safetensors"
+        tensors, meta = read_table(folder / name)
+        meta = json.loads(json.dumps(meta))
+        edit(tensors, meta)
+        (folder / name).write_bytes(table_bytes(tensors, meta))
+        out = subprocess.run([sys.executable, "-m", "validation", str(folder / name), "--level", "fast"],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and match in out.stderr, out

@@ -19,6 +19,7 @@ from derive._errors import SpecError, run_cli, stage
 from derive._pipeline import resolve_spec
 from derive._spec import load_spec
 from gddim_runtime._format import TableError, read_table
+from gddim_runtime._table import from_tensors
 
 from ._check import check_table
 
@@ -49,6 +50,7 @@ def _read_tables(path, spec_arg):
     for f in files:
         try:
             tensors, meta = read_table(f)
+            from_tensors(tensors, meta, path=f)     # the runtime's checks: shapes, finite values, meta it reads
         except TableError as exc:
             raise SpecError(f, "table", str(exc).split(": ", 1)[-1]) from None
         jobs.append((f.name, tensors, meta, _manifest_problem(f)))

@@ -263,6 +263,27 @@ def _fast(report, spec, tensors, meta, p, coord_value, budget):
         C, terms = ref.weights(t[i], t[i + 1], [t[i - j] for j in range(qi)], with_terms=True)
         errs.append((i, *_err(tensors["eps_weights"][i, :qi, p], C, terms)))
     report.add("eps_weights", errs, "scipy quad_vec float64", TOL_FAST)
+    _data_and_coefficients(report, tensors, p, ref, _err, TOL_FAST, how)
+
+
+def _data_and_coefficients(report, tensors, p, ref, err, tol, how):
+    """What the samplers read besides the weights: D_t (the data's mean map, the x0 form's and the
+    denoising's), x0_weights (the final denoising: D^-1 and -D^-1 R at t_N) and F, G G^T at the grid
+    times (the baselines' steps). Unchecked, a table with any of them edited passed (sweep 6)."""
+    t = tensors["t"]
+    N = len(t) - 1
+    Ds = [ref.data_to_state(t[i]) for i in range(N + 1)]
+    report.add("data_to_state", [(i, *err(tensors["data_to_state"][i, p], Ds[i])) for i in range(N + 1)], how, tol)
+    D_inv = np.linalg.inv(np.array(Ds[N].tolist(), dtype=float)) if isinstance(Ds[N], np.ndarray) else Ds[N] ** -1
+    report.add("x0_weights", [(0, *err(tensors["x0_weights"][0, p], D_inv)),
+                              (1, *err(tensors["x0_weights"][1, p], -(D_inv @ ref.R(t[N]) if isinstance(
+                                  D_inv, np.ndarray) else D_inv * ref.R(t[N]))))], how, tol)
+    rows = []
+    for i in range(N + 1):
+        G = ref.G(t[i])
+        rows += [(i, *err(tensors["F"][i, p], ref.F(t[i]))),
+                 (i, *err(tensors["GGT"][i, p], G @ G.T if isinstance(G, np.ndarray) else G * G.T))]
+    report.add("F, G G^T", rows, "the spec evaluated by validation's own evaluator", tol)
 
 
 def _full(report, spec, tensors, meta, p, coord_value, budget, refs=None):
@@ -319,10 +340,7 @@ def _full(report, spec, tensors, meta, p, coord_value, budget, refs=None):
                 e2.append((i, *_err_mp(Lc @ Lc.T, Pst, max(_mp_amax(Ss[i + 1]), _mp_amax(Ps[i] * Ss[i] * Ps[i].T)))))
             report.add("eps_weights_sde", e1, how + " (P ODE)", TOL_FULL)
             report.add("noise_chol (as L L^T)", e2, how + " (P ODE)", TOL_FULL)
-        D = ref.data_to_state(tm[-1])
-        Dinv = mpmath.inverse(D)
-        report.add("x0_weights", [(0, *_err_mp(tensors["x0_weights"][0, p], Dinv)),
-                                  (1, *_err_mp(tensors["x0_weights"][1, p], -Dinv * Rs[-1]))], how, TOL_FULL)
+        _data_and_coefficients(report, dict(tensors, t=tm), p, ref, _err_mp, TOL_FULL, how)
         budget.at("closed forms", p)
         _closed_forms(report, spec, meta, tm, p, ref, Ss)
 
