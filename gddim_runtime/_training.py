@@ -206,8 +206,11 @@ def gaussian_eps(dense, u, t, mean=0.0, var=1.0):
     if not torch.is_tensor(t) or t.numel() not in (1, u.shape[0]):
         got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
         raise ValueError(f"t must be a tensor of shape [{u.shape[0]}] or a single time, got {got}")
-    if not (isinstance(var, (int, float)) and var >= 0) and not torch.is_tensor(var):
-        raise ValueError(f"var must be a number >= 0 (the data's variance), got {var!r}")
+    if torch.is_tensor(var) and var.numel() == 1 and var.is_floating_point():
+        var = var.reshape(()).to(torch.float64)            # one number, kept on its device (no host read)
+    elif isinstance(var, bool) or not isinstance(var, (int, float)) or not 0 <= var < float("inf"):
+        raise ValueError(f"var must be a number >= 0 (one variance for every coordinate: the per-coordinate blocks "
+                         f"are shared, so per-dimension variances cannot enter; pass their mean), got {var!r}")
     data_shape = tuple(u.shape[2:])
     basis = dense.basis(data_shape)
     c = _coefficients(dense, t.reshape(-1).expand(u.shape[0]), u)

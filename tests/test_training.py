@@ -235,6 +235,7 @@ def test_gaussian_eps_is_the_exact_network(dense, derivations):
         x0, tt, eps, nets, _ = _gaussian_case(dense, derivations, t, B=500)     # data N(0.3, 0.5^2 I)
         got = gr.gaussian_eps(d, _gaussian_case.last_u, tt, 0.3, 0.25)
         assert torch.allclose(got, nets["eps_R"], rtol=1e-8, atol=1e-9)
+        assert torch.equal(gr.gaussian_eps(d, _gaussian_case.last_u, tt, 0.3, torch.tensor(0.25)), got)  # 0-d
     b = dense("bdm8")
     g = torch.Generator().manual_seed(10)
     u = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
@@ -333,7 +334,10 @@ def test_times_outside_the_process_are_refused(dense, bad_t):
     (lambda d, x0, t: gr.add_noise(d, x0[:0], t[:0]), "with B >= 1"),
     (lambda d, x0, t: gr.gaussian_eps(d, x0[:, :1], t), r"u must be \[B, k = 2, \*data_shape\], got shape \(3, 1\)"),
     (lambda d, x0, t: gr.gaussian_eps(d, torch.stack([x0, x0], 1), t[:2]), r"t must be a tensor of shape \[3\]"),
-    (lambda d, x0, t: gr.gaussian_eps(d, torch.stack([x0, x0], 1), t, var=-1.0), "var must be a number >= 0")])
+    (lambda d, x0, t: gr.gaussian_eps(d, torch.stack([x0, x0], 1), t, var=-1.0), "var must be a number >= 0"),
+    # per-dimension variances passed the check and died in a batched matmul (sweep 5)
+    (lambda d, x0, t: gr.gaussian_eps(d, torch.stack([x0, x0], 1), t, var=torch.tensor([1.0, 2.0])),
+     "per-dimension variances cannot enter; pass their mean")])
 def test_training_helpers_name_bad_arguments(dense, call, match):
     d = dense("cld")
     x0, t = torch.randn(3, 2, dtype=torch.float64), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
