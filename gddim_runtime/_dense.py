@@ -101,7 +101,52 @@ def dense_from_tensors(tensors, meta=None, device="cpu", path="<memory>"):
         raise TableError(f"{path}: missing dense tensors {missing}")
     out = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v).to(device)
            for k, v in tensors.items()}
+    _check_dense(out, meta, path)
     return DenseCoefficients(out, meta or {}, path)
+
+
+def _check_dense(tensors, meta, path):
+    """The structure DenseCoefficients relies on, checked once (TableError naming the tensor): float64 and
+    finite everywhere (a NaN panel made table_from_dense's adaptive quadrature run for ever), edges strictly
+    increasing with t_min > 0, Chebyshev nodes in [-1, 1], every value tensor [panels, nodes, P, k, k] with
+    one P and k, meta a mapping. Edited dense files raised IndexError / ValueError / AttributeError deep
+    inside, or sampled wrong (sweep 6)."""
+    for name in ("edges", "nodes", *NAMES):
+        a = tensors[name]
+        if not torch.is_tensor(a) or a.dtype != torch.float64:
+            raise TableError(f"{path}: dense tensor {name} must be float64, got "
+                             f"{a.dtype if torch.is_tensor(a) else type(a).__name__}")
+        if not bool(torch.isfinite(a).all()):
+            raise TableError(f"{path}: dense tensor {name} holds NaN or inf")
+    edges, nodes = tensors["edges"], tensors["nodes"]
+    if edges.ndim != 1 or len(edges) < 2 or not bool((edges[1:] > edges[:-1]).all()) or not bool(edges[0] > 0):
+        raise TableError(f"{path}: dense tensor edges must increase strictly from t_min > 0 to T")
+    n = len(nodes) - 1
+    cheb = -torch.cos(torch.pi * torch.arange(n + 1, dtype=torch.float64, device=nodes.device) / max(n, 1))
+    if nodes.ndim != 1 or n < 1 or not bool(((nodes - cheb).abs() <= 1e-15).all()):
+        raise TableError(f"{path}: dense tensor nodes must be the Chebyshev points -cos(pi j / n), j = 0..n "
+                         "(the weights assume them)")
+    R = tensors["R"]
+    if R.ndim != 5 or R.shape[-1] != R.shape[-2]:
+        raise TableError(f"{path}: dense tensor R has shape {tuple(R.shape)}, expected [panels, nodes, P, k, k]")
+    want = (len(edges) - 1, len(nodes), R.shape[2], R.shape[3], R.shape[4])
+    for name in NAMES:
+        if tuple(tensors[name].shape) != want:
+            raise TableError(f"{path}: dense tensor {name} has shape {tuple(tensors[name].shape)}, expected {want} "
+                             "([panels, nodes, P, k, k])")
+    if meta is not None and not isinstance(meta, dict) or not isinstance((meta or {}).get("spec", {}), dict):
+        raise TableError(f"{path}: dense meta (and its spec entry) must be JSON objects")
+    spec = (meta or {}).get("spec", {})
+    for key, at in (("t_min", 0), ("T", -1)):          # exact numbers as text ("1/1000"); edges hold them rounded
+        if key in spec:
+            from fractions import Fraction
+            try:
+                want = float(Fraction(spec[key]))
+            except (TypeError, ValueError, ZeroDivisionError):
+                raise TableError(f"{path}: dense meta spec.{key} {spec[key]!r} is not an exact number") from None
+            if abs(float(edges[at]) - want) > 4e-16 * abs(want):
+                raise TableError(f"{path}: dense edges run from {float(edges[0]):.17g} to {float(edges[-1]):.17g}, "
+                                 f"but the spec's {key} is {spec[key]}")
 
 
 def load_dense(path, device="cpu"):

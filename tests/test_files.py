@@ -257,3 +257,35 @@ def test_meta_that_is_not_an_object_is_one_line(tmp_path):
         path.write_bytes(table_bytes(tensors, meta))
         with pytest.raises(TableError, match="meta is not a JSON object"):
             read_table(path)
+
+
+def _dense_edit(edit):
+    from gddim_runtime._format import DENSE_FORMAT
+    tensors, meta = read_table(COEFFS / "cld" / "cld_dense.safetensors", kind=DENSE_FORMAT)
+    tensors = {n: a.copy() for n, a in tensors.items()}
+    meta = json.loads(json.dumps(meta))
+    edit(tensors, meta)
+    return tensors, meta
+
+
+def _set(name, index, value):
+    return lambda ts, m: ts[name].__setitem__(index, value)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set("R", (3, 5), np.nan), "dense tensor R holds NaN or inf"),            # table_from_dense ran for ever
+    (_set("edges", 4, np.inf), "dense tensor edges holds NaN or inf"),
+    (lambda ts, m: ts.__setitem__("edges", ts["edges"][::-1].copy()), "edges must increase strictly"),
+    (lambda ts, m: ts.__setitem__("edges", ts["edges"] * 2), r"edges run from 0.002 to 2, but the spec's t_min is 1/1000"),
+    (lambda ts, m: ts.__setitem__("nodes", ts["nodes"][::-1].copy()), "nodes must be the Chebyshev points"),  # sampled wrong
+    (lambda ts, m: ts.__setitem__("R", ts["R"][:-1]), r"dense tensor R has shape \("),                 # IndexError
+    (lambda ts, m: ts.__setitem__("F", np.concatenate([ts["F"]] * 2, axis=2)), r"dense tensor F has shape"),
+    (lambda ts, m: ts.__setitem__("R", ts["R"][..., 0]), r"expected \[panels, nodes, P, k, k\]"),
+    (lambda ts, m: m.update(spec=[1]), "dense meta .and its spec entry. must be JSON objects")])  # AttributeError
+def test_dense_structure_is_checked_at_load(edit, match):
+    """Edited dense files (re-hashed, so the content hash passes) hung table_from_dense, raised IndexError /
+    ValueError / AttributeError inside it, add_noise or the diffusers scheduler, or sampled wrong (sweep 6)."""
+    from gddim_runtime import dense_from_tensors
+    dense_from_tensors(*_dense_edit(lambda ts, m: None))
+    with pytest.raises(TableError, match=match):
+        dense_from_tensors(*_dense_edit(edit))
