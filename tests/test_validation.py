@@ -120,7 +120,8 @@ def test_cli_on_committed_folder(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tables = list((ROOT / "coeffs" / "vp_linear").glob("vp_linear_nfe*.safetensors"))
     assert len(tables) == 6                          # the default (order auto) and the paper's q3, NFE 10/20/50
-    assert proc.stdout.count("PASSED") == len(tables) and "max rel err" in proc.stdout
+    assert proc.stdout.count("PASSED") == len(tables) + 1 and "max rel err" in proc.stdout   # + the dense file
+    assert "## vp_linear_dense\n" in proc.stdout and "dense R (panel midpoints)" in proc.stdout
     assert "x0_weights_ms" in proc.stdout            # the data-prediction tensors of the auto tables are checked
 
 
@@ -386,3 +387,25 @@ def test_cli_refuses_a_structurally_broken_table_in_one_line(tmp_path):
         out = subprocess.run([sys.executable, "-m", "validation", str(folder / name), "--level", "fast"],
                              capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and match in out.stderr, out
+
+
+def test_dense_file_against_the_references():
+    """python -m validation now checks the dense file too (F, G G^T, R, L, D at every panel's midpoint, where
+    the interpolants are least constrained): the committed CLD file passes both levels, within 1e-13 of the
+    45-digit reference at the full one; any quantity off by 1e-6 in one panel fails the fast one (the file was never checked: an edited panel sampled 9e-5 off, sweep 6)."""
+    from derive._spec import load_spec
+    from gddim_runtime._format import DENSE_FORMAT, read_table
+    from validation._check_dense import check_dense
+    from conftest import ROOT
+    folder = ROOT / "coeffs" / "cld"
+    spec = load_spec(folder / "spec.yaml")
+    tensors, meta = read_table(folder / "cld_dense.safetensors", kind=DENSE_FORMAT)
+    full = check_dense(spec, tensors, meta, "full")
+    assert full.passed and max(r.rel for r in full.rows) < 1e-13, full.text()
+    assert {r.quantity.split()[1] for r in full.rows} == {"F", "GGT", "R", "L", "D"}
+    assert check_dense(spec, tensors, meta, "fast").passed
+    for name in ("F", "GGT", "R", "L", "D"):
+        edited = {k: v.copy() for k, v in tensors.items()}
+        edited[name][5] *= 1 + 1e-6
+        report = check_dense(spec, edited, meta, "fast")
+        assert not report.passed and not next(r for r in report.rows if r.quantity.split()[1] == name).passed, name

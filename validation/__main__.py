@@ -18,10 +18,11 @@ from derive import derive
 from derive._errors import SpecError, run_cli, stage
 from derive._pipeline import resolve_spec
 from derive._spec import load_spec
-from gddim_runtime._format import TableError, read_table
+from gddim_runtime._format import DENSE_FORMAT, TableError, read_table
 from gddim_runtime._table import from_tensors
 
 from ._check import check_table
+from ._check_dense import check_dense
 
 
 def _parser():
@@ -98,7 +99,24 @@ def _main(argv):
                 report.add("manifest", [(0, float("inf"), float("inf"))], problem, 0.0)
         print(f"## {name}\n{report.text()}\n", flush=True)
         ok &= report.passed
+    for dense_path in _dense_files(path):
+        with stage(f"checking {dense_path.name}"):
+            try:
+                tensors, meta = read_table(dense_path, kind=DENSE_FORMAT)
+            except TableError as exc:
+                raise SpecError(dense_path, "dense", str(exc).split(": ", 1)[-1]) from None
+            report = check_dense(spec, tensors, meta, level=args.level, n_coords=args.coords)
+            problem = _manifest_problem(dense_path)
+            if problem:
+                report.add("manifest", [(0, float("inf"), float("inf"))], problem, 0.0)
+        print(f"## {dense_path.stem}\n{report.text()}\n", flush=True)
+        ok &= report.passed
     return 0 if ok else 1
+
+
+def _dense_files(path):
+    """The dense file of a folder of tables (none for a single table file or a spec name)."""
+    return sorted(path.glob("*_dense.safetensors")) if path.is_dir() else []
 
 
 def main(argv=None):
