@@ -72,11 +72,17 @@ def markdown(deriv, versions):
     if spec.form == "marginal":
         lines += ["Marginal: mean_t = `" + _fmt(spec.mean) + "`, std_t = `" + _fmt(spec.std) + "`", ""]
     lines += ["## Psi(t, s)", ""]
+    numeric_psi = ("Numerical: F = f(t) A, Psi(t,s) = expm(A (I(t) - I(s))), I = int f, by scaling and squaring at "
+                   "high precision (A's exponential has no closed form)." if deriv._psi_mode == "expm numeric" else
+                   "Numerical: dPhi/dt = F Phi, Phi(0) = I, Psi(t,s) = Phi(t) Phi(s)^-1.")
     lines += (["```", _matrix_md(deriv.psi_expr, _readable(deriv)), "```"] if deriv.psi_expr is not None
-              else ["Numerical: dPhi/dt = F Phi, Phi(0) = I, Psi(t,s) = Phi(t) Phi(s)^-1."])
+              else [numeric_psi])
     lines += ["", "## Sigma_t", ""]
+    numeric_sigma = ("Numerical: G G^T = f(t) B with F = f(t) A, Sigma_t = Psi(t,0) Sigma_0 Psi(t,0)^T + X, "
+                     "A X + X A^T = Psi(t,0) B Psi(t,0)^T - B solved at high precision." if deriv._sigma_mode == "lyapunov"
+                     else "Numerical: Sigma_t = Phi(t) [Sigma_0 + int_0^t Phi^-1 G G^T Phi^-T dr] Phi(t)^T.")
     lines += (["```", _matrix_md(deriv.sigma_expr), "```"] if deriv.sigma_expr is not None
-              else ["Numerical: Sigma_t = Phi(t) [Sigma_0 + int_0^t Phi^-1 G G^T Phi^-T dr] Phi(t)^T."])
+              else [numeric_sigma])
     lines += ["", "## R_t", ""]
     if deriv.R_expr is not None:
         lines += ["```", _matrix_md(deriv.R_expr), "```"]

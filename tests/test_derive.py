@@ -409,3 +409,24 @@ def test_sympy_time_limit_never_raises_inside_a_gc_callback(monkeypatch):
         gc.callbacks.remove(callback)
     assert TimeoutError not in ignored
     assert time.perf_counter() - start < 30
+
+
+def test_closed_forms_md_names_the_numerical_route_taken():
+    """A 3-state F = beta(t) A whose exponential has no closed form is evaluated as expm(A (I(t) - I(s))) and
+    Sigma by the Lyapunov route; closed_forms.md's sections said "dPhi/dt = F Phi" and the quadrature form,
+    contradicting its own notes (sweep 5)."""
+    from derive import _codegen, derive
+    d = derive("""\
+name: tri
+state: [x, y, z]
+definitions: {beta: 1/2 + 5 * t / 2}
+drift: [[0, beta, 0], [-beta, -beta, beta], [0, -beta, -2 * beta]]
+diffusion: [[0], [0], [sqrt(2 * beta)]]
+initial_covariance: [[1/1000, 0, 0], [0, 1/1000, 0], [0, 0, 1/1000]]
+time: {t_min: 1e-3, T: 3}
+""")
+    text = _codegen.markdown(d.derivation, {})
+    psi = text.split("## Psi(t, s)")[1].split("##")[0]
+    sigma = text.split("## Sigma_t")[1].split("##")[0]
+    assert "expm(A (I(t) - I(s)))" in psi and "dPhi/dt" not in psi, psi
+    assert "A X + X A^T" in sigma and "int_0^t" not in sigma, sigma
