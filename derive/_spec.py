@@ -116,7 +116,14 @@ def _construct_int(loader, node):
     if len(text) > MAX_LITERAL:
         raise yaml.constructor.ConstructorError(None, None, f"number longer than {MAX_LITERAL} characters",
                                                 node.start_mark)
-    return yaml.SafeLoader.construct_yaml_int(loader, node)
+    value = yaml.SafeLoader.construct_yaml_int(loader, node)
+    if not re.fullmatch(r"[-+]?(0|[1-9][0-9_]*)", text):
+        # YAML 1.1 reads 020 as octal 16, 1:20 as base 60 (80), 0b10100 and 0x14 as 20: a spec number means
+        # what it says in decimal, so the other forms are refused instead of silently changing the process
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} would be read by YAML 1.1 as {value} (octal, "
+                                                "base 60, binary or hex): write the number in decimal",
+                                                node.start_mark)
+    return value
 
 
 def _construct_mapping(loader, node, deep=False):

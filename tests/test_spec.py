@@ -79,6 +79,11 @@ BAD = [
     (GOOD.replace("gamma: 0.04,", "gamma: 0.04, " + ", ".join(
         f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i else "1"] * 10) + "]" for i in range(5)) + ","),
      "yaml", "aliases (*name) are not supported"),
+    # YAML 1.1 integers that are not decimal changed the process without a word (sweep 6): 020 was octal 16
+    (GOOD.replace("beta: 4", "beta: 020"), "yaml", "'020' would be read by YAML 1.1 as 16"),
+    (GOOD.replace("beta: 4", "beta: 1:20"), "yaml", "'1:20' would be read by YAML 1.1 as 80"),
+    (GOOD.replace("beta: 4", "beta: 0x14"), "yaml", "as 20 (octal, base 60, binary or hex): write the number"),
+    (GOOD.replace("beta: 4", "beta: 0b100"), "yaml", "'0b100' would be read by YAML 1.1 as 4"),
 ]
 
 
