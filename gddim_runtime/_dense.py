@@ -108,7 +108,7 @@ def dense_from_tensors(tensors, meta=None, device="cpu", path="<memory>"):
 def _check_dense(tensors, meta, path):
     """The structure DenseCoefficients relies on, checked once (TableError naming the tensor): float64 and
     finite everywhere (a NaN panel made table_from_dense's adaptive quadrature run for ever), edges strictly
-    increasing with t_min > 0, Chebyshev nodes in [-1, 1], every value tensor [panels, nodes, P, k, k] with
+    increasing from t_min >= 0, Chebyshev nodes in [-1, 1], every value tensor [panels, nodes, P, k, k] with
     one P and k, meta a mapping. Edited dense files raised IndexError / ValueError / AttributeError deep
     inside, or sampled wrong (sweep 6)."""
     for name in ("edges", "nodes", *NAMES):
@@ -119,8 +119,8 @@ def _check_dense(tensors, meta, path):
         if not bool(torch.isfinite(a).all()):
             raise TableError(f"{path}: dense tensor {name} holds NaN or inf")
     edges, nodes = tensors["edges"], tensors["nodes"]
-    if edges.ndim != 1 or len(edges) < 2 or not bool((edges[1:] > edges[:-1]).all()) or not bool(edges[0] > 0):
-        raise TableError(f"{path}: dense tensor edges must increase strictly from t_min > 0 to T")
+    if edges.ndim != 1 or len(edges) < 2 or not bool((edges[1:] > edges[:-1]).all()) or not bool(edges[0] >= 0):
+        raise TableError(f"{path}: dense tensor edges must increase strictly from t_min >= 0 to T")
     n = len(nodes) - 1
     cheb = -torch.cos(torch.pi * torch.arange(n + 1, dtype=torch.float64, device=nodes.device) / max(n, 1))
     if nodes.ndim != 1 or n < 1 or not bool(((nodes - cheb).abs() <= 1e-15).all()):

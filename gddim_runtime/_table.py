@@ -160,8 +160,8 @@ def _check_values(tensors, meta, basis_name, size, P, path):
         if not bool(torch.isfinite(a).all()):
             raise TableError(f"{path}: tensor {name} holds NaN or inf")
     t = tensors["t"]
-    if not bool((t[1:] < t[:-1]).all()) or not bool(t[-1] > 0):
-        raise TableError(f"{path}: tensor t must decrease strictly from t_0 to t_N = t_min > 0")
+    if not bool((t[1:] < t[:-1]).all()) or not bool(t[-1] >= 0):          # t_min = 0 with Sigma_0 > 0 is allowed
+        raise TableError(f"{path}: tensor t must decrease strictly from t_0 to t_N = t_min >= 0")
     if basis_name not in ("identity", "dct2d") or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
                                                           for n in size) or len(size) != (2 if basis_name == "dct2d" else 0):
         raise TableError(f"{path}: meta spec.basis {basis_name!r} of size {list(size)} is not a basis gddim_runtime knows")

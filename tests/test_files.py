@@ -230,7 +230,7 @@ def _nan_in(name):
     (_nan_in("x0_weights"), "tensor x0_weights holds NaN or inf"),         # was: NaN samples returned, no error
     (_nan_in("sigma"), "tensor sigma holds NaN or inf"),
     (lambda ts, m: ts["t"].__setitem__(3, ts["t"][5]), "t must decrease strictly"),     # heun stepped backwards
-    (lambda ts, m: ts["t"].__setitem__(-1, 0.0), "t must decrease strictly from t_0 to t_N = t_min > 0"),
+    (lambda ts, m: ts["t"].__setitem__(-1, -1e-3), "t must decrease strictly from t_0 to t_N = t_min >= 0"),
     (lambda ts, m: ts.__setitem__("x0_weights_ms", ts["x0_weights_ms"][:5]), r"x0_weights_ms has shape \(5,"),
     (lambda ts, m: ts.__setitem__("x0_psi", ts["x0_psi"][:, :0]), "x0_psi has shape"),  # ValueError in the sampler
     (lambda ts, m: m.update(lam="abc"), "meta lam 'abc' is not an exact number > 0"),     # ValueError per call
