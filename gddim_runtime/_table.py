@@ -155,7 +155,7 @@ def from_tensors(tensors, meta, device="cpu", path="<memory>"):
 def _check_values(tensors, meta, basis_name, size, P, path):
     """What the samplers take on trust, checked once at load (TableError naming the tensor or key): every
     coefficient finite (a NaN weight was blamed on the model: "model output is not finite"), the grid
-    strictly decreasing and positive, the basis and the meta entries the samplers read well-formed."""
+    strictly decreasing to t_min >= 0, the basis and the meta entries the samplers read well-formed."""
     for name, a in tensors.items():
         if not bool(torch.isfinite(a).all()):
             raise TableError(f"{path}: tensor {name} holds NaN or inf")
