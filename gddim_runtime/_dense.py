@@ -86,7 +86,8 @@ class DenseCoefficients:
         return out
 
     def to(self, device):
-        device = usable_device(device)
+        # no usable_device check: a network holding its coefficients (the learned skip) moves them with
+        # nn.Module.to / _apply, the meta device included (deferred initialisation)
         tensors = {"edges": self.edges, "nodes": self.nodes, **self.values}
         return DenseCoefficients({k: v.to(device) for k, v in tensors.items()}, self.meta, self.path)
 

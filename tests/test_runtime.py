@@ -214,7 +214,7 @@ def test_unusable_device_is_one_line(device, match):
     path = _coeffs("cld", "cld_nfe10_quadratic_q3.safetensors")
     dense = _coeffs("cld", "cld_dense.safetensors")
     calls = [lambda: gr.load(path, device=device), lambda: gr.load(path).to(device),
-             lambda: gr.load_dense(dense, device=device), lambda: gr.load_dense(dense).to(device),
+             lambda: gr.load_dense(dense, device=device),
              lambda: gr.from_tensors(*gr.read_table(path), device=device)]
     for call in calls:
         with pytest.raises(gr.TableError, match=rf"^device {re.escape(repr(device))}: {match}"):
