@@ -289,3 +289,32 @@ def test_dense_structure_is_checked_at_load(edit, match):
     dense_from_tensors(*_dense_edit(lambda ts, m: None))
     with pytest.raises(TableError, match=match):
         dense_from_tensors(*_dense_edit(edit))
+
+
+def test_two_writers_into_one_folder_leave_a_complete_manifest(tmp_path, monkeypatch):
+    """Two derive runs writing one folder at once (sweep 6, with the manifest's listing slowed down): one
+    listed the folder before the other's table landed and wrote its manifest last, without that table, and
+    validation then failed the table as 'not listed'. write_folder holds a lock on the folder while it
+    writes; here the first writer sleeps between listing and reading, and the second must wait for it."""
+    import threading
+    import time
+
+    from derive import _writer
+    real = _writer._file_entry
+    slow = threading.Event()
+
+    def entry(path, data):
+        if threading.current_thread().name == "first" and not slow.is_set():
+            slow.set()
+            time.sleep(0.5)                      # the window the second writer used to fall into
+        return real(path, data)
+    monkeypatch.setattr(_writer, "_file_entry", entry)
+    src = read_table(COEFFS / "vp_linear" / "vp_linear_nfe10_quadratic_q3.safetensors")
+    first = threading.Thread(target=_writer.write_folder, name="first",
+                             args=(tmp_path, {"a.safetensors": table_bytes(*src)}))
+    first.start()
+    slow.wait(5)
+    _writer.write_folder(tmp_path, {"b.safetensors": table_bytes(*src)})
+    first.join()
+    listed = {e["file"] for e in json.loads((tmp_path / "manifest.json").read_text())["files"]}
+    assert listed == {"a.safetensors", "b.safetensors"} == {p.name for p in tmp_path.iterdir()} - {"manifest.json"}
