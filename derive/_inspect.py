@@ -93,6 +93,17 @@ def plot(tensors, meta, path, coord=0):
     plt.close(fig)
 
 
+DESCRIBED = ("spec", "nfe", "order", "steps", "grid", "kinds", "k", "command", "nfe_accounting", "tools")
+
+
+def check_described(meta, path):
+    """TableError naming the meta entries python -m derive writes and inspect / validation read, when missing
+    (a KeyError inside them was an 'internal error', exit 3)."""
+    missing = [key for key in DESCRIBED if key not in meta]
+    if missing:
+        raise TableError(f"{path}: meta lacks {missing} (python -m derive writes them; regenerate the table)")
+
+
 def inspect_main(file, plot_path=None, coord=0):
     """python -m derive inspect FILE: print the table's text (and draw it to ``plot_path``)."""
     from pathlib import Path
@@ -103,6 +114,9 @@ def inspect_main(file, plot_path=None, coord=0):
                                                                f"folder {str(Path(plot_path).parent)!r} does not exist"))
     try:
         tensors, meta = read_table(file)
+        from gddim_runtime._table import from_tensors
+        from_tensors(tensors, meta, path=file)        # the runtime's load checks: a table it would refuse is named
+        check_described(meta, file)
     except TableError as exc:
         raise SpecError(file, "table", str(exc).split(": ", 1)[-1]) from None
     P = tensors["psi"].shape[1]

@@ -49,6 +49,22 @@ def content_hash(tensors, meta_json):
     return h.hexdigest()
 
 
+def _regular_file(path):
+    """TableError unless ``path`` is a regular file (following links): a FIFO named *.safetensors blocked
+    the reader for ever, Ctrl-C ignored; a folder read as 'truncated or not safetensors: No such device'."""
+    import os
+    import stat
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise TableError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise TableError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+        raise TableError(f"{path}: {what}, not a table file")
+
+
 def read_table(path, kind=FORMAT):
     """Load and check a table file; returns (tensors: dict of float64 numpy arrays, meta: dict).
 
@@ -56,6 +72,7 @@ def read_table(path, kind=FORMAT):
     """
     from safetensors import SafetensorError, safe_open
     path = str(path)
+    _regular_file(path)
     try:
         with safe_open(path, framework="np") as f:
             raw = (f.metadata() or {}).get(HEADER_KEY)

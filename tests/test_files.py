@@ -169,6 +169,14 @@ def test_reader_refuses_bad_files(tmp_path):
             read_table(tmp_path / "new.safetensors")
     with pytest.raises(TableError, match="no such file"):
         read_table(tmp_path / "missing.safetensors")
+    # a folder read as 'truncated or not safetensors: No such device'; a FIFO blocked for ever, Ctrl-C ignored
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(TableError, match="a folder, not a table file"):
+        read_table(tmp_path / "dir.safetensors")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.safetensors")
+        with pytest.raises(TableError, match=r"not a regular file \(a pipe"):
+            read_table(tmp_path / "pipe.safetensors")
 
 
 def test_inspect_and_plot(tmp_path):
@@ -318,3 +326,22 @@ def test_two_writers_into_one_folder_leave_a_complete_manifest(tmp_path, monkeyp
     first.join()
     listed = {e["file"] for e in json.loads((tmp_path / "manifest.json").read_text())["files"]}
     assert listed == {"a.safetensors", "b.safetensors"} == {p.name for p in tmp_path.iterdir()} - {"manifest.json"}
+
+
+def test_inspect_refuses_what_the_loader_refuses_and_names_missing_meta(tmp_path):
+    """inspect printed a table holding NaN (exit 0), and a table without meta 'kinds' or 'nfe' was an internal
+    error (exit 3) in inspect and in validation (sweep 6): now one line, exit 2, in both."""
+    import subprocess
+    import sys
+    tensors, meta = read_table(COEFFS / "vp_linear" / "vp_linear_nfe10_quadratic_q3.safetensors")
+    cases = []
+    bad = {n: a.copy() for n, a in tensors.items()}
+    bad["eps_weights"][2, 0, 0, 0, 0] = np.nan
+    cases.append((bad, meta, "tensor eps_weights holds NaN or inf"))
+    cases.append((tensors, {k: v for k, v in meta.items() if k != "kinds"}, "meta lacks ['kinds']"))
+    for i, (ts, m, match) in enumerate(cases):
+        path = tmp_path / f"t{i}.safetensors"
+        path.write_bytes(table_bytes(ts, m))
+        for cmd in (["derive", "inspect", str(path)], ["validation", str(path), "--spec", "vp_linear", "--level", "fast"]):
+            out = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, cwd=ROOT)
+            assert out.returncode == 2 and out.stderr.count("\n") == 1 and match in out.stderr, (cmd, out)

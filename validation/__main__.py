@@ -16,6 +16,7 @@ from pathlib import Path
 
 from derive import derive
 from derive._errors import SpecError, run_cli, stage
+from derive._inspect import check_described
 from derive._pipeline import resolve_spec
 from derive._spec import load_spec
 from gddim_runtime._format import DENSE_FORMAT, TableError, read_table
@@ -52,6 +53,7 @@ def _read_tables(path, spec_arg):
         try:
             tensors, meta = read_table(f)
             from_tensors(tensors, meta, path=f)     # the runtime's checks: shapes, finite values, meta it reads
+            check_described(meta, f)                # and the meta entries the report reads
         except TableError as exc:
             raise SpecError(f, "table", str(exc).split(": ", 1)[-1]) from None
         jobs.append((f.name, tensors, meta, _manifest_problem(f)))
