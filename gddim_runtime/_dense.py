@@ -109,7 +109,8 @@ def dense_from_tensors(tensors, meta=None, device="cpu", path="<memory>"):
 def _check_dense(tensors, meta, path):
     """The structure DenseCoefficients relies on, checked once (TableError naming the tensor): float64 and
     finite everywhere (a NaN panel made table_from_dense's adaptive quadrature run for ever), edges strictly
-    increasing from t_min >= 0, Chebyshev nodes in [-1, 1], every value tensor [panels, nodes, P, k, k] with
+    increasing from t_min >= 0 and matching meta's t_min and T, nodes the Chebyshev points the barycentric
+    weights assume, every value tensor [panels, nodes, P, k, k] with
     one P and k, meta a mapping. Edited dense files raised IndexError / ValueError / AttributeError deep
     inside, or sampled wrong (sweep 6)."""
     for name in ("edges", "nodes", *NAMES):
@@ -142,10 +143,10 @@ def _check_dense(tensors, meta, path):
         if key in spec:
             from fractions import Fraction
             try:
-                want = float(Fraction(spec[key]))
+                exact = float(Fraction(spec[key]))
             except (TypeError, ValueError, ZeroDivisionError):
                 raise TableError(f"{path}: dense meta spec.{key} {spec[key]!r} is not an exact number") from None
-            if abs(float(edges[at]) - want) > 4e-16 * abs(want):
+            if abs(float(edges[at]) - exact) > 4e-16 * abs(exact):
                 raise TableError(f"{path}: dense edges run from {float(edges[0]):.17g} to {float(edges[-1]):.17g}, "
                                  f"but the spec's {key} is {spec[key]}")
 

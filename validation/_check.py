@@ -276,16 +276,27 @@ def _data_and_coefficients(report, tensors, p, ref, err, tol, how):
     N = len(t) - 1
     Ds = [ref.data_to_state(t[i]) for i in range(N + 1)]
     report.add("data_to_state", [(i, *err(tensors["data_to_state"][i, p], Ds[i])) for i in range(N + 1)], how, tol)
-    D_inv = np.linalg.inv(np.array(Ds[N].tolist(), dtype=float)) if isinstance(Ds[N], np.ndarray) else Ds[N] ** -1
+    D_inv = _inv(Ds[N])
     report.add("x0_weights", [(0, *err(tensors["x0_weights"][0, p], D_inv)),
-                              (1, *err(tensors["x0_weights"][1, p], -(D_inv @ ref.R(t[N]) if isinstance(
-                                  D_inv, np.ndarray) else D_inv * ref.R(t[N]))))], how, tol)
+                              (1, *err(tensors["x0_weights"][1, p], -_mm(D_inv, ref.R(t[N]))))], how, tol)
     rows = []
     for i in range(N + 1):
-        G = ref.G(t[i])
-        rows += [(i, *err(tensors["F"][i, p], ref.F(t[i]))),
-                 (i, *err(tensors["GGT"][i, p], G @ G.T if isinstance(G, np.ndarray) else G * G.T))]
+        rows += [(i, *err(tensors["F"][i, p], ref.F(t[i]))), (i, *err(tensors["GGT"][i, p], ggt(ref.G(t[i]))))]
     report.add("F, G G^T", rows, "the spec evaluated by validation's own evaluator", tol)
+
+
+def _mm(a, b):
+    """a b for numpy arrays (the scipy reference) and mpmath matrices (the 45-digit one) alike."""
+    return a @ b if isinstance(a, np.ndarray) else a * b
+
+
+def _inv(a):
+    return np.linalg.inv(a) if isinstance(a, np.ndarray) else a ** -1
+
+
+def ggt(G):
+    """G G^T of a reference's G (numpy or mpmath)."""
+    return _mm(G, G.T)
 
 
 def _full(report, spec, tensors, meta, p, coord_value, budget, refs=None):

@@ -13,7 +13,7 @@ import mpmath
 import numpy as np
 import torch
 
-from ._check import TOL_FAST, Report, _chol, _err, _err_mp, _coord_value, pick_coords
+from ._check import TOL_FAST, Report, _chol, _coord_value, _err, _err_mp, ggt, pick_coords
 from ._reference import DPS, MpReference, ScipyReference
 
 TOL_DENSE_FULL = 1e-12    # the interpolants are built to 1e-14 per panel (README "Any NFE at run time")
@@ -38,7 +38,7 @@ def check_dense(spec, tensors, meta, level="fast", n_coords=None):
         cv = _coord_value(spec, p)
         if level == "fast":
             ref = ScipyReference(spec, [float(edges[0])] + mids + [float(edges[-1])], cv)
-            want = {"F": ref.F, "GGT": lambda t: ref.G(t) @ ref.G(t).T, "R": ref.R,
+            want = {"F": ref.F, "GGT": lambda t: ggt(ref.G(t)), "R": ref.R,
                     "L": lambda t: np.linalg.cholesky(ref.sigma(t)), "D": ref.data_to_state}
             rows = {n: [(j, *_err(values[n][m, p].numpy(), want[n](t))) for m, (j, t) in enumerate(zip(panels, mids))]
                     for n in want}
@@ -48,7 +48,7 @@ def check_dense(spec, tensors, meta, level="fast", n_coords=None):
                 ref = MpReference(spec, cv)
                 tm = [mpmath.mpf(t) for t in mids]
                 ref.march(tm)
-                want = {"F": ref.F, "GGT": lambda t: ref.G(t) * ref.G(t).T, "R": ref.R,
+                want = {"F": ref.F, "GGT": lambda t: ggt(ref.G(t)), "R": ref.R,
                         "L": lambda t: _chol(ref.sigma(t)), "D": ref.data_to_state}
                 rows = {n: [(j, *_err_mp(values[n][m, p].numpy(), want[n](t))) for m, (j, t) in enumerate(zip(panels, tm))]
                         for n in want}
