@@ -33,6 +33,8 @@ from ._format import TableError
 _M = 32                          # Chebyshev-Lobatto points per piece: _M + 1 (nested rule: every other one)
 _EST_TOL = 1e-10                 # nested 17-point rule vs 33-point rule; the 33-point error is ~ its square
 _F_LEN = 2.0                     # max ||F|| * piece length, so that Psi(a, r) is resolved by 33 points
+_MAX_PIECES = 2 ** 20            # quadrature pieces over [t_min, T]; past it the dense file is out of range
+_MAX_HALVED = 2 ** 14            # pieces halved in one round: a smooth integrand needs a handful
 _GRIDS = "uniform, quadratic, power:<kappa>, logsnr, edm[:<rho>] or a sequence of times"
 
 
@@ -217,7 +219,11 @@ def _pieces(ip, times):
     if ip.k == 1:                                               # Psi = exp(-int F): exact on any piece
         return a, b, panel, step
     Fmax = np.abs(ip.values["F"]).sum(-1).max(axis=(1, 2, 3))   # a bound on ||F||_inf per panel
-    n_sub = np.maximum(1, np.ceil((b - a) * Fmax[panel] / _F_LEN)).astype(int)
+    n_sub = np.maximum(1, np.ceil((b - a) * Fmax[panel] / _F_LEN))
+    if not n_sub.sum() <= _MAX_PIECES:                          # also NaN
+        raise TableError(f"{ip.path}: weights: ||F|| up to {Fmax.max():.3g} needs more than {_MAX_PIECES} "
+                         "quadrature pieces; derive this table with python -m derive")
+    n_sub = n_sub.astype(int)
     rep = np.repeat(np.arange(len(a)), n_sub)
     frac = np.concatenate([np.arange(n) for n in n_sub])
     lo = a[rep] + (b - a)[rep] * frac / n_sub[rep]
@@ -275,9 +281,13 @@ def _step_weights(ip, times, nodes, groups):
     for _ in range(40):
         if len(lo) == 0:
             break
-        out = [_piece_terms(ip, lo[c:c + chunk], hi[c:c + chunk], panel[c:c + chunk], nodes[step[c:c + chunk]],
-                            groups, times, step[c:c + chunk]) for c in range(0, len(lo), chunk)]
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+            out = [_piece_terms(ip, lo[c:c + chunk], hi[c:c + chunk], panel[c:c + chunk], nodes[step[c:c + chunk]],
+                                groups, times, step[c:c + chunk]) for c in range(0, len(lo), chunk)]
         Phi, I, err = (np.concatenate([o[q] for o in out]) for q in range(3))
+        if not np.all(np.isfinite(err)):
+            raise TableError(f"{ip.path}: weights: the integrand overflows float64 near "
+                             f"t = {lo[~np.isfinite(err)][0]:.6g} (F, G G^T or R in the dense file out of range)")
         ok = err <= _EST_TOL
         for key, val in (("lo", lo), ("step", step), ("Phi", Phi), ("I", I)):
             done[key].append(val[ok])
@@ -285,7 +295,9 @@ def _step_weights(ip, times, nodes, groups):
         mid = (lo[bad] + hi[bad]) / 2
         lo, hi = np.concatenate([lo[bad], mid]), np.concatenate([mid, hi[bad]])
         panel, step = np.tile(panel[bad], 2), np.tile(step[bad], 2)
-    else:
+        if len(lo) > _MAX_HALVED:
+            break
+    if len(lo):
         raise TableError(f"{ip.path}: weights: quadrature did not converge near t = {lo[0]:.6g}")
     order = np.argsort(np.concatenate(done["lo"]), kind="stable")
     step_all = np.concatenate(done["step"])[order]

@@ -220,3 +220,27 @@ def test_adaptive_pieces_on_a_fast_transition():
     total = (0.5 + t[1:]) - psi * (0.5 + t[:-1])
     err = (tab["eps_weights"][:, :, 0, 0, 0].sum(1) - total).abs() / total.abs()
     assert float(err.max()) < 1e-13, err
+
+
+@pytest.mark.parametrize("k, message", [(1, "integrand overflows float64"), (2, "quadrature pieces")])
+def test_out_of_range_dense_values_are_refused(k, message):
+    """A finite but huge F at one node (a hand-edited or mis-scaled dense file): one TableError in
+    about a second. It used to halve every piece 40 times (2^40 pieces, memory growing) for k = 1, and
+    to turn ceil(1e200) pieces into a negative int for k > 1."""
+    import signal
+    n = 16
+    x = np.cos(np.pi * np.arange(n + 1) / n)
+    eye = np.broadcast_to(np.eye(k), (1, n + 1, 1, k, k)).copy()
+    F = -eye.copy()
+    F[0, 5] *= 1e200
+    tensors = {"edges": torch.tensor([1e-3, 1.0], dtype=torch.float64), "nodes": torch.from_numpy(x)}
+    tensors.update({name: torch.from_numpy(v) for name, v in
+                    (("F", F), ("GGT", 2 * eye), ("R", eye), ("L", eye), ("D", eye))})
+    dense = gr.DenseCoefficients(tensors, {"spec": {"name": "huge"}}, "<huge>")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("table_from_dense did not return within 60 s"))
+    signal.alarm(60)
+    try:
+        with pytest.raises(gr.TableError, match=message):
+            gr.table_from_dense(dense, nfe=6, order=2, grid="uniform")
+    finally:
+        signal.alarm(0)
