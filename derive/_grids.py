@@ -22,6 +22,7 @@ coordinate p = 0 (the DC frequency of dct2d). rho must be increasing in t on [t_
 """
 
 import math
+import re
 from pathlib import Path
 
 import gmpy2
@@ -75,15 +76,22 @@ def parse_kind(text, where="--grid"):
                                    "logsnr, edm[:<rho>], auto[:<q>], <kind>@<rho_s> or a file of times")
 
 
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")   # ASCII digits only
+_FIELD_SPLIT = re.compile(r"\s*,\s*|\s+")
+
+
 def read_times(path):
+    """The times in a grid file: ASCII decimals separated by whitespace or single commas."""
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(path, "grid", f"cannot read times: {exc}") from None
-    try:
-        values = [float(v) for v in text.replace(",", " ").split()]
-    except ValueError as exc:
-        raise SpecError(path, "grid", f"not a list of numbers: {exc}") from None
+    fields = _FIELD_SPLIT.split(text.strip()) if text.strip() else []
+    for field in fields:
+        if not _DECIMAL.fullmatch(field):
+            raise SpecError(path, "grid", f"not a decimal number: {field[:40]!r} (write times as 0.5, 1e-3, "
+                            "separated by spaces, newlines or single commas)")
+    values = [float(v) for v in fields]
     if len(values) < 2:
         raise SpecError(path, "grid", f"needs at least two times (T first, t_min last), found {len(values)}")
     return values

@@ -10,6 +10,7 @@ the caller passes it, or it is looked up among the installed entry points of the
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import importlib.metadata
 import multiprocessing
 import numbers
@@ -79,7 +80,9 @@ def _grid_label(grid_name, param):
     if grid_name == "power":
         return {1.0: "uniform", 2.0: "quadratic"}.get(param, f"power{_number_label(param)}")
     if grid_name == "file":
-        return "file-" + re.sub(r"[^a-z0-9]+", "-", Path(param).stem.lower()).strip("-")
+        stem = re.sub(r"[^a-z0-9]+", "-", Path(param).stem.lower()).strip("-")
+        times = ",".join(repr(v) for v in _grids.read_times(param))
+        return f"file-{stem}-{hashlib.sha256(times.encode()).hexdigest()[:8]}"   # two files, two names
     if grid_name == "edm":
         return f"edm{_number_label(param)}"
     if grid_name == "auto":                      # auto:<q> designs for order q, whatever the table's

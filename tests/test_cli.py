@@ -234,9 +234,20 @@ def test_full_precision_grid_labels():
 
 
 def test_grid_file_label(tmp_path):
+    """The stem in lower case and a hash of the times: two files with one stem (a/g.txt, b/g.txt)
+    gave one name, and the second table silently replaced the first (sweep 6)."""
+    import hashlib
     times = tmp_path / "My Times.txt"
     times.write_text("1 0.5 0.1 0.001\n")
-    assert TableRequest(nfe=4, grid=str(times)).label("x") == "x_nfe4_file-my-times_q3"
+    digest = hashlib.sha256(b"1.0,0.5,0.1,0.001").hexdigest()[:8]
+    assert TableRequest(nfe=4, grid=str(times)).label("x") == f"x_nfe4_file-my-times-{digest}_q3"
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "g.txt").write_text("1 0.5 0.1 0.001\n")
+    (tmp_path / "b" / "g.txt").write_text("1 0.4 0.1 0.001\n")
+    (tmp_path / "c.txt").write_text("1.0, 5e-1 0.1\n1e-3")                 # the same times, written otherwise
+    labels = [TableRequest(nfe=4, grid=str(tmp_path / f)).label("x") for f in ("a/g.txt", "b/g.txt")]
+    assert labels[0] != labels[1]
+    assert TableRequest(nfe=4, grid=str(tmp_path / "c.txt")).label("x").endswith(f"-{digest}_q3")
 
 
 # ---- inspect ---------------------------------------------------------------------------------

@@ -265,6 +265,28 @@ def test_grid_file_messages_name_the_file_and_the_problem(tmp_path):
         parse_kind("zigzag")
 
 
+@pytest.mark.parametrize("text, values", [
+    ("1 0.5 1e-3\n", [1.0, 0.5, 1e-3]), ("1, .5,\n2.5E-1 , +0.001", [1.0, 0.5, 0.25, 0.001]),
+    ("\t1.\n\n0\n", [1.0, 0.0])])
+def test_grid_file_reads_ascii_decimals(tmp_path, text, values):
+    from derive._grids import read_times
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    assert read_times(path) == values
+
+
+@pytest.mark.parametrize("text", ["1,,0.5", "1, 0.5,", "1 0_5", "1 \uff10.5", "1 \u0660.\u0665", "1 nan",
+                                  "1 inf", "1 0x1p-1", "1 0.5.1", "1 - 0.5", "1 ٫5"])
+def test_grid_file_refuses_what_is_not_an_ascii_decimal(tmp_path, text):
+    """Python's float() took '0_5', full-width and Arabic-Indic digits, and '1,,0.5' read as two
+    times (sweep 6): a grid file is data, read with a whitelist like the spec's expressions."""
+    from derive._grids import read_times
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SpecError, match=r"t.txt: grid: not a decimal number"):
+        read_times(path)
+
+
 def test_a_spec_name_too_long_for_the_file_system_is_bad_input():
     """Path.is_file() raises for names beyond NAME_MAX: 'internal error ... File name too long' (exit 3)."""
     from derive import derive
