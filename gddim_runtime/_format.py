@@ -89,7 +89,8 @@ def read_table(path, kind=FORMAT):
         found = header.get("format") if isinstance(header, dict) else None
         raise TableError(f"{path}: not a {kind} file (format {found!r})")
     version = header.get("format_version")
-    if not (isinstance(version, str) and version.isascii() and version.isdigit()):   # as written: str(int)
+    if not (isinstance(version, str) and version.isascii() and version.isdigit()
+            and version == str(int(version))):                                # as written: str(int), no "01"
         raise TableError(f"{path}: bad format_version {version!r}")
     version = int(version)
     if version > FORMAT_VERSION:

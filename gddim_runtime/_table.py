@@ -140,8 +140,11 @@ def from_tensors(tensors, meta, device="cpu", path="<memory>"):
     shapes.update({n: (N + 1, P, k, k) for n in ("R", "sigma", "L", "data_to_state", "F", "GGT")})
     shapes.update(x0_psi=(N, P, k, k), x0_weights_ms=(N, q, P, k, k), x0_weights_flat=(N, q, P, k, k),
                   x0_corrector_weights=(N, q + 1, P, k, k))
+    unknown = sorted(set(out) - set(shapes))
+    if unknown:                                       # a misspelt corector_weights was silently ignored
+        raise TableError(f"{path}: unknown tensor {unknown[0]!r} (a table holds {', '.join(sorted(shapes))})")
     for name, a in out.items():
-        if name in shapes and tuple(a.shape) != shapes[name]:
+        if tuple(a.shape) != shapes[name]:
             raise TableError(f"{path}: tensor {name} has shape {tuple(a.shape)}, expected {shapes[name]}")
     _check_values(out, meta, basis_name, size, P, path)
     if torch.device(device).type != "cpu":
@@ -167,6 +170,7 @@ def _check_values(tensors, meta, basis_name, size, P, path):
         raise TableError(f"{path}: meta spec.basis {basis_name!r} of size {list(size)} is not a basis gddim_runtime knows")
     if basis_name == "dct2d" and P != size[0] * size[1]:
         raise TableError(f"{path}: basis {size} does not match P = {P}")
+    _check_counts(t, meta, path)
     order = meta.get("order")
     if order is not None and order != tensors["eps_weights"].shape[1]:
         raise TableError(f"{path}: meta order {order!r}, but eps_weights hold {tensors['eps_weights'].shape[1]} lags")
@@ -185,6 +189,24 @@ def _check_values(tensors, meta, basis_name, size, P, path):
     for key, allowed in (("denoise", (True, False)), ("form", ("eps", "x0")), ("variable", ("t", "rho", "logsnr"))):
         if key in meta and meta[key] not in allowed:
             raise TableError(f"{path}: meta {key} {meta[key]!r} is not one of {allowed}")
+
+
+def _check_counts(t, meta, path):
+    """meta steps and nfe against the grid (nfe = steps + the final denoise), t_0 against the spec's T."""
+    from fractions import Fraction
+    steps, nfe, denoise = meta.get("steps"), meta.get("nfe"), meta.get("denoise")
+    if steps is not None and steps != t.shape[0] - 1:
+        raise TableError(f"{path}: meta steps {steps!r}, but tensor t holds {t.shape[0] - 1} steps")
+    if None not in (steps, nfe) and denoise in (True, False) and nfe != steps + int(denoise):
+        raise TableError(f"{path}: meta nfe {nfe!r} is not steps {steps} + {int(denoise)} (denoise {denoise})")
+    T = meta["spec"].get("T")
+    if T is not None:
+        try:
+            T = float(Fraction(str(T)))
+        except (ValueError, ZeroDivisionError):
+            raise TableError(f"{path}: meta spec.T {T!r} is not a number") from None
+        if float(t[0]) > T:
+            raise TableError(f"{path}: tensor t starts at {float(t[0])!r}, beyond the spec's T = {T!r}")
 
 
 def load(path, device="cpu"):

@@ -159,7 +159,7 @@ def test_reader_refuses_bad_files(tmp_path):
     inner = json.loads(header["__metadata__"][HEADER_KEY])
     for version, match in [("99", "newer format version 99"), (" 1", "bad format_version ' 1'"),
                            ("1.0", "bad format_version"), (1, "bad format_version 1"), (None, "bad format_version None"),
-                           (["1"], "bad format_version"), ("\u0661", "bad format_version"), ("0", "unknown format_version 0")]:
+                           (["1"], "bad format_version"), ("\u0661", "bad format_version"), ("0", "unknown format_version 0"), ("01", "bad format_version .01.")]:
         inner["format_version"] = version
         header["__metadata__"][HEADER_KEY] = json.dumps(inner)
         raw = json.dumps(header).encode()
@@ -248,7 +248,14 @@ def _nan_in(name):
     (lambda ts, m: m["spec"]["basis"].update(size=["a"]), "meta spec.basis 'identity' of size"),  # raw TypeError
     (lambda ts, m: m["spec"]["basis"].update(kind="fourier"), "is not a basis gddim_runtime knows"),
     (lambda ts, m: m.update(order=5), "meta order 5, but eps_weights hold 4 lags"),    # validation: ValueError
-    (lambda ts, m: ts.pop("x0_psi"), r"meta form 'x0' without the data-prediction tensors \['x0_psi'\]")])
+    (lambda ts, m: ts.pop("x0_psi"), r"meta form 'x0' without the data-prediction tensors \['x0_psi'\]"),
+    # sweep 6: each of these loaded
+    (lambda ts, m: ts.__setitem__("corector_weights", ts.pop("corrector_weights")), "unknown tensor 'corector_weights'"),
+    (lambda ts, m: m.update(steps=8), "meta steps 8, but tensor t holds 9 steps"),
+    (lambda ts, m: m.update(nfe=12), r"meta nfe 12 is not steps 9 \+ 1"),
+    (lambda ts, m: m.update(denoise=False), r"meta nfe 10 is not steps 9 \+ 0"),
+    (lambda ts, m: ts["t"].__setitem__(0, 1.5), "tensor t starts at 1.5, beyond the spec's T = 1.0"),
+    (lambda ts, m: m["spec"].update(T="one"), "meta spec.T 'one' is not a number")])
 def test_values_the_samplers_trust_are_checked_at_load(edit, match):
     """Each of these loaded and then sampled wrong, raised a raw error, or blamed the model (sweep of forged
     tables, re-hashed so that they pass the content hash)."""
