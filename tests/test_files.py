@@ -335,6 +335,29 @@ def test_two_writers_into_one_folder_leave_a_complete_manifest(tmp_path, monkeyp
     assert listed == {"a.safetensors", "b.safetensors"} == {p.name for p in tmp_path.iterdir()} - {"manifest.json"}
 
 
+def test_a_later_run_keeps_an_edited_table_flagged_and_clears_stale_temp_files(tmp_path):
+    """A table edited after derive (re-hashed, so it loads) fails validation's manifest check; a later derive
+    into the folder re-listed every file from its bytes and so cleared the edit (sweep 6). Now the entry is
+    kept. A killed run's temporary files are removed by the next run (it holds the folder's lock), a
+    user's own hidden file is not."""
+    from derive import _writer
+    from validation.__main__ import _manifest_problem
+    tensors, meta = read_table(COEFFS / "vp_linear" / "vp_linear_nfe10_quadratic_q3.safetensors")
+    _writer.write_folder(tmp_path, {"a.safetensors": table_bytes(tensors, meta)})
+    edited = {n: a.copy() for n, a in tensors.items()}
+    edited["eps_weights"][3] *= 1.01
+    (tmp_path / "a.safetensors").write_bytes(table_bytes(edited, meta))
+    stale, mine = tmp_path / ".b.safetensors.k2j4_x9q.tmp", tmp_path / ".notes.tmp"
+    stale.write_bytes(b"half"), mine.write_text("keep")
+    assert "bytes differ" in _manifest_problem(tmp_path / "a.safetensors")
+    _writer.write_folder(tmp_path, {"b.safetensors": table_bytes(tensors, meta)})
+    assert "bytes differ" in _manifest_problem(tmp_path / "a.safetensors")
+    assert _manifest_problem(tmp_path / "b.safetensors") is None
+    assert not stale.exists() and mine.read_text() == "keep"
+    _writer.write_folder(tmp_path, {"a.safetensors": table_bytes(tensors, meta)})   # derive writes it again
+    assert _manifest_problem(tmp_path / "a.safetensors") is None
+
+
 def test_inspect_refuses_what_the_loader_refuses_and_names_missing_meta(tmp_path):
     """inspect printed a table holding NaN (exit 0), and a table without meta 'kinds' or 'nfe' was an internal
     error (exit 3) in inspect and in validation (sweep 6): now one line, exit 2, in both."""
