@@ -46,7 +46,7 @@ def read_spec(spec):
     if isinstance(spec, _spec.Spec):
         return spec, spec_name_for(spec.path, spec.path)
     if isinstance(spec, str) and ("\n" in spec or ":" in spec and not _is_file(spec)):
-        return _spec_from_text(spec), "<text>"
+        return _spec_from_text(spec), "spec.yaml"    # commands name the normalised spec.yaml written beside
     if not isinstance(spec, (str, Path)):
         raise SpecError("spec", "spec", f"expected a path, a built-in name or YAML text, got {type(spec).__name__}")
     path = resolve_spec(spec)

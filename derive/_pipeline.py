@@ -16,6 +16,7 @@ import multiprocessing
 import numbers
 import os
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +188,7 @@ class TableRequest:
             parts += ["--variable", self.variable]
         if self.form != "eps":
             parts += ["--form", self.form]
-        return " ".join(parts)
+        return " ".join(parts[:1] + [shlex.quote(p) for p in parts[1:]])   # a path with a space stays one word
 
 
 def _check_nfe(nfe):

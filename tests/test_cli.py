@@ -175,6 +175,34 @@ def test_manifest_lists_every_file_with_options_and_hash(tmp_path):
     assert kinds == ["closed forms", "closed forms", "dense", "spec", "table", "table text"]
 
 
+def test_the_recorded_command_rewrites_the_table_byte_for_byte(tmp_path):
+    """A table's meta command, run as written (shlex.split), writes the same bytes: for a spec file and a
+    grid file whose paths hold spaces (the command was joined unquoted), and for a spec given as YAML text
+    (it recorded 'python -m derive <text>'; now the spec.yaml written beside the table)."""
+    import shlex
+    from derive import derive
+    text = "name: ou\nstate: [x]\ndrift: [[-1/2]]\ndiffusion: [[1]]\ntime: {t_min: 1/100, T: 3}\n"
+    home = tmp_path / "my dir"
+    home.mkdir()
+    (home / "my spec.yaml").write_text(text)
+    (home / "t 1.txt").write_text("3 1 0.2 0.01\n")
+    assert run_derive("my dir/my spec.yaml", "--grid", "my dir/t 1.txt", "--nfe", "4", "--order", "2", "--quiet",
+                      cwd=tmp_path).returncode == 0
+    derive(text).table(4, order=2, grid="uniform").save(home / "api")
+    tables = [p for p in (tmp_path / "coeffs" / "ou").glob("*.safetensors") if "dense" not in p.name]
+    tables += list((home / "api").glob("*_q2.safetensors"))
+    assert len(tables) == 2 and tables[0].name.startswith("ou_nfe4_file-t-1-")
+    assert tables[1].name == "ou_nfe4_uniform_q2.safetensors"
+    for table in tables:
+        _, meta = read_table(table)
+        cwd = table.parent if "api" in str(table) else tmp_path
+        argv = shlex.split(meta["command"])
+        assert argv[:3] == ["python", "-m", "derive"]
+        proc = run_derive(*argv[3:], "--out", tmp_path / "again", "--quiet", cwd=cwd)
+        assert proc.returncode == 0, (meta["command"], proc.stderr)
+        assert (tmp_path / "again" / "ou" / table.name).read_bytes() == table.read_bytes(), meta["command"]
+
+
 def test_manifest_same_whether_written_at_once_or_added_later(tmp_path):
     common = ["vp_linear", "--jobs", "1", "--quiet", "--no-verify"]
     assert _cli.main([*common, "--nfe", "4", "--order", "3", "--out", str(tmp_path / "later")]) == 0
