@@ -72,6 +72,7 @@ class BuiltTable:
     spec: _spec.Spec
     tensors: dict
     meta: dict
+    probe: float | None = None     # gr.gaussian_probe of the table's own sampler (None: not run, verify="none")
 
     @property
     def name(self):
@@ -220,14 +221,22 @@ class Derived:
                            verify=verify)[0]
 
     def tables(self, requests=None, *, verify="fast", jobs=1):
-        """Build several tables (default: the spec's defaults); jobs > 1 forks that many workers."""
+        """Build several tables (default: the spec's defaults); jobs > 1 forks that many workers.
+
+        Unless verify="none", each table's own sampler is also run on Gaussian data with the exact score
+        (``gddim_runtime.gaussian_probe``, 0.01-3 s, in ``BuiltTable.probe``): an
+        ``gddim_runtime.UnstableSamplerWarning`` names a table whose sampler is unstable on the process."""
         requests = self.requests() if requests is None else list(requests)
         bad = [r for r in requests if not isinstance(r, TableRequest)]
         if bad:
             raise SpecError("tables", "requests", f"expected TableRequest values (d.request(nfe=...)), got {bad[0]!r}")
         built = build_tables(self.derivation, requests, self.spec_arg, self.versions, verify=verify,
                              verifier=self.verifier, jobs=jobs)
-        return [BuiltTable(r, self.spec, tensors, meta) for r, (tensors, meta) in zip(requests, built)]
+        out = [BuiltTable(r, self.spec, tensors, meta) for r, (tensors, meta) in zip(requests, built)]
+        if verify == "none":
+            return out
+        from gddim_runtime._probe import warn_if_unstable
+        return [dataclasses.replace(tab, probe=warn_if_unstable(tab.to_runtime(), tab.name)) for tab in out]
 
     def dense(self):
         """The dense interpolants (what ``<name>_dense.safetensors`` holds)."""

@@ -22,6 +22,7 @@ _LAZY = {
     "table_from_dense": "._weights", "GDDIMScheduler": ".diffusers",
     "add_noise": "._training", "training_target": "._training", "diffusion_loss": "._training", "sample_times": "._training",
     "gaussian_eps": "._training", "gaussian_probe": "._probe",
+    "UnstableSamplerWarning": "._probe", "PROBE_LIMIT": "._probe",
 }
 
 __all__ = ["FORMAT_VERSION", "TableError", "read_table", *_LAZY]

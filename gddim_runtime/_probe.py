@@ -8,23 +8,51 @@ size 0.5, finite, so nothing failed. ``gaussian_probe`` runs the table's sampler
 per data coordinate, whose score at the grid times follows from the table's own sigma and D.
 """
 
+import warnings
+
 import torch
 
 from ._dct import dct2, idct2
-from ._samplers import SamplingError, sample
+from ._samplers import SamplingError, default_sampler, final_denoise, sample
 from ._table import block_apply
 
 
+PROBE_LIMIT = 10          # measured: 0.6-1.55 on the committed tables; unstable ones 1e2 .. 1e61 or inf
+
+
+class UnstableSamplerWarning(UserWarning):
+    """A table whose own sampler strays from the probability flow on Gaussian data (``gaussian_probe``
+    at or above ``PROBE_LIMIT``): its coefficients are right, the multistep is unstable on the process."""
+
+
+def warn_if_unstable(table, name=None):
+    """``gaussian_probe(table)``; an ``UnstableSamplerWarning`` naming the table when it is >= PROBE_LIMIT."""
+    ratio = gaussian_probe(table)
+    if not ratio < PROBE_LIMIT:
+        warnings.warn(UnstableSamplerWarning(
+            f"{name or table.path}: its sampler ({default_sampler(table)}) is unstable on this process: with the "
+            f"exact score of Gaussian data its samples or its state before the final denoising come out {ratio:.3g} "
+            f"times their exact size (gr.gaussian_probe; 0.6-1.6 on the committed tables); the coefficients are "
+            "right, the multistep is not (a stiff drift, too few steps): use --order auto (derive), another "
+            "sampler, a lower order or more steps"), stacklevel=3)
+    return ratio
+
+
 def gaussian_probe(table, sampler=None, scale=1.0, batch=256, seed=0):
-    """The rms of the samples' data component over ``batch`` prior draws, divided by ``scale``, when the
-    model is the exact score of data N(0, scale^2) in every data coordinate: about 1 for a sampler
-    that follows the probability flow (less at low NFE, where modes come out narrow; 0.5-1.1 on the
-    committed tables), 1e2 .. 1e60 or inf where the sampler is unstable on the process. ``sampler``:
-    default the table's own (``default_sampler``). One sample() call in float64 on the table's device."""
+    """How far the table's sampler strays from the probability flow when the model is the exact score of
+    data N(0, scale^2) in every data coordinate: the largest of (a) the rms of the samples' data component
+    over ``scale`` (after the final denoising when the table takes it) and (b) per state component, the rms
+    of the state at t_N (before the denoising) over its exact rms sqrt(diag(Sigma + scale^2 d d^T)), d the
+    data's column of D. About 1 for a sampler that follows the flow (less at low NFE, where modes come
+    out narrow; 0.5-1.1 on the committed tables); 1e2 .. 1e60 or inf where the sampler is unstable on the
+    process. (b) sees what the denoising projects away: an eps-form corrector that blew a noise-free
+    component up 2000x (a Jordan-block process, sweep 7) kept (a) at 1.0. ``sampler``: default the table's
+    own (``default_sampler``). One sample() call in float64 on the table's device."""
     tensors = table.tensors
     t, basis = tensors["t"], table.basis
     d = tensors["data_to_state"][..., :1]                                # [N+1, P, k, 1]: the data's column
-    S_inv = torch.linalg.inv(tensors["sigma"] + scale ** 2 * d @ d.transpose(-1, -2))
+    V = tensors["sigma"] + scale ** 2 * d @ d.transpose(-1, -2)           # the state's covariance
+    S_inv = torch.linalg.inv(V)
     dct = basis[0] == "dct2d"
 
     def score(x, tt):
@@ -35,8 +63,16 @@ def gaussian_probe(table, sampler=None, scale=1.0, batch=256, seed=0):
     data_shape = (1,) + tuple(basis[1]) if dct else (1,)
     try:
         u = sample(score, table, batch=batch, data_shape=data_shape, parametrization="score", sampler=sampler,
-                   dtype=torch.float64, generator=torch.Generator(t.device).manual_seed(seed), progress=False)
+                   dtype=torch.float64, generator=torch.Generator(t.device).manual_seed(seed), progress=False,
+                   denoise=False)
     except SamplingError:                                                   # the state overflowed to inf / NaN
         return float("inf")
+    if not bool(torch.isfinite(u).all()):
+        return float("inf")
+    var = torch.diagonal(V[-1], dim1=-2, dim2=-1).mean(0)                  # [k], over coordinates (orthonormal DCT)
+    ms = u.square().transpose(0, 1).reshape(u.shape[1], -1).mean(1)
+    state = (ms / var.clamp(min=1e-12 * float(var.max()))).sqrt().max()    # a channel the data hardly reaches: floor
+    if table.meta.get("denoise", True):
+        u = final_denoise(table, u, score(u, t[-1:]), "score")
     x = u[:, 0]
-    return float(x.square().mean().sqrt() / scale) if bool(torch.isfinite(x).all()) else float("inf")
+    return max(float(x.square().mean().sqrt() / scale), float(state))

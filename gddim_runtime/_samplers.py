@@ -57,11 +57,19 @@ def _conversion(parametrization, R, L, D):
         return None, -Rt
     if parametrization == "x0":
         Rinv = torch.linalg.inv_ex(R, check_errors=False).inverse
-        return Rinv, -Rinv @ D
+        return Rinv, -Rinv @ _data_column(D)
     if parametrization == "eps_L_v":
         k = R.shape[-1]
         return None, Rt[..., :, k - 1:] / L[..., k - 1:, k - 1:]
     raise SamplingError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
+
+
+def _data_column(D):
+    """D with its auxiliary columns zeroed: an x0 output is E[[x0; 0] | u], so whatever a model puts in the
+    auxiliary components (CLD's v) is ignored rather than moving the samples (0.52 per unit, sweep 7)."""
+    out = torch.zeros_like(D)
+    out[..., :1] = D[..., :1]
+    return out
 
 
 def _score_conversion(parametrization, R, L, D):
@@ -78,7 +86,7 @@ def _score_conversion(parametrization, R, L, D):
         return None, torch.eye(k, dtype=R.dtype, device=R.device).expand_as(R)
     if parametrization == "x0":
         Sinv = LinvT @ Linv
-        return -Sinv, Sinv @ D
+        return -Sinv, Sinv @ _data_column(D)
     if parametrization == "eps_L_v":
         So = torch.zeros(R.shape[:-1] + (1,), dtype=R.dtype, device=R.device)
         So[..., k - 1, 0] = -1 / L[..., k - 1, k - 1]
@@ -730,7 +738,7 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
         64 and (3, 32, 32); a dct2d table needs its basis size as the last two axes). Taken from
         ``x_T`` when given.
     parametrization: what the model outputs: "eps_R" (gDDIM's eps, s = -R^-T eps), "eps_L"
-        (Cholesky, as CLD-SGM), "score", "x0" (E[[x0; 0] | u_t]: zeros in CLD's v), "eps_L_v" (only the last
+        (Cholesky, as CLD-SGM), "score", "x0" (E[[x0; 0] | u_t]: its auxiliary components, CLD's v, are ignored), "eps_L_v" (only the last
         component of eps_L, [B, 1, *data_shape]; no final denoising).
     sampler: a name in ``SAMPLERS``: "gddim" (multistep of the table's order), "gddim_pc"
         (with the corrector; table with corrector weights), "gddim_sde" (table with lam > 0),

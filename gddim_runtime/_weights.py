@@ -343,7 +343,7 @@ def _stochastic(psi, R, M0, lam2, ip):
 
 
 def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, corrector=False, lam=None,
-                     device="cpu", basis=None):
+                     device="cpu", basis=None, probe=True):
     """A sampler Table for any grid, computed in float64 from a dense file (``<name>_dense.safetensors``).
 
     dense: a path or ``gddim_runtime.load_dense(...)``; nfe: model evaluations (steps = nfe - 1
@@ -356,6 +356,8 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
     records one, else identity when P = 1 and a square dct2d otherwise). Returns the same tensors as
     a derive table (README "Table format"), float64 on ``device``, via ``from_tensors``.
     Accuracy: <= 1e-12 relative to derive's 60-digit tables on the built-in specs (README).
+    probe: run the table's own sampler on Gaussian data with the exact score (``gaussian_probe``,
+    0.01-3 s) and warn (``UnstableSamplerWarning``) when it is unstable on the process.
     """
     from ._table import from_tensors
     ip = _Interp(dense)
@@ -390,7 +392,12 @@ def table_from_dense(dense, nfe=None, order=3, grid="quadratic", denoise=True, c
         "k": ip.k, "P": ip.P,
     }
     tensors = {name: np.ascontiguousarray(v, dtype=np.float64) for name, v in tensors.items()}
-    return from_tensors(tensors, meta, device=device, path=f"{ip.path or '<dense>'}[{meta['grid']['name']}, N={N}, q={order}]")
+    table = from_tensors(tensors, meta, device=device,
+                         path=f"{ip.path or '<dense>'}[{meta['grid']['name']}, N={N}, q={order}]")
+    if probe:
+        from ._probe import warn_if_unstable
+        warn_if_unstable(table)
+    return table
 
 
 def _lag_nodes(times, order, corrector, lam):

@@ -139,7 +139,7 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
             return cfg.grid
         steps = n - (1 if cfg.denoise_final else 0)
         named = table_from_dense(self.dense, nfe=n, order=1, grid=cfg.grid, denoise=cfg.denoise_final,
-                                 basis=self._basis()).t.tolist()
+                                 basis=self._basis(), probe=False).t.tolist()
         tau = [round(cfg.timestep_scale * t + cfg.timestep_shift) for t in named]
         times = [min(max((v - cfg.timestep_shift) / cfg.timestep_scale, self.t_min), self.T) for v in tau]
         if any(b >= a for a, b in zip(times, times[1:])) or len(times) != steps + 1:
@@ -155,8 +155,11 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
         if n < (2 if cfg.denoise_final else 1):
             raise ValueError(f"GDDIMScheduler: num_inference_steps: needs at least {2 if cfg.denoise_final else 1}, got {n}")
         device = torch.device("cpu" if device is None else device)
+        probed = self.__dict__.setdefault("_probed", set())      # the stability probe once per step count
         self.table = table_from_dense(self.dense, nfe=n, order=cfg.solver_order, grid=self._times(n),
-                                      denoise=cfg.denoise_final, device=device, basis=self._basis())
+                                      denoise=cfg.denoise_final, device=device, basis=self._basis(),
+                                      probe=n not in probed)
+        probed.add(n)
         calls = self.table.steps + (1 if cfg.denoise_final else 0)
         tau = cfg.timestep_scale * self.table.t[:calls] + cfg.timestep_shift
         self.timesteps = tau.round() if cfg.integer_timesteps else tau
