@@ -409,3 +409,61 @@ def test_dense_file_against_the_references():
         edited[name][5] *= 1 + 1e-6
         report = check_dense(spec, edited, meta, "fast")
         assert not report.passed and not next(r for r in report.rows if r.quantity.split()[1] == name).passed, name
+
+
+def test_report_keeps_the_worst_error_of_a_quantity():
+    """Rows are merged per quantity over coordinates and calls: the worst error must win (sweep 8: a report
+    that kept the better of two passed every test)."""
+    from validation._check import Report
+    report = Report("x", "fast")
+    report.add("psi", [(0, 1e-3, 5.0), (1, 1e-16, 0.5)], "m", 1e-9)
+    report.add("psi", [(2, 1e-15, 1.0)], "m", 1e-9)
+    report.add("psi", [(3, float("nan"), 0.0)], "other", 1e-9)
+    (a, b) = report.rows
+    assert (a.worst_step, a.rel, a.ulps) == (0, 1e-3, 5.0) and not a.passed
+    assert b.worst_step == 3 and not b.passed and not report.passed
+
+
+def test_fast_check_catches_edits_only_a_reference_or_an_exact_zero_sees(cld_table):
+    """Edits that keep every sum identity: the lags of the last step swapped (the scipy row must look beyond
+    step 0), an unused lag made 1e-20 (must stay an exact zero), and the second x0 weight (-D^-1 R) off by
+    1e-6 (sweep 8: each survived)."""
+    spec, tensors, meta = cld_table
+    edits = []
+    t = {k: v.copy() for k, v in tensors.items()}
+    t["eps_weights"][-1] = t["eps_weights"][-1, ::-1].copy()
+    edits.append(("last step's lags swapped", t))
+    t = {k: v.copy() for k, v in tensors.items()}
+    assert t["eps_weights"][0, 1].max() == 0 and t["eps_weights"][0, 1].min() == 0   # step 0 has one lag
+    t["eps_weights"][0, 1, 0, 0, 0] = 1e-20
+    edits.append(("unused lag 1e-20", t))
+    t = {k: v.copy() for k, v in tensors.items()}
+    t["x0_weights"][1] *= 1 + 1e-6
+    edits.append(("x0_weights[1] off by 1e-6", t))
+    for name, edited in edits:
+        assert not check_table(spec, edited, meta, level="fast").passed, name
+
+
+def test_full_check_sees_a_sub_identity_edit_of_a_later_lag(vp_small):
+    """Lag 1 of the last step moved by 5e-13 of the terms its step sums (R_t, Psi R_s): below the identity's
+    1e-12, so only the 45-digit per-lag row can see it, at its 1e-13 tolerance (sweep 8: a full check of
+    lag 0 only, or a tolerance of 1e-11, passed every test)."""
+    spec, tensors, meta = vp_small
+    t = {k: v.copy() for k, v in tensors.items()}
+    R, psi = t["R"][:, 0, 0, 0], t["psi"][:, 0, 0, 0]
+    terms = max(abs(R[-1]), abs(psi[-1] * R[-2]))
+    t["eps_weights"][-1, 1, 0, 0, 0] += 5e-13 * terms
+    report = check_table(spec, t, meta, level="full")
+    bad = [r.quantity.split(" (")[0] for r in report.rows if not r.passed]
+    assert bad == ["eps_weights"], report.text()
+
+
+def test_fast_check_applies_the_identity_at_every_step(derivations):
+    """The scipy row looks at four steps; the sum identity at all of them, at 1e-12: a weight of step 2 of 7
+    moved by 5e-11 of its step's terms is caught by the identity alone (sweep 8: at 1e-10 it passed)."""
+    spec, tensors, meta = _unverified_table(derivations("vp_linear"), "vp_linear", nfe=8)
+    t = {k: v.copy() for k, v in tensors.items()}
+    R, psi = t["R"][:, 0, 0, 0], t["psi"][:, 0, 0, 0]
+    t["eps_weights"][2, 0, 0, 0, 0] += 5e-11 * max(abs(R[3]), abs(psi[2] * R[2]))
+    report = check_table(spec, t, meta, level="fast")
+    assert [r.quantity for r in report.rows if not r.passed] == ["sum_j eps_weights"], report.text()
