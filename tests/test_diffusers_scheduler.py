@@ -251,3 +251,26 @@ def test_step_refuses_a_batch_that_changes_mid_run():
     with pytest.raises(ValueError, match=r"timesteps \(3\) must be one per sample \(2\)"):
         sched.add_noise(x, torch.randn_like(x), [10, 20, 30])
     assert sched.add_noise(x, torch.randn_like(x), [10, 20]).shape == x.shape
+
+
+def test_prediction_types_agree_where_d2_plus_r2_is_not_one(tmp_path):
+    """On VP, D^2 + R^2 = 1, so the v conversion's denominator never mattered (sweep 8: dropping it passed);
+    VE (D = 1, R = sigma) is a k = 1 process where it does. D and R are the table's at each grid time."""
+    import derive
+    path = tmp_path / "ve_dense.safetensors"
+    path.write_bytes(derive.derive("ve").dense().to_bytes())
+    g = torch.Generator().manual_seed(2)
+    x, eps = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    outs = {}
+    for kind in ("epsilon", "sample", "v_prediction"):
+        s = GDDIMScheduler(str(path), solver_order=2, prediction_type=kind)
+        s.set_timesteps(5)
+        u = 50 * x
+        for i, tau in enumerate(s.timesteps):
+            D, R = (float(s.table.tensors[n][i].reshape(-1)[0]) for n in ("data_to_state", "R"))
+            out = {"epsilon": eps, "sample": (u - R * eps) / D, "v_prediction": D * eps - R * (u - R * eps) / D}[kind]
+            u = s.step(out, tau, u).prev_sample
+        outs[kind] = u
+    scale = float(outs["epsilon"].abs().max())
+    assert float((outs["sample"] - outs["epsilon"]).abs().max()) < 1e-10 * scale
+    assert float((outs["v_prediction"] - outs["epsilon"]).abs().max()) < 1e-10 * scale
