@@ -619,3 +619,35 @@ def test_an_x0_output_is_read_in_its_data_component_only(sampler):
                                   dtype=torch.float64, generator=torch.Generator().manual_seed(3), **options)
     a, b = run(clean), run(noisy)
     assert (a - b).abs().max() <= 1e-10 * a.abs().max(), float((a - b).abs().max())
+
+
+def _vp_gaussian_run(sampler, nfe, batch, s2=0.25):
+    """VP from its dense file, data N(0, s2): the exact score -u / V_t (V_t = Sigma_t + s2 D_t^2), x_T drawn
+    from N(0, V_T); returns (samples at t_min, the exact flow's endpoint sqrt(V_min / V_T) x_T, V_min)."""
+    from conftest import ROOT
+    tab = gr.table_from_dense(ROOT / "coeffs" / "vp_linear" / "vp_linear_dense.safetensors", nfe=nfe, order=1,
+                              grid="quadratic", denoise=False, probe=False)
+    T = tab.tensors
+    V = (T["sigma"] + s2 * T["data_to_state"] ** 2)[:, 0, 0, 0]
+    score = lambda x, tt: -x / V[int((T["t"] == tt[0]).nonzero()[0, 0])]
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(batch, 1, 1, generator=g, dtype=torch.float64) * V[0].sqrt()
+    u = gr.sample(score, tab, x_T=x_T, parametrization="score", sampler=sampler, dtype=torch.float64, generator=g,
+                  denoise=False)
+    return u, x_T * (V[-1] / V[0]).sqrt(), float(V[-1])
+
+
+def test_heun_follows_the_exact_flow():
+    """The flow of Gaussian data is u_t = sqrt(V_t / V_T) u_T (dV/dt = 2 F V + g^2). Heun at 40 steps: 3.2e-6
+    measured, and 100x better than at 20 (sweep 8: the second stage's output taken at the first stage's time
+    passed every test; it gives 0.2, first order)."""
+    errs = [float((u - exact).abs().max()) for u, exact, _ in (_vp_gaussian_run("heun", n, 8) for n in (20, 40))]
+    assert errs[1] < 1e-4 and errs[0] > 10 * errs[1], errs
+
+
+def test_ancestral_ends_at_the_right_variance():
+    """Ancestral sampling with the exact score: the variance at t_min over its exact value, 20000 draws
+    (Monte-Carlo 1 %): 0.972 measured at 400 steps (the rest first-order bias). Sweep 8: Var[u_s | u_t]
+    with Psi instead of Psi^2, or the noise 5 % too large, passed every test."""
+    u, _, V = _vp_gaussian_run("ancestral", 400, 20000)
+    assert abs(float(u.var()) / V - 1) < 0.05, float(u.var()) / V
