@@ -238,6 +238,7 @@ def _nan_in(name):
     (_nan_in("x0_weights"), "tensor x0_weights holds NaN or inf"),         # was: NaN samples returned, no error
     (_nan_in("sigma"), "tensor sigma holds NaN or inf"),
     (lambda ts, m: ts["t"].__setitem__(3, ts["t"][5]), "t must decrease strictly"),     # heun stepped backwards
+    (lambda ts, m: ts["t"].__setitem__(3, ts["t"][4]), "t must decrease strictly"),     # a zero-length step
     (lambda ts, m: ts["t"].__setitem__(-1, -1e-3), "t must decrease strictly from t_0 to t_N = t_min >= 0"),
     (lambda ts, m: ts.__setitem__("x0_weights_ms", ts["x0_weights_ms"][:5]), r"x0_weights_ms has shape \(5,"),
     (lambda ts, m: ts.__setitem__("x0_psi", ts["x0_psi"][:, :0]), "x0_psi has shape"),  # ValueError in the sampler
@@ -293,6 +294,7 @@ def _set(name, index, value):
     (lambda ts, m: ts.__setitem__("edges", ts["edges"][::-1].copy()), "edges must increase strictly"),
     (lambda ts, m: ts.__setitem__("edges", ts["edges"] * 2), r"edges run from 0.002 to 2, but the spec's t_min is 1/1000"),
     (lambda ts, m: ts.__setitem__("nodes", ts["nodes"][::-1].copy()), "nodes must be the Chebyshev points"),  # sampled wrong
+    (lambda ts, m: ts["nodes"].__setitem__(3, ts["nodes"][3] + 1e-9), "nodes must be the Chebyshev points"),
     (lambda ts, m: ts.__setitem__("R", ts["R"][:-1]), r"dense tensor R has shape \("),                 # IndexError
     (lambda ts, m: ts.__setitem__("F", np.concatenate([ts["F"]] * 2, axis=2)), r"dense tensor F has shape"),
     (lambda ts, m: ts.__setitem__("R", ts["R"][..., 0]), r"expected \[panels, nodes, P, k, k\]"),
@@ -375,3 +377,31 @@ def test_inspect_refuses_what_the_loader_refuses_and_names_missing_meta(tmp_path
         for cmd in (["derive", "inspect", str(path)], ["validation", str(path), "--spec", "vp_linear", "--level", "fast"]):
             out = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, cwd=ROOT)
             assert out.returncode == 2 and out.stderr.count("\n") == 1 and match in out.stderr, (cmd, out)
+
+
+def test_a_float32_tensor_in_a_table_file_is_refused(tmp_path):
+    """The reader's float64 check (sweep 8: removing it passed every test; a float32 weight would round every
+    step at 1e-7). The file is forged with a valid content hash, so only the dtype check can refuse it."""
+    import json as _json
+
+    from safetensors.numpy import save
+
+    from gddim_runtime._format import FORMAT, FORMAT_VERSION, HEADER_KEY, content_hash
+    tensors, meta = read_table(COEFFS / "vp_linear" / "vp_linear_nfe10_quadratic_q3.safetensors")
+    tensors = {n: np.ascontiguousarray(a) for n, a in tensors.items()}
+    tensors["eps_weights"] = tensors["eps_weights"].astype(np.float32)
+    meta_json = _json.dumps(meta, sort_keys=True, separators=(",", ":"))
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": meta_json,
+              "content_sha256": content_hash(tensors, meta_json)}
+    path = tmp_path / "f32.safetensors"
+    path.write_bytes(save(dict(sorted(tensors.items())), metadata={HEADER_KEY: _json.dumps(header, sort_keys=True)}))
+    with pytest.raises(TableError, match="tensor eps_weights is float32, expected float64"):
+        read_table(path)
+
+
+def test_table_bytes_do_not_depend_on_the_order_of_meta_keys():
+    """Files are byte-stable: meta is serialised with sorted keys (sweep 8: dropping sort_keys passed)."""
+    tensors, meta = read_table(COEFFS / "vp_linear" / "vp_linear_nfe10_quadratic_q3.safetensors")
+    backwards = dict(reversed(list(meta.items())))
+    assert list(backwards) != list(meta)
+    assert table_bytes(tensors, backwards) == table_bytes(tensors, meta)

@@ -292,3 +292,10 @@ def test_a_spec_name_too_long_for_the_file_system_is_bad_input():
     from derive import derive
     with pytest.raises(SpecError, match=r"^a{77}\.\.\.: spec: no such file or built-in spec"):
         derive("a" * 300)
+
+
+def test_a_negative_t_min_is_refused():
+    """time.t_min < 0 (sweep 8: a check moved to t_min < -1 passed every test)."""
+    from derive import derive
+    with pytest.raises(SpecError, match=r"time.t_min: must be >= 0, got -1/2"):
+        derive("name: neg\nstate: [x]\ndrift: [[-1]]\ndiffusion: [[1]]\ntime: {t_min: -1/2, T: 1}\n")
