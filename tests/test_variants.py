@@ -459,3 +459,15 @@ def test_final_correction_at_nfe10(vp, c):
     cfg = (10, 2, "logsnr", "logsnr", "gddim_x0_pc")
     new, old = _vp_gaussian_errors(vp, c, [cfg + ({"last": "correct"}, True, 0), cfg + ({}, True, 0)])
     assert new < 0.85 * old, (new, old)
+
+
+def test_full_check_covers_every_step(vp):
+    """Lags swapped at step 5 of 7 keep every sum identity, and the fast level samples steps {0, 1, 2, 3, 6}
+    by design: the full level must look at every step (sweep 8: a full level of step 0 only passed)."""
+    tab = vp.table(nfe=8, order=3, grid="quadratic", variable="logsnr", form="x0", verify="none")
+    tensors = dict(tab.tensors)
+    X = tensors["x0_weights_ms"].copy()
+    X[5, [0, 1]] = X[5, [1, 0]]
+    tensors["x0_weights_ms"] = X
+    assert check_variant_table(vp.spec, tensors, tab.meta, level="fast").passed
+    assert not check_variant_table(vp.spec, tensors, tab.meta, level="full").passed
