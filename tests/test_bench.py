@@ -120,3 +120,17 @@ def test_peer_setup_is_the_same_process(derivations):
     u, info = gr.sample(TableModel(mix, tab), tab, x_T=x_T[:, None], dtype=torch.float64, return_info=True)
     assert calls == nfe and info["nfe"] == nfe
     assert (x - u[:, 0]).abs().max() < 1e-5 * u.abs().max()
+
+
+def test_sliced_w2_of_a_shift_is_the_shift():
+    """In one dimension every direction is +-1, so the sliced W2 of a set and its copy shifted by 0.3 is 0.3
+    exactly; in d dimensions, a shift by v gives sqrt(mean_dirs (v . dir)^2) -> |v| / sqrt(d) (sweep 8: the
+    metric without its square root passed every test)."""
+    import torch
+
+    from validation.bench import sliced_w2
+    a = torch.randn(500, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert abs(sliced_w2(a, a + 0.3) - 0.3) < 1e-12
+    b = torch.randn(500, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    v = torch.tensor([0.4, -0.2, 0.0, 0.4], dtype=torch.float64)                       # |v| = 0.6
+    assert abs(sliced_w2(b, b + v, n_dir=4096) - 0.6 / 2) < 0.02
