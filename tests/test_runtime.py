@@ -651,3 +651,15 @@ def test_ancestral_ends_at_the_right_variance():
     with Psi instead of Psi^2, or the noise 5 % too large, passed every test."""
     u, _, V = _vp_gaussian_run("ancestral", 400, 20000)
     assert abs(float(u.var()) / V - 1) < 0.05, float(u.var()) / V
+
+
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "heun"])
+def test_baselines_agree_across_parametrizations(sampler):
+    """The exact model given as x0, score or eps_R (at grid times, where TableModel is exact): the baselines
+    convert each output and must draw the same samples, to rounding."""
+    tab = gr.load(_coeffs("cld", "cld_nfe20_auto4_q4_pc_inrho_x0.safetensors"))
+    mix = MixtureScore(torch.tensor([[-1.0, 0.5], [0.8, -0.2]], dtype=torch.float64), [0.4, 0.6])
+    runs = {p: gr.sample(TableModel(mix, tab, p), tab, batch=16, data_shape=(2,), parametrization=p, sampler=sampler,
+                         dtype=torch.float64, generator=torch.Generator().manual_seed(3)) for p in ("eps_R", "score", "x0")}
+    for p in ("score", "x0"):
+        assert (runs[p] - runs["eps_R"]).abs().max() <= 1e-9 * runs["eps_R"].abs().max(), p
