@@ -97,6 +97,7 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = None
         self._step_index = None
         self._history = []
+        self._probed = set()                                     # step counts whose table the stability probe ran on
 
     # ----- saving: the dense file travels with the config ----------------------------------------
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
@@ -155,11 +156,10 @@ class GDDIMScheduler(SchedulerMixin, ConfigMixin):
         if n < (2 if cfg.denoise_final else 1):
             raise ValueError(f"GDDIMScheduler: num_inference_steps: needs at least {2 if cfg.denoise_final else 1}, got {n}")
         device = torch.device("cpu" if device is None else device)
-        probed = self.__dict__.setdefault("_probed", set())      # the stability probe once per step count
         self.table = table_from_dense(self.dense, nfe=n, order=cfg.solver_order, grid=self._times(n),
                                       denoise=cfg.denoise_final, device=device, basis=self._basis(),
-                                      probe=n not in probed)
-        probed.add(n)
+                                      probe=n not in self._probed)      # the stability probe once per step count
+        self._probed.add(n)
         calls = self.table.steps + (1 if cfg.denoise_final else 0)
         tau = cfg.timestep_scale * self.table.t[:calls] + cfg.timestep_shift
         self.timesteps = tau.round() if cfg.integer_timesteps else tau
