@@ -52,15 +52,20 @@ def _lift(x0, k):
 def _coefficients(dense, t, like):
     """The dense coefficients at the times t; t outside [t_min, T] (or NaN) is refused by a device-side
     assert (no host sync): the Chebyshev panels extrapolate there (NaN at 1.5 T, a wrong Sigma at 5 T),
-    which would train on garbage pairs without a word (timesteps 0..999 passed for t, say)."""
+    which would train on garbage pairs without a word (timesteps 0..999 passed for t, say).
+
+    The bounds allow the rounding of t's own dtype: a sampler hands a float32 network the grid's ends
+    rounded to float32, which can lie 2^-24 outside (bdm8: T = 0.99598 became 0.9959800243, refused);
+    such a time is evaluated at the end it rounds (clamped), never extrapolated."""
     if not torch.is_tensor(t) or not t.is_floating_point():
         got = f"a {t.dtype} tensor" if torch.is_tensor(t) else type(t).__name__
         raise TypeError(f"t must be a floating-point tensor of times [B], got {got}")
     tt = t.to(device=dense.edges.device, dtype=torch.float64).reshape(-1)
-    slack = 1e-12 * dense.T
-    torch._assert_async(((tt >= dense.t_min - slack) & (tt <= dense.T + slack)).all(),
+    eps, floor = 2 * torch.finfo(t.dtype).eps, 1e-12 * dense.T
+    lo, hi = dense.t_min * (1 - eps) - floor, dense.T * (1 + eps) + floor
+    torch._assert_async(((tt >= lo) & (tt <= hi)).all(),
                         f"gddim_runtime: t outside [t_min, T] of {dense.path} (or NaN): draw times with sample_times")
-    c = dense.at(tt)
+    c = dense.at(tt.clamp(dense.t_min, dense.T))
     return {n: v.to(device=like.device) for n, v in c.items()}
 
 

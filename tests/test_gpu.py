@@ -190,13 +190,24 @@ def test_whole_call_graph_x0_corrector(x0_table):
         assert (a - b).abs().max() <= 1e-12 * a.abs().max()
 
 
+def _nan_above(x, t):
+    """_model, but NaN wherever |x| > 1e30: a finite x_T holding one such value fails at step 0."""
+    return torch.where(x.abs() > 1e30, torch.full_like(x, float("nan")), _model(x, t))
+
+
 def test_whole_call_graph_reports_nan():
-    """The NaN flags are reset inside the graph: a clean replay after a bad one passes, a bad one raises."""
+    """The NaN flags are reset inside the graph: a clean replay after a bad one passes; a model output
+    that is NaN at step 0 and a NaN x_T (its own flag, checked since the runtime names a bad x_T)
+    each raise their own message when replayed."""
     table = gr.load(COEFFS / "cld/cld_nfe10_quadratic_q3.safetensors", device="cuda")
     x_T = torch.ones((2, 2, 3, 4, 4), device="cuda")
-    nan = x_T.clone()
+    big, nan = x_T.clone(), x_T.clone()
+    big[1, 0, 2, 3, 3] = 1e31
     nan[1, 0, 2, 3, 3] = float("nan")
-    assert torch.isfinite(gr.sample(_model, table, x_T=x_T, compile="graph")).all()      # captured here
-    with pytest.raises(gr.SamplingError, match=r"not finite \(NaN/inf\) at step 0"):
-        gr.sample(_model, table, x_T=nan, compile="graph")                             # replayed
-    assert torch.isfinite(gr.sample(_model, table, x_T=x_T, compile="graph")).all()   # flags reset in the graph
+    assert torch.isfinite(gr.sample(_nan_above, table, x_T=x_T, compile="graph")).all()   # captured here
+    with pytest.raises(gr.SamplingError, match=r"model output is not finite \(NaN/inf\) at step 0"):
+        gr.sample(_nan_above, table, x_T=big, compile="graph")                          # replayed
+    assert torch.isfinite(gr.sample(_nan_above, table, x_T=x_T, compile="graph")).all()  # flags reset in the graph
+    with pytest.raises(gr.SamplingError, match=r"x_T is not finite \(NaN/inf\)"):
+        gr.sample(_nan_above, table, x_T=nan, compile="graph")
+    assert torch.isfinite(gr.sample(_nan_above, table, x_T=x_T, compile="graph")).all()

@@ -11,10 +11,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gddim_runtime as gr
 from conftest import ROOT
 
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 Z = 5.0          # tolerance in standard errors for every Monte-Carlo comparison
 
 
@@ -324,6 +327,29 @@ def test_times_outside_the_process_are_refused(dense, bad_t):
         gr.training_target(d, x0, bad_t.double(), eps, "score")
     with pytest.raises(RuntimeError, match=r"t outside \[t_min, T\]"):
         gr.gaussian_eps(d, u, bad_t.double())
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["cld", "vp_linear"]), dtype=st.sampled_from(DTYPES),
+       u=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0, 1)), bump=st.sampled_from([-1, 0, 1]))
+def test_times_rounded_to_the_model_dtype_are_accepted(dense, name, dtype, u, bump):
+    """Any time in [t_min, T] rounded to a float dtype, or one step of that dtype beside it, is accepted
+    and evaluated at a time in [t_min, T] (the learned bdm8 run died on CUDA and CPU alike: a sampler
+    gave its float32 network T = 0.99598 as 0.9959800243 and the float64 check refused it); times
+    5 % beyond either end stay refused in every dtype."""
+    d = dense(name)
+    t_min, T = float(d.t_min), float(d.T)
+    t = torch.tensor([t_min + u * (T - t_min)] * 3, dtype=torch.float64).to(dtype)
+    if bump:
+        t = torch.nextafter(t, torch.full_like(t, bump * math.inf))
+    x0 = torch.randn(3, 2, dtype=torch.float64)
+    eps = torch.randn(3, d.k, 2, dtype=torch.float64)
+    got = gr.training_target(d, x0, t, eps, "score")
+    inside = t.double().clamp(t_min, T)
+    assert torch.equal(got, gr.training_target(d, x0, inside, eps, "score"))
+    for bad in (0.95 * t_min, 1.05 * T):
+        with pytest.raises(RuntimeError, match=r"t outside \[t_min, T\]"):
+            gr.training_target(d, x0, torch.full((3,), bad, dtype=torch.float64).to(dtype), eps, "score")
 
 
 @pytest.mark.parametrize("call, match", [
