@@ -61,7 +61,8 @@ def _coefficients(dense, t, like):
         got = f"a {t.dtype} tensor" if torch.is_tensor(t) else type(t).__name__
         raise TypeError(f"t must be a floating-point tensor of times [B], got {got}")
     tt = t.to(device=dense.edges.device, dtype=torch.float64).reshape(-1)
-    eps, floor = 2 * torch.finfo(t.dtype).eps, 1e-12 * dense.T
+    info = torch.finfo(t.dtype)                 # relative rounding, and float16's subnormal spacing near t_min
+    eps, floor = 2 * info.eps, (1e-12 * dense.T).clamp(min=info.smallest_normal * info.eps)   # no host read
     lo, hi = dense.t_min * (1 - eps) - floor, dense.T * (1 + eps) + floor
     torch._assert_async(((tt >= lo) & (tt <= hi)).all(),
                         f"gddim_runtime: t outside [t_min, T] of {dense.path} (or NaN): draw times with sample_times")
