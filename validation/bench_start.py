@@ -10,7 +10,6 @@ quadratic / logsnr, from T and from rho_s = 60, 25, 10 (the state at t_s: R_ts R
 validation/results/start_cld.txt.
 """
 import math
-import sys
 import tempfile
 from pathlib import Path
 import torch
@@ -77,4 +76,8 @@ def main(name="cld"):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m validation.bench_start", description=__doc__.split("\n")[0])
+    builtin = sorted(f.stem for f in (Path(derive.__file__).parent / "sdes").glob("*.yaml"))
+    p.add_argument("spec", nargs="?", default="cld", choices=builtin, help="a built-in spec (default: %(default)s)")
+    main(p.parse_args().spec)
