@@ -2,8 +2,11 @@
 and ``recommend``: the configuration (order, form, variable, corrector) for a process and NFE,
 chosen by running every candidate sampler on two-mode proxies (second half of this module).
 
-``make_auto_grid`` (GRID_SOURCE "best"): per NFE and order, of two grids the one on which the
-two-mode proxies end closer to their reference (``grid_choice``): the measured grid
+``make_auto_grid``: AUTO_SHARE (0.7) of the steps placed as the proxies ask, the rest on the quadratic
+grid's density (``blend_grids``; the proxies' modes part at low noise, so alone they leave the high-noise
+end with few steps, where learned networks on high-dimensional data went astray: README, "The auto
+grid and learned networks"). The proxies' grid (``proxy_grid``, GRID_SOURCE "best"): per NFE and order,
+of two grids the one on which the two-mode proxies end closer to their reference (``grid_choice``): the measured grid
 (``measured_density``: each step's share of the proxies' global error, from the order-q x0+pc
 sampler restarted at every t_i of a 40-step grid on the exact state; validation/results/
 auto_default.md) and the Gaussian-proxy grid described next. ``recommend`` also charges each candidate for what a
@@ -66,6 +69,7 @@ QUADRATIC_SHARE = gmpy2.mpfr(1) / 2   # of the steps placed by the quadratic gri
 DENSITY_FLOOR = gmpy2.mpfr("1e-3")   # relative to the mean density
 GRID_SOURCE = "best"         # "measured": two-mode proxies' per-step errors (measured_grid); "gaussian": error_density;
                              # "best": per NFE and order, the one of the two the proxies end closer on (grid_choice)
+AUTO_SHARE = gmpy2.mpfr("0.7")   # of the steps placed as the proxies ask (the rest: the quadratic grid's density)
 MEASURED_SHARE = gmpy2.mpfr(1)   # of the steps placed by the measured density (the rest: the Gaussian-proxy grid)
 MEASURE_STEPS = 40           # steps of the grid on which measured_density measures
 MEASURE_SUBSTEPS = 12        # reference steps per measured step (states_at)
@@ -232,14 +236,57 @@ def grid_from_weights(tt, w, n_steps):
 
 
 def make_auto_grid(deriv, n_steps, order):
-    """The auto grid for ``n_steps`` steps of the order-``order`` sampler (float64, decreasing):
-    GRID_SOURCE "best" (default): of the measured grid and the Gaussian-proxy grid, the one on which the
-    two-mode proxies end closer to their reference (``grid_choice``)."""
+    """The auto grid for ``n_steps`` steps of the order-``order`` sampler (float64, decreasing): AUTO_SHARE
+    of the steps placed as the proxies ask (``proxy_grid``), the rest on the quadratic grid's density
+    (``blend_grids``). Why: the proxies are one-dimensional two-mode mixtures whose modes part at low noise,
+    so their grids take long first steps from T; data in many dimensions (digits, images) make decisions at
+    high noise, and learned networks on them went astray there (the digits CLD network at NFE 10: endpoint
+    0.61 on auto:4 against 0.098 with the blend; PSLD at NFE 5: 29 against 1.3)."""
+    proxy = proxy_grid(deriv, n_steps, order)
+    if AUTO_SHARE == 1:
+        return proxy
+    from . import _grids
+    quadratic = _grids.make_grid(_grids.parse_kind("quadratic"), n_steps, deriv)
+    return blend_grids(proxy, quadratic, AUTO_SHARE)
+
+
+def proxy_grid(deriv, n_steps, order):
+    """The grid the proxies ask for: GRID_SOURCE "best" (default): of the measured grid and the
+    Gaussian-proxy grid, the one on which the two-mode proxies end closer to their reference (``grid_choice``)."""
     if GRID_SOURCE == "best":
         return grid_choice(deriv, n_steps, order)[0]
     if GRID_SOURCE == "measured":
         return measured_grid(deriv, n_steps, order)
     return gaussian_grid(deriv, n_steps, order)
+
+
+def blend_grids(a, b, share):
+    """The grid of N steps whose step density is ``share`` x a's + (1 - share) x b's: each grid's cumulative
+    step count is piecewise linear in t between its times (i / N at a[i]); the blend of the two is inverted
+    at j / N. a and b decrease from the same T to the same t_min (a's ends are kept exactly). MPFR
+    arithmetic on the float64 times (correctly rounded), each time rounded to float64 once."""
+    n = len(a) - 1
+    if len(b) != n + 1:
+        raise ValueError("blend_grids: the grids need the same number of steps")
+    share = gmpy2.mpfr(share)
+    A, B = [gmpy2.mpfr(v) for v in a], [gmpy2.mpfr(v) for v in b]
+
+    def count(ts, t):                                     # i / N at ts[i], linear between (ts decreasing)
+        i = 0
+        while i < n - 1 and ts[i + 1] > t:
+            i += 1
+        return (i + (ts[i] - t) / (ts[i] - ts[i + 1])) / n
+    knots = sorted(set(A[1:-1]) | set(B[1:-1]) | {A[0], A[-1]}, reverse=True)   # where the blend bends
+    c = [share * count(A, t) + (1 - share) * count(B, t) for t in knots]
+    times, m = [float(A[0])], 0
+    for j in range(1, n):
+        target = gmpy2.mpfr(j) / n
+        while c[m + 1] < target:
+            m += 1
+        frac = (target - c[m]) / (c[m + 1] - c[m])
+        times.append(float(knots[m] + frac * (knots[m + 1] - knots[m])))
+    times.append(float(A[-1]))
+    return times
 
 
 def gaussian_grid(deriv, n_steps, order):

@@ -57,15 +57,15 @@ def test_dense_to_runtime_equals_the_loaded_file(vp):
 
 def test_model_error_option_steers_the_recommendation(vp):
     """model_error=0 (an exact score): the pick is the candidate of smallest exact-score proxy error alone,
-    from the two terms computed separately; the default charge (1e-3) picks another configuration at NFE 10
-    (auto:2 x0+pc/t -> auto:4 x0+pc/rho, validation/results/model_error.md); a non-auto order refuses it."""
+    from the two terms computed separately; the default charge (1e-3) picks another configuration at NFE 5
+    (auto:2 -> auto:4 eps/t on the blended auto grid); a non-auto order refuses it."""
     from derive import _autogrid
     exact, _ = _autogrid.candidate_scores(vp.derivation, 10, model_error=0.0)
     cfgs = _autogrid.candidates()
     q, form, variable, corr = min(exact, key=lambda c: (exact[c], cfgs.index(c)))
     assert vp.request(10, order="auto", model_error=0.0) == TableRequest(
         nfe=10, order=q, grid=f"auto:{q}", corrector=corr, variable=variable, form=form)
-    assert vp.request(10, order="auto") != vp.request(10, order="auto", model_error=0.0)
+    assert vp.request(5, order="auto") != vp.request(5, order="auto", model_error=0.0)
     assert vp.request(10, order="auto") == vp.request(10, order="auto", model_error=_autogrid.MODEL_ERROR)
     with pytest.raises(SpecError, match="only applies with --order auto"):
         vp.request(10, order=3, model_error=0.0)

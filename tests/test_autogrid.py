@@ -16,6 +16,8 @@ import struct
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import derive
 import gddim_runtime as gr
@@ -429,3 +431,31 @@ def test_model_error_variants_keep_the_eps_x0_relation_and_the_rule(derived):
     both, rule = ME.proxy_scores(d, 3, "auto+quadratic"), ME.proxy_scores(d, 3)
     assert {k: v for k, v in both.items() if k.startswith("auto|")} == rule
     assert len([k for k in both if k.startswith("quadratic|")]) == len(rule)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 12).flatmap(lambda n: st.tuples(
+    st.lists(st.floats(0.01, 1), min_size=n, max_size=n), st.lists(st.floats(0.01, 1), min_size=n, max_size=n),
+    st.floats(0, 1))))
+def test_blend_grids_puts_share_of_each_grids_steps(case):
+    """blend_grids against an independent float64 construction: the cumulative step count of the blend
+    (share x a's + (1 - share) x b's, each piecewise linear in t through (t_i, i / N)) is j / N at the j-th
+    time; the ends are a's exactly; share 1 gives a, 0 gives b; the times decrease strictly."""
+    wa, wb, share = case
+    T, t_min = 0.99598, 1e-5
+
+    def grid(w):                                   # positive step widths -> times from T down to t_min
+        c = np.concatenate([[0.0], np.cumsum(w)]) / np.sum(w)
+        g = T - c * (T - t_min)
+        g[0], g[-1] = T, t_min
+        return [float(v) for v in g]
+    a, b = grid(wa), grid(wb)
+    n = len(a) - 1
+    out = _autogrid.blend_grids(a, b, share)
+    assert out[0] == T and out[-1] == t_min and len(out) == n + 1
+    assert all(x > y for x, y in zip(out, out[1:]))
+    count = lambda g, t: np.interp(-t, -np.array(g), np.arange(n + 1) / n)
+    blend = share * count(a, np.array(out)) + (1 - share) * count(b, np.array(out))
+    assert np.abs(blend - np.arange(n + 1) / n).max() < 1e-12
+    assert np.allclose(_autogrid.blend_grids(a, b, 1), a, rtol=0, atol=1e-15)
+    assert np.allclose(_autogrid.blend_grids(a, b, 0), b, rtol=0, atol=1e-15)

@@ -50,11 +50,13 @@ def test_probe_names_the_unstable_table_and_passes_the_stable_ones():
 
 
 def test_probe_of_every_committed_table_is_near_one():
-    """0.60-1.55 measured at batch 64 (low NFE narrows the data or widens CLD's v before the denoising: CLD
-    NFE 10 auto4 1.47 at batch 4096; the rest is the Monte-Carlo error of 64 draws); never unstable."""
+    """0.60-2.26 measured at batch 64 (low NFE narrows the data or widens CLD's v before the denoising: CLD
+    NFE 10 auto4 2.16 at batch 4096 on the blended auto grid, 1.47 on the proxies' grid before it, whose
+    first step 1 -> 0.44 sent learned networks astray; the rest is the Monte-Carlo error of 64 draws);
+    never near unstable (PROBE_LIMIT 10; unstable tables give 1e2 .. 1e61)."""
     for path in sorted((ROOT / "coeffs").glob("*/*_nfe*.safetensors")):
         ratio = gr.gaussian_probe(gr.load(path), batch=64)
-        assert 0.4 < ratio < 2, (path.name, ratio)
+        assert 0.4 < ratio < 3, (path.name, ratio)
 
 
 JORDAN3 = """\
