@@ -752,6 +752,8 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
         maps there as R_t0 R_T^-1 u_T, derive/_start.py), [B, k, *data_shape] in data space, e.g.
         R_t0 z for z ~ N(0, I) (what ``sample`` draws when x_T is None).
     dtype: the state's dtype, float32 by default (float64 for reference work; the table stays float64).
+        float16 / bfloat16 states are refused for gddim_x0[_pc] and probability_flow_rk45 (HALF_STATE_REFUSED
+        says why); for a half-precision network keep the state in float32 and set model_dtype.
     denoise: take the final denoising step E[[x0; 0] | u_{t_N}] at t_min (one more model
         evaluation); default: what the table's NFE accounting assumes (meta "denoise").
     callback: called after every step with {"i": step, "t": t_{i+1} (0-d tensor), "u": a copy
@@ -796,6 +798,15 @@ def model_dtype_of(model):
     return None
 
 
+HALF_STATE_REFUSED = {       # measured with the exact model (sweep 9): why each cannot hold its state in 16 bits
+    "gddim_x0": "its data prediction applies D^-1, which reaches 5e4-8e4 at T on CLD and BDM (above float16's "
+                "maximum; in bfloat16 the cancelling terms left CLD's samples 85 % off)",
+    "gddim_x0_pc": "its data prediction applies D^-1, which reaches 5e4-8e4 at T on CLD and BDM (above float16's "
+                   "maximum; in bfloat16 the cancelling terms left CLD's samples 85 % off)",
+    "probability_flow_rk45": "dopri5's first-step estimate overflows float16 (the model got t = NaN) and bfloat16 "
+                             "took 879 model calls for 117"}
+
+
 def _checked_dtypes(model, sampler, dtype, model_dtype):
     """The model's dtype (given, else ``model_dtype_of``); floating dtypes only; the eps-form corrector
     below float64 gets a warning with its measured cost."""
@@ -803,6 +814,10 @@ def _checked_dtypes(model, sampler, dtype, model_dtype):
         if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
             raise SamplingError(f"{name} must be a floating torch dtype (torch.float32, torch.float64, "
                                 f"torch.bfloat16, ...), got {value!r}")
+    if dtype in (torch.float16, torch.bfloat16) and sampler in HALF_STATE_REFUSED:
+        raise SamplingError(f"sampler {sampler!r} needs a state of at least float32, got dtype={dtype}: "
+                            f"{HALF_STATE_REFUSED[sampler]}; keep dtype=torch.float32 and run the network in half "
+                            f"precision with model_dtype={dtype}")
     if sampler == "gddim_pc" and dtype != torch.float64:
         warnings.warn("gddim_pc (the eps-form predictor-corrector) amplifies rounding by up to ~1e11 on stiff processes: "
                       "in float32 a point mass with the exact eps ends 4e3 (CLD, NFE 10) / 3e-2 (NFE 50) away, gddim 6e-8; "

@@ -61,8 +61,11 @@ def _coefficients(dense, t, like):
         got = f"a {t.dtype} tensor" if torch.is_tensor(t) else type(t).__name__
         raise TypeError(f"t must be a floating-point tensor of times [B], got {got}")
     tt = t.to(device=dense.edges.device, dtype=torch.float64).reshape(-1)
-    info = torch.finfo(t.dtype)                 # relative rounding, and float16's subnormal spacing near t_min
-    eps, floor = 2 * info.eps, (1e-12 * dense.T).clamp(min=info.smallest_normal * info.eps)   # no host read
+    # relative rounding: t's own dtype's, and at least float32's (a float32 grid time widened to float64 by a
+    # network's float64 skip keeps its float32 rounding); float16's subnormal spacing near t_min
+    info = torch.finfo(t.dtype)
+    eps = 2 * max(info.eps, torch.finfo(torch.float32).eps)
+    floor = (1e-12 * dense.T).clamp(min=info.smallest_normal * info.eps)                  # no host read
     lo, hi = dense.t_min * (1 - eps) - floor, dense.T * (1 + eps) + floor
     torch._assert_async(((tt >= lo) & (tt <= hi)).all(),
                         f"gddim_runtime: t outside [t_min, T] of {dense.path} (or NaN): draw times with sample_times")

@@ -189,6 +189,31 @@ def test_bad_batch_shape_and_lam_are_refused_before_any_work(kw, match):
     assert x.shape == (2, 1, 3) and torch.isfinite(x).all()
 
 
+@pytest.mark.parametrize("sampler", ["gddim_x0", "gddim_x0_pc", "probability_flow_rk45"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_state_is_refused_where_it_breaks(sampler, dtype):
+    """Sweep 9, with the exact model: a float16 state made the x0 samplers NaN from step 0 (D^-1 reaches 5e4-8e4
+    at T; reported as a non-finite model output), bfloat16 left CLD's samples 85 % off without a word, and
+    RK45 in float16 handed the model t = NaN. Refused before any model call, naming the way out; the way
+    out (float32 state, half-precision network) runs, and with the table's own sampler (gddim_x0_pc) stays
+    within 5 % of float64 (measured 0.6 % float16, 3.8 % bfloat16; gddim_x0 4 % / 27 %: the network's
+    rounding amplified, as any model error)."""
+    tab = gr.load(_coeffs("cld", "cld_nfe10_auto4_q4_pc_inrho_x0.safetensors"))
+    dense = gr.load_dense(_coeffs("cld", "cld_dense.safetensors"))
+    calls = []
+    model = lambda u, t: calls.append(1) or gr.gaussian_eps(dense, u, t, 0.0, 0.25)
+    extra = dict(dense=dense) if sampler == "probability_flow_rk45" else {}
+    with pytest.raises(gr.SamplingError, match=rf"needs a state of at least float32, got dtype={dtype}.*model_dtype"):
+        gr.sample(model, tab, batch=2, data_shape=(3,), sampler=sampler, dtype=dtype, **extra)
+    assert not calls
+    x_T = torch.randn((16, 2, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = gr.sample(model, tab, x_T=x_T, sampler=sampler, dtype=torch.float64, **extra)
+    half = gr.sample(model, tab, x_T=x_T.float(), sampler=sampler, dtype=torch.float32, model_dtype=dtype, **extra)
+    assert torch.isfinite(half).all()
+    if sampler == "gddim_x0_pc":
+        assert (half.double() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
 @pytest.mark.parametrize("sampler", ["gddim", "gddim_x0_pc", "heun", "euler_maruyama"])
 def test_non_finite_x_T_is_named(sampler):
     """A NaN x_T went through untold when the model's output stayed finite (a model returning zeros, a
