@@ -88,6 +88,9 @@ class DenseCoefficients:
     def to(self, device):
         # no usable_device check: a network holding its coefficients (the learned skip) moves them with
         # nn.Module.to / _apply, the meta device included (deferred initialisation)
+        if isinstance(device, torch.dtype):        # converted silently, then failed later in a float64 matmul
+            raise TypeError(f"DenseCoefficients.to takes a device, not a dtype ({device}): the coefficients stay "
+                            "float64 (the helpers return results in the inputs' dtype)")
         tensors = {"edges": self.edges, "nodes": self.nodes, **self.values}
         return DenseCoefficients({k: v.to(device) for k, v in tensors.items()}, self.meta, self.path)
 

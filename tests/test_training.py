@@ -405,3 +405,11 @@ def test_dense_argument_and_sample_times_arguments_are_checked(dense):
                       (dict(batch=3, dtype=torch.int64), "dtype must be a floating")):
         with pytest.raises(ValueError, match=match):
             gr.sample_times(d, **kw)
+
+
+def test_dense_to_a_dtype_is_refused(dense):
+    """DenseCoefficients.to(torch.float32) converted every coefficient and the next helper call died in a
+    matmul ("expected scalar type Double but found Float"; sweep 9); Table.to refuses a dtype likewise."""
+    with pytest.raises(TypeError, match="takes a device, not a dtype"):
+        dense("cld").to(torch.float32)
+    assert dense("cld").to("cpu").values["R"].dtype == torch.float64
