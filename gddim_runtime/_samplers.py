@@ -751,9 +751,7 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     x_T: the state at the table's first time t_0 (T, or t_s for a grid '<kind>@<rho_s>': noise u_T
         maps there as R_t0 R_T^-1 u_T, derive/_start.py), [B, k, *data_shape] in data space, e.g.
         R_t0 z for z ~ N(0, I) (what ``sample`` draws when x_T is None).
-    dtype: the state's dtype, float32 by default (float64 for reference work; the table stays float64).
-        float16 / bfloat16 states are refused for gddim_x0[_pc] and probability_flow_rk45 (HALF_STATE_REFUSED
-        says why); for a half-precision network keep the state in float32 and set model_dtype.
+    dtype: the state's, float32 by default (float64 for reference; 16-bit refused where HALF_STATE_REFUSED says).
     denoise: take the final denoising step E[[x0; 0] | u_{t_N}] at t_min (one more model
         evaluation); default: what the table's NFE accounting assumes (meta "denoise").
     callback: called after every step with {"i": step, "t": t_{i+1} (0-d tensor), "u": a copy
