@@ -271,13 +271,16 @@ def blend_grids(a, b, share):
     share = gmpy2.mpfr(share)
     A, B = [gmpy2.mpfr(v) for v in a], [gmpy2.mpfr(v) for v in b]
 
-    def count(ts, t):                                     # i / N at ts[i], linear between (ts decreasing)
-        i = 0
-        while i < n - 1 and ts[i + 1] > t:
-            i += 1
-        return (i + (ts[i] - t) / (ts[i] - ts[i + 1])) / n
     knots = sorted(set(A[1:-1]) | set(B[1:-1]) | {A[0], A[-1]}, reverse=True)   # where the blend bends
-    c = [share * count(A, t) + (1 - share) * count(B, t) for t in knots]
+
+    def counts(ts):                                       # i / N at ts[i], linear between, at every knot
+        out, i = [], 0
+        for t in knots:                                   # knots and ts both decrease: one pass
+            while i < n - 1 and ts[i + 1] > t:
+                i += 1
+            out.append((i + (ts[i] - t) / (ts[i] - ts[i + 1])) / n)
+        return out
+    c = [share * x + (1 - share) * y for x, y in zip(counts(A), counts(B))]
     times, m = [float(A[0])], 0
     for j in range(1, n):
         target = gmpy2.mpfr(j) / n

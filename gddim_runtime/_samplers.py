@@ -796,11 +796,10 @@ def model_dtype_of(model):
     return None
 
 
+_X0_HALF = ("its data prediction applies D^-1, which reaches 5e4-8e4 at T on CLD and BDM (above float16's maximum; "
+            "in bfloat16 the cancelling terms left CLD's samples 85 % off)")
 HALF_STATE_REFUSED = {       # measured with the exact model (sweep 9): why each cannot hold its state in 16 bits
-    "gddim_x0": "its data prediction applies D^-1, which reaches 5e4-8e4 at T on CLD and BDM (above float16's "
-                "maximum; in bfloat16 the cancelling terms left CLD's samples 85 % off)",
-    "gddim_x0_pc": "its data prediction applies D^-1, which reaches 5e4-8e4 at T on CLD and BDM (above float16's "
-                   "maximum; in bfloat16 the cancelling terms left CLD's samples 85 % off)",
+    "gddim_x0": _X0_HALF, "gddim_x0_pc": _X0_HALF,
     "probability_flow_rk45": "dopri5's first-step estimate overflows float16 (the model got t = NaN) and bfloat16 "
                              "took 879 model calls for 117"}
 
