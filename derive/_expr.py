@@ -10,6 +10,7 @@ import ast
 import keyword
 import builtins
 import re
+import decimal
 from fractions import Fraction
 
 import sympy as sp
@@ -26,6 +27,7 @@ RESERVED = set(FUNCTIONS) | set(CONSTANTS) | {"t"}
 
 MAX_LENGTH = 4000        # characters in one expression
 MAX_NODES = 2000         # syntax-tree nodes in one expression
+MAX_DECIMAL_EXPONENT = 400   # |power of ten| of a number literal (float64 spans 1e-324..1e308)
 MAX_EXPONENT = 256       # |integer exponent| of a numeric power, guards 10**10**10
 MAX_EXP_ARG = 10 ** 5    # |numeric argument| of exp, sinh, cosh: guards exp(exp(exp(100))), which hangs evalf
 MAX_LITERAL = 100        # characters of one number (a 3000-digit decimal broke the file writer's int -> str)
@@ -50,9 +52,12 @@ def exact_number(text):
     if len(text) > MAX_LITERAL:
         raise ExprError(f"number longer than {MAX_LITERAL} characters: {text[:20]}...")
     try:
-        frac = Fraction(text.replace("_", ""))
-    except (ValueError, ZeroDivisionError) as exc:
+        size = decimal.Decimal(text.replace("_", "")).adjusted()   # the leading digit's power of ten, not expanded
+        frac = Fraction(text.replace("_", "")) if abs(size) <= MAX_DECIMAL_EXPONENT else None
+    except (ValueError, ZeroDivisionError, ArithmeticError) as exc:
         raise ExprError(f"not a number: {text!r}") from exc
+    if frac is None:    # 1.0e+5000 expanded to 5001 digits, past Python's int -> str limit in the file writer
+        raise ExprError(f"number {text!r} out of range (|decimal exponent| <= {MAX_DECIMAL_EXPONENT})")
     return sp.Rational(frac.numerator, frac.denominator)
 
 

@@ -241,9 +241,10 @@ def _canonical(value, where, key=""):
         return [_canonical(v, where, f"{key}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, _Decimal):
         try:
-            return str(exact_number(str(value)))
+            exact = exact_number(str(value))
         except ExprError as exc:
             raise SpecError(where, key or "number", str(exc)) from None
+        return int(exact) if exact.is_Integer else str(exact)     # 20.0 and 2e1 hash as 20 does
     if isinstance(value, (bool, int, str)) or value is None:
         return value
     return str(value)

@@ -39,6 +39,20 @@ def test_hash_ignores_formatting(tmp_path):
     assert a.sha256 == b.sha256
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(-10 ** 6, 10 ** 6), shift=st.integers(0, 3), zeros=st.integers(1, 3))
+def test_hash_is_of_the_value_whatever_its_decimal_spelling(tmp_path, n, shift, zeros):
+    """`beta: 20`, `beta: 20.0`, `beta: 2.0e+1` are one number (exact), so one spec and one hash: the YAML
+    floats are kept as exact rationals and an integer one was hashed as the text "20" beside the int 20."""
+    mantissa = f"{n / 10 ** shift:.{shift}f}" if shift else f"{n}.{'0' * zeros}"
+    spellings = [str(n), f"{n}.{'0' * zeros}", f"{mantissa}e+{shift}" if shift else f"{n}.0e+0"]
+    hashes = {load_spec(write(tmp_path, GOOD.replace("gamma: 0.04", f"gamma: 0.04, k: {text}"))).sha256
+              for text in spellings}
+    assert len(hashes) == 1, spellings
+    other = load_spec(write(tmp_path, GOOD.replace("gamma: 0.04", f"gamma: 0.04, k: {n + 1}"))).sha256
+    assert other not in hashes
+
+
 BAD = [
     ("", "file", "empty"),
     ("- 1\n- 2\n", "file", "mapping"),
@@ -58,6 +72,8 @@ BAD = [
     (GOOD.replace("{beta: 4,", "{beta: 4, beta: 5,"), "yaml", "duplicate key"),
     (GOOD.replace("beta: 4", "t: 4"), "parameters.t", "reserved"),
     (GOOD.replace("beta: 4", "beta: abc"), "parameters.beta", "unknown name"),
+    (GOOD.replace("beta: 4", "beta: 1.0e+5000"), "parameters.beta", "out of range"),      # YAML float: expanded
+    (GOOD.replace("beta: 4", "beta: 4 * 1e-5000"), "parameters.beta", "out of range"),    # in an expression
     (GOOD.replace("beta: 4", "beta: true"), "parameters.beta", "expected a number"),
     (GOOD + "basis: {kind: dct3d}\n", "basis.kind", "unknown kind"),
     (GOOD + "R0: [[1, 0], [0, 1]]\n", "R0", "must equal"),
