@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from ._dct import dct2, idct2
-from ._samplers import SamplingError, default_sampler, final_denoise, sample
+from ._samplers import _PROBING, NonFiniteError, default_sampler, final_denoise, sample
 from ._table import block_apply
 
 
@@ -25,20 +25,27 @@ class UnstableSamplerWarning(UserWarning):
     at or above ``PROBE_LIMIT``): its coefficients are right, the multistep is unstable on the process."""
 
 
-def warn_if_unstable(table, name=None):
-    """``gaussian_probe(table)``; an ``UnstableSamplerWarning`` naming the table when it is >= PROBE_LIMIT."""
-    ratio = gaussian_probe(table)
+def warn_if_unstable(table, name=None, sampler=None, lam=None):
+    """``gaussian_probe(table, sampler, lam=lam)`` (default: the table's own sampler), kept on the table per
+    (sampler, lam); an ``UnstableSamplerWarning`` naming the table and the sampler when it is >= PROBE_LIMIT."""
+    sampler = default_sampler(table) if sampler is None else sampler
+    cache = table.derived.setdefault("probe", {})
+    if (sampler, lam) in cache:
+        return cache[sampler, lam]
+    ratio = cache[sampler, lam] = gaussian_probe(table, sampler, lam=lam)
     if not ratio < PROBE_LIMIT:
+        cure = ("more steps, or a gddim sampler (the exponential integrator takes the linear drift exactly)"
+                if sampler in ("euler_maruyama", "heun") else
+                "--order auto (derive), another sampler, a lower order or more steps")
         warnings.warn(UnstableSamplerWarning(
-            f"{name or table.path}: its sampler ({default_sampler(table)}) is unstable on this process: with the "
+            f"{name or table.path}: its sampler ({sampler}) is unstable on this process: with the "
             f"exact score of Gaussian data its samples or its state before the final denoising come out {ratio:.3g} "
             f"times their exact size (gr.gaussian_probe; 0.6-1.6 on the committed tables); the coefficients are "
-            "right, the multistep is not (a stiff drift, too few steps): use --order auto (derive), another "
-            "sampler, a lower order or more steps"), stacklevel=3)
+            f"right, the steps are not (a stiff or oscillating drift, too few steps): use {cure}"), stacklevel=3)
     return ratio
 
 
-def gaussian_probe(table, sampler=None, scale=1.0, batch=256, seed=0):
+def gaussian_probe(table, sampler=None, scale=1.0, batch=256, seed=0, lam=None):
     """How far the table's sampler strays from the probability flow when the model is the exact score of
     data N(0, scale^2) in every data coordinate: the largest of (a) the rms of the samples' data component
     over ``scale`` (after the final denoising when the table takes it) and (b) per state component, the rms
@@ -47,7 +54,8 @@ def gaussian_probe(table, sampler=None, scale=1.0, batch=256, seed=0):
     out narrow, or widens CLD's v before the denoising; 0.60-1.55 on the committed tables); 1e2 .. 1e60 or inf where the sampler is unstable on the
     process. (b) sees what the denoising projects away: an eps-form corrector that blew a noise-free
     component up 2000x (a Jordan-block process, sweep 7) kept (a) at 1.0. ``sampler``: default the table's
-    own (``default_sampler``). One sample() call in float64 on the table's device."""
+    own (``default_sampler``); lam: Euler-Maruyama's. One sample() call in float64 on the table's device; a
+    sampler the table cannot run raises SamplingError (it was reported as inf, i.e. as unstable)."""
     tensors = table.tensors
     t, basis = tensors["t"], table.basis
     d = tensors["data_to_state"][..., :1]                                # [N+1, P, k, 1]: the data's column
@@ -61,12 +69,15 @@ def gaussian_probe(table, sampler=None, scale=1.0, batch=256, seed=0):
         s = -block_apply(S_inv[i], u, basis)
         return idct2(s) if dct else s
     data_shape = (1,) + tuple(basis[1]) if dct else (1,)
+    token = _PROBING.set(True)
     try:
         u = sample(score, table, batch=batch, data_shape=data_shape, parametrization="score", sampler=sampler,
                    dtype=torch.float64, generator=torch.Generator(t.device).manual_seed(seed), progress=False,
-                   denoise=False)
-    except SamplingError:                                                   # the state overflowed to inf / NaN
+                   denoise=False, **({} if lam is None else {"lam": lam}))
+    except NonFiniteError:                                                  # the state overflowed to inf / NaN
         return float("inf")
+    finally:
+        _PROBING.reset(token)
     if not bool(torch.isfinite(u).all()):
         return float("inf")
     var = torch.diagonal(V[-1], dim1=-2, dim2=-1).mean(0)                  # [k], over coordinates (orthonormal DCT)

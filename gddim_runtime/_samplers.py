@@ -15,6 +15,7 @@ A sampler is ``fn(run, **its options) -> (u, o)``: ``u`` the final state (a buff
 ending in ``sample`` then reuses it for the final denoising step) or None.
 """
 
+import contextvars
 import inspect
 import math
 import numbers
@@ -31,6 +32,14 @@ PARAMETRIZATIONS = ("eps_R", "eps_L", "score", "x0", "eps_L_v")
 
 class SamplingError(ValueError):
     """Bad input to ``sample`` or a misbehaving model: one line saying what and where."""
+
+
+class NonFiniteError(SamplingError):
+    """A model output went NaN/inf during the run (with an exact model: the state overflowed)."""
+
+
+PROBED_SAMPLERS = ("euler_maruyama", "heun")     # explicit steps: probed on Gaussian data before the first run
+_PROBING = contextvars.ContextVar("gddim_probing", default=False)   # inside gaussian_probe's own sample() call
 
 
 def _tri_inv(L):
@@ -779,6 +788,9 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     model_dtype = _checked_dtypes(model, sampler, dtype, model_dtype)
     noise, batch, data_shape, denoise = _checked_request(
         table, sampler, parametrization, compile, options, generator, x_T, batch, data_shape, denoise, callback, lam)
+    if sampler in PROBED_SAMPLERS and not _PROBING.get():
+        from ._probe import warn_if_unstable      # once per (table, sampler, lam): an explicit step that blows up
+        warn_if_unstable(table, sampler=sampler, lam=lam)   # stays finite (EM on a stiff drift: 3e22 at NFE 50)
     call = _graph_call if compile == "graph" else _eager_call
     out, nfe = call(model, table, sampler, parametrization, batch, data_shape, dtype, model_dtype, denoise, lam,
                     options, noise, x_T, compile=compile, callback=callback, progress=progress)
@@ -983,7 +995,7 @@ def _raise_if_not_finite(plan):
     if step == plan.N + 1:
         raise SamplingError("x_T is not finite (NaN/inf): the initial state must be finite")
     if step >= 0:
-        raise SamplingError(f"model output is not finite (NaN/inf) at step {step} (t = {float(plan.t[step]):.6g})")
+        raise NonFiniteError(f"model output is not finite (NaN/inf) at step {step} (t = {float(plan.t[step]):.6g})")
 
 
 def _lam(table):

@@ -154,3 +154,61 @@ def test_stiffer_chain_right_tables_pass_and_order_auto_says_why_not():
     assert not gr.gaussian_probe(tab.to_runtime()) < 1e10
     with pytest.raises(SpecError, match="order auto: its proxies need D_t"):
         d.table(nfe=10, verify="none")
+
+
+OSCILLATOR = """\
+name: osc40
+state: [x, v]
+parameters: {w: 40, g: 2}
+drift: [[0, w], [-w, -g]]
+diffusion: [[0], [2]]
+initial_covariance: [[1e-4, 0], [0, 1e-4]]
+time: {t_min: 1e-3, T: 1}
+"""
+
+
+def _gaussian(table):
+    """The exact score of N(0, 1) data on ``table``'s grid (k-state, one data coordinate): -(Sigma + d d^T)^-1 u,
+    and the state's exact rms per component at t_min."""
+    import torch
+    d = table.tensors["data_to_state"][..., :1]
+    S = table.tensors["sigma"] + d @ d.mT                              # [N+1, 1, k, k]
+
+    def score(x, t):
+        i = int((table.tensors["t"] == t[0]).nonzero()[0, 0])
+        return -torch.linalg.solve(S[i, 0], x[..., 0].T).T[..., None]
+    return score, torch.diagonal(S[-1, 0]).sqrt()
+
+
+@pytest.mark.parametrize("spec, sampler, unstable", [(STIFF, "euler_maruyama", 50), (STIFF, "heun", 10),
+                                                     (OSCILLATOR, "euler_maruyama", 200), (OSCILLATOR, "heun", 50)])
+def test_explicit_baselines_warn_when_their_step_blows_up(spec, sampler, unstable):
+    """Euler-Maruyama and Heun are explicit: on a stiff (rate 200) or oscillating (40 rad per unit time)
+    drift they blow up at too few steps and stay finite, so nothing failed (EM at NFE 50 on the stiff chain:
+    samples 3e22 times their size with the exact score). sample() now probes them once per (table, sampler,
+    lam) and warns. The claim checked independently: with the exact score of Gaussian data (written here),
+    the warned run's state is > 10x its exact rms, and the unwarned one within 3x."""
+    import warnings
+
+    import torch
+    d = derive.derive(spec)
+    for nfe, blows_up in ((unstable, True), (1000, False)):
+        tab = d.table(nfe=nfe, order=1, grid="uniform", verify="none").to_runtime()
+        score, exact = _gaussian(tab)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            x = gr.sample(score, tab, batch=512, data_shape=(1,), parametrization="score", sampler=sampler,
+                          dtype=torch.float64, generator=torch.Generator().manual_seed(1), denoise=False)
+        warned = [w for w in seen if issubclass(w.category, gr.UnstableSamplerWarning)]
+        size = float((x[:, :, 0].square().mean(0).sqrt() / exact).max()) if bool(torch.isfinite(x).all()) else math.inf
+        assert bool(warned) == blows_up, (nfe, size)
+        assert size > 10 if blows_up else size < 3, (nfe, size)
+        if blows_up:
+            assert sampler in str(warned[0].message) and "more steps" in str(warned[0].message)
+
+
+def test_probe_refuses_a_sampler_the_table_cannot_run():
+    """A table without corrector weights cannot run gddim_pc: the probe said inf (unstable) instead."""
+    tab = gr.load(ROOT / "coeffs" / "cld" / "cld_nfe10_quadratic_q3.safetensors")
+    with pytest.raises(gr.SamplingError, match="no corrector weights"):
+        gr.gaussian_probe(tab, sampler="gddim_pc")

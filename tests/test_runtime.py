@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gddim_runtime as gr
+from gddim_runtime._samplers import PROBED_SAMPLERS
 from conftest import forbid_host_reads
 from derive import _grids, _tables
 from validation.exact import MixtureScore, TableModel
@@ -480,12 +481,16 @@ def test_unknown_options_refused():
 def test_loop_never_reads_the_host(derivations, monkeypatch, sampler, parametrization):
     """The CPU stand-in for the GPU sync check: every way Python code can read a tensor's value on
     the host (bool, item, int, float, tolist) or build a tensor from host data (torch.tensor) raises
-    inside ``sample``, except the one check after the loop."""
+    inside ``sample``, except the one check after the loop. (The first call of an explicit baseline on a
+    table runs its stability probe, PROBED_SAMPLERS, which reads the host once; the call after it is checked.)"""
     d = derivations("vp_linear" if sampler == "ancestral" else "cld")
     tab = make_table(d, 6, 2, lam=1, corrector=True)
     x_T = apply_np(tab.tensors["R"][0, 0], torch.randn((3, d.k, 2), generator=torch.Generator().manual_seed(0),
                                                        dtype=torch.float64))
     model = lambda x, t: 0.1 * x * t.view(-1, 1, 1)             # a model that itself reads nothing on the host
+    if sampler in PROBED_SAMPLERS:
+        gr.sample(model, tab, x_T=x_T, sampler=sampler, parametrization=parametrization, dtype=torch.float64)
+        assert (sampler, None) in tab.derived["probe"]
     forbid_host_reads(monkeypatch)
     u, info = gr.sample(model, tab, x_T=x_T, sampler=sampler, parametrization=parametrization, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(1), denoise=True, return_info=True)
