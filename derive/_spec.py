@@ -269,6 +269,7 @@ def build_spec(data, where="<spec>"):
     else:
         form, (F, G, Sigma0), mean, std = "sde", _sde(data, where, state, names), None, None
     _check_dynamics(where, form, F, G, Sigma0, mean, std)
+    _check_continuous(where, form, F, G, mean, std, basis, t_min, T)
     _check_sigma0(Sigma0, basis, where, t_min)
     R0 = _R0(data.get("R0", "sqrtm"), Sigma0, where, names)
     tables = _tables(data.get("tables", {}), where)
@@ -414,6 +415,79 @@ def _check_dynamics(where, form, F, G, Sigma0, mean, std):
         _check_evaluable(where, [(f"{key}[{i}][{j}]", M[i, j]) for key, M in
                                  (("drift", F), ("diffusion", G), ("initial_covariance", Sigma0))
                                  for i in range(M.shape[0]) for j in range(M.shape[1])])
+
+
+SCAN_POINTS = 512            # intervals of [t_min, T] on which _check_continuous evaluates
+SCAN_CONDITIONS = 64        # sub-expressions checked per coefficient (a hostile spec has up to MAX_NODES)
+
+
+def _conditions(expr):
+    """(kind, argument) for each sub-expression of ``expr`` in t that is only defined under a condition:
+    "pole" (a denominator, tan's cosine: no zero), "root" (a fractional power's base: >= 0), "log" (> 0),
+    "unit" (asin, acos: within [-1, 1])."""
+    out = []
+    for node in sp.preorder_traversal(expr):
+        if len(out) >= SCAN_CONDITIONS or not getattr(node, "free_symbols", None) or t not in node.free_symbols:
+            continue
+        if node.is_Pow and node.exp.is_number:
+            if node.exp.is_negative:
+                out.append(("pole", node.base))
+            if not node.exp.is_integer:
+                out.append(("root", node.base))
+        elif isinstance(node, sp.log):
+            out.append(("log", node.args[0]))
+        elif isinstance(node, (sp.asin, sp.acos)):
+            out.append(("unit", node.args[0]))
+        elif isinstance(node, sp.tan):
+            out.append(("pole", sp.cos(node.args[0])))
+    return out
+
+
+def _violation(kind, v):
+    """Index of the first sample (or interval) of ``v`` breaking ``kind``'s condition, or None."""
+    for i, x in enumerate(v):
+        if x != x or (kind == "root" and x < 0) or (kind == "log" and x <= 0) or (kind == "unit" and abs(x) > 1) \
+                or (kind == "pole" and (x == 0 or (i and (x > 0) != (v[i - 1] > 0)))):
+            return i
+    return None
+
+
+def _check_continuous(where, form, F, G, mean, std, basis, t_min, T):
+    """Every coefficient is real and continuous on [t_min, T]: each sub-expression defined only under a
+    condition (``_conditions``) is evaluated (MPFR) at SCAN_POINTS + 1 times and must keep it; a denominator
+    changing sign has a zero between (a pole). A pole inside, -beta / (t - 1/2), sent the Sigma ODE into
+    ever smaller panels for minutes; log(t - 2) was found only where an evaluation met it. A basis symbol
+    is set to the ends of its spectrum. (sympy's continuous_domain decides more, but took 118 s on
+    sqrt(1 - exp(4 acos(t/3) - 2 pi)); this scan is linear in the expression.)"""
+    from ._hp import Unsupported, compile_expr, mpf
+    import numpy as np
+    times = np.array([mpf(t_min + (T - t_min) * sp.Rational(k, SCAN_POINTS)) for k in range(SCAN_POINTS + 1)],
+                     dtype=object)
+    if form == "marginal":
+        items = [("marginal.mean", mean), ("marginal.std", std), ("marginal.mean (its log-derivative, the drift F)",
+                                                                 F[0, 0])]
+    else:
+        items = [(f"{key}[{i}][{j}]", M[i, j]) for key, M in (("drift", F), ("diffusion", G))
+                 for i in range(M.shape[0]) for j in range(M.shape[1])]
+    values = _probe_values(basis)
+    values = [None] if values == [None] else [values[0], values[-1]]
+    what = {"pole": "a denominator is zero (a pole)", "root": "a root of a negative number",
+            "log": "the log of a number <= 0", "unit": "asin / acos of a number outside [-1, 1]"}
+    for key, expr in items:
+        for value in values:
+            e = expr if value is None else expr.subs(basis.symbol, value)
+            for kind, arg in _conditions(e):
+                try:
+                    v = np.broadcast_to(np.asarray(compile_expr(arg)({"t": times}), dtype=object), times.shape)
+                except (Unsupported, ArithmeticError, ValueError, TypeError):
+                    continue
+                i = _violation(kind, v)
+                if i is not None:
+                    at = "" if value is None else f", {basis.symbol.name} = {sp.N(value, 6)}"
+                    near = f"at t = {float(times[i]):.6g}" if kind != "pole" or v[i] == 0 else \
+                        f"between t = {float(times[i - 1]):.6g} and {float(times[i]):.6g}"
+                    raise SpecError(where, key, f"is not real and continuous on [t_min, T]: {what[kind]} {near}{at} "
+                                    f"({arg}); the process must be smooth where it runs")
 
 
 def _basis(value, where, claim):

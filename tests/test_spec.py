@@ -1,6 +1,7 @@
 """Spec parsing and bad input: one-line errors naming file and key, exit 2, nothing written."""
 
 import textwrap
+from fractions import Fraction
 
 import pytest
 import sympy as sp
@@ -315,3 +316,23 @@ def test_a_negative_t_min_is_refused():
     from derive import derive
     with pytest.raises(SpecError, match=r"time.t_min: must be >= 0, got -1/2"):
         derive("name: neg\nstate: [x]\ndrift: [[-1]]\ndiffusion: [[1]]\ntime: {t_min: -1/2, T: 1}\n")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(a=st.fractions(min_value=0, max_value=2).filter(lambda a: a != 0), kind=st.sampled_from(["pole", "log", "root"]))
+def test_a_coefficient_undefined_inside_the_time_range_is_refused_by_key(tmp_path, a, kind):
+    """A pole or a domain violation inside [t_min, T] = [1e-3, 1] is a SpecError naming the entry; outside it
+    the spec loads. Before, -beta / (t - 1/2) hung the Sigma ODE for minutes (ever smaller panels toward
+    the pole), and log(t - 2) was found only where an evaluation met it."""
+    text_a, t_min = f"({a.numerator}/{a.denominator})", Fraction(1, 1000)
+    expr = {"pole": f"-beta / M + 1 / (t - {text_a})", "log": f"-beta / M + log(t - {text_a}) / 100",
+            "root": f"-beta / M + sqrt(t - {text_a})"}[kind]
+    text = GOOD.replace("[-beta, -beta / M]", f"[-beta, {expr}]")
+    inside = {"pole": t_min <= a <= 1, "log": a >= t_min, "root": a > t_min}[kind]
+    if inside:
+        with pytest.raises(SpecError) as info:
+            load_spec(write(tmp_path, text))
+        assert info.value.key == "drift[1][1]" and "not real and continuous" in str(info.value)
+        assert "\n" not in str(info.value)
+    else:
+        load_spec(write(tmp_path, text))
