@@ -16,8 +16,10 @@ on CUDA, gloo on CPU. Exit status 2 on bad input.
 """
 
 import argparse
+import os
 import importlib
 import sys
+import tempfile
 
 
 def _parser():
@@ -58,6 +60,16 @@ def _check_outputs(args, error):
             raise error(f"{flag} {str(path)!r}: is a folder; give a file name")
         if not path.parent.is_dir():
             raise error(f"{flag} {str(path)!r}: folder {str(path.parent)!r} does not exist")
+        try:                                   # a file is made and removed there: access() says yes to root on /proc
+            fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".gddim-write-check-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:                 # found after the sampling, with a traceback, before
+            raise error(f"{flag} {str(path)!r}: not writable ({exc.strerror})") from None
+    if args.png is not None and Path(args.png).suffix.lower() != ".png":
+        raise error(f"--png {args.png!r}: the grid is written as PNG; give a file name ending in .png")
+    if Path(args.out).suffix.lower() == ".json":
+        raise error(f"--out {args.out!r}: .json names a sharded run's manifest; give the samples file (e.g. samples.pt)")
 
 
 def _model(text, error):
@@ -115,7 +127,9 @@ def main(argv=None):
             dist.write_manifest(args.out, world_size, args.batch, {
                 "seed": args.seed, "coeffs": str(args.coeffs), "coeffs_sha256": dist.sha256(args.coeffs),
                 "sampler": args.sampler or gr.default_sampler(table), "parametrization": args.parametrization, "dtype": args.dtype,
-                "shape": [table.k, *shape], "nfe_per_sample": nfe, "denoise": not args.no_denoise})
+                "shape": [table.k, *shape], "nfe_per_sample": nfe,
+                "denoise": not args.no_denoise and bool(table.meta.get("denoise", True))
+                and args.parametrization != "eps_L_v"})                 # what sample() took: eps_L_v never denoises
             where = args.out if world_size == 1 else f"{world_size} shards of {args.out}"
             print(f"wrote {(args.batch, table.k) + shape} samples to {where} ({nfe} model evaluations)")
             if args.png:

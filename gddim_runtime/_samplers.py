@@ -180,7 +180,7 @@ class _Evaluator:
     def __call__(self, u, i, slot):
         plan = self.plan
         out = self.output(u, plan.t_model[i], lambda: f"step {i} (t = {float(plan.t[i]):.6g})")
-        plan.ok_at[i].logical_and_(torch.isfinite(out.sum()))          # one reduction; checked after the loop
+        plan.ok_at[i].logical_and_(torch.isfinite(out).all())     # checked after the loop (a sum overflowed float16)
         o = plan.to_coef(out.to(plan.dtype)) if plan.dct else out
         if plan.raw:
             (slot[:, self.offset:] if self.offset else slot).copy_(o)
@@ -557,7 +557,7 @@ def _compiled_step(model, plan, mode):
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise SamplingError(f"model returned {got}, expected {expected}")
-        finite = torch.isfinite(out.sum())
+        finite = torch.isfinite(out).all()
         o = out.to(dtype)
         o = dct2(o) if dct else o
         if k_out < k:
@@ -980,7 +980,7 @@ class _Progress:
 
 def _integrate(run, sampler, compile, denoise, options):
     """The sampler's loop from u_T to t_N, then the shared ending: the final denoising step."""
-    run.plan.ok_at[-1].logical_and_(torch.isfinite(run.u0.sum()))   # a NaN x_T; a model may not propagate it
+    run.plan.ok_at[-1].logical_and_(torch.isfinite(run.u0).all())   # a NaN x_T; a model may not propagate it
     if compile:
         mode = compile if isinstance(compile, str) else ("reduce-overhead" if run.plan.device.type == "cuda" else "default")
         u, o = _gddim_compiled(run, mode)

@@ -99,13 +99,25 @@ def test_output_locations_are_checked_before_sampling(tmp_path, capsys, monkeypa
     for extra, message in ((["--out", str(tmp_path / "no" / "s.pt")], "--out .*folder .* does not exist"),
                            (["--out", str(tmp_path)], "--out .*is a folder"),
                            (["--out", str(tmp_path / "s.pt"), "--png", str(tmp_path / "no" / "g.png")],
-                            "--png .*does not exist")):
+                            "--png .*does not exist"),
+                           # sweep 12: these failed after the sampling, with a traceback (exit 1) or as a manifest
+                           (["--out", str(tmp_path / "s.pt"), "--png", str(tmp_path / "g.xyz")], "--png .*ending in .png"),
+                           (["--out", str(tmp_path / "s.json")], "--out .*manifest"),
+                           (["--out", "/proc/s.pt"], "--out .*not writable")):
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
     assert not built and list(tmp_path.iterdir()) == []
     assert main(base + ["--out", str(tmp_path / "s.pt")]) == 0 and built == [1]
     assert gr.read_samples(tmp_path / "s.pt").shape == (2, 2, 1, 4, 4)
+    manifest = json.loads((tmp_path / "s.manifest.json").read_text())
+    assert manifest["denoise"] is True and manifest["nfe_per_sample"] == 10
+    # eps_L_v never denoises: the manifest said "denoise": true beside 9 evaluations (sweep 12)
+    monkeypatch.setattr(toy_models, "counted_v", lambda: lambda u, t: torch.zeros_like(u[:, -1:]), raising=False)
+    assert main(base[:4] + ["toy_models:counted_v"] + base[5:] + ["--out", str(tmp_path / "v.pt"),
+                                                                 "--parametrization", "eps_L_v"]) == 0
+    manifest = json.loads((tmp_path / "v.manifest.json").read_text())
+    assert manifest["denoise"] is False and manifest["nfe_per_sample"] == 9
 
 
 def test_read_samples_refuses_a_manifest_that_does_not_describe_the_files(tmp_path, monkeypatch):

@@ -693,3 +693,14 @@ def test_baselines_agree_across_parametrizations(sampler):
                          dtype=torch.float64, generator=torch.Generator().manual_seed(3)) for p in ("eps_R", "score", "x0")}
     for p in ("score", "x0"):
         assert (runs[p] - runs["eps_R"]).abs().max() <= 1e-9 * runs["eps_R"].abs().max(), p
+
+
+def test_a_large_finite_half_precision_output_is_not_called_not_finite(derivations):
+    """The finiteness check summed the model output in its dtype: a float16 network whose outputs add up past
+    65504 (0.5 in each of 64 x 3 x 32 x 32 entries) was reported as "model output is not finite" at step 0."""
+    d = derivations("cld")
+    tab = make_table(d, 6, 1)
+    model = lambda x, t: torch.full_like(x, 0.5)                  # runs in float16: x arrives in float16
+    u = gr.sample(model, tab, batch=64, data_shape=(3, 32, 32), generator=torch.Generator().manual_seed(0),
+                  model_dtype=torch.float16)
+    assert torch.isfinite(u).all()
