@@ -18,6 +18,7 @@ on CUDA, gloo on CPU. Exit status 2 on bad input.
 import argparse
 import os
 import importlib
+import inspect
 import sys
 import tempfile
 
@@ -81,9 +82,18 @@ def _model(text, error):
         factory = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as exc:
         raise error(f"--model {text!r}: {exc}") from None
+    if not callable(factory):
+        raise error(f"--model {text!r}: {fn_name} is a {type(factory).__name__}, not a function returning the model")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as exc:                   # a factory that needs arguments: the CLI calls it with none
+        raise error(f"--model {text!r}: the factory is called with no arguments ({exc})") from None
+    except ValueError:                         # no signature to read (a builtin): let the call decide
+        pass
     model = factory()
-    if not callable(model):
-        raise error(f"--model {text!r}: the factory returned {type(model).__name__}, not a callable model(u, t)")
+    if not callable(model) or isinstance(model, type):
+        what = f"the class {model.__name__} (not an instance)" if isinstance(model, type) else type(model).__name__
+        raise error(f"--model {text!r}: the factory returned {what}, not a callable model(u, t)")
     return model
 
 

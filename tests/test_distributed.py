@@ -175,3 +175,21 @@ def test_read_samples_refuses_a_manifest_that_does_not_describe_the_files(tmp_pa
     shutil.copy(tmp_path / "a.pt", shard)
     with pytest.raises(gr.SamplingError, match="no such manifest"):
         gr.read_samples(tmp_path / "c.pt")
+
+
+def test_a_misused_model_factory_is_one_line(tmp_path, capsys, monkeypatch):
+    """sweep 12: an attribute that is not callable, a factory that needs arguments, and one returning a
+    class gave tracebacks (exit 1); now one line naming --model, exit 2, nothing written."""
+    import toy_models
+    from gddim_runtime.__main__ import main
+    monkeypatch.setattr(toy_models, "number", 3, raising=False)
+    monkeypatch.setattr(toy_models, "needs", lambda width: None, raising=False)
+    monkeypatch.setattr(toy_models, "a_class", lambda: torch.nn.Linear, raising=False)
+    base = ["sample", "--coeffs", str(TABLE), "--batch", "2", "--data-shape", "1", "4", "4",
+            "--out", str(tmp_path / "s.pt")]
+    for name, message in (("number", "is a int, not a function"), ("needs", "called with no arguments"),
+                          ("a_class", "the class Linear")):
+        assert main(base + ["--model", f"toy_models:{name}"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "--model" in err and message in err, err
+    assert list(tmp_path.iterdir()) == []

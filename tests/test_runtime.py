@@ -704,3 +704,16 @@ def test_a_large_finite_half_precision_output_is_not_called_not_finite(derivatio
     u = gr.sample(model, tab, batch=64, data_shape=(3, 32, 32), generator=torch.Generator().manual_seed(0),
                   model_dtype=torch.float16)
     assert torch.isfinite(u).all()
+
+
+def test_a_model_or_x_T_of_the_wrong_kind_is_named(derivations):
+    """sweep 12: sample(None, ...), sample(torch.nn.Linear, ...) (the class) and an x_T given as numpy or a list
+    raised raw TypeError / AttributeError from deep inside; now a SamplingError saying what is expected."""
+    tab = make_table(derivations("cld"), 4, 1)
+    ok = lambda x, t: torch.zeros_like(x)
+    for model, fragment in ((None, "NoneType"), (torch.nn.Linear, "the class Linear"), (3, "int")):
+        with pytest.raises(gr.SamplingError, match=f"model must be a callable.*{fragment}"):
+            gr.sample(model, tab, batch=2, data_shape=(2,))
+    for x_T in (np.zeros((2, 2, 2)), [[[0.0, 0.0]] * 2] * 2):
+        with pytest.raises(gr.SamplingError, match="x_T must be a torch.Tensor"):
+            gr.sample(ok, tab, x_T=x_T)
