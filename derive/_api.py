@@ -190,9 +190,12 @@ class Derived:
         0.19 left its mode weights 0.46 / 0.30 / 0.24 for 0.50 / 0.30 / 0.20 with the exact score)."""
         T = np.array([_hp.mpf(self.spec.T)], dtype=object)
         d = self.derivation
-        D = _hp.to_float64(d.data_to_state(T), "data_to_state")[0][..., :1]
-        L = np.linalg.cholesky(_hp.to_float64(d.sigma(T), "sigma")[0])
-        return float(np.linalg.norm(np.linalg.solve(L, D)[..., 0], axis=-1).max())
+
+        def left():                        # a float64 overflow (drift 1000 to T = 1) is the spec's: one line
+            D = _hp.to_float64(d.data_to_state(T), "data_to_state")[0][..., :1]
+            L = np.linalg.cholesky(_hp.to_float64(d.sigma(T), "sigma")[0])
+            return float(np.linalg.norm(np.linalg.solve(L, D)[..., 0], axis=-1).max())
+        return _stage(self.spec, "the process at time.T", left)
 
     def request(self, nfe, order=None, grid=None, lam=None, corrector=None, denoise=None, variable=None, form=None,
                 model_error=None):

@@ -41,7 +41,7 @@ class ExprError(ValueError):
 
 def check_name(name):
     """Raise ExprError unless ``name`` is a safe identifier for a user symbol."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ExprError(f"invalid name {name!r}: use letters, digits and _, starting with a letter")
     if keyword.iskeyword(name) or hasattr(builtins, name) or name in RESERVED:
         raise ExprError(f"name {name!r} is reserved")

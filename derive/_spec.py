@@ -130,6 +130,9 @@ def _construct_mapping(loader, node, deep=False):
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:    # [a, b]: unhashable, an internal error
+            raise yaml.constructor.ConstructorError(None, None, f"a key must be a name, got a {type(key).__name__}",
+                                                    key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
@@ -212,7 +215,9 @@ def _expression(value, where, key, names):
         expr = parse(value, names)
     except ExprError as exc:
         raise SpecError(where, key, str(exc)) from None
-    if expr.has(sp.zoo, sp.oo, -sp.oo, sp.nan, sp.I):
+    if expr.has(sp.zoo, sp.oo, -sp.oo, sp.nan, sp.I) or any(   # (-8)**(1/3) is 2 (-1)**(1/3): complex, no I in it
+            p.is_Pow and p.base.is_number and p.base.is_negative and not p.exp.is_integer
+            for p in sp.preorder_traversal(expr)):
         raise SpecError(where, key, f"{value!r} is not finite and real")
     return expr
 
@@ -282,7 +287,7 @@ def build_spec(data, where="<spec>"):
 def _name(data, where):
     """``name`` and ``description``."""
     name = data["name"]
-    if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > 64:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > 64:
         raise SpecError(where, "name", f"{name!r} must match [a-z0-9_]+ (at most 64 characters)")
     description = data.get("description", "")
     if not isinstance(description, str):

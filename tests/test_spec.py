@@ -74,6 +74,10 @@ BAD = [
     (GOOD.replace("beta: 4", "t: 4"), "parameters.t", "reserved"),
     (GOOD.replace("beta: 4", "beta: abc"), "parameters.beta", "unknown name"),
     (GOOD.replace("beta: 4", "beta: 1.0e+5000"), "parameters.beta", "out of range"),      # YAML float: expanded
+    ("? [a, b]\n: 1\n" + GOOD, "yaml", "a key must be a name"),          # sweep 11: exit 3 (unhashable key)
+    (GOOD.replace("name: good", 'name: "good\\n"'), "name", "[a-z0-9_]+"),  # sweep 11: wrote a folder 'good\n'
+    (GOOD.replace("[0, beta / M]", "[0, -(-8)**(1/3)]"), "drift[0][1]", "not finite and real"),   # 2 (-1)^(1/3)
+    (GOOD.replace("state: [x, v]", 'state: ["x\\n", v]'), "state[0]", ""),
     (GOOD.replace("beta: 4", "beta: 4 * 1e-5000"), "parameters.beta", "out of range"),    # in an expression
     (GOOD.replace("beta: 4", "beta: true"), "parameters.beta", "expected a number"),
     (GOOD + "basis: {kind: dct3d}\n", "basis.kind", "unknown kind"),
@@ -216,16 +220,19 @@ def test_random_wellformed_specs(k, m, data):
     ("marginal:\n  mean: exp(-t)\n  std: sqrt(1 - exp(-2*t)) / (t - 1/2)\n", "marginal.std"),  # std/mean falls after the pole
     ("marginal:\n  mean: 1 - t\n  std: t\n", "marginal.mean"),                              # mean vanishes at T = 1
     ("marginal:\n  mean: exp(-t)\n  std: exp(-t) * (1 + t) / (1 + 2 * t)\n", "marginal.std"),  # std/mean decreases
-    ("drift: [[log(t - 2)]]\ndiffusion: [[1]]\n", "derivation"),                           # NaN everywhere
+    ("drift: [[log(t - 2)]]\ndiffusion: [[1]]\n", "drift[0][0]"),                          # NaN everywhere
+    ("drift: [[-1 / (t - 1/2)]]\ndiffusion: [[1]]\n", "drift[0][0]"),                      # a pole: hung for minutes
+    ("drift: [[1000]]\ndiffusion: [[1]]\n", "order auto"),                                 # e^1000 overflows float64
+    ("drift: [[1000]]\ndiffusion: [[1]]\n", "the process at time.T"),                      # with --order 1: exit 3 before
 ])
 def test_cli_evaluation_failures(tmp_path, body, key):
     """Specs that parse but are no forward diffusion, or fail numerically: one line, exit 2."""
     path = write(tmp_path, "name: bad\n" + body + "time: {t_min: 1e-3, T: 1}\n")
     out = tmp_path / "out"
-    proc = run_derive(path, "--out", out, "--nfe", "6")
+    proc = run_derive(path, "--out", out, "--nfe", "6", *(["--order", "1"] if key == "the process at time.T" else []))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {key}: ") and "Traceback" not in proc.stderr
     assert not out.exists()
 
 
