@@ -272,11 +272,21 @@ class Derived:
             raise SpecError("write", "tables", "expected BuiltTable values (d.table(...)) and dense=d.dense() or None")
         outputs = self.outputs(tables, dense)
         folder = Path(out) / self.spec.name
+        theirs = folder / "spec.yaml"
         with stage("write"):
             try:
+                if "spec.yaml" in outputs and theirs.is_file() and theirs.read_bytes() != _bytes(outputs["spec.yaml"]):
+                    # two specs of one name (or an edited spec) mixed their tables there, and validation then
+                    # failed on the spec hash (sweep 11); save() refused this already
+                    raise SpecError(folder, "--out", f"holds the tables of another spec named {self.spec.name!r} "
+                                    "(its spec.yaml differs): remove the folder or write elsewhere (--out)")
                 return write_folder(folder, outputs)
             except OSError as exc:
                 raise SpecError(folder, "--out", f"cannot write: {exc.strerror or exc}") from None
+
+
+def _bytes(content):
+    return content.encode() if isinstance(content, str) else bytes(content)
 
 
 def derive(spec, verifier=None):
