@@ -149,10 +149,13 @@ def test_needs_draws(vp):
 
 @pytest.mark.slow
 def test_calibrated_pick_holds_on_fresh_noise_cld_rings():
-    """Chosen on 128 draws (seed 1), scored on 500 others (validation.bench's prior, seed 0) against
-    the model's flow from those draws (dopri5 at 1e-8): within 1.2x of the best of the 96 candidates there, and at least 1.3x better than
-    ``--order auto``'s data-blind pick (measured on 1000 draws, auto_default.csv: 4.76e-2 for the
-    calibrated auto q3 x0+pc/t vs 6.52e-2 recommended, auto q4 x0+pc/rho; 7.77e-2 before the model-error charge)."""
+    """Chosen on 128 draws (seed 1), scored on 1000 others (validation.bench's prior, seed 0) against the
+    model's flow from those draws (dopri5 at 1e-8): within 1.2x of the best of the 96 candidates there, and
+    within 1.2x of ``--order auto``'s data-blind pick. Before the blended auto grid the pick was also >= 1.3x
+    better than that default (4.76e-2 vs 6.52e-2); since the blend the default, auto:4 x0+pc/rho, is itself
+    the best of the 96 on these draws (7.83e-2; auto_default.md "After the blend") and calibrate picks its
+    neighbour auto:4 x0+pc/t (1.16x). On 500 draws, as this test had, the same pick measured 1.207x: the
+    mean endpoint error's own noise at that size, so the test scores on the 1000 of auto_default.csv."""
     from derive import _autogrid
     d = derive.derive("cld")
     mix = MixtureScore(*bench.rings())
@@ -160,7 +163,7 @@ def test_calibrated_pick_holds_on_fresh_noise_cld_rings():
     model = DenseModel(mix, dense)
     best, _ = choose(d, model, 10, batch=128, data_shape=(2,), generator=torch.Generator().manual_seed(1))
     base = d.table(nfe=2, order=1, grid="uniform", verify="none").to_runtime()
-    x_T = bench.prior(base, 500, (2,), ("identity", ()))
+    x_T = bench.prior(base, 1000, (2,), ("identity", ()))
     _, ev = choose(d, model, 10, x_T)                            # every candidate on the fresh draws
     fresh = {key: v["endpoint"] for key, v in ev.items()}
     rec = _autogrid.recommend(d.derivation, 10)
@@ -168,7 +171,7 @@ def test_calibrated_pick_holds_on_fresh_noise_cld_rings():
     grid = "auto" if best["grid"].startswith("auto") else best["grid"]
     pick = fresh[(grid, best["order"], best["variable"], best["sampler"])]
     assert pick <= 1.2 * min(fresh.values()), (best, pick, min(fresh.values()))
-    assert pick * 1.3 <= fresh[rec_key], (best, pick, rec, fresh[rec_key])
+    assert pick <= 1.2 * fresh[rec_key], (best, pick, rec, fresh[rec_key])
 
 
 @pytest.mark.slow

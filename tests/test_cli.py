@@ -337,3 +337,21 @@ def test_validation_holds_each_table_to_the_manifest_beside_it(tmp_path, capsys)
     table.write_bytes((folder / "vp_linear_nfe20_quadratic_q3.safetensors").read_bytes())
     assert vmain.main([str(table), "--level", "fast"]) == 1
     assert "bytes differ from the sha256 manifest.json records" in capsys.readouterr().out
+
+
+def test_a_second_spec_of_the_same_name_is_refused_not_mixed_in(tmp_path):
+    """sweep 11: two specs named alike derived into one --out mixed their tables (exit 0), and validation
+    then failed on the spec hash. Now the second is refused in one line and the folder is left as it was."""
+    first = tmp_path / "a.yaml"
+    first.write_text("name: same\nstate: [x]\ndrift: [[-1]]\ndiffusion: [[1]]\ninitial_covariance: [[1]]\n"
+                     "time: {t_min: 1e-3, T: 1}\n")
+    second = tmp_path / "b.yaml"
+    second.write_text(first.read_text().replace("[[-1]]", "[[-2]]"))
+    out = tmp_path / "out"
+    assert run_derive(first, "--out", out, "--nfe", "6", "--order", "1").returncode == 0
+    before = {p.name: p.read_bytes() for p in (out / "same").iterdir()}
+    proc = run_derive(second, "--out", out, "--nfe", "8", "--order", "1")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "holds the tables of another spec named 'same'" in proc.stderr
+    assert {p.name: p.read_bytes() for p in (out / "same").iterdir()} == before
+    assert run_derive(first, "--out", out, "--nfe", "8", "--order", "1").returncode == 0   # its own spec: fine
