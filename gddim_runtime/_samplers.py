@@ -168,7 +168,12 @@ class _Evaluator:
     def output(self, u, t, where):
         plan = self.plan
         x = plan.to_data(u)
-        out = self.model(x if plan.model_dtype is None else x.to(plan.model_dtype), t)
+        given = x if plan.model_dtype is None else x.to(plan.model_dtype)
+        version = given._version
+        out = self.model(given, t)
+        if given._version != version and given.data_ptr() == x.data_ptr():   # host metadata: no sync
+            raise SamplingError(f"the model modified its input in place at {where()} (it is a view of the sampler's "
+                                "state, which it corrupted): work on a copy, e.g. x = x.clone() or x * 0.5 for x.mul_(0.5)")
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != self.expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise SamplingError(f"model returned {got} at {where()}, expected {self.expected}")

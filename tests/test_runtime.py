@@ -717,3 +717,16 @@ def test_a_model_or_x_T_of_the_wrong_kind_is_named(derivations):
     for x_T in (np.zeros((2, 2, 2)), [[[0.0, 0.0]] * 2] * 2):
         with pytest.raises(gr.SamplingError, match="x_T must be a torch.Tensor"):
             gr.sample(ok, tab, x_T=x_T)
+
+
+def test_a_model_that_modifies_its_input_in_place_is_named(derivations):
+    """sweep 12: the model gets a view of the sampler's state (identity basis, same dtype); x.mul_(0.5) inside
+    it moved the samples 8.7e3 off without a word. Now a SamplingError naming the step; a model that works on
+    a copy samples as the pure one does."""
+    tab = make_table(derivations("cld"), 6, 2)
+    x_T = torch.randn((4, 2, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pure = lambda x, t: 0.5 * x
+    with pytest.raises(gr.SamplingError, match="modified its input in place at step 0"):
+        gr.sample(lambda x, t: x.mul_(0.5), tab, x_T=x_T, dtype=torch.float64)
+    copied = lambda x, t: x.clone().mul_(0.5)
+    assert torch.equal(gr.sample(copied, tab, x_T=x_T, dtype=torch.float64), gr.sample(pure, tab, x_T=x_T, dtype=torch.float64))
