@@ -170,6 +170,8 @@ def _check_values(tensors, meta, basis_name, size, P, path):
         raise TableError(f"{path}: meta spec.basis {basis_name!r} of size {list(size)} is not a basis gddim_runtime knows")
     if basis_name == "dct2d" and P != size[0] * size[1]:
         raise TableError(f"{path}: basis {size} does not match P = {P}")
+    if basis_name == "identity" and P != 1:                # it failed inside sampling with a ValueError (sweep 12)
+        raise TableError(f"{path}: basis identity, but the tensors hold P = {P} coordinates (one expected)")
     _check_counts(t, meta, path)
     order = meta.get("order")
     if order is not None and order != tensors["eps_weights"].shape[1]:

@@ -456,6 +456,9 @@ def test_from_tensors_matches_load_and_checks():
     small = {"spec": {"basis": {"kind": "dct2d", "size": [16, 16]}}}
     with pytest.raises(gr.TableError, match=r"mine: basis \(16, 16\) does not match P = 1024"):
         gr.from_tensors(arrays, small, path="mine")
+    flat = {"spec": {"basis": {"kind": "identity", "size": []}}}      # sweep 12: failed inside sampling
+    with pytest.raises(gr.TableError, match=r"mine: basis identity, but the tensors hold P = 1024"):
+        gr.from_tensors(arrays, flat, path="mine")
 
 
 def test_unknown_options_refused():
