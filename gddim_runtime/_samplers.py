@@ -798,7 +798,8 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
         table, sampler, parametrization, compile, options, generator, x_T, batch, data_shape, denoise, callback, lam)
     if sampler in PROBED_SAMPLERS and not _PROBING.get():
         from ._probe import warn_if_unstable      # once per (table, sampler, lam): an explicit step that blows up
-        warn_if_unstable(table, sampler=sampler, lam=lam)   # stays finite (EM on a stiff drift: 3e22 at NFE 50)
+        key = float(lam) if torch.is_tensor(lam) and lam.numel() == 1 else lam   # a 0-d tensor: one key, not one per call
+        warn_if_unstable(table, sampler=sampler, lam=key)   # stays finite (EM on a stiff drift: 3e22 at NFE 50)
     call = _graph_call if compile == "graph" else _eager_call
     out, nfe = call(model, table, sampler, parametrization, batch, data_shape, dtype, model_dtype, denoise, lam,
                     options, noise, x_T, compile=compile, callback=callback, progress=progress)

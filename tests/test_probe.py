@@ -212,3 +212,16 @@ def test_probe_refuses_a_sampler_the_table_cannot_run():
     tab = gr.load(ROOT / "coeffs" / "cld" / "cld_nfe10_quadratic_q3.safetensors")
     with pytest.raises(gr.SamplingError, match="no corrector weights"):
         gr.gaussian_probe(tab, sampler="gddim_pc")
+
+
+def test_the_sample_time_probe_runs_once_per_table_sampler_and_lam():
+    """The explicit baselines' probe is kept on the table: a second call does not probe again, and lam given
+    as a 0-d tensor (a new object each call) counts as its value (sweep 12: it probed and warned every call)."""
+    import torch
+    tab = gr.load(ROOT / "coeffs" / "cld" / "cld_nfe10_quadratic_q3.safetensors")
+    zeros = lambda x, t: torch.zeros_like(x)
+    for lam in (torch.tensor(1.0), torch.tensor(1.0), 1.0, None, None):
+        gr.sample(zeros, tab, batch=2, data_shape=(2,), sampler="euler_maruyama", lam=lam)
+    gr.sample(zeros, tab, batch=2, data_shape=(2,), sampler="heun")
+    assert sorted(tab.derived["probe"], key=str) == sorted([("euler_maruyama", 1.0), ("euler_maruyama", None),
+                                                            ("heun", None)], key=str)
