@@ -710,6 +710,17 @@ def final_denoise(table, x, out, parametrization="eps_R"):
     """
     if parametrization == "eps_L_v":
         raise SamplingError("eps_L_v cannot take the final denoising step (it needs the x half of the score)")
+    if parametrization not in PARAMETRIZATIONS:
+        raise SamplingError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
+    if not isinstance(table, Table):
+        raise SamplingError(f"expected a Table from gddim_runtime.load, got {type(table).__name__}")
+    for name, a in (("x", x), ("out", out)):          # a smaller out was broadcast into a wrong result (sweep 12)
+        if not torch.is_tensor(a) or not a.is_floating_point():
+            raise SamplingError(f"final_denoise: {name} must be a real floating-point tensor, got "
+                                f"{a.dtype if torch.is_tensor(a) else type(a).__name__}")
+    if x.ndim < 3 or x.shape[1] != table.k or out.shape != x.shape:
+        raise SamplingError(f"final_denoise: x {tuple(x.shape)} and out {tuple(out.shape)} must both be "
+                            f"[B, {table.k}, *data_shape]")
     plan = _Plan(table, x.dtype, parametrization, x.shape[0], x.shape[2:], None)
     u, o = plan.to_coef(x), plan.to_coef(out.to(x.dtype))
     if not plan.raw:                                                   # what the evaluator stores: eps_R

@@ -550,6 +550,10 @@ def test_final_denoise_is_the_samplers_ending(name, data_shape):
         assert torch.allclose(got, expected, rtol=0, atol=1e-12 * float(expected.abs().max())), p
     with pytest.raises(gr.SamplingError, match="eps_L_v"):
         gr.final_denoise(tab, u, u[:, 1:], "eps_L_v")
+    out = model(u, t_N)                                   # sweep 12: broadcast silently, or raw torch errors
+    for bad_x, bad_out in ((u, out[:1]), (u, out[..., :1]), (u, out.to(torch.int64)), (u, out.numpy())):
+        with pytest.raises(gr.SamplingError, match="final_denoise"):
+            gr.final_denoise(tab, bad_x, bad_out)
 
 
 def test_whole_call_graph_refusals():
