@@ -757,8 +757,7 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
         dct2d table; each sample contiguous, the batch may be a strided view of the sampler's
         buffer), t [B] (the grid time, in ``model_dtype`` or ``dtype``); returns a tensor of the
         same shape ([B, 1, *data_shape] for ``eps_L_v``) in ``parametrization``, under torch.no_grad().
-    table: a Table from ``gddim_runtime.load`` or ``gddim_runtime.from_tensors``; its device is
-        the device of the whole computation.
+    table: a Table (``gddim_runtime.load`` / ``from_tensors``); its device is the whole computation's.
     batch, data_shape: number of samples and the shape of one state component (CLD on CIFAR:
         64 and (3, 32, 32); a dct2d table needs its basis size as the last two axes). Taken from
         ``x_T`` when given.
@@ -779,8 +778,7 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     dtype: the state's, float32 by default (float64 for reference; 16-bit refused where HALF_STATE_REFUSED says).
     denoise: take the final denoising step E[[x0; 0] | u_{t_N}] at t_min (one more model
         evaluation); default: what the table's NFE accounting assumes (meta "denoise").
-    callback: called after every step with {"i": step, "t": t_{i+1} (0-d tensor), "u": a copy
-        of the state in coefficient space}.
+    callback: called after every step with {"i": step, "t": t_{i+1} (0-d tensor), "u": the state's copy (coefficients)}.
     progress: a tqdm bar (default: on a terminal, for 50 steps or more).
     lam: Euler-Maruyama's noise scale (0: probability flow; default 1, or the table's lam).
     model_dtype: the dtype the model runs in (its input cast to it, its output back to ``dtype``);
@@ -798,23 +796,34 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     when ``denoise``); with ``return_info`` also {"nfe": ...}. The loop never waits for the host;
     one read after it checks that every model output was finite (SamplingError naming the step).
     """
-    if not callable(model) or isinstance(model, type):     # sample(None, ...), sample(torch.nn.Linear, ...)
-        raise SamplingError(f"model must be a callable model(x, t) (an instance), got "
-                            f"{'the class ' + model.__name__ if isinstance(model, type) else type(model).__name__}")
+    _check_model(model)
     sampler = default_sampler(table) if sampler is None else sampler
     if compile is True and table.tensors["t"].device.type == "cuda":
         compile = "graph"                          # measured on an H200: 1.65-5.8x eager; the compiled step 0.64x
     model_dtype = _checked_dtypes(model, sampler, dtype, model_dtype)
     noise, batch, data_shape, denoise = _checked_request(
         table, sampler, parametrization, compile, options, generator, x_T, batch, data_shape, denoise, callback, lam)
-    if sampler in PROBED_SAMPLERS and not _PROBING.get():
-        from ._probe import warn_if_unstable      # once per (table, sampler, lam): an explicit step that blows up
-        key = float(lam) if torch.is_tensor(lam) and lam.numel() == 1 else lam   # a 0-d tensor: one key, not one per call
-        warn_if_unstable(table, sampler=sampler, lam=key)   # stays finite (EM on a stiff drift: 3e22 at NFE 50)
+    _probe_explicit(table, sampler, lam)
     call = _graph_call if compile == "graph" else _eager_call
     out, nfe = call(model, table, sampler, parametrization, batch, data_shape, dtype, model_dtype, denoise, lam,
                     options, noise, x_T, compile=compile, callback=callback, progress=progress)
     return (out, {"nfe": nfe}) if return_info else out
+
+
+def _check_model(model):
+    """sample(None, ...), sample(torch.nn.Linear, ...) (the class): one SamplingError, not a TypeError inside."""
+    if not callable(model) or isinstance(model, type):
+        raise SamplingError(f"model must be a callable model(x, t) (an instance), got "
+                            f"{'the class ' + model.__name__ if isinstance(model, type) else type(model).__name__}")
+
+
+def _probe_explicit(table, sampler, lam):
+    """PROBED_SAMPLERS on a table: the stability probe once per (table, sampler, lam) -- an explicit step that
+    blows up stays finite (EM on a stiff drift: 3e22 at NFE 50) -- and its UnstableSamplerWarning."""
+    if sampler in PROBED_SAMPLERS and not _PROBING.get():
+        from ._probe import warn_if_unstable
+        key = float(lam) if torch.is_tensor(lam) and lam.numel() == 1 else lam   # a 0-d tensor: one key, not one per call
+        warn_if_unstable(table, sampler=sampler, lam=key)
 
 
 def model_dtype_of(model):
