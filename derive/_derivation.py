@@ -26,6 +26,7 @@ import threading
 import gmpy2
 import numpy as np
 import sympy as sp
+from sympy.polys.polyerrors import BasePolynomialError   # PolynomialError, CoercionFailed, HeuristicGCDFailed, ...
 
 from . import _hp
 from ._evaluators import Evaluators, _lyapunov_system, _lyapunov_terms, _pairs
@@ -88,7 +89,7 @@ def _try_sympy(fn):
         with _time_limit(SYMPY_SECONDS):
             out = fn()
     except (TimeoutError, NotImplementedError, ValueError, TypeError, ZeroDivisionError,
-            RecursionError, AttributeError, sp.PolynomialError, sp.CoercionFailed):
+            RecursionError, AttributeError, BasePolynomialError):
         return None
     if out is None or out.has(sp.Integral, sp.zoo, sp.nan, sp.oo, -sp.oo):
         return None
@@ -174,7 +175,7 @@ def _roots_in(arg, T, integer):
         return ()
     try:
         out = _try_sympy(solve)
-    except sp.PolynomialError:
+    except BasePolynomialError:
         return ()
     return tuple(out) if out is not None else ()
 
@@ -562,7 +563,7 @@ def _eigenvalues_closed(A, rational=False):
     try:
         cp = A.charpoly(sp.Dummy("x"))
         factors = sp.Poly(cp.as_expr(), cp.gen, extension=True).factor_list()[1]
-    except (TypeError, ValueError, NotImplementedError, sp.PolynomialError):
+    except (TypeError, ValueError, NotImplementedError, BasePolynomialError):   # HeuristicGCDFailed too
         return False
     return all(q.degree() <= top for q, _ in factors)
 
