@@ -710,10 +710,7 @@ def final_denoise(table, x, out, parametrization="eps_R"):
     """
     if parametrization == "eps_L_v":
         raise SamplingError("eps_L_v cannot take the final denoising step (it needs the x half of the score)")
-    if parametrization not in PARAMETRIZATIONS:
-        raise SamplingError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
-    if not isinstance(table, Table):
-        raise SamplingError(f"expected a Table from gddim_runtime.load, got {type(table).__name__}")
+    _check_table_and_parametrization(table, parametrization)
     for name, a in (("x", x), ("out", out)):          # a smaller out was broadcast into a wrong result (sweep 12)
         if not torch.is_tensor(a) or not a.is_floating_point():
             raise SamplingError(f"final_denoise: {name} must be a real floating-point tensor, got "
@@ -810,6 +807,14 @@ def sample(model, table, batch=None, data_shape=None, parametrization="eps_R", s
     return (out, {"nfe": nfe}) if return_info else out
 
 
+def _check_table_and_parametrization(table, parametrization):
+    """What sample() and final_denoise() both take: a Table and a known parametrization (SamplingError)."""
+    if not isinstance(table, Table):
+        raise SamplingError(f"expected a Table from gddim_runtime.load, got {type(table).__name__}")
+    if parametrization not in PARAMETRIZATIONS:
+        raise SamplingError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
+
+
 def _check_model(model):
     """sample(None, ...), sample(torch.nn.Linear, ...) (the class): one SamplingError, not a TypeError inside."""
     if not callable(model) or isinstance(model, type):
@@ -891,16 +896,13 @@ def _checked_request(table, sampler, parametrization, compile, options, generato
                      callback=None, lam=None):
     """``sample``'s arguments checked once before dispatch (SamplingError saying what is wrong and
     what to give): returns the noise source, batch, data_shape and whether to denoise."""
-    if not isinstance(table, Table):
-        raise SamplingError(f"expected a Table from gddim_runtime.load, got {type(table).__name__}")
+    _check_table_and_parametrization(table, parametrization)
     if x_T is not None and not torch.is_tensor(x_T):
         raise SamplingError(f"x_T must be a torch.Tensor [B, k, *data_shape], got {type(x_T).__name__}")
     if sampler not in SAMPLERS:
         raise SamplingError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     noise = options.pop("_noise", None) or _Noise(generator)            # the distributed CLI's per-sample noise
     _check_options(sampler, options)
-    if parametrization not in PARAMETRIZATIONS:
-        raise SamplingError(f"unknown parametrization {parametrization!r}; choose from {', '.join(PARAMETRIZATIONS)}")
     if compile == "graph":
         if callback is not None:
             raise SamplingError("compile='graph' replays the whole call on the device: no per-step callback")
